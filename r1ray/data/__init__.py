@@ -1,0 +1,1 @@
+"""The data stage: sources → clean → dedup → PII → decontaminate → tokenize → pack, on Ray Data."""

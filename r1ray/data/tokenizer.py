@@ -1,0 +1,87 @@
+"""Byte-level BPE tokenizers with the chat and reasoning tokens every later stage relies on.
+
+Saved as a directory that ``AutoTokenizer.from_pretrained`` loads. ``<think>``/``</think>`` and
+``<answer>``/``</answer>`` are single, *non-special* added tokens: they never split, and decoding keeps them
+(``skip_special_tokens`` drops only BOS/EOS/PAD and the chat delimiters), so serving can split a reply
+into ``reasoning_content`` and ``content`` and GRPO rewards can parse answers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from pathlib import Path
+
+BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+THINK, END_THINK, ANSWER, END_ANSWER = "<think>", "</think>", "<answer>", "</answer>"
+SPECIAL_TOKENS = [PAD, BOS, EOS, IM_START, IM_END]
+REASONING_TOKENS = [THINK, END_THINK, ANSWER, END_ANSWER]
+
+# ChatML turns; an assistant message may carry `reasoning_content`, rendered inside <think>...</think>.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{%- if message['role'] == 'assistant' and message.get('reasoning_content') -%}"
+    "{{ '<think>\n' + message['reasoning_content'] + '\n</think>\n' }}"
+    "{%- endif -%}"
+    "{{ message['content'] + '<|im_end|>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\n' }}{%- endif -%}"
+)
+
+
+def train_tokenizer(texts: Iterable[str], out_dir: str | Path, *, vocab_size: int = 4096, min_frequency: int = 2):
+    """Train a byte-level BPE on ``texts`` and save it with the special tokens and chat template.
+
+    Deterministic for the same texts in the same order. Returns the loaded ``PreTrainedTokenizerFast``.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in REASONING_TOKENS])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        additional_special_tokens=[IM_START, IM_END],
+        clean_up_tokenization_spaces=False,
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(str(out))
+    return load_tokenizer(out)
+
+
+def load_tokenizer(path: str | Path):
+    """Load a tokenizer directory with the real loading code; fail clearly if reasoning tokens are missing."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path))
+    if tok.eos_token_id is None:
+        raise ValueError(f"tokenizer at {path} has no EOS token; r1ray packs documents with EOS separators")
+    return tok
+
+
+def tokenizer_sha256(path: str | Path) -> str:
+    """Hash of the files that define tokenization (``tokenizer.json`` and its config)."""
+    h = hashlib.sha256()
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        f = Path(path) / name
+        if f.exists():
+            h.update(name.encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()

@@ -1,0 +1,124 @@
+"""Every Prometheus metric r1ray exports, declared once.
+
+Metrics go through Ray's metrics API (``ray.util.metrics``), so they are scraped from each node's
+metrics-export port together with Ray's own. Ray prefixes custom metric names with ``ray_`` in
+Prometheus: ``r1ray_train_loss`` is queried as ``ray_r1ray_train_loss``. Dashboards in ``dashboards/``
+use only the names declared here (``prometheus_name``) and Ray's built-in ones; a test checks it.
+
+Record with ``record(name, value, **tags)``; outside a Ray process it does nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from r1ray.observe.log import get_logger
+
+log = get_logger(__name__)
+
+# Latency buckets in seconds, for request latency and time to first token.
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+_SAVE_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600)
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    name: str
+    kind: Literal["counter", "gauge", "histogram"]
+    description: str
+    tags: tuple[str, ...] = ()
+    boundaries: tuple[float, ...] = ()
+
+    @property
+    def prometheus_name(self) -> str:
+        """The series name as Prometheus stores it (Ray adds ``ray_``; counters gain ``_total``)."""
+        base = f"ray_{self.name}"
+        return base + "_total" if self.kind == "counter" else base
+
+
+_TRAIN_TAGS = ("run", "stage")
+_SERVE_TAGS = ("model",)
+
+SPECS: tuple[MetricSpec, ...] = (
+    # ---- data stage (emitted by Ray Data tasks; `source` is the source tag)
+    MetricSpec("r1ray_data_docs_read", "counter", "Documents read from a source.", ("source",)),
+    MetricSpec("r1ray_data_docs_kept", "counter", "Documents that reached the packed shards.", ("source",)),
+    MetricSpec("r1ray_data_docs_duplicate", "counter", "Documents dropped as duplicates.", ("source", "kind")),
+    MetricSpec("r1ray_data_docs_filtered", "counter", "Documents dropped by a quality filter.", ("source", "reason")),
+    MetricSpec("r1ray_data_docs_rejected", "counter", "Malformed rows or files sent to rejects/.", ("source", "reason")),
+    MetricSpec("r1ray_data_pii_replaced", "counter", "PII spans replaced by typed placeholders.", ("kind",)),
+    MetricSpec("r1ray_data_tokens_written", "counter", "Tokens written to packed shards.", ("split",)),
+    # ---- training stages (pretrain, sft, grpo, distill share these; `stage` tells them apart)
+    MetricSpec("r1ray_train_loss", "gauge", "Training loss of the last optimizer step.", _TRAIN_TAGS),
+    MetricSpec("r1ray_train_val_loss", "gauge", "Validation loss of the last evaluation.", _TRAIN_TAGS),
+    MetricSpec("r1ray_train_lr", "gauge", "Learning rate of the last optimizer step.", _TRAIN_TAGS),
+    MetricSpec("r1ray_train_grad_norm", "gauge", "Global gradient norm before clipping.", _TRAIN_TAGS),
+    MetricSpec("r1ray_train_tokens_per_second", "gauge", "Training tokens per second, all workers.", _TRAIN_TAGS),
+    MetricSpec("r1ray_train_mfu", "gauge", "Model FLOPs utilisation (GPU only), 0-1.", _TRAIN_TAGS),
+    MetricSpec("r1ray_train_step", "gauge", "Optimizer steps completed.", _TRAIN_TAGS),
+    MetricSpec("r1ray_train_samples_consumed", "gauge", "Global samples consumed (the data cursor).", _TRAIN_TAGS),
+    MetricSpec("r1ray_train_workers", "gauge", "Training workers in the current group.", _TRAIN_TAGS),
+    MetricSpec("r1ray_train_restarts", "counter", "Worker-group restarts resumed from a checkpoint.", _TRAIN_TAGS),
+    MetricSpec("r1ray_train_nonfinite_steps", "counter", "Steps skipped for a non-finite loss or gradient.", _TRAIN_TAGS),
+    MetricSpec("r1ray_train_memory_bytes", "gauge", "Worker memory: kind=rss or cuda_allocated.", (*_TRAIN_TAGS, "kind")),
+    MetricSpec(
+        "r1ray_train_checkpoint_save_seconds", "histogram", "Checkpoint save time.", _TRAIN_TAGS, _SAVE_BUCKETS
+    ),
+    # ---- serving
+    MetricSpec("r1ray_serve_requests", "counter", "HTTP requests by route and status code.", (*_SERVE_TAGS, "route", "status")),
+    MetricSpec(
+        "r1ray_serve_latency_seconds", "histogram", "End-to-end request latency.", (*_SERVE_TAGS, "route"), _LATENCY_BUCKETS
+    ),
+    MetricSpec("r1ray_serve_ttft_seconds", "histogram", "Time to first token.", (*_SERVE_TAGS, "route"), _LATENCY_BUCKETS),
+    MetricSpec("r1ray_serve_tokens_generated", "counter", "Completion tokens generated.", _SERVE_TAGS),
+    MetricSpec("r1ray_serve_tokens_per_second", "gauge", "Generation throughput of the last batch.", _SERVE_TAGS),
+    MetricSpec("r1ray_serve_batch_size", "histogram", "Requests per generation batch.", _SERVE_TAGS, _BATCH_BUCKETS),
+    MetricSpec("r1ray_serve_queue_depth", "gauge", "Requests waiting for a batch slot.", _SERVE_TAGS),
+)
+
+BY_NAME: dict[str, MetricSpec] = {s.name: s for s in SPECS}
+_instances: dict[str, Any] = {}
+
+
+def _instance(spec: MetricSpec) -> Any | None:
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    inst = _instances.get(spec.name)
+    if inst is None:
+        from ray.util import metrics as rm
+
+        if spec.kind == "counter":
+            inst = rm.Counter(spec.name, description=spec.description, tag_keys=spec.tags)
+        elif spec.kind == "gauge":
+            inst = rm.Gauge(spec.name, description=spec.description, tag_keys=spec.tags)
+        else:
+            inst = rm.Histogram(
+                spec.name, description=spec.description, boundaries=list(spec.boundaries), tag_keys=spec.tags
+            )
+        _instances[spec.name] = inst
+    return inst
+
+
+def record(name: str, value: float, **tags: str) -> None:
+    """Counter: add ``value``; gauge: set it; histogram: observe it. Unknown names raise KeyError."""
+    spec = BY_NAME.get(name)
+    if spec is None:
+        raise KeyError(f"unknown metric {name!r}; declare it in r1ray/observe/metrics.py")
+    inst = _instance(spec)
+    if inst is None:
+        return
+    tags = {k: str(v) for k, v in tags.items()}
+    missing = set(spec.tags) - set(tags)
+    if missing:
+        raise ValueError(f"metric {name} needs tags {sorted(missing)}")
+    if spec.kind == "counter":
+        if value > 0:
+            inst.inc(value, tags=tags)
+    elif spec.kind == "gauge":
+        inst.set(value, tags=tags)
+    else:
+        inst.observe(value, tags=tags)

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Install r1ray into ./.venv on a fresh machine: CPU torch first (a plain `torch` pulls a multi-GB CUDA
+# build), DeepSpeed with its CPU ops prebuilt (otherwise the first run compiles them for ~2 minutes),
+# then the package with its test extra. Idempotent; ~7 minutes from nothing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+. .venv/bin/activate
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+pip install -q --upgrade pip setuptools wheel
+pip install -q -c scripts/constraints.txt torch
+if ! python -c "import deepspeed.ops.op_builder" 2>/dev/null || ! python -c "import deepspeed" 2>/dev/null; then
+  DS_BUILD_SHM_COMM=1 DS_BUILD_CPU_ADAM=1 pip install -q --no-build-isolation -c scripts/constraints.txt "deepspeed>=0.16,<0.21"
+fi
+pip install -q -c scripts/constraints.txt -e ".[test]"
+python -c "import torch, deepspeed, ray, transformers; print(f'torch {torch.__version__}, deepspeed {deepspeed.__version__}, ray {ray.__version__}, transformers {transformers.__version__}')"

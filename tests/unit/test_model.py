@@ -1,0 +1,62 @@
+"""Presets build, and the HF directory round trip gives identical logits through from_pretrained."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from r1ray.config import ConfigError, load_config
+from r1ray.data.tokenizer import END_THINK, THINK, load_tokenizer
+from r1ray.model import ModelConfig, build_model, count_parameters, load_model, save_model
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_save_load_same_logits(family, tiny_tokenizer_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    model = build_model(ModelConfig(family=family), tok, seed=0).eval()
+    assert model.get_input_embeddings().num_embeddings == len(tok)
+    save_model(model, tok, tmp_path / "m")
+    assert (tmp_path / "m" / "model.safetensors").exists()
+    assert not list((tmp_path / "m").glob("*.bin"))
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    x = torch.randint(0, len(tok), (2, 16))
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, again(x).logits)
+
+
+def test_seeded_build_is_deterministic(tiny_tokenizer_dir):
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    a = build_model(ModelConfig(), tok, seed=3)
+    b = build_model(ModelConfig(), tok, seed=3)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_init_from_directory(tiny_tokenizer_dir, tmp_path):
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    m = build_model(ModelConfig(preset="tiny"), tok, seed=1)
+    save_model(m, tok, tmp_path / "base")
+    m2 = build_model(ModelConfig(init_from=str(tmp_path / "base")), tok)
+    assert count_parameters(m2) == count_parameters(m)
+    assert load_model(tmp_path / "base").config.hidden_size == 192
+
+
+def test_unknown_preset_lists_valid():
+    from r1ray.config import R1Config
+
+    class C(R1Config):
+        model: ModelConfig = ModelConfig()
+        """Model."""
+
+    with pytest.raises(ConfigError, match="preset 'huge' is unknown"):
+        load_config(C, ["model.preset=huge"])
+
+
+def test_reasoning_tokens_are_single_and_survive_decode(tiny_tokenizer_dir):
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    ids = tok(f"{THINK}the{END_THINK}")["input_ids"]
+    assert tok.convert_tokens_to_ids(THINK) in ids and tok.convert_tokens_to_ids(END_THINK) in ids
+    assert tok.decode(ids + [tok.eos_token_id], skip_special_tokens=True) == f"{THINK}the{END_THINK}"
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert text.endswith("<|im_start|>assistant\n")
