@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from r1ray.config import (
     ConfigError,
@@ -124,7 +125,7 @@ def test_cross_field_error_names_fix():
 
 def test_configs_are_frozen():
     cfg = load_config(JobConfig, [])
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         cfg.seed = 3  # type: ignore[misc]
 
 

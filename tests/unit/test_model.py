@@ -30,7 +30,7 @@ def test_seeded_build_is_deterministic(tiny_tokenizer_dir):
     tok = load_tokenizer(tiny_tokenizer_dir)
     a = build_model(ModelConfig(), tok, seed=3)
     b = build_model(ModelConfig(), tok, seed=3)
-    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
 
 
 def test_init_from_directory(tiny_tokenizer_dir, tmp_path):
