@@ -12,6 +12,7 @@ every problem at once.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import os
 import types
@@ -338,14 +339,47 @@ def parse_args(argv: Sequence[str]) -> tuple[list[str], list[tuple[str, str]], s
     return files, overrides, flags
 
 
-def load_config(cls: type[C], argv: Sequence[str] | None = None, *, base: dict | None = None) -> C:
+def set_dotted(data: dict, path: str, value: Any) -> None:
+    """``set_dotted(d, "optim.lr", 1e-3)`` sets ``d["optim"]["lr"]``, creating sections as needed."""
+    parts = path.split(".")
+    node = data
+    for j, part in enumerate(parts[:-1]):
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        elif not isinstance(nxt, dict):
+            raise ConfigError([f"{path}: {'.'.join(parts[: j + 1])} is not a section"])
+        node = nxt
+    node[parts[-1]] = value
+
+
+def leaf_paths(cls: type[R1Config]) -> list[str]:
+    """Every dotted path of ``cls`` that holds a value (not a section)."""
+    return [p for p in _all_paths(cls) if _model_at(cls, p.split(".")) is None]
+
+
+def suggest_path(cls: type[R1Config], path: str) -> str | None:
+    close = difflib.get_close_matches(path, leaf_paths(cls), n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def load_config(
+    cls: type[C],
+    argv: Sequence[str] | None = None,
+    *,
+    base: dict | None = None,
+    values: dict[str, Any] | None = None,
+) -> C:
     """Build ``cls`` from defaults, ``--config`` YAML files (later wins) and dotted ``a.b=value`` overrides.
+
+    ``base`` is a nested mapping applied first; ``values`` maps dotted paths to typed values applied last
+    (how Tune sets a trial's sampled hyperparameters).
 
     Raises ConfigError listing every problem. ``--help``/``--print-config`` are handled by ``r1ray.cli``;
     here they are ignored so the resolved config can still be built.
     """
     files, overrides, _ = parse_args([] if argv is None else argv)
-    data: dict = dict(base or {})
+    data: dict = copy.deepcopy(base or {})
     problems: list[str] = []
     for f in files:
         path = Path(f)
@@ -381,6 +415,11 @@ def load_config(cls: type[C], argv: Sequence[str] | None = None, *, base: dict |
             parent = _model_at(cls, parts[:-1])
             field = parent.model_fields.get(parts[-1]) if parent is not None else None
             node[parts[-1]] = _coerce_override(raw, field.annotation if field is not None else None)
+    for key, value in (values or {}).items():
+        try:
+            set_dotted(data, key, value)
+        except ConfigError as e:
+            problems.extend(e.problems)
     try:
         cfg = cls.model_validate(data)
     except ValidationError as e:
