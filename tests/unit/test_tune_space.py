@@ -1,0 +1,86 @@
+"""Search-space grammar and its validation against a stage's config class, before any trial runs."""
+
+from __future__ import annotations
+
+import pytest
+
+from r1ray.config import ConfigError, DeepSpeedConfig, OptimConfig, R1Config
+from r1ray.tune.space import parse_domain, parse_space
+
+
+class Stage(R1Config):
+    """A stage for the tests."""
+
+    optim: OptimConfig = OptimConfig()
+    """Optimizer."""
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    """DeepSpeed."""
+    steps: int = 10
+    """Steps."""
+
+
+def test_parses_every_kind_without_eval():
+    assert parse_domain("a", "loguniform(1e-4, 3e-3)").args == (1e-4, 3e-3)
+    assert parse_domain("a", "uniform(0, 1)").kind == "uniform"
+    assert parse_domain("a", "quniform(0, 1, 0.1)").args == (0, 1, 0.1)
+    assert parse_domain("a", "randint(1, 5)").values_to_check == [1, 4]
+    assert parse_domain("a", "choice([1, 'x'])").values_to_check == [1, "x"]
+    assert parse_domain("a", "grid([0, 10])").kind == "grid"
+    with pytest.raises(ValueError, match="must be literals"):
+        parse_domain("a", "choice([__import__('os').system('true')])")
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("logunifrom(1e-4, 1e-3)", "unknown distribution 'logunifrom'; did you mean 'loguniform'"),
+        ("loguniform(0, 1)", "loguniform needs low > 0"),
+        ("uniform(2, 1)", "needs low < high"),
+        ("choice([])", "non-empty list"),
+        ("choice(1, 2)", "takes 1 argument"),
+        ("1e-3", "not a distribution call"),
+        ("randint(1.5, 3)", "must be integers"),
+    ],
+)
+def test_bad_expressions_name_the_path(text, message):
+    with pytest.raises(ValueError, match="space.optim.lr") as e:
+        parse_domain("optim.lr", text)
+    assert message in str(e.value)
+
+
+def test_unknown_path_suggests_closest():
+    with pytest.raises(ConfigError) as e:
+        parse_space({"optim.lrr": "loguniform(1e-4, 1e-3)"}, Stage)
+    assert "space.optim.lrr: no such field in Stage; did you mean 'optim.lr'?" in str(e.value)
+
+
+def test_values_validated_as_the_field():
+    with pytest.raises(ConfigError) as e:
+        parse_space(
+            {
+                "deepspeed.zero_stage": "choice([1, 4])",  # 4 is not a ZeRO stage
+                "optim.lr": "uniform(-1, 1)",  # lr must be > 0
+                "optim.name": "choice(['adamw', 'lion'])",  # fine
+            },
+            Stage,
+        )
+    problems = e.value.problems
+    assert len(problems) == 2
+    assert any(p.startswith("space.deepspeed.zero_stage: value 4") for p in problems)
+    assert any(p.startswith("space.optim.lr: value -1") for p in problems)
+
+
+def test_cross_field_rules_apply_with_base():
+    # offload_params needs ZeRO-3: a base that sets ZeRO-2 makes the choice True invalid.
+    with pytest.raises(ConfigError, match="offload_params needs zero_stage=3"):
+        parse_space({"deepspeed.offload_params": "choice([False, True])"}, Stage, base={"deepspeed": {"zero_stage": 2}})
+    assert parse_space({"deepspeed.offload_params": "choice([False, True])"}, Stage, base={"deepspeed": {"zero_stage": 3}})
+
+
+def test_to_tune_domains():
+    from ray import tune
+
+    doms = parse_space({"optim.lr": "loguniform(1e-4, 1e-3)", "steps": "grid([5, 10])"}, Stage)
+    lr, steps = (d.to_tune() for d in doms)
+    assert isinstance(lr, tune.search.sample.Float)
+    assert steps == {"grid_search": [5, 10]}
