@@ -1,0 +1,323 @@
+"""Sources: list the files of each configured corpus (driver) and read one file's documents (Ray tasks).
+
+Every reader yields ``Record``s in file order; a malformed row or an unreadable/truncated file becomes a
+record with a ``reason`` instead of text, so nothing crashes and nothing valid is lost: a truncated
+``.gz`` yields every complete line before the damage, then one ``truncated_stream`` record.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import gzip
+import hashlib
+import io
+import json
+import sysconfig
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from r1ray.artifacts import filesystem
+from r1ray.data.config import SourceConfig
+
+SNIPPET = 200
+_STDLIB_SKIP = ("test", "tests", "idlelib", "site-packages", "dist-packages", "lib2to3", "turtledemo", "__pycache__")
+
+
+@dataclass(frozen=True)
+class Record:
+    pos: int
+    """Line, row or sample index inside the file; -1 for a whole-file problem."""
+    text: str | None
+    reason: str | None = None
+    """Why the record was rejected (None: a document)."""
+    raw: str = ""
+    """The first bytes of a rejected record, for the rejects/ dataset."""
+
+
+@dataclass(frozen=True)
+class FileTask:
+    """One unit of reading work: one file (or, for ``reasoning``, one range of sample indices)."""
+
+    source: int
+    file: int
+    path: str
+    format: str
+    size: int = 0
+    start: int = 0
+    count: int = 0
+
+
+class ReadStats:
+    """Bytes and SHA-256 of what a reader consumed (the raw, compressed bytes)."""
+
+    def __init__(self) -> None:
+        self.sha = hashlib.sha256()
+        self.bytes = 0
+
+
+class _HashingReader(io.RawIOBase):
+    def __init__(self, f, stats: ReadStats):
+        self._f, self._stats = f, stats
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        data = self._f.read(len(b))
+        n = len(data)
+        b[:n] = data
+        self._stats.sha.update(data)
+        self._stats.bytes += n
+        return n
+
+
+def _detect_format(path: str) -> str:
+    p = path.lower()
+    for ext in (".gz", ".zst", ".zstd"):
+        if p.endswith(ext):
+            p = p[: -len(ext)]
+    if p.endswith((".jsonl", ".json", ".ndjson")):
+        return "jsonl"
+    if p.endswith(".parquet"):
+        return "parquet"
+    if p.endswith(".arrow"):
+        return "hf_disk"
+    return "text"
+
+
+def _list_files(path: str) -> list[tuple[str, int]]:
+    """(path, size) of the files at ``path``: a file, a folder (recursive) or a glob, sorted by path."""
+    fs, p = filesystem(path)
+    scheme = path.split("://", 1)[0] + "://" if "://" in path and not path.startswith("file://") else ""
+    pattern = None
+    if any(c in p for c in "*?["):
+        cut = min(p.find(c) for c in "*?[" if c in p)
+        base = p[:cut].rsplit("/", 1)[0] or "/"
+        pattern, p = p, base
+    info = fs.get_file_info(p)
+    if info.type == pafs.FileType.NotFound:
+        return []
+    if info.type == pafs.FileType.File:
+        return [(scheme + p, info.size or 0)]
+    out = []
+    for fi in fs.get_file_info(pafs.FileSelector(p, recursive=True)):
+        if fi.type != pafs.FileType.File:
+            continue
+        name = fi.path.rsplit("/", 1)[-1]
+        if name.startswith((".", "_")) and not name.endswith(".arrow"):
+            continue
+        if pattern is not None and not fnmatch.fnmatch(fi.path, pattern):
+            continue
+        out.append((scheme + fi.path, fi.size or 0))
+    return sorted(out)
+
+
+def _hf_disk_files(path: str) -> list[tuple[str, int]]:
+    """The Arrow files of a ``save_to_disk`` dataset (or of every split of a DatasetDict), in order."""
+    fs, p = filesystem(path)
+    scheme = path.split("://", 1)[0] + "://" if "://" in path and not path.startswith("file://") else ""
+
+    def one(d: str) -> list[tuple[str, int]] | None:
+        try:
+            with fs.open_input_stream(f"{d}/state.json") as f:
+                state = json.loads(f.read())
+        except (FileNotFoundError, OSError):
+            return None
+        files = [f"{d}/{x['filename']}" for x in state.get("_data_files", [])]
+        return [(scheme + f, fs.get_file_info(f).size or 0) for f in files]
+
+    direct = one(p)
+    if direct is not None:
+        return direct
+    try:
+        with fs.open_input_stream(f"{p}/dataset_dict.json") as f:
+            splits = json.loads(f.read()).get("splits", [])
+    except (FileNotFoundError, OSError):
+        return [(f, s) for f, s in _list_files(path) if f.endswith(".arrow")]
+    out = []
+    for split in splits:
+        out.extend(one(f"{p}/{split}") or [])
+    return out
+
+
+def stdlib_dir() -> str:
+    return sysconfig.get_paths()["stdlib"]
+
+
+def plan(sources: list[SourceConfig], reasoning_chunk: int = 2000) -> tuple[list[FileTask], list[str]]:
+    """Every source's reading tasks, in source then file order, and a list of problems (missing paths)."""
+    tasks: list[FileTask] = []
+    problems: list[str] = []
+    for si, src in enumerate(sources):
+        fmt = src.format
+        if fmt == "reasoning":
+            for fi, start in enumerate(range(0, src.num_docs, reasoning_chunk)):
+                tasks.append(FileTask(si, fi, f"reasoning:{start}", "reasoning", 0, start,
+                                      min(reasoning_chunk, src.num_docs - start)))
+            continue
+        if fmt == "python_stdlib":
+            root = Path(stdlib_dir())
+            files = sorted(
+                (str(f), f.stat().st_size) for f in root.rglob("*.py")
+                if not any(part in _STDLIB_SKIP for part in f.relative_to(root).parts)
+            )
+            fmt = "text"
+        elif fmt == "hf_disk":
+            files = _hf_disk_files(src.path)
+        else:
+            files = _list_files(src.path)
+            if fmt == "auto" and len(files) > 0 and any(f.endswith("state.json") for f, _ in files):
+                files, fmt = _hf_disk_files(src.path), "hf_disk"
+        if not files:
+            problems.append(f"sources[{si}] ({src.name}): no files found at {src.path!r}")
+            continue
+        if src.max_bytes is not None:
+            kept, total = [], 0
+            for f, size in files:
+                if total + size > src.max_bytes and kept:
+                    break
+                kept.append((f, size))
+                total += size
+            files = kept
+        for fi, (f, size) in enumerate(files):
+            tasks.append(FileTask(si, fi, f, _detect_format(f) if fmt == "auto" else fmt, size))
+    return tasks, problems
+
+
+# ---------------------------------------------------------------------------------------------------
+# Readers (run inside Ray tasks)
+# ---------------------------------------------------------------------------------------------------
+
+
+def _open_stream(path: str, stats: ReadStats):
+    fs, p = filesystem(path)
+    raw = io.BufferedReader(_HashingReader(fs.open_input_stream(p), stats), buffer_size=1 << 20)
+    low = p.lower()
+    if low.endswith(".gz"):
+        return gzip.GzipFile(fileobj=raw, mode="rb")
+    if low.endswith((".zst", ".zstd")):
+        import zstandard
+
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True))
+    return raw
+
+
+def _lines(f, max_line_bytes: int) -> Iterator[tuple[int, bytes | None]]:
+    """(line number, bytes without the newline) or (line number, None) for a line over the limit."""
+    n = 0
+    while True:
+        line = f.readline(max_line_bytes + 1)
+        if not line:
+            return
+        if len(line) > max_line_bytes and not line.endswith(b"\n"):
+            while True:  # skip the rest of the oversized line without holding it
+                rest = f.readline(1 << 20)
+                if not rest or rest.endswith(b"\n"):
+                    break
+            yield n, None
+        else:
+            yield n, line.rstrip(b"\r\n")
+        n += 1
+
+
+def _json_record(pos: int, line: bytes, text_field: str) -> Record | None:
+    if not line.strip():
+        return None  # blank lines between records are not records
+    try:
+        s = line.decode("utf-8")
+    except UnicodeDecodeError:
+        return Record(pos, None, "invalid_utf8", line[:SNIPPET].decode("utf-8", "replace"))
+    try:
+        obj = json.loads(s)
+    except json.JSONDecodeError:
+        return Record(pos, None, "malformed_json", s[:SNIPPET])
+    if not isinstance(obj, dict):
+        return Record(pos, None, "not_an_object", s[:SNIPPET])
+    if text_field not in obj or obj[text_field] is None:
+        return Record(pos, None, "missing_text_field", s[:SNIPPET])
+    text = obj[text_field]
+    if not isinstance(text, str):
+        return Record(pos, None, "non_string_text", s[:SNIPPET])
+    return Record(pos, text)
+
+
+def read_records(task: FileTask, src: SourceConfig, max_line_bytes: int, seed: int,
+                 stats: ReadStats) -> Iterator[Record]:
+    """Every record of one file task, in order. Never raises for bad data: it yields rejects."""
+    if task.format == "reasoning":
+        from r1ray.data.reasoning import generate_many
+
+        for s in generate_many(seed, task.count, task.start):
+            yield Record(s.index, s.text)
+        return
+    n_done = 0
+    try:
+        if task.format in ("jsonl", "text"):
+            with _open_stream(task.path, stats) as f:
+                if task.format == "text" and src.text_unit == "file":
+                    data = f.read()
+                    try:
+                        yield Record(0, data.decode("utf-8"))
+                    except UnicodeDecodeError as e:
+                        yield Record(0, None, "invalid_utf8", f"{e}"[:SNIPPET])
+                    n_done = 1
+                    return
+                for pos, line in _lines(f, max_line_bytes):
+                    n_done = pos + 1
+                    if line is None:
+                        yield Record(pos, None, "line_too_long", "")
+                    elif task.format == "jsonl":
+                        rec = _json_record(pos, line, src.text_field)
+                        if rec is not None:
+                            yield rec
+                    elif line.strip():
+                        try:
+                            yield Record(pos, line.decode("utf-8"))
+                        except UnicodeDecodeError:
+                            yield Record(pos, None, "invalid_utf8", line[:SNIPPET].decode("utf-8", "replace"))
+        elif task.format in ("parquet", "hf_disk"):
+            fs, p = filesystem(task.path)
+            with fs.open_input_file(p) as f:
+                data = f.read()
+            stats.sha.update(data)
+            stats.bytes += len(data)
+            if task.format == "parquet":
+                import pyarrow.parquet as pq
+
+                pf = pq.ParquetFile(pa.BufferReader(data))
+                names = pf.schema_arrow.names
+                batches = pf.iter_batches(columns=[src.text_field]) if src.text_field in names else None
+            else:
+                reader = pa.ipc.open_stream(pa.BufferReader(data))
+                names = reader.schema.names
+                batches = iter(reader) if src.text_field in names else None
+            if batches is None:
+                yield Record(-1, None, "missing_text_column", f"columns: {names}"[:SNIPPET])
+                return
+            pos = 0
+            for batch in batches:
+                col = batch.column(batch.schema.get_field_index(src.text_field))
+                is_str = pa.types.is_string(col.type) or pa.types.is_large_string(col.type)
+                for v in col.to_pylist():
+                    if v is None:
+                        yield Record(pos, None, "missing_text_field", "")
+                    elif not is_str or not isinstance(v, str):
+                        yield Record(pos, None, "non_string_text", repr(v)[:SNIPPET])
+                    else:
+                        yield Record(pos, v)
+                    pos += 1
+                n_done = pos
+        else:
+            yield Record(-1, None, f"unknown_format:{task.format}", "")
+    except (EOFError, gzip.BadGzipFile) as e:
+        yield Record(n_done, None, "truncated_stream", f"{type(e).__name__}: {e}"[:SNIPPET])
+    except Exception as e:  # noqa: BLE001 - a damaged file must become a reject, never crash the run
+        # Failing after some records (or inside a decompressor) means the stream was cut or corrupted;
+        # failing before any record means the file could not be opened or parsed at all.
+        damaged = n_done > 0 or "zstd" in type(e).__name__.lower() or "decompress" in str(e).lower()
+        kind = "truncated_stream" if damaged else "unreadable_file"
+        yield Record(n_done if n_done else -1, None, kind, f"{type(e).__name__}: {e}"[:SNIPPET])

@@ -1,0 +1,100 @@
+"""Cleaning: normalisation, gigantic documents, Gopher/C4 quality heuristics and PII scrubbing."""
+
+from __future__ import annotations
+
+import pytest
+
+from r1ray.data.clean import (
+    EDIT_CONTROL,
+    EDIT_UNICODE,
+    EDIT_WHITESPACE,
+    normalize,
+    quality_reason,
+    scrub_pii,
+    split_oversize,
+)
+from r1ray.data.config import PIIConfig, QualityConfig
+
+PROSE = (
+    "The committee met on Tuesday to review the proposal for the new library building. Several members "
+    "raised concerns about the budget, while others argued that the town needed a modern space for "
+    "reading, study and community events. After a long discussion they agreed to ask the architects for "
+    "a revised plan that would reduce costs without giving up the children's wing."
+)
+
+
+def test_normalize_unicode_control_whitespace_each_flagged():
+    text, flags = normalize("Cafe\u0301  au\tlait\r\n\r\n\r\n\x00next\u200b line   \n")
+    assert text == "Caf\u00e9 au lait\n\nnext line"
+    assert flags == EDIT_UNICODE | EDIT_CONTROL | EDIT_WHITESPACE
+    assert normalize("clean text")[1] == 0
+
+
+def test_normalize_keeps_code_indentation_when_asked():
+    code = "def f(x):\n    return x  \n\n\n\n# end"
+    text, _ = normalize(code, collapse_whitespace=False)
+    assert text == "def f(x):\n    return x\n\n# end"
+    assert normalize(code)[0] == "def f(x):\n return x\n\n# end"
+
+
+def test_lone_surrogates_are_removed():
+    text, flags = normalize("ok \ud800 fine")
+    assert text == "ok fine" and flags & EDIT_CONTROL
+    text.encode("utf-8")
+
+
+def test_split_oversize_bounds_and_keeps_content():
+    doc = "\n".join(f"line {i} " + "word " * 30 for i in range(200))
+    parts = split_oversize(doc, 1000)
+    assert all(len(p) <= 1000 for p in parts) and len(parts) > 20
+    assert "".join(parts).replace("\n", "").replace(" ", "") == doc.replace("\n", "").replace(" ", "")
+
+
+@pytest.mark.parametrize(
+    "text, reason",
+    [
+        ("too short to keep", "too_few_words"),
+        ("a b c d e f g h i j k l m n o p q r s t u v w x y z " * 2, "mean_word_length"),
+        (PROSE + " #tag" * 30, "symbol_ratio"),
+        (" ".join(["12345 67890 3.14159 42"] * 20), "alpha_words"),
+        ("\n".join(["the same line of text repeated here"] * 10 + [PROSE]), "duplicate_lines"),
+        ("\n".join([f"a sentence that trails off number {i}..." for i in range(10)]), "symbol_ratio"),
+        (PROSE + " " + "buy cheap now " * 40, "top_2gram"),
+    ],
+)
+def test_quality_heuristics_name_the_failing_rule(text, reason):
+    assert quality_reason(text, QualityConfig()) == reason
+
+
+def test_quality_passes_ordinary_prose_and_thresholds_are_configurable():
+    assert quality_reason(PROSE, QualityConfig()) is None
+    assert quality_reason(PROSE, QualityConfig(min_words=500)) == "too_few_words"
+    ellipsis = "\n".join([f"a sentence that trails off at number{i}…" for i in range(10)])
+    assert quality_reason(ellipsis, QualityConfig(max_symbol_ratio=1.0)) == "ellipsis_lines"
+
+
+def test_duplicate_ngram_rule():
+    block = "alpha beta gamma delta epsilon zeta eta theta iota kappa"
+    text = PROSE + " " + " ".join([block] * 4)
+    q = QualityConfig(max_top_ngram_fraction={})
+    assert quality_reason(text, q) == "duplicate_5gram"
+
+
+def test_pii_replaced_with_typed_placeholders_and_counted():
+    text = (
+        "Mail jane.doe+news@example.co.uk or call +1 415-555-0132 / (020) 7946 0018. "
+        "Server 192.168.10.254 and fe80:0:0:0:202:b3ff:fe1e:8329. Card 4111 1111 1111 1111, "
+        "order 1234 5678 9012 3456 (not Luhn), version 3.11.7, year 2026."
+    )
+    out, counts = scrub_pii(text, PIIConfig())
+    assert out == (
+        "Mail <EMAIL> or call <PHONE> / <PHONE>. Server <IP_ADDRESS> and <IP_ADDRESS>. Card <CARD_NUMBER>, "
+        "order 1234 5678 9012 3456 (not Luhn), version 3.11.7, year 2026."
+    )
+    assert counts == {"email": 1, "phone": 2, "ip": 2, "card": 1}
+
+
+def test_pii_kinds_and_disable():
+    text = "write to a@b.org from 10.0.0.1"
+    assert scrub_pii(text, PIIConfig(kinds=("ip",)))[0] == "write to a@b.org from <IP_ADDRESS>"
+    assert scrub_pii(text, PIIConfig(enabled=False)) == (text, {"email": 0, "phone": 0, "ip": 0, "card": 0})
