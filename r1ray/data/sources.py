@@ -195,7 +195,7 @@ def plan(sources: list[SourceConfig], reasoning_chunk: int = 2000) -> tuple[list
 
 def _open_stream(path: str, stats: ReadStats):
     fs, p = filesystem(path)
-    raw = io.BufferedReader(_HashingReader(fs.open_input_stream(p), stats), buffer_size=1 << 20)
+    raw = io.BufferedReader(_HashingReader(fs.open_input_stream(p, compression=None), stats), buffer_size=1 << 20)
     low = p.lower()
     if low.endswith(".gz"):
         return gzip.GzipFile(fileobj=raw, mode="rb")
