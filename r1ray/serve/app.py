@@ -1,0 +1,549 @@
+"""The Ray Serve application: a FastAPI ingress deployment speaking OpenAI's API over an r1ray engine.
+
+Routes: ``GET /health`` (no auth: for probes), ``GET /v1/models``, ``POST /v1/completions``,
+``POST /v1/chat/completions`` (``stream: true`` → server-sent events for both).
+
+The HTTP layer owns validation, auth, admission control (429 + Retry-After when the replica holds
+``limits.max_queue`` sequences), metrics and the OpenAI response shapes; the engine owns batching and sampling.
+
+``build_app(args)`` is the application builder a Serve config file or a KubeRay RayService points at::
+
+    import_path: r1ray.serve.app:build_app
+    args: {model_path: /models/r1, deployment: {autoscaling: {min_replicas: 1, max_replicas: 4}}}
+
+``args`` are ``ServeConfig`` fields (ray/storage/logging are ignored here; ``http`` is the proxy's business).
+"""
+
+
+import asyncio
+import hmac
+import json
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+from ray import serve
+
+from r1ray.observe.log import get_logger, setup_logging
+from r1ray.observe.metrics import record
+from r1ray.serve import schemas as S
+from r1ray.serve.config import ServeConfig
+from r1ray.serve.engine import EngineFullError, SamplingParams, StepEvent, make_engine
+from r1ray.serve.text import ReasoningStream, split_reasoning
+
+log = get_logger(__name__)
+
+ROUTE_COMPLETIONS = "/v1/completions"
+ROUTE_CHAT = "/v1/chat/completions"
+ROUTE_MODELS = "/v1/models"
+
+
+class APIError(Exception):
+    """An error answered with OpenAI's error shape."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, type: str = "invalid_request_error",
+                 code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.type, self.code = status, message, param, type, code
+        self.headers = headers or {}
+
+    def response(self) -> JSONResponse:
+        body = S.ErrorResponse(error=S.ErrorBody(message=self.message, type=self.type, param=self.param,
+                                                 code=self.code or str(self.status)))
+        return JSONResponse(body.model_dump(), status_code=self.status, headers=self.headers)
+
+
+def _describe_validation(e: ValidationError) -> tuple[str, str | None]:
+    parts, first = [], None
+    for err in e.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "body"
+        # Unions report one error per member; name the field once with the first message.
+        base = ".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p in (
+            "str", "int", "float", "list", "dict"))))
+        first = first or base or loc
+        msg = err["msg"].removeprefix("Value error, ")
+        line = f"{base or loc}: {msg}"
+        if err["type"] == "missing":
+            line = f"{base or loc}: required field is missing"
+        if line not in parts:
+            parts.append(line)
+    return "invalid request: " + "; ".join(parts[:6]), first
+
+
+def _sse(obj: Any) -> bytes:
+    data = obj.model_dump_json(exclude_none=True) if hasattr(obj, "model_dump_json") else json.dumps(obj)
+    return f"data: {data}\n\n".encode()
+
+
+fastapi_app = FastAPI(title="r1ray", description="OpenAI-compatible API over r1ray models", docs_url=None,
+                      redoc_url=None)
+
+
+@serve.deployment(name="OpenAIServer")
+@serve.ingress(fastapi_app)
+class OpenAIServer:
+    """One replica: an engine plus the OpenAI HTTP layer."""
+
+    def __init__(self, cfg: dict[str, Any]):
+        self.cfg = ServeConfig.model_validate(cfg)
+        setup_logging(self.cfg.logging.level)
+        e = self.cfg.engine
+        self.model_path = str(self.cfg.model_path)
+        self.model_name = self.cfg.model_name or Path(self.model_path).name
+        threads = e.torch_threads or max(1, int(-(-self.cfg.deployment.num_cpus // 1)))
+        self._tok_window = [time.perf_counter(), 0]
+        self.engine = make_engine(
+            self.model_path, backend=e.backend, device=e.device, dtype=e.dtype, torch_threads=threads,
+            max_batch_size=e.max_batch_size, batch_wait_timeout_s=e.batch_wait_timeout_s,
+            max_queue=self.cfg.limits.max_queue, max_model_len=e.max_model_len, seed=self.cfg.seed,
+            on_batch=self._on_batch,
+        )
+        self.engine.start()
+        self.tokenizer = self.engine.tokenizer
+        self.vocab_size = len(self.tokenizer)
+        self.api_key = self.cfg.auth.resolve()
+        self.tags = {"model": self.model_name}
+        log.info("serving %s as %r (engine=%s, max_batch_size=%d, max_queue=%d, context=%d, auth=%s)",
+                 self.model_path, self.model_name, self.engine.backend, e.max_batch_size, self.cfg.limits.max_queue,
+                 self.engine.max_model_len, "on" if self.api_key else "off")
+
+    # ------------------------------------------------------------------ plumbing
+    def _on_batch(self, rows: int, tokens: int, seconds: float) -> None:
+        record("r1ray_serve_batch_size", rows, **self.tags)
+        w = self._tok_window
+        w[1] += tokens
+        now = time.perf_counter()
+        if now - w[0] >= 1.0:
+            record("r1ray_serve_tokens_per_second", w[1] / (now - w[0]), **self.tags)
+            record("r1ray_serve_queue_depth", self.engine.load()["waiting"], **self.tags)
+            w[0], w[1] = now, 0
+        record("r1ray_serve_tokens_generated", tokens, **self.tags)
+
+    def _done(self, route: str, status: int, t0: float) -> None:
+        record("r1ray_serve_requests", 1, route=route, status=str(status), **self.tags)
+        record("r1ray_serve_latency_seconds", time.perf_counter() - t0, route=route, **self.tags)
+
+    def _auth(self, request: Request) -> None:
+        if not self.api_key:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+            raise APIError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                           type="authentication_error", code="invalid_api_key",
+                           headers={"WWW-Authenticate": "Bearer"})
+
+    async def _parse(self, request: Request, cls: type[S._Req]) -> Any:
+        body = await request.body()
+        if len(body) > self.cfg.limits.max_body_bytes:
+            raise APIError(413, f"request body of {len(body)} bytes exceeds the limit of "
+                                f"{self.cfg.limits.max_body_bytes} bytes")
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise APIError(400, f"request body is not valid UTF-8 (invalid byte at position {e.start})") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise APIError(400, f"request body is not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})") from None
+        if not isinstance(data, dict):
+            raise APIError(400, f"request body must be a JSON object, got {type(data).__name__}")
+        try:
+            json.dumps(data, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise APIError(400, "request contains invalid Unicode (an unpaired surrogate escape)") from None
+        try:
+            req = cls.model_validate(data)
+        except ValidationError as e:
+            msg, param = _describe_validation(e)
+            raise APIError(400, msg, param=param) from None
+        if req.model != self.model_name:
+            raise APIError(404, f"model {req.model!r} does not exist; this server serves {self.model_name!r}",
+                           param="model", code="model_not_found")
+        if req.n > self.cfg.limits.max_n:
+            raise APIError(400, f"n: at most {self.cfg.limits.max_n} choices per prompt, got {req.n}", param="n")
+        return req
+
+    def _check_context(self, prompt_len: int, max_tokens: int | None, default: int) -> int:
+        ctx = self.engine.max_model_len
+        if prompt_len == 0:
+            raise APIError(400, "prompt is empty: give at least one token", param="prompt")
+        if prompt_len >= ctx:
+            raise APIError(400, f"prompt is {prompt_len} tokens; this model's maximum context length is {ctx} "
+                                "tokens (prompt + max_tokens)", param="prompt", code="context_length_exceeded")
+        if max_tokens is None:
+            return min(default, ctx - prompt_len)
+        if prompt_len + max_tokens > ctx:
+            raise APIError(400, f"this model's maximum context length is {ctx} tokens; you asked for "
+                                f"{prompt_len + max_tokens} ({prompt_len} in the prompt + {max_tokens} max_tokens): "
+                                f"lower max_tokens to at most {ctx - prompt_len}", param="max_tokens",
+                           code="context_length_exceeded")
+        return max_tokens
+
+    def _busy(self, e: EngineFullError) -> APIError:
+        return APIError(429, f"server busy: {e}; retry after {self.cfg.limits.retry_after_s} s",
+                        type="rate_limit_error", code="queue_full",
+                        headers={"Retry-After": str(self.cfg.limits.retry_after_s)})
+
+    def _reserve(self, n: int) -> None:
+        try:
+            self.engine.reserve(n)
+        except EngineFullError as e:
+            raise self._busy(e) from None
+
+    async def _handle(self, route: str, request: Request, fn) -> Response:
+        t0 = time.perf_counter()
+        try:
+            self._auth(request)
+            resp = await fn(request, t0)
+        except APIError as e:
+            self._done(route, e.status, t0)
+            return e.response()
+        except asyncio.CancelledError:
+            self._done(route, 499, t0)
+            raise
+        except Exception as e:  # a bug must answer 500 with a message and leave the server up
+            log.exception("%s failed", route)
+            self._done(route, 500, t0)
+            return APIError(500, f"internal error: {type(e).__name__}", type="server_error").response()
+        if not isinstance(resp, StreamingResponse):
+            self._done(route, resp.status_code, t0)
+        return resp
+
+    async def _run_choices(self, jobs: list[tuple[int, list[int], SamplingParams]], t0: float, route: str,
+                           ) -> AsyncIterator[tuple[int, StepEvent]]:
+        """Run every (index, prompt ids, params) sequence; yield (index, event) as they come."""
+        q: asyncio.Queue[tuple[int, StepEvent | BaseException]] = asyncio.Queue()
+        first = [True]
+
+        async def one(i: int, ids: list[int], p: SamplingParams) -> None:
+            try:
+                async for ev in self.engine.stream(ids, p):
+                    if first[0] and ev.token_ids:
+                        first[0] = False
+                        record("r1ray_serve_ttft_seconds", time.perf_counter() - t0, route=route, **self.tags)
+                    await q.put((i, ev))
+            except BaseException as e:  # noqa: BLE001 - handed to the consumer
+                await q.put((i, e))
+
+        tasks = [asyncio.create_task(one(*job)) for job in jobs]
+        try:
+            left = len(jobs)
+            while left:
+                i, ev = await q.get()
+                if isinstance(ev, BaseException):
+                    if isinstance(ev, EngineFullError):
+                        raise self._busy(ev)
+                    if isinstance(ev, ValueError):
+                        raise APIError(400, str(ev))
+                    raise ev
+                if ev.finish_reason == "error":
+                    raise RuntimeError("the engine failed on this batch (see the replica log)")
+                yield i, ev
+                if ev.finish_reason is not None:
+                    left -= 1
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    # ------------------------------------------------------------------ routes
+    @fastapi_app.get("/health")
+    async def health(self) -> dict:
+        return {"status": "ok", "model": self.model_name, "engine": self.engine.backend, **self.engine.load()}
+
+    @fastapi_app.get(ROUTE_MODELS)
+    async def models(self, request: Request) -> Response:
+        async def fn(request: Request, t0: float) -> Response:
+            card = S.ModelCard(id=self.model_name, created=S.now(), root=self.model_path,
+                               max_model_len=self.engine.max_model_len)
+            return JSONResponse(S.ModelList(data=[card]).model_dump())
+
+        return await self._handle(ROUTE_MODELS, request, fn)
+
+    @fastapi_app.post(ROUTE_COMPLETIONS)
+    async def completions(self, request: Request) -> Response:
+        return await self._handle(ROUTE_COMPLETIONS, request, self._completions)
+
+    @fastapi_app.post(ROUTE_CHAT)
+    async def chat(self, request: Request) -> Response:
+        return await self._handle(ROUTE_CHAT, request, self._chat)
+
+    # ------------------------------------------------------------------ completions
+    def _prompts(self, prompt: Any) -> list[list[int]]:
+        if isinstance(prompt, str):
+            return [self.engine.encode(prompt)]
+        if not prompt:
+            raise APIError(400, "prompt: must not be an empty list", param="prompt")
+        if isinstance(prompt[0], str):
+            out = [self.engine.encode(p) for p in prompt]
+        elif isinstance(prompt[0], int):
+            out = [list(prompt)]
+        else:
+            out = [list(p) for p in prompt]
+        if len(out) > self.cfg.limits.max_prompts:
+            raise APIError(400, f"prompt: at most {self.cfg.limits.max_prompts} prompts per request, got {len(out)}",
+                           param="prompt")
+        for ids in out:
+            bad = [t for t in ids if not 0 <= t < self.vocab_size]
+            if bad:
+                raise APIError(400, f"prompt: token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})",
+                               param="prompt")
+        return out
+
+    def _params(self, req: Any, max_tokens: int, index: int, logprobs: int | None, prompt_lp: bool) -> SamplingParams:
+        seed = None if req.seed is None else req.seed + index
+        return SamplingParams(max_tokens=max_tokens, temperature=float(req.temperature), top_p=float(req.top_p),
+                              top_k=req.top_k, stop=tuple(req.stop or ()), seed=seed, logprobs=logprobs,
+                              prompt_logprobs=prompt_lp, ignore_eos=req.ignore_eos)
+
+    @staticmethod
+    def _completion_logprobs(entries, offset: int, top: int) -> S.CompletionLogprobs:
+        lp = S.CompletionLogprobs()
+        for e in entries:
+            lp.tokens.append(e.token)
+            lp.token_logprobs.append(e.logprob)
+            if e.logprob is None:
+                lp.top_logprobs.append(None)
+            else:
+                d = {t: v for _, t, v in e.top[:top]}
+                d.setdefault(e.token, e.logprob)
+                lp.top_logprobs.append(d)
+            lp.text_offset.append(offset)
+            offset += len(e.token)
+        return lp
+
+    async def _completions(self, request: Request, t0: float) -> Response:
+        req: S.CompletionRequest = await self._parse(request, S.CompletionRequest)
+        prompts = self._prompts(req.prompt)
+        max_tokens = [self._check_context(len(ids), req.max_tokens, self.cfg.limits.default_max_tokens)
+                      for ids in prompts]
+        self._reserve(len(prompts) * req.n)
+        want_prompt_lp = req.echo and req.logprobs is not None
+        jobs = [(pi * req.n + k, ids, self._params(req, max_tokens[pi], k, req.logprobs, want_prompt_lp))
+                for pi, ids in enumerate(prompts) for k in range(req.n)]
+        prompt_text = {j[0]: self.tokenizer.decode(j[1], skip_special_tokens=False) for j in jobs} if req.echo else {}
+        rid, created = S.new_id("cmpl"), S.now()
+        prompt_tokens = sum(len(p) for p in prompts)
+        route = ROUTE_COMPLETIONS
+
+        def logprobs_for(i: int, ev: StepEvent, offset: int) -> S.CompletionLogprobs | None:
+            if req.logprobs is None:
+                return None
+            entries = (ev.prompt_logprobs or []) + ev.logprobs if req.echo and ev.first else ev.logprobs
+            return self._completion_logprobs(entries, offset, req.logprobs)
+
+        if req.stream:
+            async def gen() -> AsyncIterator[bytes]:
+                status = 200
+                done_tokens = 0
+                offsets = {j[0]: 0 for j in jobs}
+                try:
+                    async for i, ev in self._run_choices(jobs, t0, route):
+                        done_tokens += len(ev.token_ids)
+                        text = (prompt_text[i] if req.echo and ev.first else "") + ev.text
+                        lp = logprobs_for(i, ev, offsets[i])
+                        offsets[i] += len(text)
+                        if not text and ev.finish_reason is None and lp is None:
+                            continue
+                        chunk = S.CompletionResponse(id=rid, created=created, model=self.model_name, choices=[
+                            S.CompletionChoice(index=i, text=text, logprobs=lp, finish_reason=ev.finish_reason)])
+                        yield _sse(chunk)
+                    if req.stream_options and req.stream_options.include_usage:
+                        usage = S.Usage(prompt_tokens=prompt_tokens, completion_tokens=done_tokens,
+                                        total_tokens=prompt_tokens + done_tokens)
+                        yield _sse({"id": rid, "object": "text_completion", "created": created,
+                                    "model": self.model_name, "choices": [], "usage": usage.model_dump()})
+                    yield b"data: [DONE]\n\n"
+                except APIError as e:
+                    status = e.status
+                    yield _sse(S.ErrorResponse(error=S.ErrorBody(message=e.message, type=e.type, code=str(e.status))))
+                except asyncio.CancelledError:
+                    status = 499
+                    raise
+                finally:
+                    self._done(route, status, t0)
+
+            return StreamingResponse(gen(), media_type="text/event-stream")
+
+        texts: dict[int, list[str]] = {j[0]: [prompt_text.get(j[0], "")] for j in jobs}
+        lps: dict[int, list] = {j[0]: [] for j in jobs}
+        finish: dict[int, str] = {}
+        ntok = 0
+        async for i, ev in self._run_choices(jobs, t0, route):
+            texts[i].append(ev.text)
+            ntok += len(ev.token_ids)
+            if req.logprobs is not None:
+                lps[i].extend((ev.prompt_logprobs or []) + ev.logprobs if req.echo and ev.first else ev.logprobs)
+            if ev.finish_reason:
+                finish[i] = ev.finish_reason
+        choices = [
+            S.CompletionChoice(index=i, text="".join(texts[i]), finish_reason=finish[i],
+                               logprobs=self._completion_logprobs(lps[i], 0, req.logprobs)
+                               if req.logprobs is not None else None)
+            for i in sorted(texts)
+        ]
+        usage = S.Usage(prompt_tokens=prompt_tokens, completion_tokens=ntok, total_tokens=prompt_tokens + ntok)
+        resp = S.CompletionResponse(id=rid, created=created, model=self.model_name, choices=choices, usage=usage)
+        return JSONResponse(resp.model_dump())
+
+    # ------------------------------------------------------------------ chat
+    def _chat_logprobs(self, entries, top: int) -> S.ChatLogprobs:
+        return S.ChatLogprobs(content=[
+            S.ChatTokenLogprob(token=e.token, logprob=e.logprob, bytes=list(e.token.encode("utf-8")),
+                               top_logprobs=[S.TopLogprob(token=t, logprob=v, bytes=list(t.encode("utf-8")))
+                                             for _, t, v in e.top[:top]])
+            for e in entries
+        ])
+
+    async def _chat(self, request: Request, t0: float) -> Response:
+        req: S.ChatRequest = await self._parse(request, S.ChatRequest)
+        try:
+            msgs = []
+            for m in req.messages:
+                msg = {"role": m.role, "content": m.text()}
+                if m.reasoning_content:
+                    msg["reasoning_content"] = m.reasoning_content
+                msgs.append(msg)
+        except ValueError as e:
+            raise APIError(400, f"messages: {e}", param="messages") from None
+        if self.tokenizer.chat_template is None:
+            raise APIError(400, f"model {self.model_name!r} has no chat template: use /v1/completions")
+        text = self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        ids = self.engine.encode(text)
+        max_tokens = self._check_context(len(ids), req.max_completion_tokens or req.max_tokens,
+                                         self.cfg.limits.default_chat_max_tokens)
+        self._reserve(req.n)
+        top = req.top_logprobs or 0
+        lp_n = top if req.logprobs else None
+        jobs = [(k, ids, self._params(req, max_tokens, k, lp_n, False)) for k in range(req.n)]
+        rid, created = S.new_id("chatcmpl"), S.now()
+        route = ROUTE_CHAT
+
+        if req.stream:
+            async def gen() -> AsyncIterator[bytes]:
+                status = 200
+                ntok = 0
+                splitters = {k: ReasoningStream() for k in range(req.n)}
+
+                def chunk(k: int, delta: S.Delta, finish: str | None = None, lp=None) -> bytes:
+                    return _sse(S.ChatChunk(id=rid, created=created, model=self.model_name, choices=[
+                        S.ChatChunkChoice(index=k, delta=delta, finish_reason=finish, logprobs=lp)]))
+
+                try:
+                    for k in range(req.n):
+                        yield chunk(k, S.Delta(role="assistant", content=""))
+                    async for k, ev in self._run_choices(jobs, t0, route):
+                        ntok += len(ev.token_ids)
+                        lp = self._chat_logprobs(ev.logprobs, top) if req.logprobs and ev.logprobs else None
+                        parts = splitters[k].feed(ev.text, final=ev.finish_reason is not None)
+                        for j, (field, piece) in enumerate(parts):
+                            yield chunk(k, S.Delta(**{field: piece}), lp=lp if j == 0 else None)
+                        if not parts and lp is not None:
+                            yield chunk(k, S.Delta(content=""), lp=lp)
+                        if ev.finish_reason is not None:
+                            yield chunk(k, S.Delta(), finish=ev.finish_reason)
+                    if req.stream_options and req.stream_options.include_usage:
+                        usage = S.Usage(prompt_tokens=len(ids), completion_tokens=ntok, total_tokens=len(ids) + ntok)
+                        yield _sse(S.ChatChunk(id=rid, created=created, model=self.model_name, choices=[],
+                                               usage=usage))
+                    yield b"data: [DONE]\n\n"
+                except APIError as e:
+                    status = e.status
+                    yield _sse(S.ErrorResponse(error=S.ErrorBody(message=e.message, type=e.type, code=str(e.status))))
+                except asyncio.CancelledError:
+                    status = 499
+                    raise
+                finally:
+                    self._done(route, status, t0)
+
+            return StreamingResponse(gen(), media_type="text/event-stream")
+
+        texts = {k: [] for k in range(req.n)}
+        lps: dict[int, list] = {k: [] for k in range(req.n)}
+        finish: dict[int, str] = {}
+        ntok = 0
+        async for k, ev in self._run_choices(jobs, t0, route):
+            texts[k].append(ev.text)
+            lps[k].extend(ev.logprobs)
+            ntok += len(ev.token_ids)
+            if ev.finish_reason:
+                finish[k] = ev.finish_reason
+        choices = []
+        for k in range(req.n):
+            reasoning, content = split_reasoning("".join(texts[k]))
+            choices.append(S.ChatChoice(
+                index=k, message=S.AssistantMessage(content=content, reasoning_content=reasoning),
+                finish_reason=finish[k], logprobs=self._chat_logprobs(lps[k], top) if req.logprobs else None))
+        usage = S.Usage(prompt_tokens=len(ids), completion_tokens=ntok, total_tokens=len(ids) + ntok)
+        return JSONResponse(S.ChatResponse(id=rid, created=created, model=self.model_name, choices=choices,
+                                           usage=usage).model_dump())
+
+
+# ---------------------------------------------------------------------------------------------- building
+
+
+def resolve_model_path(cfg: ServeConfig, *, train_if_missing: bool = False) -> str:
+    """The model directory to serve: ``model_path``, or the newest export of the pretraining run."""
+    if cfg.model_path:
+        path = Path(cfg.model_path).expanduser()
+        if "://" not in cfg.model_path:
+            if not (path / "config.json").is_file():
+                raise FileNotFoundError(f"model_path={cfg.model_path}: not a Hugging Face model directory "
+                                        "(no config.json); point it at an export directory")
+            return str(path.resolve())
+        return cfg.model_path
+    from r1ray.train.checkpoint import newest_export
+
+    run_dir = cfg.storage.uri("runs", cfg.run_name)
+    found = newest_export(run_dir)
+    if found is None and train_if_missing:
+        from r1ray.train.config import PretrainConfig
+        from r1ray.train.pretrain import run as pretrain_run
+
+        log.info("no export in %s yet: training the default pretraining run first", run_dir)
+        pcfg = PretrainConfig.model_validate({
+            "seed": cfg.seed, "run_name": cfg.run_name, "storage": cfg.storage.model_dump(),
+            "ray": cfg.ray.model_dump(), "logging": cfg.logging.model_dump(),
+        })
+        pretrain_run(pcfg)
+        found = newest_export(run_dir)
+    if found is None:
+        raise FileNotFoundError(f"no model export in {run_dir}: train it first (python jobs/pretrain.py) or set "
+                                "model_path to a Hugging Face model directory")
+    return found
+
+
+def deployment_options(cfg: ServeConfig) -> dict[str, Any]:
+    """``Deployment.options`` from the config: replicas or autoscaling, resources, Serve's request cap."""
+    d = cfg.deployment
+    actor: dict[str, Any] = {"num_cpus": d.num_cpus, "num_gpus": d.num_gpus}
+    if d.resources:
+        actor["resources"] = dict(d.resources)
+    opts: dict[str, Any] = {"ray_actor_options": actor, "max_ongoing_requests": cfg.max_ongoing_requests(),
+                            "health_check_period_s": 10, "graceful_shutdown_timeout_s": 5}
+    if d.autoscaling is not None:
+        a = d.autoscaling
+        opts["autoscaling_config"] = {
+            "min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
+            "initial_replicas": max(a.min_replicas, 1), "target_ongoing_requests": a.target_ongoing_requests,
+            "upscale_delay_s": a.upscale_delay_s, "downscale_delay_s": a.downscale_delay_s,
+        }
+    else:
+        opts["num_replicas"] = d.num_replicas
+    return opts
+
+
+def build_app(args: dict[str, Any] | None = None, *, train_if_missing: bool = False) -> serve.Application:
+    """Serve application builder (``import_path: r1ray.serve.app:build_app``); ``args`` are ServeConfig fields."""
+    cfg = args if isinstance(args, ServeConfig) else ServeConfig.model_validate(dict(args or {}))
+    model_path = resolve_model_path(cfg, train_if_missing=train_if_missing)
+    init = cfg.model_dump(mode="json")
+    init["model_path"] = model_path
+    if cfg.auth.api_key is not None:
+        init["auth"]["api_key"] = cfg.auth.api_key.get_secret_value()
+    return OpenAIServer.options(**deployment_options(cfg)).bind(init)

@@ -1,0 +1,187 @@
+"""The serving job's config (``jobs/serve.py``; ``build_app(args)`` takes the same fields as a dict).
+
+Import-light on purpose: pydantic only, so a typo in a serve YAML fails in well under two seconds.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+
+from r1ray.config import LoggingConfig, R1Config, RayConfig, StorageConfig
+
+
+class HttpConfig(R1Config):
+    """Where Serve's HTTP proxy listens."""
+
+    host: str = "127.0.0.1"
+    """Interface of the HTTP proxy. ``0.0.0.0`` on a cluster (or in a container) to accept outside traffic."""
+    port: int = Field(default=8000, ge=1, le=65535)
+    """Port of the HTTP proxy."""
+    route_prefix: str = "/"
+    """Route prefix of the app (``/`` serves ``/v1/...`` at the root)."""
+
+    @field_validator("route_prefix")
+    @classmethod
+    def _slash(cls, v: str) -> str:
+        if not v.startswith("/"):
+            raise ValueError(f"must start with '/', e.g. '/{v}'")
+        return v
+
+
+class AutoscalingConfig(R1Config):
+    """Serve autoscaling: replicas follow the number of ongoing requests."""
+
+    min_replicas: int = Field(default=1, ge=0)
+    """Fewest replicas (0 lets the app scale to zero; the first request then waits for a cold start)."""
+    max_replicas: int = Field(default=2, ge=1)
+    """Most replicas."""
+    target_ongoing_requests: float = Field(default=8.0, gt=0)
+    """Ongoing requests per replica the autoscaler aims for; more than that adds replicas."""
+    upscale_delay_s: float = Field(default=10.0, ge=0)
+    """How long the load must stay high before a replica is added."""
+    downscale_delay_s: float = Field(default=60.0, ge=0)
+    """How long the load must stay low before a replica is removed."""
+
+    @model_validator(mode="after")
+    def _check(self) -> AutoscalingConfig:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(
+                f"autoscaling.max_replicas ({self.max_replicas}) < autoscaling.min_replicas ({self.min_replicas}); "
+                "raise max_replicas or lower min_replicas"
+            )
+        return self
+
+
+class DeploymentConfig(R1Config):
+    """Replicas and what each one reserves."""
+
+    num_replicas: int = Field(default=1, ge=1)
+    """Fixed number of replicas; ignored when ``autoscaling`` is set."""
+    autoscaling: AutoscalingConfig | None = None
+    """Autoscale between min and max replicas; unset: ``num_replicas`` fixed replicas."""
+    num_cpus: float = Field(default=1.0, gt=0)
+    """Logical CPUs per replica (also the replica's torch threads on CPU, unless ``engine.torch_threads``)."""
+    num_gpus: float = Field(default=0.0, ge=0)
+    """GPUs per replica (1 for the vLLM engine or a CUDA HF engine)."""
+    resources: dict[str, float] = Field(default_factory=dict)
+    """Custom Ray resources per replica (e.g. ``{"serve": 1}`` to pin replicas to tagged nodes)."""
+
+
+class EngineConfig(R1Config):
+    """The generation engine inside each replica."""
+
+    backend: Literal["hf", "vllm", "auto"] = "hf"
+    """``hf``: r1ray's batched KV-cache engine on any HF model dir (CPU or GPU). ``vllm``: vLLM (GPU, needs the
+    ``gpu`` extra). ``auto``: vLLM when importable with CUDA, otherwise ``hf`` (and the log says so)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Device of the HF engine; ``auto`` picks CUDA when the replica has a GPU."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights dtype; ``auto``: float32 on CPU (bf16 is ~8x slower there), bfloat16 on GPU."""
+    max_batch_size: int = Field(default=16, ge=1, le=1024)
+    """Most sequences decoded together. 1 turns batching off (the benchmark's baseline)."""
+    batch_wait_timeout_s: float = Field(default=0.005, ge=0, le=5)
+    """When the engine is idle, how long the first request waits for others to share its batch. Requests that
+    arrive while a batch is running join it at the next step (continuous batching)."""
+    max_model_len: int | None = Field(default=None, ge=8)
+    """Context limit (prompt + max_tokens); unset: the model's ``max_position_embeddings``."""
+    torch_threads: int | None = Field(default=None, ge=1)
+    """Torch CPU threads per replica; unset: ``deployment.num_cpus`` rounded up."""
+
+
+class LimitsConfig(R1Config):
+    """Admission control and request bounds."""
+
+    max_queue: int = Field(default=64, ge=1)
+    """Sequences a replica accepts at once (running plus waiting); beyond that requests get 429 + Retry-After."""
+    retry_after_s: int = Field(default=1, ge=1)
+    """Seconds the 429 answer tells clients to wait (``Retry-After``)."""
+    default_max_tokens: int = Field(default=16, ge=1)
+    """``max_tokens`` of a completion request that leaves it out (OpenAI's default is 16)."""
+    default_chat_max_tokens: int = Field(default=256, ge=1)
+    """``max_tokens`` of a chat request that leaves it out (capped by the room left in the context)."""
+    max_n: int = Field(default=8, ge=1)
+    """Largest ``n`` (choices per prompt) a request may ask for."""
+    max_prompts: int = Field(default=32, ge=1)
+    """Largest list of prompts one completion request may carry."""
+    max_body_bytes: int = Field(default=4_000_000, ge=1024)
+    """Largest request body; bigger ones get 413."""
+
+
+class AuthConfig(R1Config):
+    """Optional bearer-token auth (``Authorization: Bearer <key>``). Off when no key is found."""
+
+    api_key_env: str | None = "R1RAY_API_KEY"
+    """Environment variable (read in each replica) holding the API key. On a cluster set it on the workers
+    (e.g. a Kubernetes secret); with the embedded local Ray the job's environment is inherited."""
+    api_key: SecretStr | None = None
+    """The API key itself (prefer ``api_key_env``: a key in a YAML file ends up in the Serve config). Wins over
+    the environment variable. Never logged."""
+
+    def resolve(self) -> str | None:
+        if self.api_key is not None and self.api_key.get_secret_value():
+            return self.api_key.get_secret_value()
+        if self.api_key_env:
+            return os.environ.get(self.api_key_env) or None
+        return None
+
+
+class ServeConfig(R1Config):
+    """Serve a Hugging Face model directory over an OpenAI-compatible HTTP API with Ray Serve.
+
+    With no arguments: the newest export of the default pretraining run (trained first when there is none),
+    on http://127.0.0.1:8000.
+    """
+
+    seed: int = 0
+    """Seed of the default pretraining run (when one is trained first) and of unseeded sampling."""
+    model_path: str | None = None
+    """Hugging Face model directory to serve (weights + tokenizer). Unset: the newest export of the pretraining
+    run ``<storage.root>/runs/<run_name>``."""
+    run_name: str = "default"
+    """Pretraining run whose newest export is served when ``model_path`` is unset."""
+    train_if_missing: bool = True
+    """When ``model_path`` is unset and the run has no export yet, train the default pretraining run first."""
+    model_name: str | None = None
+    """Model id in ``/v1/models`` and in requests; unset: the model directory's name."""
+    app_name: str = "r1ray"
+    """Serve application name."""
+    blocking: bool = True
+    """Keep the job in the foreground serving until Ctrl-C; false: deploy, print the URL and return."""
+    http: HttpConfig = HttpConfig()
+    """HTTP proxy."""
+    deployment: DeploymentConfig = DeploymentConfig()
+    """Replicas, autoscaling and resources."""
+    engine: EngineConfig = EngineConfig()
+    """Generation engine."""
+    limits: LimitsConfig = LimitsConfig()
+    """Admission control and request bounds."""
+    auth: AuthConfig = AuthConfig()
+    """API-key auth."""
+    ray: RayConfig = RayConfig()
+    """Ray."""
+    storage: StorageConfig = StorageConfig()
+    """Where the default pretraining run lives."""
+    logging: LoggingConfig = LoggingConfig()
+    """Logging."""
+
+    @model_validator(mode="after")
+    def _check(self) -> ServeConfig:
+        if self.engine.backend == "vllm" and self.deployment.num_gpus <= 0:
+            raise ValueError(
+                "engine.backend=vllm needs a GPU per replica: set deployment.num_gpus=1 (or engine.backend=hf)"
+            )
+        if self.engine.device == "cuda" and self.deployment.num_gpus <= 0:
+            raise ValueError("engine.device=cuda needs deployment.num_gpus > 0 (or engine.device=auto/cpu)")
+        if self.limits.max_queue < self.engine.max_batch_size:
+            raise ValueError(
+                f"limits.max_queue ({self.limits.max_queue}) < engine.max_batch_size ({self.engine.max_batch_size}): "
+                "a batch could never fill; raise limits.max_queue"
+            )
+        return self
+
+    def max_ongoing_requests(self) -> int:
+        """Serve's per-replica cap: above our own queue bound, so r1ray (not Serve) answers 429 when full."""
+        return self.limits.max_queue + 16

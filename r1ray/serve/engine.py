@@ -1,0 +1,560 @@
+"""Batched generation with a KV cache on any Hugging Face causal-LM directory; no Ray, no HTTP.
+
+``HFEngine`` runs one scheduler thread that does continuous batching: sequences that arrive while a batch is
+decoding are prefilled and merged into it at the next step (their KV caches left-padded to a common length),
+and finished or cancelled sequences leave it at once, so a client that disconnects frees its slot. Every
+sequence carries its own sampling parameters (greedy, temperature, top-p, top-k, stop strings, seed, logprobs).
+
+Use it in-process (tests, benchmarks)::
+
+    eng = HFEngine.from_dir("outputs/runs/default/export")
+    [out] = eng.generate(["1 + 1 ="], SamplingParams(max_tokens=8, temperature=0))
+
+or from asyncio (the Serve app) with ``async for ev in eng.stream(prompt_ids, params)``.
+``make_engine`` picks the vLLM engine instead when asked for and importable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import random
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from r1ray.observe.log import get_logger
+from r1ray.serve.text import find_stop, stop_holdback
+
+log = get_logger(__name__)
+
+
+class EngineFullError(RuntimeError):
+    """The engine holds ``max_queue`` sequences already; the caller should retry later (HTTP 429)."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-sequence sampling. ``temperature == 0`` is greedy; ``top_k == 0`` and ``top_p == 1`` are off."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    logprobs: int | None = None
+    """Return the sampled token's logprob and this many top alternatives (0 = only the sampled one)."""
+    prompt_logprobs: bool = False
+    """Also return the logprobs of the prompt tokens (completions ``echo`` + ``logprobs``)."""
+    ignore_eos: bool = False
+    """Keep generating past EOS / ``<|im_end|>`` until max_tokens (benchmarks; vLLM's option of that name)."""
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    token: str
+    logprob: float | None
+    top: list[tuple[int, str, float]] = field(default_factory=list)
+
+
+@dataclass
+class StepEvent:
+    """One step of one sequence: a text delta (may be empty while a stop string is undecided) and its token."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob]
+    finish_reason: str | None = None
+    """``stop`` (EOS or a stop string), ``length`` (max_tokens) or ``cancelled``; None while running."""
+    prompt_logprobs: list[TokenLogprob] | None = None
+    """On the first event only, when ``prompt_logprobs`` was asked for."""
+    first: bool = False
+
+
+@dataclass
+class Completion:
+    """A finished sequence, as ``generate`` returns it."""
+
+    text: str
+    token_ids: list[int]
+    prompt_token_ids: list[int]
+    finish_reason: str
+    logprobs: list[TokenLogprob]
+    prompt_logprobs: list[TokenLogprob] | None
+    ttft_s: float
+    latency_s: float
+
+
+class _Seq:
+    """One sequence's state, owned by the scheduler thread (only ``cancelled`` is touched from outside)."""
+
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, sink: Callable[[StepEvent], None]):
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.sink = sink
+        self.cancelled = False
+        self.out_ids: list[int] = []
+        self.text = ""  # decoded completion text so far (stop strings cut it)
+        self.emitted = 0  # chars of self.text already sent
+        self.prefix_offset = 0
+        self.read_offset = 0
+        self.generator: Any = None
+        self.first = True
+        self.done = False
+        self.prompt_lp: list[TokenLogprob] | None = None
+        self.t_submit = time.perf_counter()
+
+
+def _device_and_dtype(device: str, dtype: str):
+    import torch
+
+    dev = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+    if dtype == "auto":
+        dt = torch.bfloat16 if dev == "cuda" else torch.float32
+    else:
+        dt = getattr(torch, dtype)
+    return torch.device(dev), dt
+
+
+class HFEngine:
+    """Continuous-batching generation on a transformers causal LM (see the module doc)."""
+
+    backend = "hf"
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        max_batch_size: int = 16,
+        batch_wait_timeout_s: float = 0.005,
+        max_queue: int = 64,
+        max_model_len: int | None = None,
+        seed: int = 0,
+        on_batch: Callable[[int, int, float], None] | None = None,
+    ):
+        import torch
+
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.device = next(model.parameters()).device
+        self.max_batch_size = max_batch_size
+        self.batch_wait_timeout_s = batch_wait_timeout_s
+        self.max_queue = max_queue
+        ctx = getattr(model.config, "max_position_embeddings", None) or 2048
+        self.max_model_len = min(max_model_len, ctx) if max_model_len else ctx
+        self.on_batch = on_batch
+        self._rng = random.Random(seed)
+        stop_ids = {tokenizer.eos_token_id}
+        im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
+            stop_ids.add(im_end)
+        self.stop_token_ids = {i for i in stop_ids if i is not None}
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self._inbox: queue.Queue[_Seq] = queue.Queue()
+        self._lock = threading.Lock()
+        self._pending = 0  # sequences accepted and not finished (running + waiting)
+        self._running = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._torch = torch
+        self._token_text: dict[int, str] = {}
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_dir(
+        cls, path: str | Path, *, device: str = "auto", dtype: str = "auto", torch_threads: int | None = None,
+        **kwargs: Any,
+    ) -> HFEngine:
+        """Load weights (safetensors only) and tokenizer from a Hugging Face directory."""
+        import torch
+
+        from r1ray.data.tokenizer import load_tokenizer
+        from r1ray.model.build import load_model
+
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        dev, dt = _device_and_dtype(device, dtype)
+        if not (Path(path) / "config.json").is_file():
+            raise FileNotFoundError(f"{path} is not a Hugging Face model directory (no config.json)")
+        tok = load_tokenizer(path)
+        model = load_model(path, dtype=dt).to(dev)
+        log.info("HF engine: %s on %s (%s), %d threads", path, dev, str(dt).replace("torch.", ""),
+                 torch.get_num_threads())
+        return cls(model, tok, **kwargs)
+
+    # ------------------------------------------------------------------ public API
+    def load(self) -> dict[str, int]:
+        """Sequences running in the batch and waiting to join it."""
+        with self._lock:
+            return {"running": self._running, "waiting": self._pending - self._running, "pending": self._pending}
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def start(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._loop, name="r1ray-engine", daemon=True)
+            self._thread.start()
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams, sink: Callable[[StepEvent], None],
+               *, reserve: int = 1) -> _Seq:
+        """Queue one sequence; ``sink`` gets its events on the scheduler thread. Raises EngineFullError."""
+        if not prompt_ids:
+            raise ValueError("prompt is empty: give at least one token")
+        if len(prompt_ids) + params.max_tokens > self.max_model_len:
+            raise ValueError(
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the model's context "
+                f"of {self.max_model_len} tokens"
+            )
+        with self._lock:
+            if self._pending + reserve > self.max_queue:
+                raise EngineFullError(f"engine full ({self._pending} of {self.max_queue} sequences)")
+            self._pending += 1
+        seq = _Seq(list(prompt_ids), params, sink)
+        self.start()
+        self._inbox.put(seq)
+        return seq
+
+    def reserve(self, n: int) -> None:
+        """Raise EngineFullError unless ``n`` more sequences fit now (checked before submitting a group)."""
+        with self._lock:
+            if self._pending + n > self.max_queue:
+                raise EngineFullError(f"engine full ({self._pending} of {self.max_queue} sequences, {n} asked)")
+
+    async def stream(self, prompt_ids: Sequence[int], params: SamplingParams) -> AsyncIterator[StepEvent]:
+        """Async events of one sequence; closing or cancelling the iterator cancels the sequence."""
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue[StepEvent] = asyncio.Queue()
+        seq = self.submit(prompt_ids, params, lambda ev: loop.call_soon_threadsafe(q.put_nowait, ev))
+        try:
+            while True:
+                ev = await q.get()
+                yield ev
+                if ev.finish_reason is not None:
+                    return
+        finally:
+            seq.cancelled = True
+
+    def generate(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
+                 ) -> list[Completion]:
+        """Generate for every prompt (batched together), blocking; the direct in-process API."""
+        plist = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        if len(plist) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(plist)} sampling params")
+        done = threading.Semaphore(0)
+        results: list[list[StepEvent]] = [[] for _ in prompts]
+        ids_list = [self.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+        t0 = time.perf_counter()
+        ttft = [0.0] * len(prompts)
+        latency = [0.0] * len(prompts)
+
+        def sink_for(i: int):
+            def sink(ev: StepEvent) -> None:
+                if not results[i]:
+                    ttft[i] = time.perf_counter() - t0
+                results[i].append(ev)
+                if ev.finish_reason is not None:
+                    latency[i] = time.perf_counter() - t0
+                    done.release()
+            return sink
+
+        self.reserve(len(prompts))
+        for i, (ids, p) in enumerate(zip(ids_list, plist, strict=False)):
+            self.submit(ids, p, sink_for(i))
+        for _ in prompts:
+            done.acquire()
+        out = []
+        for i, evs in enumerate(results):
+            out.append(Completion(
+                text="".join(e.text for e in evs),
+                token_ids=[t for e in evs for t in e.token_ids],
+                prompt_token_ids=ids_list[i],
+                finish_reason=evs[-1].finish_reason or "stop",
+                logprobs=[lp for e in evs for lp in e.logprobs],
+                prompt_logprobs=evs[0].prompt_logprobs,
+                ttft_s=ttft[i],
+                latency_s=latency[i],
+            ))
+        return out
+
+    # ------------------------------------------------------------------ scheduler thread
+    def _loop(self) -> None:
+        torch = self._torch
+        active: list[_Seq] = []
+        kv: list[tuple[Any, Any]] | None = None
+        mask = None
+        with torch.inference_mode():
+            while not self._stop.is_set():
+                try:
+                    new = self._admit(active)
+                    if not active and not new:
+                        continue
+                    t0 = time.perf_counter()
+                    if new:
+                        kv_new, mask_new, logits_new = self._prefill(new)
+                        kv, mask = self._merge(kv, mask, kv_new, mask_new)
+                        active = active + new
+                        logits = logits_new
+                        rows = list(range(len(active) - len(new), len(active)))
+                    else:
+                        logits, kv, mask = self._decode(active, kv, mask)
+                        rows = list(range(len(active)))
+                    with self._lock:
+                        self._running = len(active)
+                    n_tok = self._sample_and_emit([active[r] for r in rows], logits)
+                    dt = time.perf_counter() - t0
+                    if self.on_batch is not None and n_tok:
+                        self.on_batch(len(rows), n_tok, dt)
+                    keep = [i for i, s in enumerate(active) if not s.done]
+                    if len(keep) != len(active):
+                        finished = len(active) - len(keep)
+                        active = [active[i] for i in keep]
+                        with self._lock:
+                            self._pending -= finished
+                            self._running = len(active)
+                        if active:
+                            kv, mask = self._select(kv, mask, keep)
+                        else:
+                            kv, mask = None, None
+                except Exception as e:  # a failing batch must not kill the server: fail its sequences
+                    log.exception("engine step failed: %s", e)
+                    for s in active:
+                        if not s.done:
+                            s.done = True
+                            s.sink(StepEvent("", [], [], finish_reason="error"))
+                    with self._lock:
+                        self._pending -= len(active)
+                        self._running = 0
+                    active, kv, mask = [], None, None
+
+    def _admit(self, active: list[_Seq]) -> list[_Seq]:
+        """New sequences for the batch: block briefly when idle, then gather for ``batch_wait_timeout_s``."""
+        room = self.max_batch_size - len(active)
+        new: list[_Seq] = []
+        if room <= 0:
+            return new
+        if not active:
+            try:
+                new.append(self._inbox.get(timeout=0.1))
+            except queue.Empty:
+                return new
+            deadline = time.perf_counter() + self.batch_wait_timeout_s
+            while len(new) < room:
+                left = deadline - time.perf_counter()
+                if left <= 0:
+                    break
+                try:
+                    new.append(self._inbox.get(timeout=left))
+                except queue.Empty:
+                    break
+        while len(new) < room:
+            try:
+                new.append(self._inbox.get_nowait())
+            except queue.Empty:
+                break
+        live = []
+        for s in new:
+            s.done = False
+            if s.cancelled:
+                s.done = True
+                with self._lock:
+                    self._pending -= 1
+                s.sink(StepEvent("", [], [], finish_reason="cancelled"))
+            else:
+                live.append(s)
+        return live
+
+    def _prefill(self, seqs: list[_Seq]):
+        torch = self._torch
+        from transformers import DynamicCache
+
+        plen = max(len(s.prompt_ids) for s in seqs)
+        ids = torch.full((len(seqs), plen), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), plen), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, plen - len(s.prompt_ids):] = torch.tensor(s.prompt_ids)
+            mask[i, plen - len(s.prompt_ids):] = 1
+        pos = (mask.cumsum(1) - 1).clamp(min=0)
+        want_prompt = any(s.params.prompt_logprobs for s in seqs)
+        out = self.model(
+            input_ids=ids.to(self.device), attention_mask=mask.to(self.device), position_ids=pos.to(self.device),
+            past_key_values=DynamicCache(), use_cache=True, logits_to_keep=0 if want_prompt else 1,
+        )
+        logits = out.logits[:, -1, :].float()
+        if want_prompt:
+            full = torch.log_softmax(out.logits.float(), dim=-1)
+            for i, s in enumerate(seqs):
+                if s.params.prompt_logprobs:
+                    n = len(s.prompt_ids)
+                    rows = full[i, plen - n:, :]
+                    s.prompt_lp = [TokenLogprob(s.prompt_ids[0], self._tok(s.prompt_ids[0]), None)]
+                    for j in range(1, n):
+                        s.prompt_lp.append(self._logprob_entry(rows[j - 1], s.prompt_ids[j], s.params.logprobs or 0))
+        kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        return kv, mask.to(self.device), logits
+
+    def _decode(self, seqs: list[_Seq], kv, mask):
+        torch = self._torch
+        from transformers import DynamicCache
+
+        ids = torch.tensor([[s.out_ids[-1]] for s in seqs], dtype=torch.long, device=self.device)
+        mask = torch.cat([mask, torch.ones((len(seqs), 1), dtype=mask.dtype, device=mask.device)], dim=1)
+        pos = mask.sum(1, keepdim=True) - 1
+        out = self.model(
+            input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=DynamicCache(kv),
+            use_cache=True, logits_to_keep=1,
+        )
+        kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        return out.logits[:, -1, :].float(), kv, mask
+
+    def _merge(self, kv_a, mask_a, kv_b, mask_b):
+        """Stack two batches' caches, left-padding the shorter one (masked out) to the longer length."""
+        torch = self._torch
+        if kv_a is None:
+            return kv_b, mask_b
+        ta, tb = mask_a.shape[1], mask_b.shape[1]
+        t = max(ta, tb)
+
+        def pad(x, n, dim):
+            if n == 0:
+                return x
+            shape = list(x.shape)
+            shape[dim] = n
+            return torch.cat([x.new_zeros(shape), x], dim=dim)
+
+        kv = [
+            (torch.cat([pad(ka, t - ta, 2), pad(kb, t - tb, 2)]), torch.cat([pad(va, t - ta, 2), pad(vb, t - tb, 2)]))
+            for (ka, va), (kb, vb) in zip(kv_a, kv_b, strict=False)
+        ]
+        return kv, torch.cat([pad(mask_a, t - ta, 1), pad(mask_b, t - tb, 1)])
+
+    def _select(self, kv, mask, keep: list[int]):
+        """Keep rows ``keep`` and drop leading columns no remaining row attends to."""
+        torch = self._torch
+        idx = torch.tensor(keep, device=mask.device)
+        mask = mask.index_select(0, idx)
+        used = mask.any(0).nonzero()
+        start = int(used[0]) if len(used) else 0
+        mask = mask[:, start:]
+        kv = [(k.index_select(0, idx)[:, :, start:], v.index_select(0, idx)[:, :, start:]) for k, v in kv]
+        return kv, mask
+
+    def _tok(self, tid: int) -> str:
+        t = self._token_text.get(tid)
+        if t is None:
+            t = self._token_text[tid] = self.tokenizer.decode([tid], skip_special_tokens=False)
+        return t
+
+    def _logprob_entry(self, lp_row, tid: int, top: int) -> TokenLogprob:
+        entry = TokenLogprob(tid, self._tok(tid), float(lp_row[tid]))
+        if top > 0:
+            vals, idx = lp_row.topk(top)
+            entry.top = [(int(i), self._tok(int(i)), float(v)) for v, i in zip(vals, idx, strict=False)]
+        return entry
+
+    def _sample_and_emit(self, seqs: list[_Seq], logits) -> int:
+        torch = self._torch
+        greedy = logits.argmax(-1).tolist()
+        need_lp = any(s.params.logprobs is not None for s in seqs)
+        logp = torch.log_softmax(logits, dim=-1) if need_lp else None
+        n = 0
+        for i, s in enumerate(seqs):
+            if s.cancelled:
+                s.done = True
+                s.sink(StepEvent("", [], [], finish_reason="cancelled"))
+                continue
+            p = s.params
+            tid = greedy[i] if p.temperature == 0 else self._sample(logits[i], p, s)
+            n += 1
+            s.out_ids.append(tid)
+            lps = [self._logprob_entry(logp[i], tid, p.logprobs)] if p.logprobs is not None else []
+            finish = None
+            if tid in self.stop_token_ids and not p.ignore_eos:
+                finish = "stop"
+            else:
+                self._detok(s)
+                if p.stop:
+                    cut = find_stop(s.text, list(p.stop), start=s.emitted)
+                    if cut >= 0:
+                        s.text = s.text[:cut]
+                        finish = "stop"
+            if finish is None and len(s.out_ids) >= p.max_tokens:
+                finish = "length"
+            if finish is None:
+                safe = len(s.text) - (stop_holdback(s.text, list(p.stop)) if p.stop else 0)
+            else:
+                safe = len(s.text)
+            delta = s.text[s.emitted:safe] if safe > s.emitted else ""
+            s.emitted = max(s.emitted, safe)
+            ev = StepEvent(delta, [tid], lps, finish_reason=finish, first=s.first)
+            if s.first:
+                ev.prompt_logprobs = s.prompt_lp
+                s.first = False
+            s.done = finish is not None
+            s.sink(ev)
+        return n
+
+    def _detok(self, s: _Seq) -> None:
+        """Incremental detokenisation (decode a short window, not the whole sequence, every step)."""
+        ids = s.out_ids
+        prefix = self.tokenizer.decode(ids[s.prefix_offset:s.read_offset], skip_special_tokens=True)
+        new = self.tokenizer.decode(ids[s.prefix_offset:], skip_special_tokens=True)
+        if len(new) > len(prefix) and not new.endswith("\ufffd"):
+            s.text += new[len(prefix):]
+            s.prefix_offset, s.read_offset = s.read_offset, len(ids)
+
+    def _sample(self, logits_row, p: SamplingParams, s: _Seq) -> int:
+        torch = self._torch
+        if s.generator is None:
+            s.generator = torch.Generator(device=logits_row.device)
+            s.generator.manual_seed(p.seed if p.seed is not None else self._rng.getrandbits(63))
+        x = logits_row / p.temperature
+        if p.top_k > 0 and p.top_k < x.shape[-1]:
+            kth = x.topk(p.top_k).values[-1]
+            x = x.masked_fill(x < kth, float("-inf"))
+        if p.top_p < 1.0:
+            sorted_x, order = x.sort(descending=True)
+            probs = sorted_x.softmax(-1)
+            cum = probs.cumsum(-1)
+            drop = cum - probs > p.top_p  # keep the smallest prefix whose mass reaches top_p
+            sorted_x = sorted_x.masked_fill(drop, float("-inf"))
+            x = torch.full_like(x, float("-inf")).scatter(0, order, sorted_x)
+        probs = x.softmax(-1)
+        return int(torch.multinomial(probs, 1, generator=s.generator))
+
+
+def make_engine(
+    model_path: str, *, backend: str = "hf", device: str = "auto", dtype: str = "auto",
+    torch_threads: int | None = None, max_batch_size: int = 16, batch_wait_timeout_s: float = 0.005,
+    max_queue: int = 64, max_model_len: int | None = None, seed: int = 0,
+    on_batch: Callable[[int, int, float], None] | None = None,
+) -> Any:
+    """The engine for ``backend``: ``hf``, ``vllm`` (fails clearly without vLLM), or ``auto``."""
+    if backend in ("vllm", "auto"):
+        from r1ray.serve.vllm_engine import VLLMEngine, vllm_available
+
+        ok, why = vllm_available()
+        if ok:
+            return VLLMEngine(model_path, max_batch_size=max_batch_size, max_queue=max_queue,
+                              max_model_len=max_model_len, dtype=dtype)
+        if backend == "vllm":
+            raise RuntimeError(f"engine.backend=vllm but {why}; install the 'gpu' extra on a CUDA machine "
+                               "or set engine.backend=hf")
+        log.info("vLLM engine skipped (%s): using the HF engine", why)
+    return HFEngine.from_dir(
+        model_path, device=device, dtype=dtype, torch_threads=torch_threads, max_batch_size=max_batch_size,
+        batch_wait_timeout_s=batch_wait_timeout_s, max_queue=max_queue, max_model_len=max_model_len, seed=seed,
+        on_batch=on_batch,
+    )

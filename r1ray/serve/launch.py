@@ -1,0 +1,76 @@
+"""What ``jobs/serve.py`` runs: find (or train) the model, start Serve, deploy the app, announce the URL."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from r1ray.observe.log import get_logger
+from r1ray.serve.config import ServeConfig
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class ServeInfo:
+    url: str
+    model_name: str
+    model_path: str
+    curl: str
+
+
+def curl_example(url: str, model_name: str, api_key_env: str | None, auth: bool) -> str:
+    header = f' \\\n  -H "Authorization: Bearer ${api_key_env or "R1RAY_API_KEY"}"' if auth else ""
+    body = (f'{{"model": "{model_name}", "messages": [{{"role": "user", "content": "What is 2 + 3?"}}], "max_tokens": 64}}')
+    return f"curl {url}/v1/chat/completions \\\n  -H 'Content-Type: application/json'{header} \\\n  -d '{body}'"
+
+
+def deploy(cfg: ServeConfig, *, train_if_missing: bool | None = None) -> ServeInfo:
+    """Start Serve's proxy on ``cfg.http`` in the current Ray and deploy the app; returns once it is ready."""
+    from pathlib import Path
+
+    from ray import serve
+
+    from r1ray.serve.app import build_app, resolve_model_path
+
+    train = cfg.train_if_missing if train_if_missing is None else train_if_missing
+    model_path = resolve_model_path(cfg, train_if_missing=train)
+    cfg = cfg.model_copy(update={"model_path": model_path})
+    serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
+    t0 = time.perf_counter()
+    serve.run(build_app(cfg), name=cfg.app_name, route_prefix=cfg.http.route_prefix, blocking=False)
+    log.info("Serve app %r ready in %.1f s", cfg.app_name, time.perf_counter() - t0)
+    host = "127.0.0.1" if cfg.http.host in ("0.0.0.0", "::") else cfg.http.host
+    prefix = cfg.http.route_prefix.rstrip("/")
+    url = f"http://{host}:{cfg.http.port}{prefix}"
+    name = cfg.model_name or Path(model_path).name
+    return ServeInfo(url=url, model_name=name, model_path=model_path,
+                     curl=curl_example(url, name, cfg.auth.api_key_env, cfg.auth.resolve() is not None))
+
+
+def run(cfg: ServeConfig, announce: Callable[[ServeInfo], None] | None = None) -> ServeInfo:
+    """Deploy (training the default run first if needed) and, when ``cfg.blocking``, serve until Ctrl-C."""
+    from r1ray.runtime import ray_session
+
+    if cfg.model_path is None and cfg.train_if_missing:
+        # Train (in its own Ray session) before Serve starts, so the two never compete for the CPUs.
+        from r1ray.serve.app import resolve_model_path
+
+        cfg = cfg.model_copy(update={"model_path": resolve_model_path(cfg, train_if_missing=True)})
+    with ray_session(cfg.ray) as rt:
+        info = deploy(cfg)
+        if announce is not None:
+            announce(info)
+        if cfg.blocking and not rt.reused:
+            from ray import serve
+
+            try:
+                while True:
+                    time.sleep(3600)
+            except KeyboardInterrupt:
+                log.info("shutting down Serve")
+            finally:
+                if rt.embedded:
+                    serve.shutdown()
+        return info
