@@ -1,0 +1,184 @@
+"""Typed configs of the training stages (import-light: pydantic only, so a typo fails in well under 2 s).
+
+``TrainLoopConfig``, ``CheckpointConfig`` and ``FaultConfig`` are shared by every training stage (pretrain
+now; SFT, GRPO and distillation later); ``PretrainConfig`` composes them with the shared sub-configs of
+``r1ray.config`` and the model config of ``r1ray.model``.
+
+Batch sizes: ``global_batch_size`` samples make one optimizer step, whatever the number of workers;
+each worker runs ``micro_batch_size`` samples per forward/backward, and the gradient accumulation is
+derived as ``global_batch_size / (micro_batch_size * world_size)``. So an elastic run that resumes on
+another number of workers keeps the same optimisation (same samples per step, same learning-rate
+schedule); the config is rejected up front if that division is not exact for every world size in
+``scaling.num_workers``.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field, model_validator
+
+from r1ray.config import (
+    DeepSpeedConfig,
+    LoggingConfig,
+    OptimConfig,
+    R1Config,
+    RayConfig,
+    ScalingConfig,
+    StorageConfig,
+)
+from r1ray.model.build import ModelConfig
+
+
+class TrainLoopConfig(R1Config):
+    """The shared per-worker training loop: steps, batches, evaluation cadence, failure handling."""
+
+    max_steps: int = Field(default=200, ge=1)
+    """Optimizer steps to train for (the run ends after this many; a resumed run continues to it)."""
+    global_batch_size: int = Field(default=16, ge=1)
+    """Samples per optimizer step across all workers (constant when the worker count changes)."""
+    micro_batch_size: int = Field(default=8, ge=1)
+    """Samples per forward/backward on one worker; gradient accumulation = global / (micro x workers)."""
+    eval_every: int = Field(default=50, ge=0)
+    """Evaluate on the validation split every this many steps (and at the end); 0: only at the end."""
+    eval_samples: int = Field(default=256, ge=1)
+    """Validation samples per evaluation (the first ones of the validation split, capped at its size)."""
+    label_smoothing: float = Field(default=0.0, ge=0, lt=1)
+    """Label smoothing of the cross-entropy loss."""
+    max_nonfinite_in_row: int = Field(default=5, ge=1)
+    """A step with a non-finite loss or gradient is skipped and counted; this many in a row stops the run
+    with an error naming the step and the last good checkpoint."""
+    log_every: int = Field(default=10, ge=1)
+    """Report metrics (Ray Train, Prometheus, W&B, driver progress) every this many steps."""
+    torch_threads: int | None = Field(default=None, ge=1)
+    """Intra-op threads of each CPU worker. Unset: the worker's reserved CPUs (``scaling.cpus_per_worker``)."""
+    max_failures: int = Field(default=3, ge=-1)
+    """Worker-group restarts Ray Train makes from the newest checkpoint before giving up (-1: unlimited)."""
+    elastic_resize_interval_s: float = Field(default=60.0, ge=0)
+    """Elastic runs: how often a healthy, smaller-than-max group checks whether it can grow back."""
+
+
+class CheckpointConfig(R1Config):
+    """Checkpoints: DeepSpeed state + trainer state + a Hugging Face safetensors export, each one atomic."""
+
+    every: int = Field(default=50, ge=0)
+    """Checkpoint every this many optimizer steps (and always at the end); 0: only at the end."""
+    keep: int = Field(default=3, ge=1)
+    """Checkpoints kept in the run directory (oldest deleted first)."""
+    resume_from: str | None = None
+    """An explicit checkpoint directory to start from. A run restarted under the same ``run_name`` resumes
+    from its own newest checkpoint by itself, which takes precedence over this."""
+    export_hf: bool = True
+    """Write a consolidated Hugging Face safetensors export (with the tokenizer) into every checkpoint."""
+
+
+class FaultConfig(R1Config):
+    """Fault injection for tests and drills (each fires once per run, on its first attempt only)."""
+
+    kill_at_step: int | None = Field(default=None, ge=1)
+    """SIGKILL one worker after this optimizer step (before any checkpoint of that step)."""
+    kill_rank: int = Field(default=0, ge=0)
+    """Which worker rank ``kill_at_step`` and ``kill_during_save_at_step`` kill."""
+    kill_during_save_at_step: int | None = Field(default=None, ge=1)
+    """SIGKILL one worker in the middle of writing the checkpoint of this step."""
+    sigterm_at_step: int | None = Field(default=None, ge=1)
+    """Send SIGTERM to every worker after this step, as a preemption notice would."""
+    nonfinite_at_steps: list[int] = Field(default_factory=list)
+    """Make the loss NaN on these optimizer steps (to exercise the non-finite skip)."""
+    record_samples: bool = False
+    """Append every sample index each worker trains on to ``<run_dir>/samples/`` (exactly-once checks)."""
+
+
+class PretrainDataConfig(R1Config):
+    """Which packed shards to train on."""
+
+    path: str | None = None
+    """A data artifact (``<root>/data/<name>``, written by jobs/data.py). Unset: the data stage's default
+    artifact ``<storage.root>/data/default``, prepared first if it is missing."""
+    validate_with_ray_data: bool = True
+    """Before training, scan every shard with Ray Data: row counts must match the manifest and every row
+    must hold exactly ``seq_len`` token ids in the vocabulary."""
+    cache_dir: str | None = None
+    """Node-local directory of the token cache (a memory-mapped copy of the shards for O(1) random
+    access). Unset: ``$R1RAY_CACHE`` or ``~/.cache/r1ray``."""
+
+
+class PretrainConfig(R1Config):
+    """Pretrain a causal LM on packed shards with Ray Train + DeepSpeed: elastic, fault tolerant, with
+    exactly-once data order and Hugging Face exports of every checkpoint."""
+
+    seed: int = 0
+    """Seed of the model init, the data order (a pure function of seed, epoch and sample index) and RNG."""
+    run_name: str = "default"
+    """Run directory ``<storage.root>/runs/<run_name>``; rerunning the same name resumes it."""
+    data: PretrainDataConfig = PretrainDataConfig()
+    """Training data."""
+    model: ModelConfig = ModelConfig()
+    """The network."""
+    train: TrainLoopConfig = TrainLoopConfig()
+    """The training loop."""
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    """Checkpoints and exports."""
+    optim: OptimConfig = OptimConfig()
+    """Optimizer and learning-rate schedule."""
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    """DeepSpeed engine."""
+    scaling: ScalingConfig = ScalingConfig()
+    """Training workers."""
+    faults: FaultConfig = FaultConfig()
+    """Fault injection (tests and drills)."""
+    ray: RayConfig = RayConfig()
+    """Ray."""
+    storage: StorageConfig = StorageConfig()
+    """Artifact storage."""
+    logging: LoggingConfig = LoggingConfig()
+    """Logs and W&B."""
+
+    @model_validator(mode="after")
+    def _check(self) -> PretrainConfig:
+        problems = batch_size_problems(self.train, self.scaling)
+        if not self.run_name.strip() or "/" in self.run_name:
+            problems.append(f"run_name: must be a non-empty name without '/', got {self.run_name!r}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def run_dir(self) -> str:
+        return self.storage.uri("runs", self.run_name)
+
+
+def batch_size_problems(train: TrainLoopConfig, scaling: ScalingConfig) -> list[str]:
+    """Every world size in [min, max] workers must split ``global_batch_size`` into whole micro-batches."""
+    bad = [
+        w for w in range(scaling.min_workers, scaling.max_workers + 1)
+        if train.global_batch_size % (train.micro_batch_size * w) != 0
+    ]
+    if not bad:
+        return []
+    sizes = range(scaling.min_workers, scaling.max_workers + 1)
+    lcm = 1
+    for w in sizes:
+        lcm = lcm * w // _gcd(lcm, w)
+    step = train.micro_batch_size * lcm
+    fix = ((train.global_batch_size + step - 1) // step) * step
+    return [
+        f"train.global_batch_size={train.global_batch_size} is not a multiple of train.micro_batch_size="
+        f"{train.micro_batch_size} x workers for workers={bad} (scaling.num_workers={scaling.num_workers}); "
+        f"set train.global_batch_size to a multiple of {step} (e.g. {fix}) or change train.micro_batch_size"
+    ]
+
+
+def _gcd(a: int, b: int) -> int:
+    while b:
+        a, b = b, a % b
+    return a
+
+
+def grad_accumulation(train: TrainLoopConfig, world_size: int) -> int:
+    """Micro-batches each worker accumulates per optimizer step at ``world_size`` workers."""
+    per_step = train.micro_batch_size * world_size
+    if train.global_batch_size % per_step:
+        raise ValueError(
+            f"train.global_batch_size={train.global_batch_size} does not split over {world_size} workers x "
+            f"train.micro_batch_size={train.micro_batch_size}"
+        )
+    return train.global_batch_size // per_step

@@ -1,0 +1,106 @@
+"""The driver side every training stage shares: build and fit the ``TorchTrainer`` and show progress.
+
+``fit(stage, cfg, name=..., storage_path=...)`` runs ``r1ray.train.loop.worker_main`` on the workers with
+Ray Train's failure handling (restarts from the newest checkpoint), checkpoint retention and elastic
+scaling, and returns rank 0's result dict. A run directory that already holds checkpoints of the same
+name is resumed by Ray Train itself.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from r1ray.observe.log import get_logger
+
+log = get_logger(__name__)
+
+
+class TrainingFailed(RuntimeError):
+    """The training run failed (after Ray Train's restarts); the message names the cause."""
+
+
+def _progress_callback(level: str):
+    from ray.train.v2.api.callback import UserCallback
+
+    class ProgressCallback(UserCallback):
+        """Logs step / max_steps, loss and an ETA after each report (runs in Ray Train's controller,
+        whose output Ray forwards to the driver)."""
+
+        def __init__(self) -> None:
+            self._first: tuple[float, int] | None = None
+
+        def after_report(self, run_context, metrics, checkpoint) -> None:  # noqa: ARG002
+            from r1ray.observe.log import setup_logging
+
+            setup_logging(level)
+            if not metrics:
+                return
+            m = metrics[0]
+            step, total = int(m.get("step", 0)), int(m.get("max_steps", 0))
+            now = time.time()
+            if self._first is None or step < self._first[1]:
+                self._first = (now, step)
+            t0, s0 = self._first
+            eta = "?"
+            if step > s0 and total:
+                secs = (now - t0) / (step - s0) * (total - step)
+                eta = f"{int(secs // 60)}m{int(secs % 60):02d}s"
+            parts = [f"step {step}/{total}", f"workers {m.get('workers')}"]
+            for key in ("train_loss", "val_loss", "lr", "tokens_per_second"):
+                if m.get(key) is not None:
+                    parts.append(f"{key} {m[key]:.4g}")
+            parts.append(f"ETA {eta}")
+            if checkpoint is not None:
+                parts.append(f"checkpoint {checkpoint.path}")
+            log.info(" | ".join(parts))
+
+    return ProgressCallback()
+
+
+def fit(stage: str, cfg: Any, *, name: str, storage_path: str, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
+    """Fit ``stage`` (``module:StageClass``) with config ``cfg``; returns rank 0's result dict."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from r1ray.artifacts import join
+    from r1ray.train.loop import NonFiniteLossError
+
+    sc = cfg.scaling
+    resources = {"CPU": sc.cpus_per_worker, **sc.resources_per_worker}
+    if sc.use_gpu:
+        resources["GPU"] = 1
+    scaling = ray.train.ScalingConfig(
+        num_workers=sc.num_workers if isinstance(sc.num_workers, int) else tuple(sc.num_workers),
+        use_gpu=sc.use_gpu, resources_per_worker=resources,
+        elastic_resize_monitor_interval_s=cfg.train.elastic_resize_interval_s,
+    )
+    run_config = ray.train.RunConfig(
+        name=name,
+        storage_path=storage_path,
+        failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
+        callbacks=[_progress_callback(cfg.logging.level), *callbacks],
+    )
+    payload = {"stage": stage, "config": cfg.model_dump(mode="json"), "run_dir": join(storage_path, name)}
+    trainer = TorchTrainer(
+        _worker_main, train_loop_config=payload,
+        scaling_config=scaling, run_config=run_config,
+    )
+    log.info("training %s: %s workers, run directory %s", name, sc.num_workers, payload["run_dir"])
+    result = trainer.fit()
+    if result.error is not None:
+        raise TrainingFailed(f"training run {name} failed: {result.error}") from result.error
+    out = result.return_value
+    if not isinstance(out, dict):
+        raise TrainingFailed(f"training run {name} returned no result (got {out!r})")
+    if out.get("status") == "nonfinite":
+        raise NonFiniteLossError(out["error"])
+    return out
+
+
+def _worker_main(payload: dict[str, Any]) -> dict[str, Any]:
+    from r1ray.train.loop import worker_main
+
+    return worker_main(payload)
