@@ -152,12 +152,24 @@ def test_installs_this_checkout_at_the_repo_version_with_gpu_extras_on_workers(r
     assert 'pip install -q -e "/home/ray/r1ray[' in setup
     versions = set(re.findall(r"r1ray\.__version__ == '([^']+)'", setup))
     assert versions == {r1ray.__version__}, f"aws.yaml checks r1ray {versions}, the repo is {r1ray.__version__}"
-    workers = "\n".join(prepared["worker_setup_commands"])
-    assert re.search(r'pip install -q -e "/home/ray/r1ray\[[^\]]*\bgpu\b', workers)
     head = "\n".join(prepared["head_setup_commands"])
     assert "[gpu" not in head, "the head has no GPU: no vLLM/CUDA extras there"
     extras = _pyproject_extras()
-    for group in re.findall(r"r1ray\[([^\]]+)\]", setup + workers):
+    all_commands = setup
+    for name, nt in prepared["available_node_types"].items():
+        if name == prepared["head_node_type"]:
+            continue
+        # What Ray's autoscaler runs on this worker type: its own list if it has one, else the global one
+        # (already merged with setup_commands by prepare_config); the same for the docker image.
+        cmds = "\n".join(nt.get("worker_setup_commands", prepared["worker_setup_commands"]))
+        image = {**prepared["docker"], **nt.get("docker", {})}["worker_image"]
+        all_commands += "\n" + cmds
+        assert set(re.findall(r"r1ray\.__version__ == '([^']+)'", cmds)) == {r1ray.__version__}, name
+        gpu = nt["resources"].get("GPU", 0) > 0
+        has_gpu_extra = bool(re.search(r'pip install -q -e "/home/ray/r1ray\[[^\]]*\bgpu\b', cmds))
+        assert has_gpu_extra == gpu, f"{name}: GPU extras iff the node has GPUs"
+        assert image.endswith("-gpu" if gpu else "-cpu"), f"{name}: {image}"
+    for group in re.findall(r"r1ray\[([^\]]+)\]", all_commands):
         for extra in group.split(","):
             assert extra in extras, f"setup installs unknown extra {extra!r}; pyproject has {sorted(extras)}"
 
@@ -176,6 +188,7 @@ def test_docker_images_run_a_ray_version_that_pyproject_allows(raw):
     (ray_dep,) = [d for d in deps if d.startswith("ray[")]
     spec = SpecifierSet(ray_dep.split("]", 1)[1])
     images = {raw["docker"][k] for k in ("image", "head_image", "worker_image")}
+    images |= {nt["docker"]["worker_image"] for nt in raw["available_node_types"].values() if "docker" in nt}
     for image in images:
         m = re.fullmatch(r"rayproject/ray:(\d+\.\d+\.\d+)-py(\d)(\d+)-(cpu|gpu)", image)
         assert m, image
