@@ -159,7 +159,8 @@ def render(board: Board) -> dict:
         "label": "Prometheus",
         "type": "datasource",
         "query": "prometheus",
-        "current": {},
+        # Grafana's import dialog fills ${DS_PROMETHEUS} (declared in __inputs) with the chosen data source.
+        "current": {"selected": False, "text": "Prometheus", "value": "${DS_PROMETHEUS}"},
         "hide": 0,
         "includeAll": False,
         "multi": False,
