@@ -15,8 +15,9 @@ class SearchConfig(R1Config):
     algorithm: Literal["random", "grid", "optuna"] = "random"
     """``random`` samples each domain; ``grid`` needs only grid()/choice() domains and tries every
     combination; ``optuna`` uses Optuna's TPE (needs ``pip install optuna``)."""
-    num_samples: int = Field(default=6, ge=1)
-    """Trials to run (with ``grid``: repetitions of the whole grid)."""
+    num_samples: int | None = Field(default=None, ge=1)
+    """Trials to run; with ``grid``, repetitions of the whole grid. Unset: 1 with ``grid`` (each
+    combination once), 6 otherwise."""
     max_concurrent_trials: int = Field(default=2, ge=1)
     """Trials running at once; each holds its training workers, so size this to the cluster."""
     metric: str = "val_loss"
@@ -51,8 +52,20 @@ class TuneConfig(R1Config):
     """Training stage to tune (its config class validates ``base`` and ``space``)."""
     stage_config: list[str] = Field(default_factory=list)
     """YAML files of the stage's config that every trial starts from (e.g. configs/pretrain/debug.yaml)."""
-    base: dict[str, Any] = Field(default_factory=dict)
-    """Dotted overrides applied to every trial's stage config before the sampled values."""
+    base: dict[str, Any] = Field(
+        default_factory=lambda: {
+            "train.max_steps": 60,
+            "train.eval_every": 15,
+            "train.eval_samples": 64,
+            "train.log_every": 15,
+            "checkpoint.every": 30,
+            "checkpoint.keep": 1,
+            "scaling.num_workers": 1,
+            "deepspeed.zero_stage": 1,
+        }
+    )
+    """Dotted overrides applied to every trial's stage config before the sampled values. The default sizes
+    trials for a few-minute study on 2 CPUs (one worker each, 60 steps, an evaluation every 15)."""
     space: dict[str, str] = Field(
         default_factory=lambda: {
             "optim.lr": "loguniform(3e-4, 3e-2)",
@@ -80,13 +93,12 @@ class TuneConfig(R1Config):
 
     @model_validator(mode="after")
     def _check_space(self) -> TuneConfig:
-        from r1ray.tune.stages import get_stage
+        from r1ray.config import set_dotted
         from r1ray.tune.space import parse_space
+        from r1ray.tune.stages import get_stage
 
         stage = get_stage(self.stage)  # raises naming the valid stages
-        base = {}
-        from r1ray.config import set_dotted
-
+        base: dict = {}
         for k, v in self.base.items():
             set_dotted(base, k, v)
         parse_space(self.space, stage.config_class(), base=base, base_files=self.stage_config)

@@ -22,7 +22,7 @@ class StageEntry:
     """``module:Class`` of the stage's config (import-light)."""
     run: str
     """``module:function`` that trains one run: ``run(cfg, *, callbacks=...) -> result`` with
-    ``final_val_loss``, ``export_path`` and ``checkpoint_path``."""
+    ``status``, ``val_loss``, ``train_loss``, ``export_path`` and ``checkpoint``."""
     prepare: str | None = None
     """``module:function(cfg)`` run once by the study driver before any trial (shared inputs)."""
 

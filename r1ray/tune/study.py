@@ -80,6 +80,11 @@ def _trial(params: dict[str, Any], spec: dict[str, Any]) -> None:
     from r1ray.observe.log import setup_logging
 
     setup_logging(spec["log_level"])
+    # Tune starts trials in their own trial directory; relative paths in configs (storage.root,
+    # data.path, YAML files) mean what they meant where the study was launched.
+    os.chdir(spec["cwd"])
+    # Trials start worker groups while other trials load the CPUs: give them longer than Train's 60 s.
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
     ctx = tune.get_context()
     trial_id = ctx.get_trial_id()
     trial_dir = ctx.get_trial_dir()
@@ -92,24 +97,35 @@ def _trial(params: dict[str, Any], spec: dict[str, Any]) -> None:
     if spec["pbt_interval"]:
         _pbt_segments(params, spec, run_fn, run_name)
         return
+    cfg = _stage_config(spec, params, {"run_name": run_name})
+    result = run_fn(cfg, callbacks=[_metric_report_callback(spec["metric"])])
+    if getattr(result, "status", "completed") != "completed":
+        raise RuntimeError(f"trial {trial_id}: training ended {result.status!r}, not completed")
+    tune.report(_final_metrics(result))
+
+
+def _metric_report_callback(metric: str) -> Any:
+    """Tune's TuneReportCallback, forwarding only the reports that carry ``metric`` (the evaluations):
+    Tune rejects results without the study's metric, and ASHA's rungs then count evaluations."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    cfg = _stage_config(spec, params, {"run_name": run_name})
-    result = run_fn(cfg, callbacks=[TuneReportCallback()])
-    tune.report(_final_metrics(result, spec["metric"]))
+    class _EvalReports(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            if metrics and metric in metrics[0]:
+                super().after_report(run_context, metrics, checkpoint)
+
+    return _EvalReports()
 
 
-def _final_metrics(result: Any, metric: str) -> dict[str, Any]:
-    out = {"done": 1.0}
-    for key in ("final_val_loss", "final_loss", "steps", "samples_consumed"):
+def _final_metrics(result: Any) -> dict[str, Any]:
+    """A finished run's numbers, in the keys the stage reports during training."""
+    out: dict[str, Any] = {"done": 1.0}
+    for key in ("val_loss", "train_loss", "val_perplexity", "steps", "samples_consumed", "unigram_val_loss"):
         value = getattr(result, key, None)
         if value is not None:
             out[key] = value
-    if metric not in out and getattr(result, "final_val_loss", None) is not None and metric == "val_loss":
-        out["val_loss"] = result.final_val_loss
-    export = getattr(result, "export_path", None)
-    if export:
-        out["export_path"] = str(export)
+    if getattr(result, "export_path", None):
+        out["export_path"] = str(result.export_path)
     return out
 
 
@@ -133,10 +149,12 @@ def _pbt_segments(params: dict[str, Any], spec: dict[str, Any], run_fn: Any, run
             extra["checkpoint.resume_from"] = resume_dir
         cfg = _stage_config(spec, params, extra)
         result = run_fn(cfg)
+        if result.checkpoint is None:
+            raise RuntimeError(f"PBT segment ending at step {stop} produced no checkpoint")
         out = os.path.join(workdir, f"seg{segment}")
-        shutil.copytree(result.checkpoint_path, out)
+        shutil.copytree(result.checkpoint, out)
         Path(out, "r1ray_pbt.json").write_text(json.dumps({"step": stop, "params": params}, default=str))
-        metrics = _final_metrics(result, spec["metric"])
+        metrics = _final_metrics(result)
         metrics["step"] = stop
         if stop < total:
             metrics.pop("done", None)
@@ -214,6 +232,7 @@ def run(cfg: TuneConfig) -> StudyResult:
         "log_level": cfg.logging.level,
         "pbt_interval": cfg.scheduler.perturbation_interval if cfg.scheduler.name == "pbt" else 0,
         "max_steps": max_steps,
+        "cwd": os.getcwd(),
     }
     default_point = _default_point(base_cfg, domains)
     points = [default_point] if cfg.search.algorithm != "grid" else []
@@ -236,7 +255,7 @@ def run(cfg: TuneConfig) -> StudyResult:
                     mode=cfg.search.mode,
                     search_alg=_searcher(cfg, points),
                     scheduler=_scheduler(cfg, domains, eval_reports),
-                    num_samples=cfg.search.num_samples,
+                    num_samples=cfg.search.num_samples or (1 if cfg.search.algorithm == "grid" else 6),
                     max_concurrent_trials=cfg.search.max_concurrent_trials,
                     reuse_actors=False,
                 ),
