@@ -79,6 +79,24 @@ def _sse(obj: Any) -> bytes:
     return f"data: {data}\n\n".encode()
 
 
+def _coalesce(items: list[tuple[int, Any]]) -> list[tuple[int, Any]]:
+    """Merge consecutive events of the same sequence (text, tokens, logprobs); errors pass through as they are."""
+    out: list[tuple[int, Any]] = []
+    pos: dict[int, int] = {}
+    for i, ev in items:
+        j = pos.get(i)
+        if isinstance(ev, BaseException) or j is None or isinstance(out[j][1], BaseException) \
+                or out[j][1].finish_reason is not None:
+            pos[i] = len(out)
+            out.append((i, ev))
+            continue
+        prev = out[j][1]
+        out[j] = (i, StepEvent(prev.text + ev.text, prev.token_ids + ev.token_ids, prev.logprobs + ev.logprobs,
+                               finish_reason=ev.finish_reason, prompt_logprobs=prev.prompt_logprobs,
+                               first=prev.first))
+    return out
+
+
 fastapi_app = FastAPI(title="r1ray", description="OpenAI-compatible API over r1ray models", docs_url=None,
                       redoc_url=None)
 
@@ -234,18 +252,21 @@ class OpenAIServer:
         try:
             left = len(jobs)
             while left:
-                i, ev = await q.get()
-                if isinstance(ev, BaseException):
-                    if isinstance(ev, EngineFullError):
-                        raise self._busy(ev)
-                    if isinstance(ev, ValueError):
-                        raise APIError(400, str(ev))
-                    raise ev
-                if ev.finish_reason == "error":
-                    raise RuntimeError("the engine failed on this batch (see the replica log)")
-                yield i, ev
-                if ev.finish_reason is not None:
-                    left -= 1
+                items = [await q.get()]
+                while not q.empty():  # the client fell behind: send what is ready as one event per sequence
+                    items.append(q.get_nowait())
+                for i, ev in _coalesce(items):
+                    if isinstance(ev, BaseException):
+                        if isinstance(ev, EngineFullError):
+                            raise self._busy(ev)
+                        if isinstance(ev, ValueError):
+                            raise APIError(400, str(ev))
+                        raise ev
+                    if ev.finish_reason == "error":
+                        raise RuntimeError("the engine failed on this batch (see the replica log)")
+                    yield i, ev
+                    if ev.finish_reason is not None:
+                        left -= 1
         finally:
             for t in tasks:
                 t.cancel()

@@ -145,6 +145,8 @@ class HFEngine:
         self.device = next(model.parameters()).device
         self.max_batch_size = max_batch_size
         self.batch_wait_timeout_s = batch_wait_timeout_s
+        self.admit_wait_s = max(4 * batch_wait_timeout_s, 0.02)
+        """Longest a sequence waits to join a running batch while fewer than half a batch are waiting."""
         self.max_queue = max_queue
         ctx = getattr(model.config, "max_position_embeddings", None) or 2048
         self.max_model_len = min(max_model_len, ctx) if max_model_len else ctx
@@ -359,6 +361,8 @@ class HFEngine:
                     new.append(self._inbox.get(timeout=left))
                 except queue.Empty:
                     break
+        elif not self._should_admit(len(active), room):
+            return new
         while len(new) < room:
             try:
                 new.append(self._inbox.get_nowait())
@@ -375,6 +379,17 @@ class HFEngine:
             else:
                 live.append(s)
         return live
+
+    def _should_admit(self, n_active: int, room: int) -> bool:
+        """Join a running batch in groups: each admission costs a prefill step that pauses every running
+        sequence, so wait until a few are waiting (half the batch, or the room left), or the oldest has
+        waited ``admit_wait_s``."""
+        try:
+            oldest = self._inbox.queue[0]
+        except IndexError:
+            return False
+        waiting = self._inbox.qsize()
+        return waiting >= min(room, max(1, n_active // 2)) or time.perf_counter() - oldest.t_submit >= self.admit_wait_s
 
     def _prefill(self, seqs: list[_Seq]):
         torch = self._torch
