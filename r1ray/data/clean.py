@@ -20,7 +20,8 @@ EDIT_NAMES = {EDIT_UNICODE: "unicode", EDIT_CONTROL: "control_chars", EDIT_WHITE
 # C0/C1 controls except tab and newline, zero-width and BOM characters, and lone surrogates (from JSON
 # escapes such as "\\ud800", which no UTF-8 encoder accepts).
 _CONTROL_RE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200d\u2060\ufeff\ud800-\udfff]")
-_SPACES_RE = re.compile(r"[ \t\u00a0\u2000-\u200a\u3000]+")
+# Only what must change: a run of 2+ blanks, or one blank that is not a plain space.
+_SPACES_RE = re.compile(r"[ \t\u00a0\u2000-\u200a\u3000]{2,}|[\t\u00a0\u2000-\u200a\u3000]")
 _TRAILING_RE = re.compile(r"[ \t]+\n")
 _MANY_NEWLINES_RE = re.compile(r"\n{3,}")
 
@@ -28,20 +29,18 @@ _MANY_NEWLINES_RE = re.compile(r"\n{3,}")
 def normalize(text: str, *, unicode_form: str = "NFC", collapse_whitespace: bool = True) -> tuple[str, int]:
     """Return ``(clean_text, edit_flags)``: Unicode form, control characters, line endings, whitespace."""
     flags = 0
-    if unicode_form != "none":
+    if unicode_form != "none" and not text.isascii():  # ASCII is already in every normal form
         t = unicodedata.normalize(unicode_form, text)
         if t != text:
             flags |= EDIT_UNICODE
         text = t
-    t = text.replace("\r\n", "\n").replace("\r", "\n")
-    t = _CONTROL_RE.sub("", t)
+    t = text.replace("\r\n", "\n").replace("\r", "\n") if "\r" in text else text
+    if _CONTROL_RE.search(t):
+        t = _CONTROL_RE.sub("", t)
     if t != text:
         flags |= EDIT_CONTROL
     text = t
-    if collapse_whitespace:
-        t = _SPACES_RE.sub(" ", text)
-    else:
-        t = text
+    t = _SPACES_RE.sub(" ", text) if collapse_whitespace else text
     t = _TRAILING_RE.sub("\n", t)
     t = _MANY_NEWLINES_RE.sub("\n\n", t).strip()
     if t != text:

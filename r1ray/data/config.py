@@ -181,7 +181,7 @@ class PackConfig(R1Config):
     """Tokens per packed row (documents joined with EOS, then cut)."""
     validation_fraction: float = Field(default=0.02, ge=0, lt=1)
     """Share of documents (chosen by a hash of their id and the seed) that go to the validation split."""
-    max_shard_bytes: int = Field(default=64 << 20, ge=1024)
+    max_shard_bytes: int = Field(default=32 << 20, ge=1024)
     """Upper bound of one shard's raw token bytes (rows x seq_len x 4)."""
 
 

@@ -50,7 +50,9 @@ from r1ray.observe.metrics import record
 log = get_logger(__name__)
 
 STATUS_OK, STATUS_REJECTED, STATUS_FILTERED, STATUS_FILE = "ok", "rejected", "filtered", "file"
-_STAGE_ROWS = 4096  # staged file size in documents: also the unit of tokenizing work
+# A staged file holds at most this many documents or bytes of text: the unit of tokenizing work, and a
+# bound on what the driver buffers.
+_STAGE_ROWS, _STAGE_BYTES = 4096, 16 << 20
 
 CLEAN_SCHEMA = pa.schema([
     ("source", pa.int32()), ("file", pa.int32()), ("pos", pa.int64()), ("part", pa.int32()),
@@ -176,8 +178,8 @@ def _clean_file(batch: dict, *, cfg_json: str, eval_ref: Any) -> Any:
                             add(rec.pos, part_idx, STATUS_FILTERED, reason, edits=edits)
                             continue
                     piece, pii = C.scrub_pii(piece, clean_cfg.pii)
-                    wh = D.word_hashes(piece)
-                    if contaminated(wh, eval_set, cfg.decontam.ngram):
+                    wh = D.word_hashes(piece) if (dd.near or len(eval_set)) else None
+                    if wh is not None and contaminated(wh, eval_set, cfg.decontam.ngram):
                         add(rec.pos, part_idx, STATUS_FILTERED, "decontaminated", edits=edits, pii=pii)
                         continue
                     sh = np.unique(D.ngram_hashes(wh, dd.shingle_size)) if dd.near else None
@@ -239,13 +241,14 @@ class _Staging:
         self.work = work
         self.files: list[tuple[str, int]] = []  # (uri, rows)
         self._tables: list[pa.Table] = []
-        self._rows = 0
+        self._rows = self._bytes = 0
 
     def add(self, table: pa.Table) -> None:
         if table.num_rows:
             self._tables.append(table)
             self._rows += table.num_rows
-            if self._rows >= _STAGE_ROWS:
+            self._bytes += table.nbytes
+            if self._rows >= _STAGE_ROWS or self._bytes >= _STAGE_BYTES:
                 self.flush()
 
     def flush(self) -> None:
@@ -256,7 +259,7 @@ class _Staging:
         pq.write_table(pa.concat_tables(self._tables), sink, compression="zstd")
         write_bytes_atomic(uri, sink.getvalue().to_pybytes())
         self.files.append((uri, self._rows))
-        self._tables, self._rows = [], 0
+        self._tables, self._rows, self._bytes = [], 0, 0
 
 
 class _Rejects:
