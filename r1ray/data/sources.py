@@ -200,10 +200,47 @@ def _open_stream(path: str, stats: ReadStats):
     if low.endswith(".gz"):
         return gzip.GzipFile(fileobj=raw, mode="rb")
     if low.endswith((".zst", ".zstd")):
+        return io.BufferedReader(_ZstdReader(raw), buffer_size=1 << 20)
+    return raw
+
+
+class _ZstdReader(io.RawIOBase):
+    """Streaming zstd (multi-frame) that raises EOFError when the input ends inside a frame.
+
+    ``zstandard``'s own stream reader just stops at a cut, which would silently lose the rest of the file.
+    """
+
+    def __init__(self, raw):
         import zstandard
 
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True))
-    return raw
+        self._zstd, self._raw = zstandard, raw
+        self._d = zstandard.ZstdDecompressor().decompressobj()
+        self._pending = b""
+        self._in_frame = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        while not self._pending:
+            chunk = self._raw.read(1 << 16)
+            if not chunk:
+                if self._in_frame:
+                    raise EOFError("zstd stream ended inside a frame (truncated file)")
+                return 0
+            while chunk:
+                self._in_frame = True
+                self._pending += self._d.decompress(chunk)
+                if self._d.eof:
+                    chunk = self._d.unused_data
+                    self._d = self._zstd.ZstdDecompressor().decompressobj()
+                    self._in_frame = False
+                else:
+                    chunk = b""
+        n = min(len(b), len(self._pending))
+        b[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        return n
 
 
 def _lines(f, max_line_bytes: int) -> Iterator[tuple[int, bytes | None]]:

@@ -1,0 +1,85 @@
+"""Source readers: every format, and bad input turned into reject records (never an exception)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pyarrow as pa
+import zstandard
+
+from r1ray.data.config import SourceConfig
+from r1ray.data.sources import ReadStats, plan, read_records
+
+
+def _read(src: SourceConfig, max_line_bytes: int = 1 << 20):
+    tasks, problems = plan([src])
+    assert not problems
+    out = []
+    for t in tasks:
+        out.extend((t.path.rsplit("/", 1)[-1], r.pos, r.text, r.reason) for r in
+                   read_records(t, src, max_line_bytes, 0, ReadStats()))
+    return out
+
+
+def test_truncated_zstd_keeps_what_was_read_then_rejects(tmp_path):
+    import random
+
+    r = random.Random(0)
+    body = b"\n".join(json.dumps({"text": f"doc {i} " + " ".join(str(r.random()) for _ in range(40))}).encode()
+                      for i in range(2000)) + b"\n"
+    data = zstandard.ZstdCompressor().compress(body)
+    (tmp_path / "a.jsonl.zst").write_bytes(data[: len(data) // 2])
+    recs = _read(SourceConfig(name="z", path=str(tmp_path), format="jsonl"))
+    good = [r for r in recs if r[3] is None]
+    assert recs[-1][3] == "truncated_stream"
+    assert [r[1] for r in good] == list(range(len(good))) and 0 < len(good) < 2000
+    assert all(r[2].startswith(f"doc {r[1]} ") for r in good)
+
+
+def test_gzip_lines_and_text_units(tmp_path):
+    (tmp_path / "x.txt.gz").write_bytes(gzip.compress(b"first line\n\nsecond line\n\xff\xfe\nlast"))
+    recs = _read(SourceConfig(name="t", path=str(tmp_path / "*.gz"), format="text", text_unit="line"))
+    assert [(p, t, r) for _, p, t, r in recs] == [
+        (0, "first line", None), (2, "second line", None), (3, None, "invalid_utf8"), (4, "last", None)]
+
+
+def test_hf_dataset_dict_reads_every_split(tmp_path):
+    for split, texts in (("train", ["a", "b"]), ("test", ["c"])):
+        d = tmp_path / "ds" / split
+        d.mkdir(parents=True)
+        table = pa.table({"content": texts})
+        with pa.OSFile(str(d / "data-00000-of-00001.arrow"), "wb") as f, pa.ipc.new_stream(f, table.schema) as w:
+            w.write_table(table)
+        (d / "state.json").write_text(json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}))
+    (tmp_path / "ds" / "dataset_dict.json").write_text(json.dumps({"splits": ["train", "test"]}))
+    recs = _read(SourceConfig(name="h", path=str(tmp_path / "ds"), format="hf_disk", text_field="content"))
+    assert [r[2] for r in recs] == ["a", "b", "c"]
+    missing = _read(SourceConfig(name="h", path=str(tmp_path / "ds"), format="hf_disk", text_field="text"))
+    assert [r[3] for r in missing] == ["missing_text_column", "missing_text_column"]
+
+
+def test_plan_orders_files_caps_bytes_and_names_missing_paths(tmp_path):
+    for name in ("b.jsonl", "a.jsonl", "c.jsonl"):
+        (tmp_path / name).write_text(json.dumps({"text": "x" * 100}) + "\n")
+    tasks, problems = plan([SourceConfig(name="s", path=str(tmp_path), max_bytes=250)])
+    assert [t.path.rsplit("/", 1)[-1] for t in tasks] == ["a.jsonl", "b.jsonl"] and not problems
+    assert all(t.format == "jsonl" for t in tasks)
+    _, problems = plan([SourceConfig(name="gone", path=str(tmp_path / "nothing"))])
+    assert problems == [f"sources[0] (gone): no files found at {str(tmp_path / 'nothing')!r}"]
+    tasks, _ = plan([SourceConfig(name="r", format="reasoning", num_docs=4500)])
+    assert [(t.start, t.count) for t in tasks] == [(0, 2000), (2000, 2000), (4000, 500)]
+    tasks, _ = plan([SourceConfig(name="py", format="python_stdlib", max_bytes=100_000)])
+    assert tasks and all(t.path.endswith(".py") and "/test/" not in t.path for t in tasks)
+
+
+def test_input_hash_is_of_the_raw_bytes(tmp_path):
+    import hashlib
+
+    raw = gzip.compress(b'{"text": "hello"}\n')
+    (tmp_path / "h.jsonl.gz").write_bytes(raw)
+    src = SourceConfig(name="s", path=str(tmp_path))
+    (task,), _ = plan([src])
+    stats = ReadStats()
+    assert [r.text for r in read_records(task, src, 1 << 20, 0, stats)] == ["hello"]
+    assert stats.sha.hexdigest() == hashlib.sha256(raw).hexdigest() and stats.bytes == len(raw)
