@@ -523,8 +523,12 @@ def resolve_model_path(cfg: ServeConfig, *, train_if_missing: bool = False) -> s
     run_dir = cfg.storage.uri("runs", cfg.run_name)
     found = newest_export(run_dir)
     if found is None and train_if_missing:
-        from r1ray.train.config import PretrainConfig
-        from r1ray.train.pretrain import run as pretrain_run
+        try:
+            from r1ray.train.config import PretrainConfig
+            from r1ray.train.pretrain import run as pretrain_run
+        except ImportError as e:
+            raise FileNotFoundError(f"no model export in {run_dir} and the pretraining stage cannot be imported "
+                                    f"({e}); set model_path to a Hugging Face model directory") from e
 
         log.info("no export in %s yet: training the default pretraining run first", run_dir)
         pcfg = PretrainConfig.model_validate({
@@ -537,6 +541,13 @@ def resolve_model_path(cfg: ServeConfig, *, train_if_missing: bool = False) -> s
         raise FileNotFoundError(f"no model export in {run_dir}: train it first (python jobs/pretrain.py) or set "
                                 "model_path to a Hugging Face model directory")
     return found
+
+
+def default_model_name(cfg: ServeConfig, model_path: str) -> str:
+    """``model_name``, else ``r1ray-<run_name>`` for a run's export, else the model directory's name."""
+    if cfg.model_name:
+        return cfg.model_name
+    return f"r1ray-{cfg.run_name}" if cfg.model_path is None else Path(model_path.rstrip("/")).name
 
 
 def deployment_options(cfg: ServeConfig) -> dict[str, Any]:
@@ -565,6 +576,7 @@ def build_app(args: dict[str, Any] | None = None, *, train_if_missing: bool = Fa
     model_path = resolve_model_path(cfg, train_if_missing=train_if_missing)
     init = cfg.model_dump(mode="json")
     init["model_path"] = model_path
+    init["model_name"] = default_model_name(cfg, model_path)
     if cfg.auth.api_key is not None:
         init["auth"]["api_key"] = cfg.auth.api_key.get_secret_value()
     return OpenAIServer.options(**deployment_options(cfg)).bind(init)

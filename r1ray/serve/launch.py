@@ -28,15 +28,13 @@ def curl_example(url: str, model_name: str, api_key_env: str | None, auth: bool)
 
 def deploy(cfg: ServeConfig, *, train_if_missing: bool | None = None) -> ServeInfo:
     """Start Serve's proxy on ``cfg.http`` in the current Ray and deploy the app; returns once it is ready."""
-    from pathlib import Path
-
     from ray import serve
 
-    from r1ray.serve.app import build_app, resolve_model_path
+    from r1ray.serve.app import build_app, default_model_name, resolve_model_path
 
     train = cfg.train_if_missing if train_if_missing is None else train_if_missing
     model_path = resolve_model_path(cfg, train_if_missing=train)
-    cfg = cfg.model_copy(update={"model_path": model_path})
+    cfg = cfg.model_copy(update={"model_path": model_path, "model_name": default_model_name(cfg, model_path)})
     serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
     t0 = time.perf_counter()
     serve.run(build_app(cfg), name=cfg.app_name, route_prefix=cfg.http.route_prefix, blocking=False)
@@ -44,7 +42,7 @@ def deploy(cfg: ServeConfig, *, train_if_missing: bool | None = None) -> ServeIn
     host = "127.0.0.1" if cfg.http.host in ("0.0.0.0", "::") else cfg.http.host
     prefix = cfg.http.route_prefix.rstrip("/")
     url = f"http://{host}:{cfg.http.port}{prefix}"
-    name = cfg.model_name or Path(model_path).name
+    name = cfg.model_name
     return ServeInfo(url=url, model_name=name, model_path=model_path,
                      curl=curl_example(url, name, cfg.auth.api_key_env, cfg.auth.resolve() is not None))
 
@@ -55,9 +53,10 @@ def run(cfg: ServeConfig, announce: Callable[[ServeInfo], None] | None = None) -
 
     if cfg.model_path is None and cfg.train_if_missing:
         # Train (in its own Ray session) before Serve starts, so the two never compete for the CPUs.
-        from r1ray.serve.app import resolve_model_path
+        from r1ray.serve.app import default_model_name, resolve_model_path
 
-        cfg = cfg.model_copy(update={"model_path": resolve_model_path(cfg, train_if_missing=True)})
+        path = resolve_model_path(cfg, train_if_missing=True)
+        cfg = cfg.model_copy(update={"model_path": path, "model_name": default_model_name(cfg, path)})
     with ray_session(cfg.ray) as rt:
         info = deploy(cfg)
         if announce is not None:

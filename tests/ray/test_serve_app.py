@@ -77,7 +77,7 @@ def server(ray_local, model_dir):
     from ray import serve
 
     from r1ray.serve.config import ServeConfig
-    from r1ray.serve.launch import deploy
+    from r1ray.serve.launch import run
 
     port = _free_port()
     cfg = ServeConfig.model_validate({
@@ -85,7 +85,9 @@ def server(ray_local, model_dir):
         "auth": {"api_key": API_KEY}, "deployment": {"num_cpus": 1},
         "engine": {"max_batch_size": 4, "batch_wait_timeout_s": 0.01}, "limits": {"max_queue": 6, "max_n": 4},
     })
-    info = deploy(cfg)
+    announced = []
+    info = run(cfg.model_copy(update={"blocking": False}), announce=announced.append)  # what jobs/serve.py runs
+    assert announced == [info]
     assert info.url == f"http://127.0.0.1:{port}" and "Authorization: Bearer" in info.curl
     yield info
     serve.shutdown()
