@@ -333,7 +333,7 @@ def pretrain_run(ray_metrics, data_artifact):
         "--config", str(ROOT / "configs" / "pretrain" / "debug.yaml"),
         f"storage.root={data_artifact['root']}", f"data.path={data_artifact['uri']}", "run_name=scrape",
         "train.max_steps=8", "train.log_every=2", "train.eval_every=4", "checkpoint.every=4",
-        "faults.nonfinite_at_steps=[3]", "data.validate_with_ray_data=false",
+        "faults.nonfinite_at_steps=[3]", "data.validate_with_ray_data=false", "logging.wandb.mode=disabled",
     ])
     t0 = time.monotonic()
     result = run(cfg)
