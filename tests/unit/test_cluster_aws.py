@@ -25,9 +25,12 @@ GPU_FAMILIES = ("g5", "g6", "p4d", "p4de", "p5", "p5e")
 WORLD = {"0.0.0.0/0", "::/0"}
 
 
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 @pytest.fixture(scope="module")
 def raw() -> dict:
-    return yaml.safe_load(AWS.read_text())
+    return yaml.load(AWS.read_text(), Loader=_LOADER)
 
 
 @pytest.fixture(scope="module")
@@ -99,9 +102,8 @@ def test_head_is_on_demand_without_gpu_and_workers_are_spot_gpu_types(raw):
     assert raw["max_workers"] <= total_max and raw["max_workers"] >= max(w["max_workers"] for w in workers.values())
 
 
-def test_gpu_counts_match_the_instance_types():
+def test_gpu_counts_match_the_instance_types(raw):
     """The GPU resources the autoscaler plans with equal the hardware (AWS instance specs)."""
-    raw = yaml.safe_load(AWS.read_text())
     gpus = {"g5.xlarge": 1, "g5.12xlarge": 4, "p4d.24xlarge": 8, "p5.48xlarge": 8}
     for name, nt in raw["available_node_types"].items():
         it = nt["node_config"]["InstanceType"]
