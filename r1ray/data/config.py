@@ -169,7 +169,8 @@ class TokenizerConfig(R1Config):
     path: str | None = None
     """Load this tokenizer directory instead of training (it must hold tokenizer.json and an EOS token)."""
     vocab_size: int = Field(default=4096, ge=300)
-    """Vocabulary size of the trained tokenizer (special and reasoning tokens included)."""
+    """Vocabulary size of the trained BPE (its special tokens included); the 4 reasoning tokens are added
+    on top, so the tokenizer holds ``vocab_size + 4`` ids."""
     sample_chars: int = Field(default=2_000_000, ge=1000)
     """Characters of kept documents (spread over the corpus deterministically) to train on."""
 
