@@ -80,9 +80,12 @@ class FaultConfig(R1Config):
     kill_during_save_at_step: int | None = Field(default=None, ge=1)
     """SIGKILL one worker in the middle of writing the checkpoint of this step."""
     sigterm_at_step: int | None = Field(default=None, ge=1)
-    """Send SIGTERM to every worker after this step, as a preemption notice would."""
+    """Send SIGTERM to the job's driver after this step, as a preemption or a cancelled job would (same
+    machine only): the workers checkpoint and stop."""
     nonfinite_at_steps: list[int] = Field(default_factory=list)
     """Make the loss NaN on these optimizer steps (to exercise the non-finite skip)."""
+    step_delay_s: float = Field(default=0.0, ge=0)
+    """Sleep this long after every step (gives a drill time to kill or add nodes mid-run)."""
     record_samples: bool = False
     """Append every sample index each worker trains on to ``<run_dir>/samples/`` (exactly-once checks)."""
 
@@ -91,7 +94,7 @@ class PretrainDataConfig(R1Config):
     """Which packed shards to train on."""
 
     path: str | None = None
-    """A data artifact (``<root>/data/<name>``, written by jobs/data.py). Unset: the data stage's default
+    """A data artifact (``<root>/data/<name>``, written by jobs/prepare_data.py). Unset: the data stage's default
     artifact ``<storage.root>/data/default``, prepared first if it is missing."""
     validate_with_ray_data: bool = True
     """Before training, scan every shard with Ray Data: row counts must match the manifest and every row
@@ -117,8 +120,9 @@ class PretrainConfig(R1Config):
     """The training loop."""
     checkpoint: CheckpointConfig = CheckpointConfig()
     """Checkpoints and exports."""
-    optim: OptimConfig = OptimConfig()
-    """Optimizer and learning-rate schedule."""
+    optim: OptimConfig = OptimConfig(lr=3e-3, warmup_steps=10)
+    """Optimizer and learning-rate schedule (pretraining's defaults: lr 3e-3, 10 warmup steps, which suit the
+    small presets; use ~6e-4 for 125m and ~3e-4 for 1b)."""
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     """DeepSpeed engine."""
     scaling: ScalingConfig = ScalingConfig()

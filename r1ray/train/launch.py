@@ -8,8 +8,11 @@ name is resumed by Ray Train itself.
 
 from __future__ import annotations
 
+import os
+import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from r1ray.observe.log import get_logger
@@ -83,13 +86,16 @@ def fit(stage: str, cfg: Any, *, name: str, storage_path: str, callbacks: Sequen
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
         callbacks=[_progress_callback(cfg.logging.level), *callbacks],
     )
-    payload = {"stage": stage, "config": cfg.model_dump(mode="json"), "run_dir": join(storage_path, name)}
+    run_dir = join(storage_path, name)
+    payload = {"stage": stage, "config": cfg.model_dump(mode="json"), "run_dir": run_dir,
+               "driver_pid": os.getpid()}
     trainer = TorchTrainer(
         _worker_main, train_loop_config=payload,
         scaling_config=scaling, run_config=run_config,
     )
-    log.info("training %s: %s workers, run directory %s", name, sc.num_workers, payload["run_dir"])
-    result = trainer.fit()
+    log.info("training %s: %s workers, run directory %s", name, sc.num_workers, run_dir)
+    with _stop_on_sigterm(run_dir):
+        result = trainer.fit()
     if result.error is not None:
         raise TrainingFailed(f"training run {name} failed: {result.error}") from result.error
     out = result.return_value
@@ -98,6 +104,36 @@ def fit(stage: str, cfg: Any, *, name: str, storage_path: str, callbacks: Sequen
     if out.get("status") == "nonfinite":
         raise NonFiniteLossError(out["error"])
     return out
+
+
+@contextmanager
+def _stop_on_sigterm(run_dir: str) -> Iterator[None]:
+    """While training: SIGTERM to this driver writes ``<run_dir>/STOP``, and the workers checkpoint and stop
+    at the next step boundary (the run returns with status ``preempted``). A stale request is cleared first."""
+    from r1ray.artifacts import exists, filesystem, join, write_bytes_atomic
+    from r1ray.train.loop import STOP_FILE
+
+    stop = join(run_dir, STOP_FILE)
+    if exists(stop):
+        fs, path = filesystem(stop)
+        fs.delete_file(path)
+
+    def on_term(signum, frame) -> None:  # noqa: ARG001
+        log.warning("SIGTERM: asking the workers to checkpoint and stop (%s)", stop)
+        write_bytes_atomic(stop, b"SIGTERM\n")
+
+    try:
+        old = signal.signal(signal.SIGTERM, on_term)
+    except ValueError:  # not the main thread (e.g. inside a Tune trial): no handler
+        old = None
+    try:
+        yield
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
+        if exists(stop):
+            fs, path = filesystem(stop)
+            fs.delete_file(path)
 
 
 def _worker_main(payload: dict[str, Any]) -> dict[str, Any]:

@@ -113,19 +113,39 @@ def worker_main(payload: dict[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------
 
 
-class _Signals:
-    """SIGTERM sets a flag; the loop checkpoints at the next step boundary and exits cleanly."""
+STOP_FILE = "STOP"
+"""``<run_dir>/STOP``: a stop request. The driver writes it when it receives SIGTERM (a preemption notice, a
+cancelled job); rank 0 looks for it after every step and every worker checkpoints and stops."""
 
-    def __init__(self) -> None:
+
+class _Signals:
+    """Stop requests reaching a worker: SIGTERM to the worker process itself (when the loop runs in the main
+    thread; Ray Train V2 runs it in a thread, where Python cannot take signals), or the run's STOP file."""
+
+    def __init__(self, run_dir: str, check_file: bool) -> None:
+        from r1ray.artifacts import is_uri, join
+
         self.term = False
         self._old = None
+        self._stop_file = join(run_dir, STOP_FILE)
+        self._local = not is_uri(run_dir)
+        self._check_file = check_file
         try:
             self._old = signal.signal(signal.SIGTERM, self._on_term)
-        except ValueError:  # not the main thread: no handler (the preemption API still works)
+        except ValueError:  # not the main thread
             self._old = None
 
     def _on_term(self, signum, frame) -> None:  # noqa: ARG002
         self.term = True
+
+    def requested(self, step: int, every: int) -> bool:
+        if self.term:
+            return True
+        if self._check_file and (self._local or step % every == 0):
+            from r1ray.artifacts import exists
+
+            self.term = exists(self._stop_file)
+        return self.term
 
     def restore(self) -> None:
         if self._old is not None:
@@ -268,6 +288,7 @@ class Loop:
             world_size=w.world_size, use_gpu=w.use_gpu, load_universal=load_universal,
         )
         t0 = time.perf_counter()
+        self.flops_per_token = train_flops_per_token(model, getattr(self.stage, "seq_len", 2048))
         self.engine = build_engine(model, cfg.deepspeed, cfg.optim, config)
         log.info("DeepSpeed ZeRO-%d engine on %d worker(s), accumulation %d, built in %.1fs",
                  cfg.deepspeed.zero_stage, w.world_size, self.gas, time.perf_counter() - t0)
@@ -313,7 +334,7 @@ class Loop:
         self.attempt = self._broadcast_str(uuid.uuid4().hex[:8])
         self.wandb = WandbRun(cfg.logging.wandb, name=cfg.run_name, run_dir=_local_or_tmp(self.run_dir),
                               config=cfg.model_dump(mode="json"), enabled=w.rank == 0)
-        signals = _Signals()
+        signals = _Signals(self.run_dir, check_file=w.rank == 0)
         record("r1ray_train_workers", w.world_size, **self.tags)
 
         stats = dict(step=step, consumed=consumed, restarts=restarts, nonfinite_total=nonfinite_total,
@@ -350,6 +371,8 @@ class Loop:
                     window_losses.append(out["loss"])
                     last = {"loss": out["loss"], "grad_norm": out["grad_norm"], "lr": out["lr"]}
                 self._maybe_kill("kill_at_step", step)
+                if cfg.faults.step_delay_s:
+                    time.sleep(cfg.faults.step_delay_s)
                 stop = out["stop"]
                 if not stop and step % tcfg.log_every == 0:
                     stop = self._preempted()
@@ -431,18 +454,29 @@ class Loop:
             engine.backward(s * (self.gas * w.world_size / global_tokens))
             if i < len(batches) - 1:
                 engine.step()
-        if cfg.faults.sigterm_at_step == step + 1 and _fire_once(self.run_dir, f"sigterm-{step + 1}-{w.rank}"):
-            os.kill(os.getpid(), signal.SIGTERM)
-        loss_total, nonfinite_any, stop = self._allreduce([loss_sum, nonfinite, float(signals.term)])
+        if (cfg.faults.sigterm_at_step == step + 1 and w.rank == 0 and self.payload.get("driver_pid")
+                and _fire_once(self.run_dir, f"sigterm-{step + 1}")):
+            # as a preemption would: SIGTERM to the job's driver, which asks the workers to stop
+            os.kill(int(self.payload["driver_pid"]), signal.SIGTERM)
+            time.sleep(1.0)  # let the driver's handler write the stop request
+        stop_req = float(signals.requested(step + 1, cfg.train.log_every))
+        loss_total, nonfinite_any, stop = self._allreduce([loss_sum, nonfinite, stop_req])
         if nonfinite_any and cfg.deepspeed.zero_stage == 0:
             # ZeRO-0 has no overflow check: dropping the gradients makes torch's optimizer skip every
-            # parameter (no moment update, no weight decay) - a true skip
+            # parameter (no moment update, no weight decay) - a true skip. DeepSpeed's fp32 clipping
+            # cannot take a model without gradients, so it is off for this one call.
             for p in engine.module.parameters():
                 p.grad = None
-        engine.step()
+            clip, engine._config.gradient_clipping = engine._config.gradient_clipping, 0.0
+            try:
+                engine.step()
+            finally:
+                engine._config.gradient_clipping = clip
+        else:
+            engine.step()
         applied = engine.was_step_applied() or cfg.deepspeed.precision == "fp16"
         gn = engine.get_global_grad_norm()
-        grad_norm = float(gn) if gn is not None else float("nan")
+        grad_norm = float(gn) if gn is not None and math.isfinite(float(gn)) else None  # None: not tracked
         return {
             "loss": loss_total / global_tokens, "tokens": int(global_tokens), "lr": lr, "grad_norm": grad_norm,
             "nonfinite": bool(nonfinite_any) or not applied, "stop": bool(stop),
@@ -481,7 +515,8 @@ class Loop:
             m["train_loss"] = float(np.mean(losses))
         if "lr" in last:
             m["lr"] = last["lr"]
-            m["grad_norm"] = last["grad_norm"]
+            if last.get("grad_norm") is not None:
+                m["grad_norm"] = last["grad_norm"]
         m.update(val)
         rss = _rss_bytes()
         if self.worker.rank == 0:
@@ -499,6 +534,11 @@ class Loop:
             import torch
 
             record("r1ray_train_memory_bytes", torch.cuda.memory_allocated(), kind="cuda_allocated", **self.tags)
+            peak = gpu_peak_flops(torch.cuda.get_device_name(), self.cfg.deepspeed.precision)
+            if peak and self.flops_per_token:
+                m["mfu"] = tps * self.flops_per_token / (peak * self.worker.world_size)
+                if self.worker.rank == 0:
+                    record("r1ray_train_mfu", m["mfu"], **self.tags)
         return m
 
     def _preempted(self) -> bool:
@@ -588,6 +628,31 @@ class Loop:
         idx = " ".join(str(int(i)) for m in micro for i in m)
         with open(d / f"{self.attempt if hasattr(self, 'attempt') else 'x'}-rank{self.worker.rank}.txt", "a") as fh:
             fh.write(f"{step + 1} {self.worker.world_size} {idx}\n")
+
+
+# Dense peak FLOP/s per GPU (bf16/fp16 tensor cores; fp32 uses TF32 where the card has it), for MFU.
+_PEAK_FLOPS = {
+    "H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 125e12,
+    "A10": 125e12, "V100": 125e12, "T4": 65e12,
+}
+
+
+def gpu_peak_flops(device_name: str, precision: str) -> float | None:
+    """Peak dense FLOP/s of a known GPU (None for unknown cards: MFU is then not reported)."""
+    for key, flops in _PEAK_FLOPS.items():
+        if key in device_name:
+            return flops if precision != "fp32" else flops / 2
+    return None
+
+
+def train_flops_per_token(model: Any, seq_len: int) -> float:
+    """6 x parameters + attention (12 x layers x hidden x sequence), the PaLM appendix-B estimate."""
+    n = sum(p.numel() for p in model.parameters())
+    c = getattr(model, "config", None)
+    attn = 0.0
+    if c is not None and hasattr(c, "num_hidden_layers"):
+        attn = 12.0 * c.num_hidden_layers * c.hidden_size * seq_len
+    return 6.0 * n + attn
 
 
 def _rss_bytes() -> float:

@@ -37,6 +37,7 @@ class PretrainStage(Stage):
         cfg: PretrainConfig = self.cfg
         self.data = DataArtifact.load(cfg.data.path)
         self.tokenizer = load_tokenizer(self.data.tokenizer_dir)
+        self.seq_len = self.data.seq_len
         self.train_rows = token_store(self.data, "train", cfg.data.cache_dir)
         self.val_rows = (
             token_store(self.data, "validation", cfg.data.cache_dir) if self.data.rows("validation") else None

@@ -92,7 +92,7 @@ def token_store(data: DataArtifact, split: str, cache_dir: str | None = None) ->
         if len(values) != n * data.seq_len:
             raise ValueError(
                 f"{uri}: rows must hold exactly seq_len={data.seq_len} token ids (found {len(values)} ids in "
-                f"{n} rows); the data artifact is corrupt, rebuild it with jobs/data.py"
+                f"{n} rows); the data artifact is corrupt, rebuild it with jobs/prepare_data.py"
             )
         if at + n > rows:
             raise ValueError(f"{uri}: more rows than the manifest of {data.uri} lists ({rows})")

@@ -42,7 +42,7 @@ def reference(ray_local, data_dir, tmp_path_factory):
     from r1ray.train.pretrain import run
 
     root = tmp_path_factory.mktemp("ref")
-    return run(make_cfg(data_dir, root, "run_name=ref"))
+    return run(make_cfg(data_dir, root, "run_name=ref", "logging.wandb.mode=offline"))
 
 
 def trained_samples(run_dir: str) -> dict[int, list[int]]:
@@ -93,6 +93,8 @@ def test_loss_falls_beats_unigram_and_export_matches_engine(reference, data_dir)
     with torch.no_grad():
         logits = model(input_ids=ids).logits[0, -1]
     assert torch.equal(logits, torch.tensor(probe, dtype=logits.dtype))
+    # W&B logged offline into the run directory
+    assert list(Path(r.run_dir, "wandb").glob("offline-run-*"))
     # retention keeps the newest 2 checkpoints, each with its own complete HF export
     ckpts = sorted(p.name for p in Path(r.run_dir).glob("checkpoint_0*"))
     assert [c.split("-")[0] for c in ckpts] == ["checkpoint_00000008", "checkpoint_00000012"]
