@@ -62,8 +62,15 @@ def run(cfg: ServeConfig, announce: Callable[[ServeInfo], None] | None = None) -
         if announce is not None:
             announce(info)
         if cfg.blocking and not rt.reused:
+            import signal
+            import threading
+
             from ray import serve
 
+            if threading.current_thread() is threading.main_thread():
+                # Ray Train leaves its own SIGINT handler behind after the training run above (it aborts a
+                # controller that no longer exists); Ctrl-C here must simply stop serving.
+                signal.signal(signal.SIGINT, signal.default_int_handler)
             try:
                 while True:
                     time.sleep(3600)
