@@ -21,6 +21,7 @@ the tasks against the object store, and the driver holds one batch plus the keys
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 import time
 from collections import Counter, defaultdict
@@ -449,6 +450,7 @@ def _run(cfg: PrepareDataConfig) -> str:
         tok_sha = tokenizer_sha256(tmp)
         tok_json = (tmp / "tokenizer.json").read_text()
         eos_id = int(tok.eos_token_id)
+        shutil.rmtree(tmp, ignore_errors=True)
         t_tok = time.perf_counter()
 
         # ---- mixing: tokens per source estimated from the sample's tokens per character
