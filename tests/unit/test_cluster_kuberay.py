@@ -146,6 +146,14 @@ def test_rayjob_entrypoint_names_existing_files_and_a_valid_config():
         assert (ROOT / c).exists(), f"RayJob names {c}, which is not in the repo"
     cfg = load_config(_job_module(script).CONFIG, argv[2:])  # the exact argv the cluster will run
     assert cfg.scaling.use_gpu and cfg.storage.root.startswith("s3://")
+    storage = yaml.safe_load((ROOT / "cluster" / "storage.yaml").read_text())["storage"]["root"]
+    assert cfg.storage.root == storage, "the RayJob writes under cluster/storage.yaml's root"
+    # The cluster can hold the largest worker group the run asks for (one GPU per training worker).
+    gpu_capacity = sum(
+        g["maxReplicas"] * int(g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", 0))
+        for g in spec["rayClusterSpec"]["workerGroupSpecs"]
+    )
+    assert cfg.scaling.max_workers <= gpu_capacity, f"{cfg.scaling.max_workers} GPU workers > {gpu_capacity} GPUs"
     runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
     workdir = re.search(r"^WORKDIR (\S+)$", DOCKERFILE.read_text(), re.M).group(1)
     assert runtime_env["working_dir"] == workdir, "the entrypoint's relative paths resolve in the image checkout"
