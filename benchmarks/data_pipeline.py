@@ -165,7 +165,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", type=int, default=2000, help="original documents (each gets 0-3 edited copies)")
     ap.add_argument("--threshold", type=float, default=0.8)
-    ap.add_argument("--skip-pipeline", action="store_true")
+    ap.add_argument("--skip-pipeline", action="store_true", help="only the near-dedup comparison")
+    ap.add_argument("--skip-dedup", action="store_true", help="only the end-to-end pipeline")
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="r1ray-bench-"))
@@ -177,40 +178,49 @@ def main() -> None:
         write_corpus(texts, corpus_dir)
         print(f"corpus: {len(texts)} documents, {mb:.1f} MB, {int(lab.is_duplicate.sum())} true near-duplicates "
               f"(5-gram Jaccard >= {args.threshold} with an earlier document); {os.cpu_count()} CPUs")
-        rows = []
-        dropped, s = bench_r1ray_minhash(texts, args.threshold)
-        rows.append(("r1ray MinHash (numpy, 1 process)", s, score(dropped, lab.is_duplicate)))
-        try:
-            dropped, s = bench_datasketch(texts, args.threshold)
-            rows.append(("datasketch MinHashLSH (1 process)", s, score(dropped, lab.is_duplicate)))
-        except ImportError:
-            print("datasketch not installed: skipping the reference (pip install datasketch)")
-        try:
-            import datatrove  # noqa: F401
-        except ImportError:
-            print("datatrove not installed: skipping it (pip install 'r1ray[bench]')")
-        else:
-            dropped, s = bench_datatrove(corpus_dir, len(texts), work / "datatrove")
-            rows.append((f"datatrove MinHash 4 steps ({os.cpu_count()} workers)", s, score(dropped, lab.is_duplicate)))
-        print(f"\nnear-dedup at Jaccard {args.threshold}:")
-        print(f"  {'implementation':44s} {'seconds':>8s} {'docs/s':>9s} {'precision':>9s} {'recall':>7s}")
-        base_s = rows[0][1]
-        for name, s, sc in rows:
-            print(f"  {name:44s} {s:8.2f} {len(texts) / s:9.0f} {sc['precision']:9.3f} {sc['recall']:7.3f}"
-                  f"   ({s / base_s:.1f}x r1ray's time)")
+        if not args.skip_dedup:
+            dedup_report(texts, lab, corpus_dir, work, args.threshold)
         if not args.skip_pipeline:
-            m, wall, tokens, tok_s, n_tok = bench_pipeline(corpus_dir, work / "out", texts)
-            stage = m["timings_s"]
-            print("\nr1ray data stage end to end on Ray Data (second run, warm workers):")
-            print(f"  wall {wall:.1f}s (stage {stage['total_s']:.1f}s: clean+minhash {stage['clean_s']:.1f}, dedup "
-                  f"{stage['dedup_s']:.2f}, tokenizer training {stage['tokenizer_s']:.1f}, tokenize+pack {stage['pack_s']:.1f})")
-            print(f"  {len(texts) / wall:.0f} documents/s, {tokens / wall:.0f} tokens/s, {mb / wall:.2f} MB/s")
-            print(f"  tokenizer alone (encode_batch, all cores): {tok_s:.2f}s = {n_tok / tok_s:.0f} tokens/s")
-            print(f"  ratio end-to-end / tokenizer-alone throughput: {(tokens / wall) / (n_tok / tok_s):.3f}")
-            print(f"  dedup in the stage: {m['counts']['duplicate_exact']} exact + {m['counts']['duplicate_near']} near "
-                  f"removed (truth: {int(lab.is_duplicate.sum())} near-duplicates)")
+            pipeline_report(corpus_dir, work, texts, lab, mb)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def dedup_report(texts, lab, corpus_dir: Path, work: Path, threshold: float) -> None:
+    rows = []
+    dropped, s = bench_r1ray_minhash(texts, threshold)
+    rows.append(("r1ray MinHash (numpy, 1 process)", s, score(dropped, lab.is_duplicate)))
+    try:
+        dropped, s = bench_datasketch(texts, threshold)
+        rows.append(("datasketch MinHashLSH (1 process)", s, score(dropped, lab.is_duplicate)))
+    except ImportError:
+        print("datasketch not installed: skipping the reference (pip install datasketch)")
+    try:
+        import datatrove  # noqa: F401
+    except ImportError:
+        print("datatrove not installed: skipping it (pip install 'r1ray[bench]')")
+    else:
+        dropped, s = bench_datatrove(corpus_dir, len(texts), work / "datatrove")
+        rows.append((f"datatrove MinHash 4 steps ({os.cpu_count()} workers)", s, score(dropped, lab.is_duplicate)))
+    print(f"\nnear-dedup at Jaccard {threshold}:")
+    print(f"  {'implementation':44s} {'seconds':>8s} {'docs/s':>9s} {'precision':>9s} {'recall':>7s}")
+    base_s = rows[0][1]
+    for name, s, sc in rows:
+        print(f"  {name:44s} {s:8.2f} {len(texts) / s:9.0f} {sc['precision']:9.3f} {sc['recall']:7.3f}"
+              f"   ({s / base_s:.1f}x r1ray's time)")
+
+
+def pipeline_report(corpus_dir: Path, work: Path, texts, lab, mb: float) -> None:
+    m, wall, tokens, tok_s, n_tok = bench_pipeline(corpus_dir, work / "out", texts)
+    stage = m["timings_s"]
+    print("\nr1ray data stage end to end on Ray Data (second run, warm workers):")
+    print(f"  wall {wall:.1f}s (stage {stage['total_s']:.1f}s: read+clean+minhash {stage['clean_s']:.1f}, dedup "
+          f"{stage['dedup_s']:.2f}, tokenizer training {stage['tokenizer_s']:.1f}, tokenize+pack {stage['pack_s']:.1f})")
+    print(f"  {len(texts) / wall:.0f} documents/s, {tokens / wall:.0f} tokens/s, {mb / wall:.2f} MB/s")
+    print(f"  tokenizer alone (encode_batch, all cores): {tok_s:.2f}s = {n_tok / tok_s:.0f} tokens/s")
+    print(f"  ratio end-to-end / tokenizer-alone throughput: {(tokens / wall) / (n_tok / tok_s):.3f}")
+    print(f"  dedup in the stage: {m['counts']['duplicate_exact']} exact + {m['counts']['duplicate_near']} near "
+          f"removed (truth: {int(lab.is_duplicate.sum())} near-duplicates)")
 
 
 if __name__ == "__main__":
