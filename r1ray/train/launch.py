@@ -109,31 +109,65 @@ def fit(stage: str, cfg: Any, *, name: str, storage_path: str, callbacks: Sequen
 @contextmanager
 def _stop_on_sigterm(run_dir: str) -> Iterator[None]:
     """While training: SIGTERM to this driver writes ``<run_dir>/STOP``, and the workers checkpoint and stop
-    at the next step boundary (the run returns with status ``preempted``). A stale request is cleared first."""
+    at the next step boundary (the run returns with status ``preempted``). A stale request is cleared first.
+
+    ``trainer.fit()`` blocks the main thread in C, where Python signal handlers do not run; so the signal is
+    also delivered through ``signal.set_wakeup_fd`` to a watcher thread, which writes the request at once.
+    """
+    import select
+    import socket
+    import threading
+
     from r1ray.artifacts import exists, filesystem, join, write_bytes_atomic
     from r1ray.train.loop import STOP_FILE
 
     stop = join(run_dir, STOP_FILE)
-    if exists(stop):
-        fs, path = filesystem(stop)
-        fs.delete_file(path)
 
-    def on_term(signum, frame) -> None:  # noqa: ARG001
-        log.warning("SIGTERM: asking the workers to checkpoint and stop (%s)", stop)
-        write_bytes_atomic(stop, b"SIGTERM\n")
-
-    try:
-        old = signal.signal(signal.SIGTERM, on_term)
-    except ValueError:  # not the main thread (e.g. inside a Tune trial): no handler
-        old = None
-    try:
-        yield
-    finally:
-        if old is not None:
-            signal.signal(signal.SIGTERM, old)
+    def clear() -> None:
         if exists(stop):
             fs, path = filesystem(stop)
             fs.delete_file(path)
+
+    requested = threading.Event()
+
+    def request() -> None:
+        if not requested.is_set():
+            requested.set()
+            log.warning("SIGTERM: asking the workers to checkpoint and stop (%s)", stop)
+            write_bytes_atomic(stop, b"SIGTERM\n")
+
+    clear()
+    if threading.current_thread() is not threading.main_thread():  # e.g. inside a Tune trial: no handler
+        yield
+        return
+    rsock, wsock = socket.socketpair()
+    wsock.setblocking(False)
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            ready, _, _ = select.select([rsock], [], [], 0.5)
+            if ready and signal.SIGTERM in rsock.recv(256):
+                request()
+
+    old_handler = signal.signal(signal.SIGTERM, lambda signum, frame: request())
+    old_fd = signal.set_wakeup_fd(wsock.fileno(), warn_on_full_buffer=False)
+    watcher = threading.Thread(target=watch, name="r1ray-sigterm", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        watcher.join(timeout=2)
+        signal.set_wakeup_fd(old_fd)
+        # a SIGTERM whose Python-level handler has not run yet is a stop request we already served: swallow
+        # it rather than hand it to the previous handler (Ray's driver handler exits the process)
+        signal.signal(signal.SIGTERM, lambda signum, frame: None)
+        time.sleep(0.05)  # pending Python-level handlers run here
+        signal.signal(signal.SIGTERM, old_handler)
+        rsock.close()
+        wsock.close()
+        clear()
 
 
 def _worker_main(payload: dict[str, Any]) -> dict[str, Any]:

@@ -458,7 +458,6 @@ class Loop:
                 and _fire_once(self.run_dir, f"sigterm-{step + 1}")):
             # as a preemption would: SIGTERM to the job's driver, which asks the workers to stop
             os.kill(int(self.payload["driver_pid"]), signal.SIGTERM)
-            time.sleep(1.0)  # let the driver's handler write the stop request
         stop_req = float(signals.requested(step + 1, cfg.train.log_every))
         loss_total, nonfinite_any, stop = self._allreduce([loss_sum, nonfinite, stop_req])
         if nonfinite_any and cfg.deepspeed.zero_stage == 0:

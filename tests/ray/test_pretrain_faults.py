@@ -66,8 +66,11 @@ def test_sigterm_checkpoints_then_resumes_on_fewer_workers_exactly(ray_local, da
     common = ["run_name=elastic", "train.max_steps=6", "checkpoint.every=100", "deepspeed.zero_stage=2",
               "faults.record_samples=true"]
     first = run(make_cfg(data_dir, tmp_path, *common, "scaling.num_workers=2", "faults.sigterm_at_step=3"))
-    assert first.status == "preempted" and first.steps == 3 and first.samples_consumed == 48
-    assert first.export_path is None and "checkpoint_00000003-" in first.checkpoint
+    # the driver gets SIGTERM after step 3 and writes the stop request; the workers stop at the first step
+    # boundary that sees it (how many steps later depends on the load)
+    stopped = first.steps
+    assert first.status == "preempted" and 3 <= stopped < 6 and first.samples_consumed == stopped * 16
+    assert first.export_path is None and f"checkpoint_{stopped:08d}-" in first.checkpoint
 
     second = run(make_cfg(data_dir, tmp_path, *common, "scaling.num_workers=1"))
     w = second.worker_result
@@ -81,7 +84,7 @@ def test_sigterm_checkpoints_then_resumes_on_fewer_workers_exactly(ray_local, da
     for f in Path(second.run_dir, "samples").glob("*.txt"):
         for line in f.read_text().splitlines():
             step, world, *idx = (int(x) for x in line.split())
-            assert world == (2 if step <= 3 else 1)
+            assert world == (2 if step <= stopped else 1)
             per_step.setdefault(step, []).extend(idx)
     assert sorted(per_step) == list(range(1, 7))
     assert sorted(i for v in per_step.values() for i in v) == list(range(6 * 16))
