@@ -161,13 +161,46 @@ def bench_pipeline(corpus_dir: Path, out: Path, texts: list[str]):
     return m, wall, tokens, tok_s, n_tok
 
 
+def baselines(uri: str) -> None:
+    """Validation cross-entropy of count models fitted on the train split: what a trained LM must beat."""
+    import pyarrow.parquet as pq
+
+    from r1ray.data.shards import DataArtifact
+
+    art = DataArtifact.load(uri)
+
+    def load(split: str) -> np.ndarray:
+        return np.concatenate([pq.read_table(u)["input_ids"].combine_chunks().flatten().to_numpy()
+                               for u in art.shard_uris(split)]).astype(np.int64)
+
+    tr, va = load("train"), load("validation")
+    vocab = int(max(tr.max(), va.max())) + 1
+    uni = np.bincount(tr, minlength=vocab) + 1.0
+    uni /= uni.sum()
+    pair = tr[:-1] * vocab + tr[1:]
+    keys, counts = np.unique(pair, return_counts=True)
+    ctx = np.bincount(tr[:-1], minlength=vocab).astype(np.float64)
+    q = va[:-1] * vocab + va[1:]
+    pos = np.clip(np.searchsorted(keys, q), 0, len(keys) - 1)
+    c = np.where(keys[pos] == q, counts[pos], 0)
+    alpha = 0.1 * vocab  # add-alpha smoothing towards the unigram
+    p_bi = (c + alpha * uni[va[1:]]) / (ctx[va[:-1]] + alpha)
+    print(f"{uri}: {len(tr)} train / {len(va)} validation tokens, vocab {vocab}")
+    print(f"  validation cross-entropy (nats/token): unigram {-np.log(uni[va]).mean():.3f}, "
+          f"smoothed bigram {-np.log(p_bi).mean():.3f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", type=int, default=2000, help="original documents (each gets 0-3 edited copies)")
     ap.add_argument("--threshold", type=float, default=0.8)
     ap.add_argument("--skip-pipeline", action="store_true", help="only the near-dedup comparison")
     ap.add_argument("--skip-dedup", action="store_true", help="only the end-to-end pipeline")
+    ap.add_argument("--baselines", metavar="DATA_URI", help="only print unigram/bigram baselines of an artifact")
     args = ap.parse_args()
+    if args.baselines:
+        baselines(args.baselines)
+        return
 
     work = Path(tempfile.mkdtemp(prefix="r1ray-bench-"))
     try:
