@@ -299,7 +299,11 @@ class Loop:
             load_dir, tag = ckpt_local, DS_TAG
             conv_dir = None
             if load_universal:
-                conv_dir = os.path.join(tempfile.gettempdir(), f"r1ray-universal-{state['attempt']}-{state['step']}")
+                import ray
+
+                node = ray.get_runtime_context().get_node_id()[:12]  # one conversion per node
+                conv_dir = os.path.join(tempfile.gettempdir(),
+                                        f"r1ray-universal-{state['attempt']}-{state['step']}-{node}")
                 if w.local_rank == 0 and not os.path.exists(os.path.join(conv_dir, "done")):
                     t1 = time.perf_counter()
                     convert_to_universal(ckpt_local, conv_dir)
