@@ -15,7 +15,7 @@ from r1ray.data.shards import SHARD_SCHEMA
 from r1ray.observe.metrics import record
 
 
-def shard_bytes(ids: np.ndarray, seq_len: int) -> bytes:
+def shard_bytes(ids: np.ndarray, seq_len: int) -> pa.Buffer:
     """One Parquet shard of ``ids`` (rows x seq_len int32) in the contract's schema, deterministic bytes."""
     rows = ids.reshape(-1, seq_len)
     flat = pa.array(rows.reshape(-1), type=pa.int32())
@@ -24,7 +24,7 @@ def shard_bytes(ids: np.ndarray, seq_len: int) -> bytes:
     table = pa.Table.from_arrays([col], schema=SHARD_SCHEMA)
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd", row_group_size=max(1, len(rows)), write_statistics=False)
-    return sink.getvalue().to_pybytes()
+    return sink.getvalue()  # a pa.Buffer (buffer protocol): hashed and written without another copy
 
 
 class ShardWriter:

@@ -53,7 +53,7 @@ log = get_logger(__name__)
 STATUS_OK, STATUS_REJECTED, STATUS_FILTERED, STATUS_FILE = "ok", "rejected", "filtered", "file"
 # A staged file holds at most this many documents or bytes of text: the unit of tokenizing work, and a
 # bound on what the driver buffers.
-_STAGE_ROWS, _STAGE_BYTES = 4096, 16 << 20
+_STAGE_ROWS, _STAGE_BYTES = 4096, 8 << 20
 
 CLEAN_SCHEMA = pa.schema([
     ("source", pa.int32()), ("file", pa.int32()), ("pos", pa.int64()), ("part", pa.int32()),
@@ -258,7 +258,7 @@ class _Staging:
         uri = join(self.work, f"clean/part-{len(self.files):05d}.parquet")
         sink = pa.BufferOutputStream()
         pq.write_table(pa.concat_tables(self._tables), sink, compression="zstd")
-        write_bytes_atomic(uri, sink.getvalue().to_pybytes())
+        write_bytes_atomic(uri, sink.getvalue())  # a pa.Buffer: no extra copy
         self.files.append((uri, self._rows))
         self._tables, self._rows, self._bytes = [], 0, 0
 
@@ -287,7 +287,7 @@ class _Rejects:
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink, compression="zstd")
         rel = f"rejects/rejects-{len(self.files):05d}.parquet"
-        write_bytes_atomic(join(self.artifact, rel), sink.getvalue().to_pybytes())
+        write_bytes_atomic(join(self.artifact, rel), sink.getvalue())
         self.files.append({"path": rel, "rows": table.num_rows})
         self._rows = defaultdict(list)
 

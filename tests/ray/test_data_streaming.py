@@ -71,7 +71,7 @@ def test_corpus_larger_than_object_store_streams_through(small_store_ray, tmp_pa
         "clean": {"pii": {"enabled": False}},
         "dedup": {"near": False},
         "tokenizer": {"path": str(tmp_path / "tok")},
-        "pack": {"seq_len": 1024, "validation_fraction": 0.01, "max_shard_bytes": 16 << 20},
+        "pack": {"seq_len": 1024, "validation_fraction": 0.01, "max_shard_bytes": 8 << 20},
         "batch_size": 256,
     })
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -86,5 +86,5 @@ def test_corpus_larger_than_object_store_streams_through(small_store_ray, tmp_pa
     assert per["read"] == per["kept"] + per["duplicate_exact"]
     assert c["train_tokens"] + c["validation_tokens"] + c["tail_tokens_dropped"] > 0.9 * corpus_bytes / 6
     # The driver never holds the corpus: it keeps ~50 bytes of keys per document and a few bounded buffers
-    # (a staged file of <= 16 MB of text, one shard, Ray's prefetched blocks, allocator caches).
+    # (a staged file of <= 8 MB of text, one shard, Ray's prefetched blocks, allocator caches).
     assert growth < corpus_bytes
