@@ -570,10 +570,14 @@ def deployment_options(cfg: ServeConfig) -> dict[str, Any]:
     return opts
 
 
-def build_app(args: dict[str, Any] | None = None, *, train_if_missing: bool = False) -> serve.Application:
-    """Serve application builder (``import_path: r1ray.serve.app:build_app``); ``args`` are ServeConfig fields."""
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """Serve application builder (``import_path: r1ray.serve.app:build_app``); ``args`` are ServeConfig fields.
+
+    Serve requires exactly one parameter here. It never trains: without ``model_path`` it serves the run's
+    newest export, or fails naming the run directory.
+    """
     cfg = args if isinstance(args, ServeConfig) else ServeConfig.model_validate(dict(args or {}))
-    model_path = resolve_model_path(cfg, train_if_missing=train_if_missing)
+    model_path = resolve_model_path(cfg, train_if_missing=False)
     init = cfg.model_dump(mode="json")
     init["model_path"] = model_path
     init["model_name"] = default_model_name(cfg, model_path)

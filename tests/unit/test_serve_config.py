@@ -65,6 +65,11 @@ def test_build_app_checks_the_model_path(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     app = build_app({"model_path": str(tmp_path), "auth": {"api_key": "k"}})
     assert isinstance(app, Application)
+    # The exact path `serve run`/`serve deploy`/RayService take with `import_path` + `args`.
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+
+    app = call_user_app_builder_with_args_if_necessary(build_app, {"model_path": str(tmp_path)})
+    assert isinstance(app, Application)
 
 
 def test_serve_config_file_is_valid_for_serve_and_r1ray():
