@@ -550,13 +550,47 @@ class HFEngine:
         return int(torch.multinomial(probs, 1, generator=s.generator))
 
 
+def localize_model(model_path: str, cache_dir: str | Path | None = None) -> str:
+    """A local directory holding ``model_path``: itself when local, else a copy of the object-store export
+    under ``~/.cache/r1ray/models`` (reused once complete; weights stay safetensors)."""
+    import hashlib
+    import shutil
+
+    from r1ray.artifacts import filesystem, is_uri
+
+    if not is_uri(model_path):
+        return model_path.removeprefix("file://")
+    import pyarrow.fs as pafs
+
+    root = Path(cache_dir or Path.home() / ".cache" / "r1ray" / "models")
+    local = root / hashlib.sha256(model_path.encode()).hexdigest()[:16]
+    done = local / ".r1ray-complete"
+    if done.exists():
+        return str(local)
+    fs, src = filesystem(model_path)
+    tmp = local.with_name(local.name + f".tmp-{random.getrandbits(32):08x}")
+    log.info("copying %s to %s", model_path, local)
+    tmp.mkdir(parents=True)
+    pafs.copy_files(src, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    if not (tmp / "config.json").is_file():
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise FileNotFoundError(f"{model_path} is not a Hugging Face model directory (no config.json)")
+    (tmp / ".r1ray-complete").write_text(model_path)
+    shutil.rmtree(local, ignore_errors=True)
+    tmp.rename(local)
+    return str(local)
+
+
 def make_engine(
     model_path: str, *, backend: str = "hf", device: str = "auto", dtype: str = "auto",
     torch_threads: int | None = None, max_batch_size: int = 16, batch_wait_timeout_s: float = 0.005,
     max_queue: int = 64, max_model_len: int | None = None, seed: int = 0,
     on_batch: Callable[[int, int, float], None] | None = None,
 ) -> Any:
-    """The engine for ``backend``: ``hf``, ``vllm`` (fails clearly without vLLM), or ``auto``."""
+    """The engine for ``backend``: ``hf``, ``vllm`` (fails clearly without vLLM), or ``auto``.
+
+    ``model_path`` may be an object-store URI (``s3://…``): it is copied to the replica's disk first."""
+    model_path = localize_model(model_path)
     if backend in ("vllm", "auto"):
         from r1ray.serve.vllm_engine import VLLMEngine, vllm_available
 

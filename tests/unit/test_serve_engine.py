@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -146,3 +147,22 @@ def test_vllm_slot_falls_back_or_fails_clearly(model_dir, caplog):
         eng = make_engine(str(model_dir), backend="auto")
     assert eng.backend == "hf"
     assert "vLLM engine skipped (no CUDA device)" in caplog.text
+
+
+def test_object_store_model_is_copied_locally_once(model_dir, tmp_path):
+    from r1ray.serve.engine import localize_model
+
+    assert localize_model(str(model_dir)) == str(model_dir)
+    uri = f"file://{model_dir}"
+    assert localize_model(uri) == str(model_dir)  # file:// is local
+    import fsspec
+
+    mem = fsspec.filesystem("memory")
+    for f in Path(model_dir).iterdir():
+        mem.pipe(f"/export/{f.name}", f.read_bytes())
+    local = localize_model("memory://export", cache_dir=tmp_path)
+    assert (Path(local) / "config.json").is_file() and (Path(local) / "model.safetensors").is_file()
+    mem.rm("/export", recursive=True)
+    assert localize_model("memory://export", cache_dir=tmp_path) == local  # complete copy reused
+    eng = HFEngine.from_dir(local)
+    assert len(eng.generate(["the"], greedy(3))[0].token_ids) == 3
