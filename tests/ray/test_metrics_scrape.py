@@ -136,17 +136,26 @@ def ray_metrics():
 
     if ray.is_initialized():
         ray.shutdown()
-    port = _free_port()
-    ctx = ray.init(
-        address="local",
-        num_cpus=3,
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        dashboard_port=_free_port(),
-        _metrics_export_port=port,
-        logging_level="WARNING",
-        configure_logging=False,
-    )
+    for attempt in (1, 2):
+        port = _free_port()
+        try:
+            ctx = ray.init(
+                address="local",
+                num_cpus=3,
+                include_dashboard=True,
+                dashboard_host="127.0.0.1",
+                dashboard_port=_free_port(),
+                _metrics_export_port=port,
+                logging_level="WARNING",
+                configure_logging=False,
+            )
+            break
+        except Exception as e:  # noqa: BLE001 - Ray's own "node timed out during startup" is a bare Exception
+            # On an overloaded machine the dashboard agent can miss the raylet's 30 s start-up window.
+            ray.shutdown()
+            if attempt == 2 or "timed out during startup" not in str(e):
+                raise
+            print(f"ray.init failed ({e}); retrying once")
     session_dir = ray._private.worker._global_node.get_session_dir_path()
     scraper = Scraper(f"http://127.0.0.1:{port}/metrics")
     yield {"port": port, "session_dir": session_dir, "scraper": scraper, "ctx": ctx}
