@@ -299,11 +299,12 @@ class Loop:
             load_dir, tag = ckpt_local, DS_TAG
             conv_dir = None
             if load_universal:
-                import ray
+                import ray.util
 
-                node = ray.get_runtime_context().get_node_id()[:12]  # one conversion per node
+                # one conversion per host, by local rank 0: Ray Train numbers local ranks per node IP
+                host = ray.util.get_node_ip_address().replace(":", "_")
                 conv_dir = os.path.join(tempfile.gettempdir(),
-                                        f"r1ray-universal-{state['attempt']}-{state['step']}-{node}")
+                                        f"r1ray-universal-{state['attempt']}-{state['step']}-{host}")
                 if w.local_rank == 0 and not os.path.exists(os.path.join(conv_dir, "done")):
                     t1 = time.perf_counter()
                     convert_to_universal(ckpt_local, conv_dir)
