@@ -388,7 +388,10 @@ class Loop:
                     cfg.checkpoint.every and step % cfg.checkpoint.every == 0)
                 if step % tcfg.log_every == 0 or do_ckpt or do_eval:
                     now = time.perf_counter()
-                    metrics = self._metrics(stats, last, val, window_losses, window_tokens, now - window_t)
+                    # validation metrics only in the reports of the steps that evaluated (Tune's schedulers
+                    # count evaluations by the reports that carry the metric)
+                    metrics = self._metrics(stats, last, val if do_eval else {}, window_losses, window_tokens,
+                                            now - window_t)
                     window_t, window_tokens, window_losses = now, 0, []
                     history.append([step, metrics.get("train_loss"), metrics.get("val_loss")])
                     if do_ckpt:
