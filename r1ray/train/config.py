@@ -33,6 +33,10 @@ class TrainLoopConfig(R1Config):
 
     max_steps: int = Field(default=200, ge=1)
     """Optimizer steps to train for (the run ends after this many; a resumed run continues to it)."""
+    stop_after_steps: int | None = Field(default=None, ge=1)
+    """End this run after this optimizer step, with a checkpoint there, while the learning-rate schedule
+    still spans ``max_steps`` (a segment: PBT, a time-boxed job; resume it with ``checkpoint.resume_from``
+    or the same run_name). Unset: run to ``max_steps``."""
     global_batch_size: int = Field(default=16, ge=1)
     """Samples per optimizer step across all workers (constant when the worker count changes)."""
     micro_batch_size: int = Field(default=8, ge=1)

@@ -351,8 +351,9 @@ class Loop:
         window_t, window_tokens, window_losses = time.perf_counter(), 0, []
         saved_at = step if ckpt_local is not None else -1
         status = "completed"
+        end = min(tcfg.max_steps, tcfg.stop_after_steps or tcfg.max_steps)
         try:
-            while step < tcfg.max_steps:
+            while step < end:
                 out = self._train_step(step, signals)
                 step += 1
                 consumed += tcfg.global_batch_size
@@ -381,10 +382,10 @@ class Loop:
                 stop = out["stop"]
                 if not stop and step % tcfg.log_every == 0:
                     stop = self._preempted()
-                do_eval = step == tcfg.max_steps or (tcfg.eval_every and step % tcfg.eval_every == 0)
+                do_eval = step == end or (tcfg.eval_every and step % tcfg.eval_every == 0)
                 if do_eval:
                     val = self._evaluate()
-                do_ckpt = stop or step == tcfg.max_steps or (
+                do_ckpt = stop or step == end or (
                     cfg.checkpoint.every and step % cfg.checkpoint.every == 0)
                 if step % tcfg.log_every == 0 or do_ckpt or do_eval:
                     now = time.perf_counter()
@@ -406,7 +407,9 @@ class Loop:
                     status = "preempted"
                     log.warning("SIGTERM/preemption: checkpointed at step %d and stopping", step)
                     break
-            if status == "completed" and saved_at != step:
+            if status == "completed" and end < tcfg.max_steps:
+                status = "stopped"  # at train.stop_after_steps: a segment, resumable
+            if status in ("completed", "stopped") and saved_at != step:
                 metrics = self._metrics(stats, last, val or self._evaluate(), window_losses, window_tokens,
                                         time.perf_counter() - window_t)
                 stats["last_ckpt"] = self._save(stats, metrics)

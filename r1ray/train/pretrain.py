@@ -104,7 +104,8 @@ class PretrainResult:
     checkpoint: str | None
     """Newest checkpoint directory (DeepSpeed + trainer state + HF export)."""
     status: str
-    """completed, or preempted (SIGTERM/preemption: rerun the same run_name to continue)."""
+    """completed; preempted (SIGTERM/preemption: rerun the same run_name to continue); or stopped (at
+    ``train.stop_after_steps``, a resumable segment)."""
     steps: int
     samples_consumed: int
     train_loss: float | None
@@ -313,6 +314,6 @@ def summary(result: PretrainResult) -> str:
     if result.export_path:
         lines.append(f"  HF export        {result.export_path}")
         lines.append(f"next: python jobs/serve.py model_path={result.export_path}")
-    elif result.status == "preempted":
+    elif result.status in ("preempted", "stopped"):
         lines.append("next: rerun the same command (same run_name) to continue from the newest checkpoint")
     return "\n".join(lines)

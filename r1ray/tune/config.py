@@ -18,8 +18,10 @@ class SearchConfig(R1Config):
     num_samples: int | None = Field(default=None, ge=1)
     """Trials to run; with ``grid``, repetitions of the whole grid. Unset: 1 with ``grid`` (each
     combination once), 6 otherwise."""
-    max_concurrent_trials: int = Field(default=2, ge=1)
-    """Trials running at once; each holds its training workers, so size this to the cluster."""
+    max_concurrent_trials: int = Field(default=1, ge=1)
+    """Trials running at once; each holds its training workers, so size this to the cluster. The default
+    is 1: on a single small node (3 logical CPUs, Ray 2.60) a second wave of concurrent trials was seen to
+    hang at worker-group start (docs/tune.md); raise it on a cluster."""
     metric: str = "val_loss"
     """Metric the search and the scheduler optimise (as reported by the training stage)."""
     mode: Literal["min", "max"] = "min"

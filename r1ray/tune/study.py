@@ -137,10 +137,11 @@ def _pbt_segments(params: dict[str, Any], spec: dict[str, Any], run_fn: Any, run
     resume_dir, start_step = None, 0
     ckpt = tune.get_checkpoint()
     workdir = tempfile.mkdtemp(prefix="r1ray-pbt-")
-    if ckpt is not None:  # a fresh start, a retry, or an exploit of another trial's checkpoint
+    if ckpt is not None:  # a retry, or an exploit of another trial's checkpoint
         resume_dir = os.path.join(workdir, "resume")
         shutil.copytree(ckpt.to_directory(), resume_dir)
         start_step = json.loads(Path(resume_dir, "r1ray_pbt.json").read_text())["step"]
+        log.info("PBT trial resumes at step %d from a checkpoint with params %s", start_step, params)
     segment = 0
     while start_step < total:
         stop = min(start_step + interval, total)

@@ -20,7 +20,7 @@ from r1ray.train.config import PretrainConfig
 from r1ray.tune.config import TuneConfig
 
 pytestmark = pytest.mark.slow
-RAY_NUM_CPUS = 3  # two 1-worker trials at once, and a CPU left for the drivers
+RAY_NUM_CPUS = 2  # one 1-worker trial at a time (see docs/tune.md: concurrent trials on one small node)
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -57,7 +57,7 @@ def tune_cfg(tmp_path, data_uri, **kw) -> TuneConfig:
     values = {
         "name": "study",
         "storage.root": str(tmp_path),
-        "search.max_concurrent_trials": 2,
+        "search.max_concurrent_trials": 1,
         "logging.wandb.mode": "disabled",
         **kw,
     }
@@ -78,11 +78,12 @@ def starts(study_dir: Path) -> dict[str, int]:
 def test_asha_stops_bad_trials_and_best_yaml_feeds_the_job(ray_local, tmp_path, data_uri):
     from r1ray.tune.study import run
 
-    # Good learning rates first, so the asynchronous rungs hold good values when the bad ones arrive.
+    # Good learning rates first (trials run one at a time), so the rungs hold good values when the bad
+    # ones arrive.
     cfg = tune_cfg(
         tmp_path, data_uri,
         space={"optim.lr": "grid([0.01, 0.003, 1e-06, 2e-06])"},
-        **{"search.algorithm": "grid", "search.num_samples": 1, "search.max_concurrent_trials": 2,
+        **{"search.algorithm": "grid", "search.num_samples": 1,
            "scheduler.name": "asha", "scheduler.grace_period": 1, "scheduler.reduction_factor": 2},
     )
     result = run(cfg)
@@ -166,3 +167,4 @@ def test_killed_study_resumes_without_rerunning_finished_trials(tmp_path, data_u
     rows = list(csv.DictReader(open(study / "trials.csv")))
     assert sorted(r["status"] for r in rows) == ["DONE", "DONE", "DONE"]
     assert "best val_loss" in out.stdout
+
