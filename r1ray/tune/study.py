@@ -97,7 +97,7 @@ def _trial(params: dict[str, Any], spec: dict[str, Any]) -> None:
     if spec["pbt_interval"]:
         _pbt_segments(params, spec, run_fn, run_name)
         return
-    cfg = _stage_config(spec, params, {"run_name": run_name})
+    cfg = _stage_config(spec, params, {"run_name": run_name, **spec["storage"]})
     result = run_fn(cfg, callbacks=[_metric_report_callback(spec["metric"])])
     if getattr(result, "status", "completed") != "completed":
         raise RuntimeError(f"trial {trial_id}: training ended {result.status!r}, not completed")
@@ -145,7 +145,8 @@ def _pbt_segments(params: dict[str, Any], spec: dict[str, Any], run_fn: Any, run
     segment = 0
     while start_step < total:
         stop = min(start_step + interval, total)
-        extra: dict[str, Any] = {"run_name": f"{run_name}-s{start_step}", "train.stop_after_steps": stop}
+        extra: dict[str, Any] = {"run_name": f"{run_name}-s{start_step}", "train.stop_after_steps": stop,
+                                 **spec["storage"]}
         if resume_dir:
             extra["checkpoint.resume_from"] = resume_dir
         cfg = _stage_config(spec, params, extra)
@@ -234,6 +235,8 @@ def run(cfg: TuneConfig) -> StudyResult:
         "pbt_interval": cfg.scheduler.perturbation_interval if cfg.scheduler.name == "pbt" else 0,
         "max_steps": max_steps,
         "cwd": os.getcwd(),
+        # Trials' runs live under the study's storage root unless ``base`` says otherwise.
+        "storage": {} if "storage" in base and "root" in base["storage"] else {"storage.root": cfg.storage.uri()},
     }
     default_point = _default_point(base_cfg, domains)
     points = [default_point] if cfg.search.algorithm != "grid" else []
@@ -308,7 +311,8 @@ def _summarise(cfg: TuneConfig, grid: Any, domains: list[Domain], default_point:
     if best is not None:
         stage_cls = get_stage(cfg.stage).config_class()
         argv = [a for f in stage_files for a in ("--config", f)]
-        best_cfg = load_config(stage_cls, argv, base=_nested(cfg.base), values={**best[1], "run_name": f"{cfg.name}-best"})
+        best_cfg = load_config(stage_cls, argv, base=_nested(cfg.base),
+                               values={**best[1], "run_name": f"{cfg.name}-best"})
         best_config_path = join(study_dir, "best.yaml")
         write_bytes_atomic(best_config_path, to_yaml(best_cfg).encode())
     errored = sum(1 for r in rows if r["status"] == "ERROR")

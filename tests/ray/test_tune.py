@@ -102,6 +102,8 @@ def test_asha_stops_bad_trials_and_best_yaml_feeds_the_job(ray_local, tmp_path, 
     best = load_config(PretrainConfig, ["--config", result.best_config_path])
     assert best.optim.lr == result.best_params["optim.lr"]
     assert best.train.max_steps == 12 and best.data.path == data_uri
+    # Trials ran under the study's storage root, not the current directory's default.
+    assert all(str(tmp_path) in r["export_path"] for r in rows if r["export_path"])
     out = subprocess.run([sys.executable, str(REPO / "jobs/pretrain.py"), "--config", result.best_config_path,
                           "--print-config"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
