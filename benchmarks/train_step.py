@@ -31,6 +31,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -112,7 +113,8 @@ def r1ray_throughput(args, data: str, work: Path, workers: int, threads: int, ta
     seconds = sum(t / r["tokens_per_second"] for t, r in zip(tokens, kept, strict=True))
     return {
         "config": tag, "workers": workers, "threads_per_worker": threads, "zero_stage": args.zero,
-        "tokens_per_second": sum(tokens) / seconds, "measured_steps": args.log_every * len(kept),
+        "tokens_per_second": sum(tokens) / seconds,
+        "median_window_tokens_per_second": statistics.median(r["tokens_per_second"] for r in kept), "measured_steps": args.log_every * len(kept),
         "window_tokens_per_second": [round(r["tokens_per_second"], 1) for r in rows],
         "final_train_loss": result.train_loss, "wall_seconds_incl_startup": wall,
     }
@@ -174,9 +176,14 @@ def bare_throughput(args, data: str, threads: int) -> dict[str, Any]:
         measure = args.log_every * max(1, args.steps // args.log_every - 2)
         total = warm + measure
         t_start = None
+        windows: list[float] = []  # tokens/s of each report window after the warm-up, like the loop's
         for step in range(total):
             if step == warm:
-                t_start = time.perf_counter()
+                t_start = t_window = time.perf_counter()
+            elif step > warm and (step - warm) % args.log_every == 0:
+                now = time.perf_counter()
+                windows.append(args.log_every * tokens_per_step(args) / (now - t_window))
+                t_window = now
             torch.manual_seed(step)
             micro = step_micro_batches(step, args.global_batch, args.micro_batch, 0, 1)
             batches = [torch.from_numpy(np.asarray(rows[order.rows(idx)], dtype=np.int64)) for idx in micro]
@@ -191,11 +198,13 @@ def bare_throughput(args, data: str, threads: int) -> dict[str, Any]:
             torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
-        seconds = time.perf_counter() - t_start
+        now = time.perf_counter()
+        windows.append(args.log_every * tokens_per_step(args) / (now - t_window))
+        seconds = now - t_start
     finally:
         torch.set_num_threads(prev_threads)
     return {"threads": threads, "tokens_per_second": measure * tokens_per_step(args) / seconds,
-            "measured_steps": measure}
+            "measured_steps": measure, "windows": windows}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -379,13 +388,16 @@ def print_report(res: dict[str, Any]) -> None:
     print()
     print(f"## Throughput ({res['throughput_setup']})")
     print()
-    print("| config | r1ray tokens/s | bare PyTorch tokens/s (before / after) | ratio r1ray/bare |")
-    print("|---|---:|---:|---:|")
+    print("| config | r1ray tokens/s | bare PyTorch tokens/s (before / after) | ratio | r1ray median window | "
+          "bare median window | ratio of medians |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for row in res["throughput"]:
         b = row["bare"]
         print(f"| {row['config']} ({row['workers']} worker(s) x {row['threads_per_worker']} thread(s), ZeRO-"
               f"{row['zero_stage']}) | {row['tokens_per_second']:,.0f} | {b['mean']:,.0f} "
-              f"({b['before']:,.0f} / {b['after']:,.0f}) | **{row['ratio']:.3f}** |")
+              f"({b['before']:,.0f} / {b['after']:,.0f}) | {row['ratio']:.3f} | "
+              f"{row['median_window_tokens_per_second']:,.0f} | {b['median_window']:,.0f} | "
+              f"**{row['ratio_median_windows']:.3f}** |")
     if res.get("memory"):
         mem = res["memory"]
         base = max(r["total"] for r in mem[0]["per_rank"]) if mem[0]["zero_stage"] == 0 else None
@@ -476,9 +488,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{tag}] bare PyTorch again ...", flush=True)
             after = bare_throughput(args, data, threads)
             mean = (before["tokens_per_second"] + after["tokens_per_second"]) / 2
+            median = statistics.median(before["windows"] + after["windows"])
             r["bare"] = {"threads": threads, "before": before["tokens_per_second"],
-                         "after": after["tokens_per_second"], "mean": mean, "measured_steps": before["measured_steps"]}
+                         "after": after["tokens_per_second"], "mean": mean, "measured_steps": before["measured_steps"],
+                         "median_window": median, "windows": before["windows"] + after["windows"]}
             r["ratio"] = r["tokens_per_second"] / mean
+            # the machine is shared: a median over report windows shrugs off windows hit by other work
+            r["ratio_median_windows"] = r["median_window_tokens_per_second"] / median
             res["throughput"].append(r)
             print(f"[{tag}] r1ray {r['tokens_per_second']:,.0f} tok/s vs bare {mean:,.0f} tok/s: ratio {r['ratio']:.3f}",
                   flush=True)
