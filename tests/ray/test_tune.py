@@ -82,20 +82,20 @@ def test_asha_stops_bad_trials_and_best_yaml_feeds_the_job(ray_local, tmp_path, 
     # ones arrive.
     cfg = tune_cfg(
         tmp_path, data_uri,
-        space={"optim.lr": "grid([0.01, 0.003, 1e-06, 2e-06])"},
+        space={"optim.lr": "grid([0.01, 1e-06, 2e-06])"},
         **{"search.algorithm": "grid", "search.num_samples": 1,
            "scheduler.name": "asha", "scheduler.grace_period": 1, "scheduler.reduction_factor": 2},
     )
     result = run(cfg)
     rows = list(csv.DictReader(open(Path(result.study_dir) / "trials.csv")))
-    assert len(rows) == 4 and result.num_errored == 0
+    assert len(rows) == 3 and result.num_errored == 0
     by_lr = {float(r["config.optim.lr"]): r for r in rows}
     evals = 12 // 3
     # The tiny learning rates were stopped before their last evaluation; the good ones were not.
     assert int(by_lr[1e-06]["iterations"]) < evals or int(by_lr[2e-06]["iterations"]) < evals
     assert {by_lr[1e-06]["status"], by_lr[2e-06]["status"]} & {"STOPPED"}
     assert by_lr[0.01]["status"] == "DONE"
-    assert result.best_params["optim.lr"] in (0.01, 0.003)
+    assert result.best_params["optim.lr"] == 0.01
     assert result.best_metric < min(float(by_lr[1e-06]["val_loss"]), float(by_lr[2e-06]["val_loss"]))
 
     # best.yaml is a full stage config the pretrain job accepts unchanged.
@@ -109,7 +109,7 @@ def test_asha_stops_bad_trials_and_best_yaml_feeds_the_job(ray_local, tmp_path, 
     assert out.returncode == 0, out.stderr
     assert yaml.safe_load(out.stdout)["optim"]["lr"] == result.best_params["optim.lr"]
     manifest = json.loads((Path(result.study_dir) / "manifest.json").read_text())
-    assert manifest["stage"] == "tune" and manifest["counts"]["trials"] == 4
+    assert manifest["stage"] == "tune" and manifest["counts"]["trials"] == 3
     assert manifest["best"]["export_path"] and Path(manifest["best"]["export_path"]).is_dir()
 
 
@@ -138,7 +138,7 @@ def test_killed_study_resumes_without_rerunning_finished_trials(tmp_path, data_u
         "name": "resumable",
         "storage": {"root": str(tmp_path)},
         "base": base(data_uri),
-        "space": {"optim.lr": "grid([0.01, 0.003, 0.001])"},
+        "space": {"optim.lr": "grid([0.01, 0.003])"},
         "search": {"algorithm": "grid", "max_concurrent_trials": 1},
         "scheduler": {"name": "fifo"},
         "ray": {"num_cpus": 2, "include_dashboard": False},
@@ -164,9 +164,10 @@ def test_killed_study_resumes_without_rerunning_finished_trials(tmp_path, data_u
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     after = starts(study)
-    assert len(after) == 3
+    assert len(after) == 2
     assert after[first] == 1, "a finished trial ran again after restore"
+    assert sorted(after.values()) == [1, 2]  # the interrupted trial resumed once
     rows = list(csv.DictReader(open(study / "trials.csv")))
-    assert sorted(r["status"] for r in rows) == ["DONE", "DONE", "DONE"]
+    assert sorted(r["status"] for r in rows) == ["DONE", "DONE"]
     assert "best val_loss" in out.stdout
 
