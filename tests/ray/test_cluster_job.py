@@ -163,7 +163,8 @@ def _start_head() -> dict:
         # job driver it starts and the CLI below all read it; ~/.ray/auth_token is never touched
         RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_path), RAY_USAGE_STATS_ENABLED="0",
         # on a loaded 2-core machine the dashboard agent can take longer to start than the raylet waits
-        # for its port files by default; the raylet then aborts
+        # for its port files, and the raylet aborts; newer raylets honour this timeout for that wait, the
+        # 2.60 one apparently does not (hence the retry in the fixture)
         RAY_agent_register_timeout_ms="180000", RAY_raylet_start_wait_time_s="180",
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
         WANDB_MODE="offline", TOKENIZERS_PARALLELISM="false",
