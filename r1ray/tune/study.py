@@ -38,6 +38,7 @@ from r1ray.tune.stages import get_stage
 log = get_logger(__name__)
 
 _STARTS = "r1ray_trial_starts.jsonl"
+_FINAL = "r1ray_trial_final.json"
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,11 @@ def _trial(params: dict[str, Any], spec: dict[str, Any]) -> None:
     result = run_fn(cfg, callbacks=[_metric_report_callback(spec["metric"])])
     if getattr(result, "status", "completed") != "completed":
         raise RuntimeError(f"trial {trial_id}: training ended {result.status!r}, not completed")
-    tune.report(_final_metrics(result))
+    final = _final_metrics(result)
+    # Also on disk: a report made after the forwarded ones may not reach the result table (seen on 2.60).
+    with open(os.path.join(trial_dir, _FINAL), "w") as f:
+        json.dump(final, f, default=str)
+    tune.report(final)
 
 
 def _metric_report_callback(metric: str) -> Any:
@@ -188,7 +193,8 @@ def _scheduler(cfg: TuneConfig, domains: list[Domain], eval_reports: int) -> Any
     if s.name == "asha":
         return ASHAScheduler(
             time_attr="training_iteration",
-            max_t=max(eval_reports, s.grace_period),
+            # +1: the trial's closing report (export path, final losses) comes after its last evaluation.
+            max_t=max(eval_reports, s.grace_period) + 1,
             grace_period=s.grace_period,
             reduction_factor=s.reduction_factor,
         )
@@ -284,7 +290,10 @@ def _summarise(cfg: TuneConfig, grid: Any, domains: list[Domain], default_point:
     rows, best, default_metric = [], None, None
     for res in grid:
         params = {d.path: res.config.get(d.path) for d in domains}
-        m = res.metrics or {}
+        m = dict(res.metrics or {})
+        final = Path(str(res.path), _FINAL) if res.path else None
+        if final is not None and final.is_file():
+            m.update(json.loads(final.read_text()))
         value = m.get(metric)
         row = {
             "trial_id": m.get("trial_id") or os.path.basename(str(res.path)),
