@@ -192,6 +192,7 @@ def test_killed_study_resumes_without_rerunning_finished_trials(tmp_path, data_u
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+    killed_at = time.time()
     before = starts(study)
     first = min(before, key=lambda t: json.loads(next(study.rglob(f"*{t}*/r1ray_trial_starts.jsonl")).read_text().splitlines()[0])["time"])
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
@@ -199,8 +200,17 @@ def test_killed_study_resumes_without_rerunning_finished_trials(tmp_path, data_u
     after = starts(study)
     assert len(after) == 2
     assert after[first] == 1, "a finished trial ran again after restore"
-    assert sorted(after.values()) == [1, 2]  # the interrupted trial resumed once
-    rows = list(csv.DictReader(open(study / "trials.csv")))
-    assert sorted(r["status"] for r in rows) == ["DONE", "DONE"]
+    rows = {r["trial_id"]: r for r in csv.DictReader(open(study / "trials.csv"))}
+    assert sorted(r["status"] for r in rows.values()) == ["DONE", "DONE"]
+
+    def finished(trial_id: str) -> float:
+        import datetime
+
+        m = json.loads(Path(rows[trial_id]["export_path"], "manifest.json").read_text())
+        return datetime.datetime.fromisoformat(m["finished_at"]).timestamp()
+
+    (second,) = set(rows) - {first}
+    assert finished(first) < killed_at, "the finished trial's run was redone after restore"
+    assert finished(second) > killed_at - 1, "the interrupted trial was not trained after restore"
     assert "best val_loss" in out.stdout
 
