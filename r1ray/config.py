@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import difflib
-import os
 import types
 import typing
 from collections.abc import Sequence
@@ -473,7 +472,3 @@ def format_help(cls: type[R1Config], prog: str = "job") -> str:
 def to_yaml(cfg: R1Config) -> str:
     """The resolved config as YAML that ``--config`` accepts back unchanged."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
-
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "").lower() in ("1", "true", "yes", "on")
