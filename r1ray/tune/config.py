@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
@@ -18,10 +19,10 @@ class SearchConfig(R1Config):
     num_samples: int | None = Field(default=None, ge=1)
     """Trials to run; with ``grid``, repetitions of the whole grid. Unset: 1 with ``grid`` (each
     combination once), 6 otherwise."""
-    max_concurrent_trials: int = Field(default=1, ge=1)
-    """Trials running at once; each holds its training workers, so size this to the cluster. The default
-    is 1: on a single small node (3 logical CPUs, Ray 2.60) a second wave of concurrent trials was seen to
-    hang at worker-group start (docs/tune.md); raise it on a cluster."""
+    max_concurrent_trials: int | None = Field(default=None, ge=1)
+    """Trials running at once. Unset: as many as the cluster fits, each trial needing its largest worker
+    group (``scaling.num_workers`` max x ``cpus_per_worker``, and GPUs), with one CPU left for Ray Data and
+    the trials' drivers."""
     metric: str = "val_loss"
     """Metric the search and the scheduler optimise (as reported by the training stage)."""
     mode: Literal["min", "max"] = "min"
@@ -104,6 +105,12 @@ class TuneConfig(R1Config):
         for k, v in self.base.items():
             set_dotted(base, k, v)
         parse_space(self.space, stage.config_class(), base=base, base_files=self.stage_config)
+        if not self.ray.include_dashboard and not (self.ray.address or os.environ.get("RAY_ADDRESS")):
+            raise ValueError(
+                "ray.include_dashboard: must be true for a tune study. Ray Train (2.60) frees the workers of a "
+                "trial that ASHA/PBT stops, or that crashes, through the dashboard's State API; without it "
+                "their placement group keeps its CPUs and later trials never start."
+            )
         if self.search.algorithm == "grid":
             bad = [p for p, t in self.space.items() if not t.strip().startswith(("grid(", "choice("))]
             if bad:

@@ -39,6 +39,7 @@ log = get_logger(__name__)
 
 _STARTS = "r1ray_trial_starts.jsonl"
 _FINAL = "r1ray_trial_final.json"
+_PBT_RESUMES = "r1ray_pbt_resumes.jsonl"
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,8 @@ def _metric_report_callback(metric: str) -> Any:
 
 def _final_metrics(result: Any) -> dict[str, Any]:
     """A finished run's numbers, in the keys the stage reports during training."""
-    out: dict[str, Any] = {"done": 1.0}
+    # "completed", not "done": Tune sets its own "done" on the last result of every trial, stopped or not.
+    out: dict[str, Any] = {"completed": 1.0}
     for key in ("val_loss", "train_loss", "val_perplexity", "steps", "samples_consumed", "unigram_val_loss"):
         value = getattr(result, key, None)
         if value is not None:
@@ -145,8 +147,13 @@ def _pbt_segments(params: dict[str, Any], spec: dict[str, Any], run_fn: Any, run
     if ckpt is not None:  # a retry, or an exploit of another trial's checkpoint
         resume_dir = os.path.join(workdir, "resume")
         shutil.copytree(ckpt.to_directory(), resume_dir)
-        start_step = json.loads(Path(resume_dir, "r1ray_pbt.json").read_text())["step"]
-        log.info("PBT trial resumes at step %d from a checkpoint with params %s", start_step, params)
+        made = json.loads(Path(resume_dir, "r1ray_pbt.json").read_text())
+        start_step = made["step"]
+        log.info("PBT trial resumes at step %d with params %s from a checkpoint made with %s",
+                 start_step, params, made["params"])
+        with open(os.path.join(tune.get_context().get_trial_dir(), _PBT_RESUMES), "a") as f:
+            f.write(json.dumps({"step": start_step, "params": params, "checkpoint_params": made["params"],
+                                "time": time.time()}, default=str) + "\n")
     segment = 0
     while start_step < total:
         stop = min(start_step + interval, total)
@@ -164,12 +171,12 @@ def _pbt_segments(params: dict[str, Any], spec: dict[str, Any], run_fn: Any, run
         metrics = _final_metrics(result)
         metrics["step"] = stop
         if stop < total:
-            metrics.pop("done", None)
+            metrics.pop("completed", None)
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(out))
         resume_dir, start_step, segment = out, stop, segment + 1
 
 
-def _searcher(cfg: TuneConfig, points: list[dict[str, Any]]) -> Any:
+def _searcher(cfg: TuneConfig, points: list[dict[str, Any]], concurrent: int) -> Any:
     from ray.tune.search import ConcurrencyLimiter
 
     if cfg.search.algorithm == "optuna":
@@ -178,7 +185,7 @@ def _searcher(cfg: TuneConfig, points: list[dict[str, Any]]) -> Any:
         except ImportError as e:  # say so, never fall back silently
             raise RuntimeError("search.algorithm=optuna needs optuna: pip install 'r1ray[tune]'") from e
         algo = OptunaSearch(points_to_evaluate=points or None, seed=cfg.seed)
-        return ConcurrencyLimiter(algo, max_concurrent=cfg.search.max_concurrent_trials)
+        return ConcurrencyLimiter(algo, max_concurrent=concurrent)
     if cfg.search.algorithm == "random":
         from ray.tune.search.basic_variant import BasicVariantGenerator
 
@@ -208,6 +215,53 @@ def _scheduler(cfg: TuneConfig, domains: list[Domain], eval_reports: int) -> Any
             synch=False,
         )
     return FIFOScheduler()
+
+
+def _require_state_api() -> None:
+    """Fail before any trial when the cluster has no State API (the dashboard).
+
+    Ray Train (2.60) creates each run's worker placement group from its controller actor, which a Tune trial
+    owns. When ASHA/PBT stops a trial, or it crashes, the controller dies without removing that group, and
+    only Train's PlacementGroupCleaner, which asks the State API whether the controller is alive, frees it.
+    Without the State API the group keeps its CPUs forever and every later trial waits for workers.
+    """
+    from ray.util.state import list_actors
+
+    deadline = time.monotonic() + 30  # a dashboard that was just started may need a few seconds
+    while True:
+        try:
+            list_actors(limit=1, timeout=10, raise_on_missing_output=False)
+            return
+        except Exception as e:  # noqa: BLE001 - any failure means the same thing here
+            if time.monotonic() < deadline:
+                time.sleep(1)
+                continue
+            error = e
+        raise RuntimeError(
+            "tune needs Ray's State API (the dashboard) on this cluster: Ray Train frees the workers of a trial "
+            "that the scheduler stops, or that crashes, only through it. Start Ray with the dashboard "
+            "(ray.include_dashboard=true, or `ray start --head` without --include-dashboard=false). "
+            f"Cause: {error}"
+        ) from error
+
+
+def _max_concurrent(cfg: TuneConfig, base_cfg: R1Config) -> int:
+    """``search.max_concurrent_trials``, or as many trials as the cluster's CPUs (and GPUs) fit, each with
+    its largest worker group, one CPU kept for Ray Data and the trials' drivers."""
+    import ray
+
+    if cfg.search.max_concurrent_trials:
+        return cfg.search.max_concurrent_trials
+    sc = _get_path(base_cfg, "scaling")
+    workers = sc.num_workers if isinstance(sc.num_workers, int) else max(sc.num_workers)
+    total = ray.cluster_resources()
+    fits = int(max(total.get("CPU", 1.0) - 1.0, 0.0) // max(workers * sc.cpus_per_worker, 1e-9))
+    if sc.use_gpu:
+        fits = min(fits, int(total.get("GPU", 0.0) // workers))
+    n = max(1, fits)
+    log.info("running up to %d trials at once (%s workers each; cluster %s)", n, workers,
+             {k: total.get(k) for k in ("CPU", "GPU") if k in total})
+    return n
 
 
 def _default_point(base_cfg: R1Config, domains: list[Domain]) -> dict[str, Any]:
@@ -248,6 +302,8 @@ def run(cfg: TuneConfig) -> StudyResult:
     points = [default_point] if cfg.search.algorithm != "grid" else []
 
     with ray_session(cfg.ray):
+        _require_state_api()
+        concurrent = _max_concurrent(cfg, base_cfg)
         if stage.prepare is not None:
             stage.prepare_function()(base_cfg)  # shared inputs once, before trials race for them
         trainable = tune.with_resources(tune.with_parameters(_trial, spec=spec), {"cpu": cfg.trial_cpus})
@@ -263,10 +319,10 @@ def run(cfg: TuneConfig) -> StudyResult:
                 tune_config=tune.TuneConfig(
                     metric=cfg.search.metric,
                     mode=cfg.search.mode,
-                    search_alg=_searcher(cfg, points),
+                    search_alg=_searcher(cfg, points, concurrent),
                     scheduler=_scheduler(cfg, domains, eval_reports),
                     num_samples=cfg.search.num_samples or (1 if cfg.search.algorithm == "grid" else 6),
-                    max_concurrent_trials=cfg.search.max_concurrent_trials,
+                    max_concurrent_trials=concurrent,
                     reuse_actors=False,
                 ),
                 run_config=RunConfig(
@@ -297,7 +353,7 @@ def _summarise(cfg: TuneConfig, grid: Any, domains: list[Domain], default_point:
         value = m.get(metric)
         row = {
             "trial_id": m.get("trial_id") or os.path.basename(str(res.path)),
-            "status": "ERROR" if res.error else ("DONE" if m.get("done") else "STOPPED"),
+            "status": "ERROR" if res.error else ("DONE" if m.get("completed") else "STOPPED"),
             **{f"config.{k}": (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in params.items()},
             metric: value,
             "iterations": m.get("training_iteration"),

@@ -20,7 +20,8 @@ from r1ray.train.config import PretrainConfig
 from r1ray.tune.config import TuneConfig
 
 pytestmark = pytest.mark.slow
-RAY_NUM_CPUS = 2  # one 1-worker trial at a time (see docs/tune.md: concurrent trials on one small node)
+RAY_NUM_CPUS = 3  # the embedded default on 2 cores: two 1-worker trials at a time, one CPU to spare
+RAY_DASHBOARD = True  # the State API: Ray Train frees stopped trials' workers through it (docs/tune.md)
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -75,11 +76,18 @@ def starts(study_dir: Path) -> dict[str, int]:
     return out
 
 
-# Known bug (Ray 2.60 here): in one Ray session, only the first trial process's TorchTrainer gets a worker;
-# later trials' worker groups never start (placement group CREATED, no RayTrainWorker process), whether
-# trials run concurrently or one at a time. Tests that need a second trial in one session are skipped
-# until that is fixed; see docs/tune.md "Known issue".
-_SECOND_TRIAL_HANG = "second trial in one Ray session never starts its workers (docs/tune.md, Known issue)"
+def live_placement_groups() -> list[str]:
+    """Placement groups not removed (read from the GCS, which needs no dashboard)."""
+    from ray.util import placement_group_table
+
+    return [pg_id for pg_id, pg in placement_group_table().items() if pg["state"] != "REMOVED"]
+
+
+def wait_no_live_placement_groups(timeout: float = 30) -> list[str]:
+    deadline = time.time() + timeout
+    while (live := live_placement_groups()) and time.time() < deadline:
+        time.sleep(0.5)
+    return live
 
 
 def test_one_trial_study_writes_table_manifest_and_best_yaml_for_the_job(ray_local, tmp_path, data_uri):
@@ -106,7 +114,6 @@ def test_one_trial_study_writes_table_manifest_and_best_yaml_for_the_job(ray_loc
     assert manifest["best"]["export_path"] == rows[0]["export_path"]
 
 
-@pytest.mark.skip(reason=_SECOND_TRIAL_HANG)
 def test_asha_stops_bad_trials_and_best_yaml_feeds_the_job(ray_local, tmp_path, data_uri):
     from r1ray.tune.study import run
 
@@ -128,6 +135,8 @@ def test_asha_stops_bad_trials_and_best_yaml_feeds_the_job(ray_local, tmp_path, 
     assert {by_lr[1e-06]["status"], by_lr[2e-06]["status"]} & {"STOPPED"}
     assert by_lr[0.01]["status"] == "DONE"
     assert result.best_params["optim.lr"] == 0.01
+    # The stopped trials' worker groups were freed (Ray Train's cleaner, through the State API).
+    assert wait_no_live_placement_groups() == [], "a stopped trial's workers kept their placement group"
     assert result.best_metric < min(float(by_lr[1e-06]["val_loss"]), float(by_lr[2e-06]["val_loss"]))
 
     # best.yaml is a full stage config the pretrain job accepts unchanged.
@@ -145,7 +154,6 @@ def test_asha_stops_bad_trials_and_best_yaml_feeds_the_job(ray_local, tmp_path, 
     assert manifest["best"]["export_path"] and Path(manifest["best"]["export_path"]).is_dir()
 
 
-@pytest.mark.skip(reason=_SECOND_TRIAL_HANG)
 def test_failing_trial_is_marked_failed_and_study_goes_on(ray_local, tmp_path, data_uri):
     from r1ray.tune.study import run
 
@@ -164,6 +172,32 @@ def test_failing_trial_is_marked_failed_and_study_goes_on(ray_local, tmp_path, d
     assert sorted(starts(Path(result.study_dir)).values()) == [1, 2]
 
 
+def test_pbt_copies_the_good_trials_state_into_the_bad_one(ray_local, tmp_path, data_uri):
+    """PBT over two concurrent trials, a good and a useless learning rate: the bad trial is restarted from
+    the good trial's DeepSpeed checkpoint (a different trial's state), and ends far below where it was."""
+    from r1ray.tune.study import run
+
+    cfg = tune_cfg(
+        tmp_path, data_uri,
+        space={"optim.lr": "grid([0.01, 1e-06])"},
+        **{"search.algorithm": "grid", "search.max_concurrent_trials": 2,
+           "scheduler.name": "pbt", "scheduler.perturbation_interval": 4},
+    )
+    result = run(cfg)
+    study = Path(result.study_dir)
+    resumes = [json.loads(line) for f in study.rglob("r1ray_pbt_resumes.jsonl")
+               for line in f.read_text().splitlines()]
+    # An exploit: a trial resumed mid-run from a checkpoint trained with the good learning rate.
+    exploits = [r for r in resumes if 0 < r["step"] < 12 and r["checkpoint_params"]["optim.lr"] == 0.01]
+    assert exploits, f"no trial was restarted from the good trial's checkpoint: {resumes}"
+    rows = list(csv.DictReader(open(study / "trials.csv")))
+    assert len(rows) == 2 and result.num_errored == 0
+    assert all(r["status"] == "DONE" for r in rows), rows
+    # lr 1e-6 alone stays at ~6.02 (the ASHA test's bad trials); both trials end near the good one.
+    assert max(float(r["val_loss"]) for r in rows) < 5.0, rows
+    assert wait_no_live_placement_groups() == [], "a stopped trial's workers kept their placement group"
+
+
 def test_killed_study_resumes_without_rerunning_finished_trials(tmp_path, data_uri):
     """The study driver is SIGKILLed after its first trial finished; rerunning the same name restores it."""
     cfg_file = tmp_path / "tune.yaml"
@@ -174,7 +208,7 @@ def test_killed_study_resumes_without_rerunning_finished_trials(tmp_path, data_u
         "space": {"optim.lr": "grid([0.01, 0.003])"},
         "search": {"algorithm": "grid", "max_concurrent_trials": 1},
         "scheduler": {"name": "fifo"},
-        "ray": {"num_cpus": 2, "include_dashboard": False},
+        "ray": {"num_cpus": 2},
         "logging": {"wandb": {"mode": "disabled"}},
     }))
     cmd = [sys.executable, str(REPO / "jobs/tune.py"), "--config", str(cfg_file)]

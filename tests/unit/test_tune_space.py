@@ -84,3 +84,17 @@ def test_to_tune_domains():
     lr, steps = (d.to_tune() for d in doms)
     assert isinstance(lr, tune.search.sample.Float)
     assert steps == {"grid_search": [5, 10]}
+
+
+def test_tune_job_without_dashboard_fails_at_load_naming_the_field(monkeypatch):
+    """A study needs the State API (Ray Train frees stopped trials' workers through it): an embedded Ray
+    without the dashboard is rejected before any compute; joining a cluster is checked at study start."""
+    from r1ray.config import load_config
+    from r1ray.tune.config import TuneConfig
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(ConfigError) as e:
+        load_config(TuneConfig, [], values={"ray.include_dashboard": False})
+    assert "ray.include_dashboard: must be true for a tune study" in str(e.value)
+    assert load_config(TuneConfig, [], values={"ray.include_dashboard": False, "ray.address": "10.0.0.1:6379"})
+    assert load_config(TuneConfig, []).ray.include_dashboard
