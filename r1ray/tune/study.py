@@ -93,11 +93,14 @@ def _trial(params: dict[str, Any], spec: dict[str, Any]) -> None:
     # A start marker per attempt: restore and retry behaviour is checked from these.
     with open(os.path.join(trial_dir, _STARTS), "a") as f:
         f.write(json.dumps({"trial_id": trial_id, "time": time.time(), "params": params}, default=str) + "\n")
+    attempt = len(Path(trial_dir, _STARTS).read_text().splitlines())
     stage = get_stage(spec["stage"])
     run_fn = stage.run_function()
     run_name = f"{spec['name']}-{trial_id}"
     if spec["pbt_interval"]:
-        _pbt_segments(params, spec, run_fn, run_name)
+        # Each start (a retry, or an exploit that hands this trial another trial's checkpoint) trains its
+        # segments under new run names: an old segment's run directory would be resumed by Ray Train.
+        _pbt_segments(params, spec, run_fn, f"{run_name}-a{attempt}")
         return
     cfg = _stage_config(spec, params, {"run_name": run_name, **spec["storage"]})
     result = run_fn(cfg, callbacks=[_metric_report_callback(spec["metric"])])
@@ -143,37 +146,46 @@ def _pbt_segments(params: dict[str, Any], spec: dict[str, Any], run_fn: Any, run
     interval, total = spec["pbt_interval"], spec["max_steps"]
     resume_dir, start_step = None, 0
     ckpt = tune.get_checkpoint()
-    workdir = tempfile.mkdtemp(prefix="r1ray-pbt-")
-    if ckpt is not None:  # a retry, or an exploit of another trial's checkpoint
-        resume_dir = os.path.join(workdir, "resume")
-        shutil.copytree(ckpt.to_directory(), resume_dir)
-        made = json.loads(Path(resume_dir, "r1ray_pbt.json").read_text())
-        start_step = made["step"]
-        log.info("PBT trial resumes at step %d with params %s from a checkpoint made with %s",
-                 start_step, params, made["params"])
-        with open(os.path.join(tune.get_context().get_trial_dir(), _PBT_RESUMES), "a") as f:
-            f.write(json.dumps({"step": start_step, "params": params, "checkpoint_params": made["params"],
-                                "time": time.time()}, default=str) + "\n")
-    segment = 0
-    while start_step < total:
-        stop = min(start_step + interval, total)
-        extra: dict[str, Any] = {"run_name": f"{run_name}-s{start_step}", "train.stop_after_steps": stop,
-                                 **spec["storage"]}
-        if resume_dir:
-            extra["checkpoint.resume_from"] = resume_dir
-        cfg = _stage_config(spec, params, extra)
-        result = run_fn(cfg)
-        if result.checkpoint is None:
-            raise RuntimeError(f"PBT segment ending at step {stop} produced no checkpoint")
-        out = os.path.join(workdir, f"seg{segment}")
-        shutil.copytree(result.checkpoint, out)
-        Path(out, "r1ray_pbt.json").write_text(json.dumps({"step": stop, "params": params}, default=str))
-        metrics = _final_metrics(result)
-        metrics["step"] = stop
-        if stop < total:
-            metrics.pop("completed", None)
-        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(out))
-        resume_dir, start_step, segment = out, stop, segment + 1
+    workdir = tempfile.mkdtemp(prefix="r1ray-pbt-")  # segment checkpoints; Tune keeps its own copies
+    try:
+        if ckpt is not None:  # a retry, or an exploit of another trial's checkpoint
+            resume_dir = os.path.join(workdir, "resume")
+            shutil.copytree(ckpt.to_directory(), resume_dir)
+            made = json.loads(Path(resume_dir, "r1ray_pbt.json").read_text())
+            start_step = made["step"]
+            log.info("PBT trial resumes at step %d with params %s from a checkpoint made with %s",
+                     start_step, params, made["params"])
+            with open(os.path.join(tune.get_context().get_trial_dir(), _PBT_RESUMES), "a") as f:
+                f.write(json.dumps({"step": start_step, "params": params, "checkpoint_params": made["params"],
+                                    "time": time.time()}, default=str) + "\n")
+            if start_step >= total:  # exploited at the very end: this trial's result is now the copied state's
+                tune.report(made["metrics"])
+                return
+        segment = 0
+        while start_step < total:
+            stop = min(start_step + interval, total)
+            extra: dict[str, Any] = {"run_name": f"{run_name}-s{start_step}", "train.stop_after_steps": stop,
+                                     **spec["storage"]}
+            if resume_dir:
+                extra["checkpoint.resume_from"] = resume_dir
+            cfg = _stage_config(spec, params, extra)
+            result = run_fn(cfg)
+            if result.checkpoint is None:
+                raise RuntimeError(f"PBT segment ending at step {stop} produced no checkpoint")
+            out = os.path.join(workdir, f"seg{segment}")
+            shutil.copytree(result.checkpoint, out)
+            metrics = _final_metrics(result)
+            metrics["step"] = stop
+            if stop < total:
+                metrics.pop("completed", None)
+            Path(out, "r1ray_pbt.json").write_text(
+                json.dumps({"step": stop, "params": params, "metrics": metrics}, default=str))
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(out))
+            if resume_dir:
+                shutil.rmtree(resume_dir, ignore_errors=True)
+            resume_dir, start_step, segment = out, stop, segment + 1
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _searcher(cfg: TuneConfig, points: list[dict[str, Any]], concurrent: int) -> Any:
@@ -217,31 +229,44 @@ def _scheduler(cfg: TuneConfig, domains: list[Domain], eval_reports: int) -> Any
     return FIFOScheduler()
 
 
+def _state_api_probe() -> None:
+    """Runs as a task on the head node, as Train's PlacementGroupCleaner does: no address given."""
+    from ray.util.state import list_actors
+
+    list_actors(limit=1, timeout=10, raise_on_missing_output=False)
+
+
 def _require_state_api() -> None:
-    """Fail before any trial when the cluster has no State API (the dashboard).
+    """Fail before any trial when Ray Train could not free a stopped trial's workers.
 
     Ray Train (2.60) creates each run's worker placement group from its controller actor, which a Tune trial
     owns. When ASHA/PBT stops a trial, or it crashes, the controller dies without removing that group, and
-    only Train's PlacementGroupCleaner, which asks the State API whether the controller is alive, frees it.
-    Without the State API the group keeps its CPUs forever and every later trial waits for workers.
+    only Train's PlacementGroupCleaner (a detached actor on the head node) frees it, after asking the State
+    API whether the controller is alive. The State API needs the dashboard, and with no address given (the
+    cleaner gives none) it also fails when several Ray instances run on the head machine. Either way the
+    group keeps its CPUs forever and every later trial waits for workers, so check it the cleaner's way.
     """
-    from ray.util.state import list_actors
+    import ray
+    from ray._common.constants import HEAD_NODE_RESOURCE_NAME
 
+    probe = ray.remote(num_cpus=0, max_retries=0)(_state_api_probe).options(
+        resources={HEAD_NODE_RESOURCE_NAME: 0.001})
     deadline = time.monotonic() + 30  # a dashboard that was just started may need a few seconds
     while True:
         try:
-            list_actors(limit=1, timeout=10, raise_on_missing_output=False)
+            ray.get(probe.remote(), timeout=60)
             return
         except Exception as e:  # noqa: BLE001 - any failure means the same thing here
-            if time.monotonic() < deadline:
+            error = getattr(e, "cause", None) or e
+            if time.monotonic() < deadline and "multiple active Ray instances" not in str(error):
                 time.sleep(1)
                 continue
-            error = e
         raise RuntimeError(
-            "tune needs Ray's State API (the dashboard) on this cluster: Ray Train frees the workers of a trial "
-            "that the scheduler stops, or that crashes, only through it. Start Ray with the dashboard "
-            "(ray.include_dashboard=true, or `ray start --head` without --include-dashboard=false). "
-            f"Cause: {error}"
+            "tune needs Ray's State API on the head node: Ray Train frees the workers of a trial that the "
+            "scheduler stops, or that crashes, only through it, and without it later trials never start. "
+            "Start Ray with the dashboard (ray.include_dashboard=true, or `ray start --head` without "
+            "--include-dashboard=false), and run one Ray instance per machine. "
+            f"Cause: {str(error).strip().splitlines()[-1][:500]}"
         ) from error
 
 
