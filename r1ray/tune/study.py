@@ -201,7 +201,9 @@ def _searcher(cfg: TuneConfig, points: list[dict[str, Any]], concurrent: int) ->
     if cfg.search.algorithm == "random":
         from ray.tune.search.basic_variant import BasicVariantGenerator
 
-        return BasicVariantGenerator(points_to_evaluate=points or None, random_state=cfg.seed)
+        # Tune ignores TuneConfig.max_concurrent_trials for a generator passed in: it must be given here.
+        return BasicVariantGenerator(points_to_evaluate=points or None, random_state=cfg.seed,
+                                     max_concurrent=concurrent)
     return None  # grid: Tune's default generator expands grid_search
 
 

@@ -98,3 +98,16 @@ def test_tune_job_without_dashboard_fails_at_load_naming_the_field(monkeypatch):
     assert "ray.include_dashboard: must be true for a tune study" in str(e.value)
     assert load_config(TuneConfig, [], values={"ray.include_dashboard": False, "ray.address": "10.0.0.1:6379"})
     assert load_config(TuneConfig, []).ray.include_dashboard
+
+
+@pytest.mark.parametrize("algorithm", ["random", "optuna"])
+def test_search_algorithms_enforce_the_trial_concurrency(algorithm):
+    """Tune ignores TuneConfig.max_concurrent_trials for a searcher passed in, so each must carry it."""
+    from r1ray.config import load_config
+    from r1ray.tune.config import TuneConfig
+    from r1ray.tune.study import _searcher
+
+    if algorithm == "optuna":
+        pytest.importorskip("optuna")
+    cfg = load_config(TuneConfig, [], values={"search.algorithm": algorithm})
+    assert _searcher(cfg, [], 2).max_concurrent == 2
