@@ -181,7 +181,8 @@ class PackConfig(R1Config):
     seq_len: int = Field(default=256, ge=8)
     """Tokens per packed row (documents joined with EOS, then cut)."""
     validation_fraction: float = Field(default=0.02, ge=0, lt=1)
-    """Share of documents (chosen by a hash of their id and the seed) that go to the validation split."""
+    """Share of each source's kept text that goes to the validation split: whole documents, chosen in the
+    order of a hash of their id and the seed, until the source's share of characters is reached."""
     max_shard_bytes: int = Field(default=32 << 20, ge=1024)
     """Upper bound of one shard's raw token bytes (rows x seq_len x 4)."""
 

@@ -43,3 +43,34 @@ def multiplicities(rate: float, u: np.ndarray) -> np.ndarray:
     """How many times each document is used at ``rate`` (``u``: its uniform number)."""
     base = int(np.floor(rate))
     return (base + (u < rate - base)).astype(np.int64)
+
+
+def validation_split(u: np.ndarray, n_chars: np.ndarray, source: np.ndarray, keep: np.ndarray,
+                     fraction: float) -> np.ndarray:
+    """Which documents go to validation: per source, ``fraction`` of its kept *characters* (a proxy for
+    tokens), taken in the order of ``u`` (a per-document hash), so validation mirrors the sources' shares
+    of training text. A plain per-document coin would let a source of many short documents dominate
+    validation and leave one of few long documents nearly absent.
+
+    A document that would carry its source past the target is skipped (a later, shorter one may fit), so a
+    source whose every document is larger than its share contributes none rather than a whole book.
+    """
+    is_val = np.zeros(len(u), dtype=bool)
+    if fraction <= 0:
+        return is_val
+    for si in np.unique(source[keep]):
+        idx = np.flatnonzero(keep & (source == si))
+        idx = idx[np.argsort(u[idx], kind="stable")]
+        target = fraction * float(n_chars[idx].sum())
+        # Fast path: the prefix that fits entirely; then a greedy pass over the rest for the remainder.
+        cum = np.cumsum(n_chars[idx])
+        cut = int(np.searchsorted(cum, target, side="right"))
+        is_val[idx[:cut]] = True
+        taken = float(cum[cut - 1]) if cut else 0.0
+        for i in idx[cut:]:
+            if taken >= target:
+                break
+            if taken + n_chars[i] <= target:
+                is_val[i] = True
+                taken += float(n_chars[i])
+    return is_val

@@ -356,7 +356,7 @@ def _run(cfg: PrepareDataConfig) -> str:
 
     from r1ray.data import dedup as D
     from r1ray.data.decontam import eval_ngrams
-    from r1ray.data.mix import doc_uniform, mixing_rates, multiplicities
+    from r1ray.data.mix import doc_uniform, mixing_rates, multiplicities, validation_split
     from r1ray.data.pack import ShardWriter
     from r1ray.data.sources import plan
     from r1ray.data.tokenizer import REASONING_TOKENS, load_tokenizer, tokenizer_sha256, train_tokenizer
@@ -425,8 +425,8 @@ def _run(cfg: PrepareDataConfig) -> str:
         t_dedup = time.perf_counter()
 
         # ---- split
-        u_split = doc_uniform(cfg.seed, 1, src, fil, pos, part)
-        is_val = u_split < cfg.pack.validation_fraction
+        is_val = validation_split(doc_uniform(cfg.seed, 1, src, fil, pos, part), n_chars, src, keep,
+                                  cfg.pack.validation_fraction)
 
         # ---- tokenizer
         keep_idx = np.flatnonzero(keep)

@@ -9,7 +9,7 @@ import pytest
 
 from r1ray.data.decontam import contaminated, eval_ngrams
 from r1ray.data.dedup import word_hashes
-from r1ray.data.mix import doc_uniform, mixing_rates, multiplicities
+from r1ray.data.mix import doc_uniform, mixing_rates, multiplicities, validation_split
 
 
 def test_rates_hit_target_shares_and_keep_the_total():
@@ -48,3 +48,33 @@ def test_decontamination_needs_a_full_shared_ngram(tmp_path):
     assert not contaminated(word_hashes(twelve), eval_set, 13)
     (tmp_path / "eval.txt").write_text(question)
     assert np.array_equal(eval_ngrams([str(tmp_path / "eval.txt")], [], 13), eval_set)
+
+
+def test_validation_split_mirrors_each_sources_share_of_text():
+    """Source 0: 200 long documents; source 1: 20,000 short ones; equal text. A per-document coin puts
+    ~99% of validation text in source 1; the split takes 2% of each source's characters instead."""
+    n0, n1 = 200, 20_000
+    src = np.r_[np.zeros(n0, np.int64), np.ones(n1, np.int64)]
+    n_chars = np.r_[np.full(n0, 10_000), np.full(n1, 100)].astype(np.int64)
+    ids = np.arange(n0 + n1)
+    u = doc_uniform(0, 1, src, np.zeros_like(ids), ids, np.zeros_like(ids))
+    keep = np.ones(n0 + n1, dtype=bool)
+    keep[5] = False  # a duplicate is never chosen
+    is_val = validation_split(u, n_chars, src, keep, 0.02)
+    assert not is_val[5]
+    for si in (0, 1):
+        m = keep & (src == si)
+        share = n_chars[is_val & m].sum() / n_chars[m].sum()
+        assert 0.015 <= share <= 0.02, (si, share)
+    # Deterministic, and a pure function of the hash order.
+    assert (validation_split(u, n_chars, src, keep, 0.02) == is_val).all()
+    assert not validation_split(u, n_chars, src, keep, 0.0).any()
+
+
+def test_validation_split_skips_documents_larger_than_the_share():
+    # One 1 MB document and a few small ones: 2% must not take the big one whole.
+    n_chars = np.array([1_000_000, 300, 300, 300, 300], dtype=np.int64)
+    src = np.zeros(5, np.int64)
+    u = np.array([0.0, 0.1, 0.2, 0.3, 0.4])  # the big document comes first in hash order
+    is_val = validation_split(u, n_chars, src, np.ones(5, bool), 0.02)
+    assert not is_val[0] and is_val[1:].all()
