@@ -315,7 +315,8 @@ def _memory_worker(cfg: dict[str, Any]) -> dict[str, Any]:
     model = build_model(ModelConfig(preset=cfg["preset"]), tok, seed=0)
     n_params = sum(p.numel() for p in model.parameters())
     ds, optim = DeepSpeedConfig(zero_stage=cfg["zero"]), OptimConfig(lr=1e-3)
-    config = ds_config(ds, optim, micro_batch_size=1, grad_accum=1, world_size=world, use_gpu=False)
+    config = ds_config(ds, optim, micro_batch_size=1, grad_accum=1, world_size=world, use_gpu=False,
+                       hidden_size=None if cfg.get("fixed_bucket") else model.config.hidden_size)
     t0 = time.perf_counter()
     engine = build_engine(model, ds, optim, config)
     build_s = time.perf_counter() - t0
@@ -347,22 +348,28 @@ def zero_memory(args, tokenizer: str, work: Path) -> list[dict[str, Any]]:
     retry_ray_start(lambda: ray.init(address="local", num_cpus=3, include_dashboard=False, logging_level="WARNING",
                                      runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}}))
     try:
-        for zero in args.zero_stages:
+        # ZeRO-3 is measured twice: buckets sized to the model (what r1ray runs) and DeepSpeed's fixed 50M
+        # elements (the baseline, as r1ray ran before), in the same run.
+        runs = [(z, False) for z in args.zero_stages] + ([(3, True)] if 3 in args.zero_stages else [])
+        for zero, fixed in runs:
             trainer = TorchTrainer(
                 _memory_worker,
                 train_loop_config={"tokenizer": tokenizer, "preset": args.mem_preset, "zero": zero,
-                                   "seq_len": args.seq_len},
+                                   "seq_len": args.seq_len, "fixed_bucket": fixed},
                 scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
-                run_config=ray.train.RunConfig(name=f"zero{zero}", storage_path=str(work / "mem-runs")),
+                run_config=ray.train.RunConfig(name=f"zero{zero}{'-fixed' if fixed else ''}",
+                                               storage_path=str(work / "mem-runs")),
             )
             res = trainer.fit()
             if res.error is not None:
                 raise res.error
             out = res.return_value
-            rows.append({"zero_stage": zero, "preset": args.mem_preset, "n_params": out["n_params"],
+            rows.append({"zero_stage": f"{zero} (fixed 50M bucket)" if fixed else zero,
+                         "preset": args.mem_preset, "n_params": out["n_params"],
                          "per_rank": out["per_rank"], "build_seconds": out["build_seconds"],
                          "reduce_bucket_size": out["config"]["zero_optimization"].get("reduce_bucket_size")})
-            print(f"  ZeRO-{zero}: {fmt_bytes(max(r['total'] for r in out['per_rank']))} per rank", flush=True)
+            print(f"  ZeRO-{rows[-1]['zero_stage']}: {fmt_bytes(max(r['total'] for r in out['per_rank']))} per rank",
+                  flush=True)
     finally:
         ray.shutdown()
     return rows

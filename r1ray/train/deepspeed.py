@@ -22,8 +22,10 @@ def ds_config(
     world_size: int,
     use_gpu: bool,
     load_universal: bool = False,
+    hidden_size: int | None = None,
 ) -> dict[str, Any]:
-    """The DeepSpeed config dict. Batch sizes derive from micro x accumulation x world, so they agree."""
+    """The DeepSpeed config dict. Batch sizes derive from micro x accumulation x world, so they agree;
+    ZeRO's buckets derive from the model's ``hidden_size`` (see ``bucket_elements``)."""
     cfg: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": grad_accum,
@@ -31,7 +33,7 @@ def ds_config(
         "gradient_clipping": optim.grad_clip,
         "steps_per_print": 10**9,  # r1ray reports metrics itself
         "wall_clock_breakdown": False,
-        "zero_optimization": _zero(ds),
+        "zero_optimization": _zero(ds, hidden_size),
         # the loop sets the learning rate of every step itself (r1ray.train.optim.lr_at)
         "zero_allow_untested_optimizer": True,
     }
@@ -47,11 +49,23 @@ def ds_config(
     return cfg
 
 
-def _zero(ds: DeepSpeedConfig) -> dict[str, Any]:
+def bucket_elements(hidden_size: int | None) -> int:
+    """ZeRO's gradient-reduction bucket, in elements: hidden_size² (the rule of Hugging Face's "auto"
+    DeepSpeed values), kept within [2M, 50M]. A fixed 50M bucket is a 190 MiB fp32 buffer on every rank
+    whatever the model (a sixth of a 125m model's per-rank state under ZeRO-3); the 2M floor keeps small
+    models from paying one collective per few thousand gradients. Unknown size: 50M, DeepSpeed's default."""
+    if not hidden_size:
+        return 50_000_000
+    return int(min(50_000_000, max(2_000_000, hidden_size * hidden_size)))
+
+
+def _zero(ds: DeepSpeedConfig, hidden_size: int | None = None) -> dict[str, Any]:
     z: dict[str, Any] = {"stage": ds.zero_stage}
+    bucket = bucket_elements(hidden_size)
     if ds.zero_stage >= 1:
-        # fixed bucket sizes keep the reduction order (and so the float sums) the same run to run
-        z.update({"reduce_bucket_size": 50_000_000, "allgather_bucket_size": 50_000_000,
+        # sizes fixed by the model (not by timing or world size) keep the reduction order, and so the
+        # float sums, the same run to run
+        z.update({"reduce_bucket_size": bucket, "allgather_bucket_size": bucket,
                   "overlap_comm": False, "contiguous_gradients": True})
     if ds.offload_optimizer:
         z["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
@@ -60,6 +74,9 @@ def _zero(ds: DeepSpeedConfig) -> dict[str, Any]:
     if ds.zero_stage == 3:
         # the HF export gathers the full weights on rank 0 at each checkpoint
         z["stage3_gather_16bit_weights_on_model_save"] = True
+        z["stage3_prefetch_bucket_size"] = int(0.9 * bucket)
+        if hidden_size:
+            z["stage3_param_persistence_threshold"] = 10 * hidden_size  # small tensors (norms) stay whole
     return z
 
 

@@ -286,6 +286,7 @@ class Loop:
         config = ds_config(
             cfg.deepspeed, cfg.optim, micro_batch_size=tcfg.micro_batch_size, grad_accum=self.gas,
             world_size=w.world_size, use_gpu=w.use_gpu, load_universal=load_universal,
+            hidden_size=getattr(getattr(model, "config", None), "hidden_size", None),
         )
         t0 = time.perf_counter()
         self.flops_per_token = train_flops_per_token(model, getattr(self.stage, "seq_len", 2048))

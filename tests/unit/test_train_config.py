@@ -115,3 +115,18 @@ def test_lion_matches_reference_update():
     expected = torch.tensor([1.0, -2.0, 0.5]) * (1 - 0.05) - 0.1 * torch.tensor([1.0, -1.0, 0.0])
     assert torch.allclose(p.detach(), expected)
     assert torch.allclose(opt.state[p]["exp_avg"], 0.01 * torch.tensor([0.3, -0.1, 0.0]))
+
+
+def test_zero_buckets_follow_the_model_size():
+    from r1ray.train.deepspeed import bucket_elements
+
+    assert bucket_elements(None) == 50_000_000  # unknown model: DeepSpeed's default
+    assert bucket_elements(64) == 2_000_000  # floor
+    assert bucket_elements(2048) == 2048 * 2048  # hidden² in between
+    assert bucket_elements(16384) == 50_000_000  # ceiling
+    c = ds_config(DeepSpeedConfig(zero_stage=3), OptimConfig(), micro_batch_size=1, grad_accum=1, world_size=2,
+                  use_gpu=False, hidden_size=2048)
+    z = c["zero_optimization"]
+    assert z["reduce_bucket_size"] == z["allgather_bucket_size"] == 2048 * 2048
+    assert z["stage3_prefetch_bucket_size"] == int(0.9 * 2048 * 2048)
+    assert z["stage3_param_persistence_threshold"] == 20480
