@@ -232,6 +232,28 @@ class OpenAIServer:
             self._done(route, resp.status_code, t0)
         return resp
 
+    def _stream(self, route: str, t0: float, events: AsyncIterator[bytes]) -> StreamingResponse:
+        """Server-sent events around a request's ``events``: ``[DONE]`` after the last one, an error event
+        if an ``APIError`` comes mid-stream (the status line is already sent), 499 when the client goes
+        away, and the request's metrics recorded once whichever way it ends."""
+        async def gen() -> AsyncIterator[bytes]:
+            status = 200
+            try:
+                async for b in events:
+                    yield b
+                yield b"data: [DONE]\n\n"
+            except APIError as e:
+                status = e.status
+                yield _sse(S.ErrorResponse(error=S.ErrorBody(message=e.message, type=e.type, code=str(e.status))))
+            except asyncio.CancelledError:
+                status = 499
+                raise
+            finally:
+                await events.aclose()  # frees the engine slots now if the client left mid-stream
+                self._done(route, status, t0)
+
+        return StreamingResponse(gen(), media_type="text/event-stream")
+
     async def _run_choices(self, jobs: list[tuple[int, list[int], SamplingParams]], t0: float, route: str,
                            ) -> AsyncIterator[tuple[int, StepEvent]]:
         """Run every (index, prompt ids, params) sequence; yield (index, event) as they come."""
@@ -359,37 +381,26 @@ class OpenAIServer:
             return self._completion_logprobs(entries, offset, req.logprobs)
 
         if req.stream:
-            async def gen() -> AsyncIterator[bytes]:
-                status = 200
+            async def events() -> AsyncIterator[bytes]:
                 done_tokens = 0
                 offsets = {j[0]: 0 for j in jobs}
-                try:
-                    async for i, ev in self._run_choices(jobs, t0, route):
-                        done_tokens += len(ev.token_ids)
-                        text = (prompt_text[i] if req.echo and ev.first else "") + ev.text
-                        lp = logprobs_for(i, ev, offsets[i])
-                        offsets[i] += len(text)
-                        if not text and ev.finish_reason is None and lp is None:
-                            continue
-                        chunk = S.CompletionResponse(id=rid, created=created, model=self.model_name, choices=[
-                            S.CompletionChoice(index=i, text=text, logprobs=lp, finish_reason=ev.finish_reason)])
-                        yield _sse(chunk)
-                    if req.stream_options and req.stream_options.include_usage:
-                        usage = S.Usage(prompt_tokens=prompt_tokens, completion_tokens=done_tokens,
-                                        total_tokens=prompt_tokens + done_tokens)
-                        yield _sse({"id": rid, "object": "text_completion", "created": created,
-                                    "model": self.model_name, "choices": [], "usage": usage.model_dump()})
-                    yield b"data: [DONE]\n\n"
-                except APIError as e:
-                    status = e.status
-                    yield _sse(S.ErrorResponse(error=S.ErrorBody(message=e.message, type=e.type, code=str(e.status))))
-                except asyncio.CancelledError:
-                    status = 499
-                    raise
-                finally:
-                    self._done(route, status, t0)
+                async for i, ev in self._run_choices(jobs, t0, route):
+                    done_tokens += len(ev.token_ids)
+                    text = (prompt_text[i] if req.echo and ev.first else "") + ev.text
+                    lp = logprobs_for(i, ev, offsets[i])
+                    offsets[i] += len(text)
+                    if not text and ev.finish_reason is None and lp is None:
+                        continue
+                    chunk = S.CompletionResponse(id=rid, created=created, model=self.model_name, choices=[
+                        S.CompletionChoice(index=i, text=text, logprobs=lp, finish_reason=ev.finish_reason)])
+                    yield _sse(chunk)
+                if req.stream_options and req.stream_options.include_usage:
+                    usage = S.Usage(prompt_tokens=prompt_tokens, completion_tokens=done_tokens,
+                                    total_tokens=prompt_tokens + done_tokens)
+                    yield _sse({"id": rid, "object": "text_completion", "created": created,
+                                "model": self.model_name, "choices": [], "usage": usage.model_dump()})
 
-            return StreamingResponse(gen(), media_type="text/event-stream")
+            return self._stream(route, t0, events())
 
         texts: dict[int, list[str]] = {j[0]: [prompt_text.get(j[0], "")] for j in jobs}
         lps: dict[int, list] = {j[0]: [] for j in jobs}
@@ -446,8 +457,7 @@ class OpenAIServer:
         route = ROUTE_CHAT
 
         if req.stream:
-            async def gen() -> AsyncIterator[bytes]:
-                status = 200
+            async def events() -> AsyncIterator[bytes]:
                 ntok = 0
                 splitters = {k: ReasoningStream() for k in range(req.n)}
 
@@ -455,34 +465,23 @@ class OpenAIServer:
                     return _sse(S.ChatChunk(id=rid, created=created, model=self.model_name, choices=[
                         S.ChatChunkChoice(index=k, delta=delta, finish_reason=finish, logprobs=lp)]))
 
-                try:
-                    for k in range(req.n):
-                        yield chunk(k, S.Delta(role="assistant", content=""))
-                    async for k, ev in self._run_choices(jobs, t0, route):
-                        ntok += len(ev.token_ids)
-                        lp = self._chat_logprobs(ev.logprobs, top) if req.logprobs and ev.logprobs else None
-                        parts = splitters[k].feed(ev.text, final=ev.finish_reason is not None)
-                        for j, (field, piece) in enumerate(parts):
-                            yield chunk(k, S.Delta(**{field: piece}), lp=lp if j == 0 else None)
-                        if not parts and lp is not None:
-                            yield chunk(k, S.Delta(content=""), lp=lp)
-                        if ev.finish_reason is not None:
-                            yield chunk(k, S.Delta(), finish=ev.finish_reason)
-                    if req.stream_options and req.stream_options.include_usage:
-                        usage = S.Usage(prompt_tokens=len(ids), completion_tokens=ntok, total_tokens=len(ids) + ntok)
-                        yield _sse(S.ChatChunk(id=rid, created=created, model=self.model_name, choices=[],
-                                               usage=usage))
-                    yield b"data: [DONE]\n\n"
-                except APIError as e:
-                    status = e.status
-                    yield _sse(S.ErrorResponse(error=S.ErrorBody(message=e.message, type=e.type, code=str(e.status))))
-                except asyncio.CancelledError:
-                    status = 499
-                    raise
-                finally:
-                    self._done(route, status, t0)
+                for k in range(req.n):
+                    yield chunk(k, S.Delta(role="assistant", content=""))
+                async for k, ev in self._run_choices(jobs, t0, route):
+                    ntok += len(ev.token_ids)
+                    lp = self._chat_logprobs(ev.logprobs, top) if req.logprobs and ev.logprobs else None
+                    parts = splitters[k].feed(ev.text, final=ev.finish_reason is not None)
+                    for j, (field, piece) in enumerate(parts):
+                        yield chunk(k, S.Delta(**{field: piece}), lp=lp if j == 0 else None)
+                    if not parts and lp is not None:
+                        yield chunk(k, S.Delta(content=""), lp=lp)
+                    if ev.finish_reason is not None:
+                        yield chunk(k, S.Delta(), finish=ev.finish_reason)
+                if req.stream_options and req.stream_options.include_usage:
+                    usage = S.Usage(prompt_tokens=len(ids), completion_tokens=ntok, total_tokens=len(ids) + ntok)
+                    yield _sse(S.ChatChunk(id=rid, created=created, model=self.model_name, choices=[], usage=usage))
 
-            return StreamingResponse(gen(), media_type="text/event-stream")
+            return self._stream(route, t0, events())
 
         texts = {k: [] for k in range(req.n)}
         lps: dict[int, list] = {k: [] for k in range(req.n)}
