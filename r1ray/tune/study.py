@@ -260,16 +260,16 @@ def _require_state_api() -> None:
             return
         except Exception as e:  # noqa: BLE001 - any failure means the same thing here
             error = getattr(e, "cause", None) or e
-            if time.monotonic() < deadline and "multiple active Ray instances" not in str(error):
-                time.sleep(1)
-                continue
-        raise RuntimeError(
-            "tune needs Ray's State API on the head node: Ray Train frees the workers of a trial that the "
-            "scheduler stops, or that crashes, only through it, and without it later trials never start. "
-            "Start Ray with the dashboard (ray.include_dashboard=true, or `ray start --head` without "
-            "--include-dashboard=false), and run one Ray instance per machine. "
-            f"Cause: {str(error).strip().splitlines()[-1][:500]}"
-        ) from error
+        if time.monotonic() > deadline or "multiple active Ray instances" in str(error):
+            break
+        time.sleep(1)
+    raise RuntimeError(
+        "tune needs Ray's State API on the head node: Ray Train frees the workers of a trial that the "
+        "scheduler stops, or that crashes, only through it, and without it later trials never start. "
+        "Start Ray with the dashboard (ray.include_dashboard=true, or `ray start --head` without "
+        "--include-dashboard=false), and run one Ray instance per machine. "
+        f"Cause: {str(error).strip().splitlines()[-1][:500]}"
+    ) from error
 
 
 def _max_concurrent(cfg: TuneConfig, base_cfg: R1Config) -> int:
