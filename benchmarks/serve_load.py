@@ -86,7 +86,7 @@ def free_port(start: int) -> int:
 
 
 def build_model(out: Path, preset: str) -> str:
-    from r1ray.data.tokenizer import train_tokenizer
+    from r1ray.model.tokenizer import train_tokenizer
     from r1ray.model.build import ModelConfig, save_model
     from r1ray.model.build import build_model as build
 
@@ -155,7 +155,7 @@ async def http_level(url: str, model: str, concurrency: int, duration: float, ma
 
 
 async def engine_level(engine, concurrency: int, duration: float, max_tokens: int) -> LevelResult:
-    from r1ray.serve.engine import SamplingParams
+    from r1ray.infer import SamplingParams
 
     res = LevelResult("engine in-process", concurrency, duration)
     ids = engine.encode("the cat sat on the")
@@ -206,7 +206,7 @@ def main() -> int:
 
     from r1ray.observe.log import setup_logging
     from r1ray.serve.config import ServeConfig
-    from r1ray.serve.engine import HFEngine
+    from r1ray.infer.hf import HFEngine
     from r1ray.serve.launch import deploy
 
     setup_logging("WARNING")

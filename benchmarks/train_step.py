@@ -51,7 +51,7 @@ WORDS = "the a of to and in is it that for on with as was he she they we you at 
 
 def make_data(work: Path, seq_len: int, train_docs: int) -> tuple[str, str]:
     """A tokenizer and a synthetic data artifact in the packed-shard format (no downloads)."""
-    from r1ray.data.tokenizer import train_tokenizer
+    from r1ray.model.tokenizer import train_tokenizer
     from r1ray.train.synthetic import write_data_artifact
 
     tok_dir = work / "tokenizer"
@@ -154,7 +154,7 @@ def bare_throughput(args, data: str, threads: int) -> dict[str, Any]:
 
     from r1ray.config import OptimConfig
     from r1ray.data.shards import DataArtifact
-    from r1ray.data.tokenizer import load_tokenizer
+    from r1ray.model.tokenizer import load_tokenizer
     from r1ray.model import build_model
     from r1ray.model.build import ModelConfig
     from r1ray.train.optim import lr_at, param_groups
@@ -303,7 +303,7 @@ def _memory_worker(cfg: dict[str, Any]) -> dict[str, Any]:
     import torch.nn.functional as F
 
     from r1ray.config import DeepSpeedConfig, OptimConfig
-    from r1ray.data.tokenizer import load_tokenizer
+    from r1ray.model.tokenizer import load_tokenizer
     from r1ray.model import build_model
     from r1ray.model.build import ModelConfig
     from r1ray.train.deepspeed import build_engine, ds_config

@@ -14,7 +14,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory):
     """A small byte-level BPE tokenizer trained here (no downloads), with the reasoning tokens."""
-    from r1ray.data.tokenizer import train_tokenizer
+    from r1ray.model.tokenizer import train_tokenizer
 
     out = tmp_path_factory.mktemp("tokenizer")
     words = "the a of to and in is it that for on with as was he she they we you at by".split()

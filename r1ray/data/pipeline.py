@@ -359,7 +359,7 @@ def _run(cfg: PrepareDataConfig) -> str:
     from r1ray.data.mix import doc_uniform, mixing_rates, multiplicities, validation_split
     from r1ray.data.pack import ShardWriter
     from r1ray.data.sources import plan
-    from r1ray.data.tokenizer import REASONING_TOKENS, load_tokenizer, tokenizer_sha256, train_tokenizer
+    from r1ray.model.tokenizer import REASONING_TOKENS, load_tokenizer, tokenizer_sha256, train_tokenizer
 
     t_start, started_at = time.perf_counter(), now()
     out = cfg.artifact_uri()
@@ -439,7 +439,7 @@ def _run(cfg: PrepareDataConfig) -> str:
             if missing:
                 raise ValueError(
                     f"tokenizer.path {cfg.tokenizer.path} lacks the reasoning tokens {missing}; train one "
-                    "(unset tokenizer.path) or add them with r1ray.data.tokenizer"
+                    "(unset tokenizer.path) or add them with r1ray.model.tokenizer"
                 )
             tok.save_pretrained(str(tmp))
             trained = False

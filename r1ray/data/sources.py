@@ -286,7 +286,7 @@ def read_records(task: FileTask, src: SourceConfig, max_line_bytes: int, seed: i
                  stats: ReadStats) -> Iterator[Record]:
     """Every record of one file task, in order. Never raises for bad data: it yields rejects."""
     if task.format == "reasoning":
-        from r1ray.data.reasoning import generate_many
+        from r1ray.tasks.arithmetic import generate_many
 
         for s in generate_many(seed, task.count, task.start):
             yield Record(s.index, s.text)

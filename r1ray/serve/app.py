@@ -32,8 +32,8 @@ from r1ray.observe.log import get_logger, setup_logging
 from r1ray.observe.metrics import record
 from r1ray.serve import schemas as S
 from r1ray.serve.config import ServeConfig
-from r1ray.serve.engine import EngineFullError, SamplingParams, StepEvent, make_engine
-from r1ray.serve.text import ReasoningStream, split_reasoning
+from r1ray.infer import EngineFullError, SamplingParams, StepEvent, make_engine
+from r1ray.infer.text import ReasoningStream, split_reasoning
 
 log = get_logger(__name__)
 
@@ -507,8 +507,11 @@ class OpenAIServer:
 # ---------------------------------------------------------------------------------------------- building
 
 
-def resolve_model_path(cfg: ServeConfig, *, train_if_missing: bool = False) -> str:
-    """The model directory to serve: ``model_path``, or the newest export of the pretraining run."""
+def resolve_model_path(cfg: ServeConfig) -> str:
+    """The model directory to serve: ``model_path``, or the newest export of run ``run_name``.
+
+    Serving never trains: preparing a missing model is the orchestration layer's business
+    (``r1ray.pipeline.upstream``, which ``jobs/serve.py`` calls when ``train_if_missing`` is set)."""
     if cfg.model_path:
         path = Path(cfg.model_path).expanduser()
         if "://" not in cfg.model_path:
@@ -517,25 +520,10 @@ def resolve_model_path(cfg: ServeConfig, *, train_if_missing: bool = False) -> s
                                         "(no config.json); point it at an export directory")
             return str(path.resolve())
         return cfg.model_path
-    from r1ray.train.checkpoint import newest_export
+    from r1ray.model.export import newest_export
 
     run_dir = cfg.storage.uri("runs", cfg.run_name)
     found = newest_export(run_dir)
-    if found is None and train_if_missing:
-        try:
-            from r1ray.train.config import PretrainConfig
-            from r1ray.train.pretrain import run as pretrain_run
-        except ImportError as e:
-            raise FileNotFoundError(f"no model export in {run_dir} and the pretraining stage cannot be imported "
-                                    f"({e}); set model_path to a Hugging Face model directory") from e
-
-        log.info("no export in %s yet: training the default pretraining run first", run_dir)
-        pcfg = PretrainConfig.model_validate({
-            "seed": cfg.seed, "run_name": cfg.run_name, "storage": cfg.storage.model_dump(),
-            "ray": cfg.ray.model_dump(), "logging": cfg.logging.model_dump(),
-        })
-        pretrain_run(pcfg)
-        found = newest_export(run_dir)
     if found is None:
         raise FileNotFoundError(f"no model export in {run_dir}: train it first (python jobs/pretrain.py) or set "
                                 "model_path to a Hugging Face model directory")
@@ -576,7 +564,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     newest export, or fails naming the run directory.
     """
     cfg = args if isinstance(args, ServeConfig) else ServeConfig.model_validate(dict(args or {}))
-    model_path = resolve_model_path(cfg, train_if_missing=False)
+    model_path = resolve_model_path(cfg)
     init = cfg.model_dump(mode="json")
     init["model_path"] = model_path
     init["model_name"] = default_model_name(cfg, model_path)

@@ -1,4 +1,4 @@
-"""What ``jobs/serve.py`` runs: find (or train) the model, start Serve, deploy the app, announce the URL."""
+"""What ``jobs/serve.py`` runs: find the model, start Serve, deploy the app, announce the URL."""
 
 from __future__ import annotations
 
@@ -26,14 +26,13 @@ def curl_example(url: str, model_name: str, api_key_env: str | None, auth: bool)
     return f"curl {url}/v1/chat/completions \\\n  -H 'Content-Type: application/json'{header} \\\n  -d '{body}'"
 
 
-def deploy(cfg: ServeConfig, *, train_if_missing: bool | None = None) -> ServeInfo:
+def deploy(cfg: ServeConfig) -> ServeInfo:
     """Start Serve's proxy on ``cfg.http`` in the current Ray and deploy the app; returns once it is ready."""
     from ray import serve
 
     from r1ray.serve.app import build_app, default_model_name, resolve_model_path
 
-    train = cfg.train_if_missing if train_if_missing is None else train_if_missing
-    model_path = resolve_model_path(cfg, train_if_missing=train)
+    model_path = resolve_model_path(cfg)
     cfg = cfg.model_copy(update={"model_path": model_path, "model_name": default_model_name(cfg, model_path)})
     serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
     t0 = time.perf_counter()
@@ -48,15 +47,9 @@ def deploy(cfg: ServeConfig, *, train_if_missing: bool | None = None) -> ServeIn
 
 
 def run(cfg: ServeConfig, announce: Callable[[ServeInfo], None] | None = None) -> ServeInfo:
-    """Deploy (training the default run first if needed) and, when ``cfg.blocking``, serve until Ctrl-C."""
+    """Deploy and, when ``cfg.blocking``, serve until Ctrl-C (or SIGTERM)."""
     from r1ray.runtime import ray_session
 
-    if cfg.model_path is None and cfg.train_if_missing:
-        # Train (in its own Ray session) before Serve starts, so the two never compete for the CPUs.
-        from r1ray.serve.app import default_model_name, resolve_model_path
-
-        path = resolve_model_path(cfg, train_if_missing=True)
-        cfg = cfg.model_copy(update={"model_path": path, "model_name": default_model_name(cfg, path)})
     with ray_session(cfg.ray) as rt:
         info = deploy(cfg)
         if announce is not None:

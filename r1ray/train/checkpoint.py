@@ -20,7 +20,6 @@ whose manifest, written last, names its input artifacts).
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 import uuid
@@ -38,25 +37,22 @@ from r1ray.artifacts import (
     write_bytes_atomic,
     write_manifest,
 )
+from r1ray.model.export import (  # noqa: F401 - the layout and readers live in r1ray.model.export
+    COMPLETE,
+    DS_TAG,
+    FINAL_DIR,
+    HF_DIR,
+    TRAINER_STATE,
+    checkpoint_name,
+    checkpoint_step,
+    export_is_complete,
+    list_checkpoints,
+    newest_checkpoint,
+    newest_export,
+)
 from r1ray.observe.log import get_logger
 
 log = get_logger(__name__)
-
-TRAINER_STATE = "trainer_state.json"
-COMPLETE = "r1ray_complete.json"
-DS_TAG = "ds"
-HF_DIR = "hf"
-_CKPT_RE = re.compile(r"^checkpoint_(\d{8})-[0-9a-f]+$")
-
-
-def checkpoint_name(step: int, attempt: str) -> str:
-    return f"checkpoint_{step:08d}-{attempt}"
-
-
-def checkpoint_step(name: str) -> int | None:
-    m = _CKPT_RE.match(name)
-    return int(m.group(1)) if m else None
-
 
 def read_trainer_state(ckpt_dir: str) -> dict[str, Any]:
     try:
@@ -104,65 +100,12 @@ def write_export_manifest(out_dir: str, *, stage: str, config: Any, inputs: list
     write_manifest(out_dir, stage=stage, config=config, inputs=inputs, files=files, **extra)
 
 
-def export_is_complete(export_dir: str) -> bool:
-    """True when ``export_dir`` has a manifest and every file it lists, at the listed size."""
-    try:
-        manifest = json.loads(read_bytes(join(export_dir, MANIFEST)))
-    except (FileNotFoundError, ValueError, OSError):
-        return False
-    files = manifest.get("files")
-    if not files:
-        return False
-    fs, path = filesystem(export_dir)
-    for rel, size in files.items():
-        info = fs.get_file_info(f"{path}/{rel}")
-        if info.type != pafs.FileType.File or info.size != size:
-            return False
-    return True
-
-
-def list_checkpoints(run_dir: str) -> list[tuple[int, str]]:
-    """(step, uri) of every checkpoint directory in ``run_dir``, oldest first (complete or not)."""
-    fs, path = filesystem(run_dir)
-    try:
-        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-    except (FileNotFoundError, OSError):
-        return []
-    out = []
-    for info in infos:
-        name = info.path.rstrip("/").rsplit("/", 1)[-1]
-        step = checkpoint_step(name)
-        if info.type == pafs.FileType.Directory and step is not None:
-            out.append((step, join(run_dir, name)))
-    return sorted(out)
-
-
-def newest_checkpoint(run_dir: str) -> str | None:
-    """The newest checkpoint of ``run_dir`` that finished (registered and marked complete)."""
-    for _, uri in reversed(list_checkpoints(run_dir)):
-        if exists(join(uri, COMPLETE)) and exists(join(uri, TRAINER_STATE)):
-            return uri
-    return None
-
-
-def newest_export(run_dir: str) -> str | None:
-    """The model to serve from a run: ``<run_dir>/final`` when complete, else the newest complete
-    per-checkpoint HF export, else None."""
-    final = join(run_dir, "final")
-    if export_is_complete(final):
-        return final
-    for _, uri in reversed(list_checkpoints(run_dir)):
-        if exists(join(uri, COMPLETE)) and export_is_complete(join(uri, HF_DIR)):
-            return join(uri, HF_DIR)
-    return None
-
-
 def publish_final(run_dir: str, export_dir: str, *, stage: str, config: Any, inputs: list[str],
                   **extra: Any) -> str:
     """Copy a checkpoint's HF export to ``<run_dir>/final`` and publish it atomically (manifest last;
     on local disks the whole directory is swapped in with a rename)."""
     fs, src = filesystem(export_dir)
-    final = join(run_dir, "final")
+    final = join(run_dir, FINAL_DIR)
     if isinstance(fs, pafs.LocalFileSystem):
         import os
         import shutil

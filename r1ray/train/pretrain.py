@@ -31,7 +31,7 @@ class PretrainStage(Stage):
 
     def setup(self, worker: WorkerInfo) -> None:
         from r1ray.data.shards import DataArtifact
-        from r1ray.data.tokenizer import load_tokenizer
+        from r1ray.model.tokenizer import load_tokenizer
         from r1ray.train.sampler import token_store
 
         cfg: PretrainConfig = self.cfg
@@ -143,7 +143,7 @@ def resolve_data(cfg: PretrainConfig) -> str:
 def check_data(cfg: PretrainConfig, data_uri: str, *, with_ray_data: bool) -> Any:
     """Load the artifact's manifest and (optionally) scan every shard with Ray Data before any worker starts."""
     from r1ray.data.shards import DataArtifact
-    from r1ray.data.tokenizer import load_tokenizer
+    from r1ray.model.tokenizer import load_tokenizer
 
     data = DataArtifact.load(data_uri)
     problems = []
@@ -223,7 +223,7 @@ def _norm(uri: str) -> str:
 def unigram_baseline(data: Any, cache_dir: str | None = None, max_tokens: int = 20_000_000) -> float | None:
     """Validation cross-entropy (nats/token) of add-one-smoothed unigram frequencies of the train split,
     on the same shifted targets the model's validation loss uses."""
-    from r1ray.data.tokenizer import load_tokenizer
+    from r1ray.model.tokenizer import load_tokenizer
     from r1ray.train.sampler import token_store
 
     if not data.rows("validation"):

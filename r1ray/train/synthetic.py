@@ -42,7 +42,7 @@ def write_data_artifact(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from r1ray.data.tokenizer import load_tokenizer, tokenizer_sha256
+    from r1ray.model.tokenizer import load_tokenizer, tokenizer_sha256
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,7 @@ pytestmark = pytest.mark.gpu
 
 
 def test_bf16_forward_backward_on_cuda(tiny_tokenizer_dir, tmp_path):
-    from r1ray.data.tokenizer import load_tokenizer
+    from r1ray.model.tokenizer import load_tokenizer
     from r1ray.model import ModelConfig, build_model, load_model, save_model
 
     tok = load_tokenizer(tiny_tokenizer_dir)

@@ -24,7 +24,7 @@ def _job():
 
 
 def _decoded(art: DataArtifact, split: str) -> str:
-    from r1ray.data.tokenizer import load_tokenizer
+    from r1ray.model.tokenizer import load_tokenizer
 
     tok = load_tokenizer(art.tokenizer_dir)
     rows = [r for u in art.shard_uris(split) for r in pq.read_table(u)["input_ids"].to_pylist()]

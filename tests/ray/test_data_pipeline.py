@@ -174,7 +174,7 @@ def test_rejects_dataset_has_source_position_reason(corrupted):
 
 def test_artifact_follows_the_shard_contract(corrupted):
     _, _, _, uri = corrupted
-    from r1ray.data.tokenizer import load_tokenizer
+    from r1ray.model.tokenizer import load_tokenizer
 
     art = DataArtifact.load(uri)
     assert art.seq_len == 32

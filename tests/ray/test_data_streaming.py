@@ -38,7 +38,7 @@ def _word_tokenizer(out_dir, words):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from r1ray.data.tokenizer import BOS, EOS, IM_END, IM_START, PAD, REASONING_TOKENS
+    from r1ray.model.tokenizer import BOS, EOS, IM_END, IM_START, PAD, REASONING_TOKENS
 
     vocab = {t: i for i, t in enumerate([PAD, BOS, EOS, IM_START, IM_END, "[UNK]", *REASONING_TOKENS, *words])}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))

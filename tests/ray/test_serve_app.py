@@ -38,7 +38,7 @@ def build_chain_model(tokenizer_dir, out_dir) -> str:
     """A random tiny Llama whose greedy continuation of the chat prompt for QUESTION is REPLY + <|im_end|>."""
     import torch
 
-    from r1ray.data.tokenizer import load_tokenizer
+    from r1ray.model.tokenizer import load_tokenizer
     from r1ray.model.build import ModelConfig, build_model, save_model
 
     tok = load_tokenizer(tokenizer_dir)
@@ -153,7 +153,8 @@ def test_chat_streaming_splits_reasoning(client):
 
 
 def test_greedy_http_equals_engine_in_process(client, model_dir):
-    from r1ray.serve.engine import HFEngine, SamplingParams
+    from r1ray.infer import SamplingParams
+    from r1ray.infer.hf import HFEngine
 
     prompts = ["a to in", "was he they", "1 + 2 =", "we you at by that for on with as"]
     eng = HFEngine.from_dir(model_dir, torch_threads=1)

@@ -11,14 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from r1ray.serve.engine import EngineFullError, HFEngine, SamplingParams, make_engine
+from r1ray.infer import EngineFullError, SamplingParams, make_engine
+from r1ray.infer.hf import HFEngine
 
 PROMPTS = ["the a of", "she was at the house and", "1 + 2 =", "we"]
 
 
 @pytest.fixture(scope="module")
 def model_dir(tiny_tokenizer_dir, tmp_path_factory):
-    from r1ray.data.tokenizer import load_tokenizer
+    from r1ray.model.tokenizer import load_tokenizer
     from r1ray.model.build import ModelConfig, build_model, save_model
 
     tok = load_tokenizer(tiny_tokenizer_dir)
@@ -150,7 +151,7 @@ def test_vllm_slot_falls_back_or_fails_clearly(model_dir, caplog):
 
 
 def test_object_store_model_is_copied_locally_once(model_dir, tmp_path):
-    from r1ray.serve.engine import localize_model
+    from r1ray.model.export import localize_model
 
     assert localize_model(str(model_dir)) == str(model_dir)
     uri = f"file://{model_dir}"

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from r1ray.serve.text import ReasoningStream, find_stop, split_reasoning, stop_holdback
+from r1ray.infer.text import ReasoningStream, find_stop, split_reasoning, stop_holdback
 
 
 def test_stop_holdback_and_find():

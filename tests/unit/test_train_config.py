@@ -88,7 +88,7 @@ def test_schedules():
 
 
 def test_weight_decay_skips_norms_and_biases(tiny_tokenizer_dir):
-    from r1ray.data.tokenizer import load_tokenizer
+    from r1ray.model.tokenizer import load_tokenizer
     from r1ray.model import ModelConfig, build_model
 
     model = build_model(ModelConfig(family="qwen2"), load_tokenizer(tiny_tokenizer_dir), seed=0)

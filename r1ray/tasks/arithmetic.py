@@ -19,7 +19,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from r1ray.data.tokenizer import ANSWER, END_ANSWER, END_THINK, THINK
+from r1ray.model.tokenizer import ANSWER, END_ANSWER, END_THINK, THINK
 
 __all__ = ["ReasoningSample", "generate", "generate_many", "extract_answer", "reward", "format_reward"]
 

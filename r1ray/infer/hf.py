@@ -11,7 +11,7 @@ Use it in-process (tests, benchmarks)::
     [out] = eng.generate(["1 + 1 ="], SamplingParams(max_tokens=8, temperature=0))
 
 or from asyncio (the Serve app) with ``async for ev in eng.stream(prompt_ids, params)``.
-``make_engine`` picks the vLLM engine instead when asked for and importable.
+``r1ray.infer.make_engine`` picks the vLLM engine instead when asked for and importable.
 """
 
 from __future__ import annotations
@@ -22,72 +22,14 @@ import random
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from r1ray.observe.log import get_logger
-from r1ray.serve.text import find_stop, stop_holdback
+from r1ray.infer.text import find_stop, stop_holdback
+from r1ray.infer.types import Completion, EngineFullError, SamplingParams, StepEvent, TokenLogprob
 
 log = get_logger(__name__)
-
-
-class EngineFullError(RuntimeError):
-    """The engine holds ``max_queue`` sequences already; the caller should retry later (HTTP 429)."""
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """Per-sequence sampling. ``temperature == 0`` is greedy; ``top_k == 0`` and ``top_p == 1`` are off."""
-
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-    logprobs: int | None = None
-    """Return the sampled token's logprob and this many top alternatives (0 = only the sampled one)."""
-    prompt_logprobs: bool = False
-    """Also return the logprobs of the prompt tokens (completions ``echo`` + ``logprobs``)."""
-    ignore_eos: bool = False
-    """Keep generating past EOS / ``<|im_end|>`` until max_tokens (benchmarks; vLLM's option of that name)."""
-
-
-@dataclass
-class TokenLogprob:
-    token_id: int
-    token: str
-    logprob: float | None
-    top: list[tuple[int, str, float]] = field(default_factory=list)
-
-
-@dataclass
-class StepEvent:
-    """One step of one sequence: a text delta (may be empty while a stop string is undecided) and its token."""
-
-    text: str
-    token_ids: list[int]
-    logprobs: list[TokenLogprob]
-    finish_reason: str | None = None
-    """``stop`` (EOS or a stop string), ``length`` (max_tokens) or ``cancelled``; None while running."""
-    prompt_logprobs: list[TokenLogprob] | None = None
-    """On the first event only, when ``prompt_logprobs`` was asked for."""
-    first: bool = False
-
-
-@dataclass
-class Completion:
-    """A finished sequence, as ``generate`` returns it."""
-
-    text: str
-    token_ids: list[int]
-    prompt_token_ids: list[int]
-    finish_reason: str
-    logprobs: list[TokenLogprob]
-    prompt_logprobs: list[TokenLogprob] | None
-    ttft_s: float
-    latency_s: float
 
 
 class _Seq:
@@ -166,6 +108,8 @@ class HFEngine:
         self._thread: threading.Thread | None = None
         self._torch = torch
         self._token_text: dict[int, str] = {}
+        self._step_lock = threading.Lock()  # held by the scheduler for each step; weight updates take it
+        self.weights_version = 0
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -176,7 +120,7 @@ class HFEngine:
         """Load weights (safetensors only) and tokenizer from a Hugging Face directory."""
         import torch
 
-        from r1ray.data.tokenizer import load_tokenizer
+        from r1ray.model.tokenizer import load_tokenizer
         from r1ray.model.build import load_model
 
         if torch_threads:
@@ -291,6 +235,34 @@ class HFEngine:
             ))
         return out
 
+    def update_weights(self, named_tensors: Any, version: int, *, timeout_s: float = 120.0) -> None:
+        """Copy ``named_tensors`` (state-dict names) into the model in place once no sequence is running or
+        waiting, so no completion mixes two policies; then ``weights_version = version``.
+
+        Every name must exist in the model and every shape must match (a mismatch raises before anything
+        is copied). Tied weights may be sent under either name."""
+        torch = self._torch
+        state = self.model.state_dict(keep_vars=True)
+        for name, t in named_tensors.items():
+            if name not in state:
+                raise KeyError(f"update_weights: the model has no tensor {name!r}")
+            if tuple(state[name].shape) != tuple(t.shape):
+                raise ValueError(f"update_weights: {name} has shape {tuple(t.shape)}, the model's is "
+                                 f"{tuple(state[name].shape)}")
+        deadline = time.perf_counter() + timeout_s
+        while True:
+            with self._step_lock, self._lock:
+                if self._pending == 0:
+                    with torch.no_grad():
+                        for name, t in named_tensors.items():
+                            dst = state[name]
+                            dst.data.copy_(torch.as_tensor(t).to(device=dst.device, dtype=dst.dtype))
+                    self.weights_version = int(version)
+                    return
+            if time.perf_counter() > deadline:
+                raise TimeoutError(f"update_weights: the engine stayed busy for {timeout_s:.0f}s")
+            time.sleep(0.005)
+
     # ------------------------------------------------------------------ scheduler thread
     def _loop(self) -> None:
         torch = self._torch
@@ -299,10 +271,13 @@ class HFEngine:
         mask = None
         with torch.inference_mode():
             while not self._stop.is_set():
+                held = False
                 try:
                     new = self._admit(active)
                     if not active and not new:
                         continue
+                    self._step_lock.acquire()
+                    held = True
                     t0 = time.perf_counter()
                     if new:
                         kv_new, mask_new, logits_new = self._prefill(new)
@@ -340,6 +315,9 @@ class HFEngine:
                         self._pending -= len(active)
                         self._running = 0
                     active, kv, mask = [], None, None
+                finally:
+                    if held:
+                        self._step_lock.release()
 
     def _admit(self, active: list[_Seq]) -> list[_Seq]:
         """New sequences for the batch: block briefly when idle, then gather for ``batch_wait_timeout_s``."""
@@ -548,62 +526,3 @@ class HFEngine:
             x = torch.full_like(x, float("-inf")).scatter(0, order, sorted_x)
         probs = x.softmax(-1)
         return int(torch.multinomial(probs, 1, generator=s.generator))
-
-
-def localize_model(model_path: str, cache_dir: str | Path | None = None) -> str:
-    """A local directory holding ``model_path``: itself when local, else a copy of the object-store export
-    under ``~/.cache/r1ray/models`` (reused once complete; weights stay safetensors)."""
-    import hashlib
-    import shutil
-
-    from r1ray.artifacts import filesystem, is_uri
-
-    if not is_uri(model_path):
-        return model_path.removeprefix("file://")
-    import pyarrow.fs as pafs
-
-    root = Path(cache_dir or Path.home() / ".cache" / "r1ray" / "models")
-    local = root / hashlib.sha256(model_path.encode()).hexdigest()[:16]
-    done = local / ".r1ray-complete"
-    if done.exists():
-        return str(local)
-    fs, src = filesystem(model_path)
-    tmp = local.with_name(local.name + f".tmp-{random.getrandbits(32):08x}")
-    log.info("copying %s to %s", model_path, local)
-    tmp.mkdir(parents=True)
-    pafs.copy_files(src, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-    if not (tmp / "config.json").is_file():
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise FileNotFoundError(f"{model_path} is not a Hugging Face model directory (no config.json)")
-    (tmp / ".r1ray-complete").write_text(model_path)
-    shutil.rmtree(local, ignore_errors=True)
-    tmp.rename(local)
-    return str(local)
-
-
-def make_engine(
-    model_path: str, *, backend: str = "hf", device: str = "auto", dtype: str = "auto",
-    torch_threads: int | None = None, max_batch_size: int = 16, batch_wait_timeout_s: float = 0.005,
-    max_queue: int = 64, max_model_len: int | None = None, seed: int = 0,
-    on_batch: Callable[[int, int, float], None] | None = None,
-) -> Any:
-    """The engine for ``backend``: ``hf``, ``vllm`` (fails clearly without vLLM), or ``auto``.
-
-    ``model_path`` may be an object-store URI (``s3://…``): it is copied to the replica's disk first."""
-    model_path = localize_model(model_path)
-    if backend in ("vllm", "auto"):
-        from r1ray.serve.vllm_engine import VLLMEngine, vllm_available
-
-        ok, why = vllm_available()
-        if ok:
-            return VLLMEngine(model_path, max_batch_size=max_batch_size, max_queue=max_queue,
-                              max_model_len=max_model_len, dtype=dtype)
-        if backend == "vllm":
-            raise RuntimeError(f"engine.backend=vllm but {why}; install the 'gpu' extra on a CUDA machine "
-                               "or set engine.backend=hf")
-        log.info("vLLM engine skipped (%s): using the HF engine", why)
-    return HFEngine.from_dir(
-        model_path, device=device, dtype=dtype, torch_threads=torch_threads, max_batch_size=max_batch_size,
-        batch_wait_timeout_s=batch_wait_timeout_s, max_queue=max_queue, max_model_len=max_model_len, seed=seed,
-        on_batch=on_batch,
-    )

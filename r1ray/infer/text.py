@@ -5,7 +5,7 @@ Pure Python, no torch: the engine and the HTTP layer both use them, and unit tes
 
 from __future__ import annotations
 
-from r1ray.data.tokenizer import END_THINK, THINK
+from r1ray.model.tokenizer import END_THINK, THINK
 
 
 def stop_holdback(text: str, stops: list[str]) -> int:

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from r1ray.observe.log import get_logger
-from r1ray.serve.engine import Completion, EngineFullError, SamplingParams, StepEvent, TokenLogprob
+from r1ray.infer.types import Completion, EngineFullError, SamplingParams, StepEvent, TokenLogprob
 
 log = get_logger(__name__)
 
@@ -42,7 +42,7 @@ class VLLMEngine:
                  max_model_len: int | None = None, dtype: str = "auto"):
         from vllm import AsyncEngineArgs, AsyncLLMEngine
 
-        from r1ray.data.tokenizer import load_tokenizer
+        from r1ray.model.tokenizer import load_tokenizer
 
         self.tokenizer = load_tokenizer(model_path)
         args = AsyncEngineArgs(model=model_path, max_num_seqs=max_batch_size, max_model_len=max_model_len,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from r1ray.data.reasoning import extract_answer, format_reward, generate, generate_many, reward
+from r1ray.tasks.arithmetic import extract_answer, format_reward, generate, generate_many, reward
 
 
 def test_deterministic_from_seed_and_index():

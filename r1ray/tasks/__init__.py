@@ -1,0 +1,1 @@
+"""Verifiable reasoning tasks (procedural, seeded, download-free) and rule-based rewards."""
