@@ -29,75 +29,97 @@ def find_stop(text: str, stops: list[str], start: int = 0) -> int:
     return best
 
 
-def split_reasoning(text: str) -> tuple[str | None, str]:
-    """``(reasoning_content, content)`` of a whole reply that starts with ``<think>...</think>``.
+def prompt_opens_think(prompt: str) -> bool:
+    """True when a rendered chat prompt ends inside an open ``<think>`` (a template that prefills it, as
+    DeepSeek-R1's and Qwen3's do): the reply then starts in the reasoning and may hold only ``</think>``."""
+    i = prompt.rfind(THINK)
+    return i >= 0 and i > prompt.rfind(END_THINK) and not prompt[i + len(THINK) :].strip()
 
-    A reply that does not start with ``<think>`` has no reasoning. An unclosed ``<think>`` (the reply hit
-    max_tokens while thinking): all of it is reasoning and the content is empty.
+
+def split_reasoning(text: str, finish_reason: str | None = "stop", *, prefilled: bool = False,
+                    ) -> tuple[str | None, str | None]:
+    """``(reasoning_content, content)`` of a whole reply; the rules (vLLM's ``deepseek_r1``/``qwen3`` reasoning
+    parsers are the reference, docs/serve.md states them):
+
+    - The reply is in the reasoning when it starts (after whitespace) with ``<think>``, or when the prompt
+      prefilled ``<think>`` (``prefilled``). A reply that starts with ``</think>`` closes an empty (or a
+      prefilled) reasoning. Otherwise it has no reasoning: ``(None, text)``, whatever tags appear later.
+    - Reasoning is the text between the tags, verbatim (the newline after ``<think>`` is kept); content is the
+      text after ``</think>``, verbatim, or None when nothing follows.
+    - A reasoning never closed: cut by max_tokens (``finish_reason == "length"``), all of it is reasoning and
+      content is None (vLLM's rule for truncated thinking). Ended any other way (EOS, a stop string), the
+      model never separated an answer from its thinking, so all of it is the answer: ``(None, text)``.
     """
-    body = text.lstrip()
-    if not body.startswith(THINK):
-        return None, text
-    rest = body[len(THINK) :]
-    end = rest.find(END_THINK)
-    if end < 0:
-        return rest.strip("\n"), ""
-    return rest[:end].strip("\n"), rest[end + len(END_THINK) :].lstrip()
+    body = text
+    if not prefilled:
+        head = text.lstrip()
+        if head.startswith(THINK):
+            body = head[len(THINK) :]
+        elif head.startswith(END_THINK):
+            body = head
+        else:
+            return None, text
+    end = body.find(END_THINK)
+    if end >= 0:
+        return body[:end], body[end + len(END_THINK) :] or None
+    if finish_reason == "length":
+        return body, None
+    return None, body
 
 
 class ReasoningStream:
-    """Incremental ``split_reasoning`` for streamed deltas: ``feed(delta) -> [(field, text), ...]``.
+    """Incremental ``split_reasoning`` for streamed deltas: ``feed(delta, finish_reason) -> [(field, text)]``.
 
-    ``field`` is ``"reasoning_content"`` or ``"content"``. Text is held back while it could still be the start
-    of a tag, so the concatenated stream of each field equals ``split_reasoning`` of the whole reply.
+    ``field`` is ``"reasoning_content"`` or ``"content"``. Text is held back only while it could still be
+    the start of a tag. The concatenated stream of each field equals ``split_reasoning`` of the whole reply,
+    with one exception a stream cannot avoid: a reasoning that is never closed and ends other than by
+    max_tokens went out as ``reasoning_content`` deltas while it could still close; the last call then
+    returns the whole of it again as ``content`` (the answer, as the whole-reply split has it).
     """
 
-    def __init__(self) -> None:
-        self.state = "start"  # start -> think -> content, or start -> content
+    def __init__(self, *, prefilled: bool = False) -> None:
+        self.state = "think" if prefilled else "start"  # start -> think -> content, or start -> content
         self.buf = ""
-        self._lstrip = False  # drop leading newlines (reasoning) / whitespace (content) of the next text
+        self.reasoning = ""  # reasoning sent so far (the answer, if the reasoning never closes)
 
-    def _emit(self, field: str, text: str, out: list[tuple[str, str]]) -> None:
-        if self._lstrip:
-            text = text.lstrip("\n") if field == "reasoning_content" else text.lstrip()
-            if text:
-                self._lstrip = False
-        if text:
-            out.append((field, text))
-
-    def feed(self, delta: str, final: bool = False) -> list[tuple[str, str]]:
+    def feed(self, delta: str, finish_reason: str | None = None) -> list[tuple[str, str]]:
+        """Split ``delta``; ``finish_reason`` (not None) marks the last delta of the reply."""
+        final = finish_reason is not None
         self.buf += delta
         out: list[tuple[str, str]] = []
         while True:
             if self.state == "start":
-                body = self.buf.lstrip()
-                if body.startswith(THINK):
-                    self.buf = body[len(THINK) :]
-                    self.state, self._lstrip = "think", True
-                    continue
-                if body and not THINK.startswith(body):
-                    self.state = "content"
-                    continue
-                if final:
-                    self._emit("content", self.buf, out)
-                    self.buf = ""
-                return out
+                head = self.buf.lstrip()
+                for tag, state in ((THINK, "think"), (END_THINK, "content")):
+                    if head.startswith(tag):
+                        self.buf, self.state = head[len(tag) :], state
+                        break
+                else:
+                    if head and not THINK.startswith(head) and not END_THINK.startswith(head):
+                        self.state = "content"
+                    elif final:
+                        self.state = "content"
+                    else:
+                        return out
+                continue
             if self.state == "think":
                 i = self.buf.find(END_THINK)
                 if i >= 0:
-                    self._emit("reasoning_content", self.buf[:i].rstrip("\n"), out)
-                    self.buf = self.buf[i + len(END_THINK) :]
-                    self.state, self._lstrip = "content", True
+                    self._reason(self.buf[:i], out)
+                    self.buf, self.state = self.buf[i + len(END_THINK) :], "content"
                     continue
-                if final:
-                    self._emit("reasoning_content", self.buf.rstrip("\n"), out)
-                    self.buf = ""
-                    return out
-                keep = len(self.buf) - stop_holdback(self.buf, [END_THINK])
-                keep = len(self.buf[:keep].rstrip("\n"))  # trailing newlines belong before </think>
-                self._emit("reasoning_content", self.buf[:keep], out)
+                keep = len(self.buf) if final else len(self.buf) - stop_holdback(self.buf, [END_THINK])
+                self._reason(self.buf[:keep], out)
                 self.buf = self.buf[keep:]
+                if final and finish_reason != "length" and self.reasoning:
+                    out.append(("content", self.reasoning))
                 return out
-            self._emit("content", self.buf, out)
+            if self.buf:
+                out.append(("content", self.buf))
             self.buf = ""
             return out
+
+    def _reason(self, text: str, out: list[tuple[str, str]]) -> None:
+        if text:
+            self.reasoning += text
+            out.append(("reasoning_content", text))
