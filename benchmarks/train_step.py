@@ -154,9 +154,9 @@ def bare_throughput(args, data: str, threads: int) -> dict[str, Any]:
 
     from r1ray.config import OptimConfig
     from r1ray.data.shards import DataArtifact
-    from r1ray.model.tokenizer import load_tokenizer
     from r1ray.model import build_model
     from r1ray.model.build import ModelConfig
+    from r1ray.model.tokenizer import load_tokenizer
     from r1ray.train.optim import lr_at, param_groups
     from r1ray.train.sampler import GlobalOrder, step_micro_batches, token_store
 
@@ -303,9 +303,9 @@ def _memory_worker(cfg: dict[str, Any]) -> dict[str, Any]:
     import torch.nn.functional as F
 
     from r1ray.config import DeepSpeedConfig, OptimConfig
-    from r1ray.model.tokenizer import load_tokenizer
     from r1ray.model import build_model
     from r1ray.model.build import ModelConfig
+    from r1ray.model.tokenizer import load_tokenizer
     from r1ray.train.deepspeed import build_engine, ds_config
 
     ctx = ray.train.get_context()

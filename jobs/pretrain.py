@@ -14,10 +14,11 @@ CONFIG = PretrainConfig
 
 
 def run(cfg: PretrainConfig):
+    from r1ray.pipeline.upstream import prepare
     from r1ray.train.pretrain import run as pretrain
     from r1ray.train.pretrain import summary
 
-    result = pretrain(cfg)
+    result = pretrain(prepare("pretrain", cfg))
     print(summary(result))
     return result
 

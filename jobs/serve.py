@@ -19,9 +19,12 @@ def _announce(info) -> None:
 
 
 def run(cfg: CONFIG):
+    from r1ray.pipeline.upstream import serve_model_path
     from r1ray.serve.launch import run as serve_run
 
-    return serve_run(cfg, announce=_announce)
+    # prepare the model first (training the default run when it is missing), in its own Ray session, so
+    # training and Serve never compete for the CPUs
+    return serve_run(serve_model_path(cfg), announce=_announce)
 
 
 if __name__ == "__main__":

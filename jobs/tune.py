@@ -9,10 +9,11 @@ from r1ray.tune.config import TuneConfig as CONFIG
 
 
 def run(cfg: CONFIG):
+    from r1ray.pipeline.upstream import inputs_for
     from r1ray.tune.study import run as run_study
     from r1ray.tune.study import summary
 
-    result = run_study(cfg)
+    result = run_study(cfg, prepare_inputs=inputs_for)
     print(summary(result, cfg))
     return result
 

@@ -14,7 +14,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from r1ray.infer.types import Completion, Engine, EngineFullError, OnBatch, SamplingParams, StepEvent, TokenLogprob
+from r1ray.infer.types import (
+    Completion,
+    Engine,
+    EngineFullError,
+    OnBatch,
+    SamplingParams,
+    StepEvent,
+    TokenLogprob,
+)
 from r1ray.observe.log import get_logger
 
 __all__ = ["Completion", "Engine", "EngineFullError", "OnBatch", "SamplingParams", "StepEvent", "TokenLogprob",

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field  # noqa: F401
 from typing import Any, Protocol, runtime_checkable
 
+
 class EngineFullError(RuntimeError):
     """The engine holds ``max_queue`` sequences already; the caller should retry later (HTTP 429)."""
 

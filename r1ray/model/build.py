@@ -73,13 +73,22 @@ def hf_config(cfg: ModelConfig, *, vocab_size: int, bos_token_id: int | None, eo
     return (LlamaConfig if cfg.family == "llama" else Qwen2Config)(**kwargs)
 
 
-def build_model(cfg: ModelConfig, tokenizer: Any, *, seed: int | None = None):
-    """A fresh model from the preset (vocabulary from ``tokenizer``), or the weights in ``init_from``."""
+PRECISION_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+"""Training precision -> the torch dtype name its weights are loaded in."""
+
+
+def build_model(cfg: ModelConfig, tokenizer: Any, *, seed: int | None = None, precision: str = "fp32"):
+    """A fresh model from the preset (vocabulary from ``tokenizer``), or the weights in ``init_from`` loaded in
+    the dtype of ``precision`` (transformers 5 would otherwise keep a bf16 export's dtype whatever the run's
+    precision)."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    if precision not in PRECISION_DTYPES:
+        raise ValueError(f"precision must be one of {sorted(PRECISION_DTYPES)}, got {precision!r}")
     if cfg.init_from is not None:
-        model = load_model(cfg.init_from, attn_implementation=cfg.attn_implementation)
+        model = load_model(cfg.init_from, dtype=getattr(torch, PRECISION_DTYPES[precision]),
+                           attn_implementation=cfg.attn_implementation)
         if model.get_input_embeddings().num_embeddings < len(tokenizer):
             model.resize_token_embeddings(len(tokenizer))
     else:

@@ -134,3 +134,11 @@ def record(name: str, value: float, **tags: str) -> None:
         inst.set(value, tags=tags)
     else:
         inst.observe(value, tags=tags)
+
+
+def stage_metric_name(stage: str, key: str) -> str | None:
+    """The declared Prometheus metric of a training stage's own metric ``key`` (``grpo`` + ``reward_mean``
+    -> ``r1ray_grpo_reward_mean``), or None when the stage declares none for it (then it goes to Ray Train
+    reports and W&B only)."""
+    name = f"r1ray_{stage}_{key}"
+    return name if name in BY_NAME and BY_NAME[name].tags == _TRAIN_TAGS else None

@@ -30,7 +30,6 @@ import pyarrow.fs as pafs
 from r1ray.artifacts import (
     MANIFEST,
     canonical_json,
-    exists,
     filesystem,
     join,
     read_bytes,

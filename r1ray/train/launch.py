@@ -62,8 +62,11 @@ def _progress_callback(level: str):
     return ProgressCallback()
 
 
-def fit(stage: str, cfg: Any, *, name: str, storage_path: str, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
-    """Fit ``stage`` (``module:StageClass``) with config ``cfg``; returns rank 0's result dict."""
+def fit(stage: str, cfg: Any, *, name: str, storage_path: str, callbacks: Sequence[Any] = (),
+        resources: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Fit ``stage`` (``module:StageClass``) with config ``cfg``; returns rank 0's result dict.
+
+    ``resources`` (JSON) reaches every worker's ``Stage.setup`` (e.g. the name of a rollout engine pool)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -88,7 +91,7 @@ def fit(stage: str, cfg: Any, *, name: str, storage_path: str, callbacks: Sequen
     )
     run_dir = join(storage_path, name)
     payload = {"stage": stage, "config": cfg.model_dump(mode="json"), "run_dir": run_dir,
-               "driver_pid": os.getpid()}
+               "driver_pid": os.getpid(), "resources": resources or {}}
     trainer = TorchTrainer(
         _worker_main, train_loop_config=payload,
         scaling_config=scaling, run_config=run_config,

@@ -1,16 +1,19 @@
-"""The per-worker training loop every training stage shares (pretrain now; SFT, GRPO, distill next).
+"""The per-worker training loop every stage shares (private: stages talk to it through
+``r1ray.train.stage.Stage``; read that module to add a stage).
 
-A stage says *what* to train (its data, how a batch becomes a loss, what to evaluate); this loop says
-*how*: DeepSpeed engine setup, the exactly-once sample cursor, gradient accumulation, clipping, the
-learning-rate schedule, non-finite skips, evaluation and checkpoint cadence, resume (also at another
-data-parallel size), SIGTERM/preemption checkpoints, fault injection and metrics.
+The loop owns *how* to train: the DeepSpeed engine (and the placement of a stage's frozen models),
+the exactly-once cursor, accumulation and loss normalisation, clipping, the learning-rate schedule,
+non-finite skips, evaluation and checkpoint cadence, resume (also at another data-parallel size),
+SIGTERM/preemption checkpoints, fault injection and metrics. ``Loop.run`` is a sequence of named phases:
+``_open_checkpoint`` -> ``_build_engine`` -> ``_load_checkpoint`` -> ``_train`` (``_train_step`` and
+``_after_step`` per step) -> ``_finish``.
 
-Loss normalisation: a stage returns the *sum* of its token losses and the token count; the loop divides
-by the step's global token count (all workers, all micro-batches), so one optimizer step minimises the
-mean token loss of its ``global_batch_size`` samples whatever the number of workers or micro-batches.
+Loss normalisation: a stage returns the *sum* of its per-unit losses and declares each micro-batch's
+weight (``batch_weight``) up front; the loop divides by the update's global weight (all workers, all
+micro-batches), so one optimizer update minimises the same objective whatever the number of workers.
 
 The Ray Train entry point is ``worker_main(payload)``; ``payload`` names the stage class
-(``module:Class``) and carries the stage config as JSON.
+(``module:Class``) and carries the stage config as JSON and the driver's resources.
 """
 
 from __future__ import annotations
@@ -23,82 +26,25 @@ import signal
 import tempfile
 import time
 import uuid
-from abc import ABC, abstractmethod
-from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from r1ray.observe.log import get_logger, setup_logging
+from r1ray.train.stage import Metrics, Stage, StepInputs, WorkerInfo
 
 log = get_logger(__name__)
+
+__all__ = ["Loop", "NonFiniteLossError", "STOP_FILE", "worker_main"]
 
 
 class NonFiniteLossError(RuntimeError):
     """Too many non-finite steps in a row."""
 
 
-@dataclass
-class WorkerInfo:
-    rank: int
-    world_size: int
-    local_rank: int
-    use_gpu: bool
-    device: Any
-
-
-class Stage(ABC):
-    """What a training stage supplies to the shared loop. ``cfg`` is the stage's typed config, which has
-    ``seed``, ``run_name``, ``train``, ``checkpoint``, ``optim``, ``deepspeed``, ``scaling``, ``faults``,
-    ``storage`` and ``logging``."""
-
-    name: str = "stage"
-    """Manifest stage and metric tag ("pretrain", "sft", ...)."""
-    config_class: Any = None
-
-    def __init__(self, cfg: Any):
-        self.cfg = cfg
-        self.tokenizer: Any = None
-
-    @abstractmethod
-    def setup(self, worker: WorkerInfo) -> None:
-        """Load the tokenizer and data (called once per worker, before the model is built)."""
-
-    @abstractmethod
-    def build_model(self) -> Any:
-        """The torch module to train (seeded; the loop wraps it in DeepSpeed)."""
-
-    @abstractmethod
-    def num_train_samples(self) -> int:
-        """Rows of one epoch; the loop orders them by (seed, epoch, index)."""
-
-    @abstractmethod
-    def make_batch(self, rows: np.ndarray, device: Any) -> dict[str, Any]:
-        """Tensors for these rows of the training split (one micro-batch)."""
-
-    @abstractmethod
-    def loss(self, model: Any, batch: dict[str, Any]) -> tuple[Any, Any]:
-        """(sum of token losses, number of tokens) of a micro-batch; the sum carries the graph."""
-
-    def batch_tokens(self, batch: dict[str, Any]) -> int:
-        """Tokens the loss of ``batch`` is averaged over (known before the forward pass)."""
-        return int(batch["n_tokens"])
-
-    @abstractmethod
-    def eval_batches(self, worker: WorkerInfo, device: Any) -> Iterator[dict[str, Any]]:
-        """This worker's share of the validation micro-batches."""
-
-    def export_inputs(self) -> list[str]:
-        """Input artifacts named in the manifests of exports."""
-        return []
-
-    def probe_input(self) -> list[int]:
-        """A token sequence whose final logits the run returns (to check exports against the engine)."""
-        return []
-
-
 def import_string(path: str) -> Any:
+    """``"module:attr"`` -> the attribute (stage classes travel to the workers by name)."""
     mod, _, attr = path.partition(":")
     return getattr(importlib.import_module(mod), attr)
 
@@ -169,14 +115,78 @@ def _fire_once(run_dir: str, name: str) -> bool:
     return True
 
 
+@dataclass
+class _RunState:
+    """What the loop tracks across steps (and writes into each checkpoint's trainer state)."""
+
+    step: int = 0
+    consumed: int = 0
+    restarts: int = 0
+    nonfinite_total: int = 0
+    in_row: int = 0
+    last_ckpt: str | None = None
+    saved_at: int = -1
+    status: str = "completed"
+    error: str | None = None
+    last: dict[str, Any] = field(default_factory=dict)  # loss, grad_norm, lr of the newest good step
+    val: dict[str, float] = field(default_factory=dict)  # newest evaluation
+    history: list[list[Any]] = field(default_factory=list)  # [step, mean train loss since last report, val loss]
+    resumed_fingerprint: float | None = None
+    saved_fingerprint: float | None = None
+    stage_state: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Window:
+    """Numbers since the previous report."""
+
+    t0: float = field(default_factory=time.perf_counter)
+    tokens: int = 0
+    train_seconds: float = 0.0  # time inside training steps only (throughput, MFU)
+    losses: list[float] = field(default_factory=list)
+    metrics: Metrics = field(default_factory=Metrics)
+
+
+class Evaluator:
+    """Collective-safe evaluation helpers the loop hands to ``Stage.evaluate``."""
+
+    def __init__(self, loop: Loop) -> None:
+        self.loop = loop
+
+    def loss_over(self, batches: Any) -> Metrics:
+        """``val_loss``/``val_perplexity`` over this worker's ``batches`` (weighted by ``batch_weight``).
+        Workers with fewer batches run dummy passes (weight 0) under ZeRO-3, whose forward is a collective."""
+        import torch
+
+        loop, stage = self.loop, self.loop.stage
+        batches = list(batches)
+        n = len(batches)
+        if loop.cfg.deepspeed.zero_stage == 3:
+            n = int(loop._allreduce([float(n)], op="max")[0])
+        total, weight = 0.0, 0.0
+        with torch.no_grad():
+            for i in range(n):
+                real = i < len(batches)
+                batch = batches[i] if real else loop._dummy_batch(batches)
+                s = stage.loss(loop.engine, batch, Metrics())
+                if real:
+                    total += float(s)
+                    weight += stage.batch_weight(batch)
+        m = Metrics()
+        m.total("val_loss_sum", total)
+        m.total("val_weight", weight)
+        return m
+
+
 class Loop:
     def __init__(self, stage: Stage, cfg: Any, payload: dict[str, Any]):
         self.stage, self.cfg, self.payload = stage, cfg, payload
         self.run_dir: str = payload["run_dir"]
         self.tags = {"run": cfg.run_name, "stage": stage.name}
+        self._last_batch: dict[str, Any] | None = None
 
     # ---- distributed helpers
-    def _allreduce(self, values: list[float]) -> list[float]:
+    def _allreduce(self, values: list[float], op: str = "sum") -> list[float]:
         import torch
         import torch.distributed as dist
 
@@ -184,7 +194,7 @@ class Loop:
         if self.worker.use_gpu:
             t = t.to(self.worker.device)
         if dist.is_initialized() and self.worker.world_size > 1:
-            dist.all_reduce(t)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
         return t.cpu().tolist()
 
     def _barrier(self) -> None:
@@ -201,7 +211,21 @@ class Loop:
             dist.broadcast_object_list(obj, src=0)
         return obj[0]
 
-    # ---- setup
+    def _union_names(self, names: list[str]) -> list[str]:
+        """The sorted union of every worker's metric names (so every worker reduces the same list)."""
+        import torch.distributed as dist
+
+        if not (dist.is_initialized() and self.worker.world_size > 1):
+            return sorted(names)
+        gathered: list[Any] = [None] * self.worker.world_size
+        dist.all_gather_object(gathered, sorted(names))
+        return sorted({n for g in gathered for n in g})
+
+    def _reduce_metrics(self, m: Metrics) -> dict[str, float]:
+        names = self._union_names(m.names())
+        return m.reduce(self._allreduce, lambda v: self._allreduce(v, op="max"), names)
+
+    # ---- phase: worker setup
     def _setup_worker(self) -> None:
         import ray.train
         import torch
@@ -210,6 +234,8 @@ class Loop:
         rank, world, local_rank = ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank()
         os.environ["R1RAY_RANK"] = str(rank)
         setup_logging(self.cfg.logging.level)
+        if self.cfg.logging.level != "DEBUG":
+            _quiet_report_lines()
         use_gpu = self.cfg.scaling.use_gpu
         if use_gpu:
             device = torch.device("cuda", torch.cuda.current_device())
@@ -218,19 +244,121 @@ class Loop:
             threads = self.cfg.train.torch_threads or max(1, int(self.cfg.scaling.cpus_per_worker))
             torch.set_num_threads(threads)
         self.worker = WorkerInfo(rank, world, local_rank, use_gpu, device)
+        self.stage.worker = self.worker
 
-    def _resume_source(self):
-        """(checkpoint, from_ray) to resume from: Ray Train's newest, else ``checkpoint.resume_from``."""
+    # ---- phase: find the checkpoint to resume from
+    def _open_checkpoint(self) -> tuple[str | None, dict[str, Any], bool]:
+        """(local checkpoint dir or None, its trainer state, whether Ray Train restarted us)."""
         import ray.train
 
-        ckpt = ray.train.get_checkpoint()
-        if ckpt is not None:
-            return ckpt, True
-        if self.cfg.checkpoint.resume_from:
+        ckpt, from_ray = ray.train.get_checkpoint(), True
+        if ckpt is None and self.cfg.checkpoint.resume_from:
             from ray.train import Checkpoint
 
-            return Checkpoint(self.cfg.checkpoint.resume_from), False
-        return None, False
+            ckpt, from_ray = Checkpoint(self.cfg.checkpoint.resume_from), False
+        if ckpt is None:
+            return None, {}, False
+        from r1ray.train.checkpoint import read_trainer_state
+
+        self._ckpt_ctx = ckpt.as_directory()
+        local = self._ckpt_ctx.__enter__()
+        state = read_trainer_state(local)
+        if state["zero_stage"] != self.cfg.deepspeed.zero_stage:
+            raise ValueError(
+                f"checkpoint {local} was saved with deepspeed.zero_stage={state['zero_stage']}; resume with "
+                f"the same stage (got {self.cfg.deepspeed.zero_stage})")
+        if state["global_batch_size"] != self.cfg.train.global_batch_size:
+            raise ValueError(
+                f"checkpoint {local} was trained with train.global_batch_size={state['global_batch_size']}; "
+                f"resume with it (got {self.cfg.train.global_batch_size}): the sample cursor counts in it")
+        return local, state, from_ray
+
+    # ---- phase: models and the DeepSpeed engine
+    def _build_engine(self, load_universal: bool) -> None:
+        from r1ray.train.config import grad_accumulation
+        from r1ray.train.deepspeed import build_engine, ds_config
+
+        cfg, w = self.cfg, self.worker
+        model = self.stage.build_model()
+        self.gas = grad_accumulation(cfg.train, w.world_size)
+        hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+        config = ds_config(cfg.deepspeed, cfg.optim, micro_batch_size=cfg.train.micro_batch_size,
+                           grad_accum=self.gas, world_size=w.world_size, use_gpu=w.use_gpu,
+                           load_universal=load_universal, hidden_size=hidden)
+        t0 = time.perf_counter()
+        self.flops_per_token = train_flops_per_token(model, getattr(self.stage, "seq_len", None) or 0)
+        self.engine = build_engine(model, cfg.deepspeed, cfg.optim, config)
+        if cfg.deepspeed.zero_stage > 0:
+            force_overflow_check(self.engine)
+        self.stage.frozen = {name: self._place_frozen(m, config) for name, m in self.stage.frozen_models().items()}
+        log.info("DeepSpeed ZeRO-%d engine on %d worker(s), accumulation %d, %d frozen model(s), built in %.1fs",
+                 cfg.deepspeed.zero_stage, w.world_size, self.gas, len(self.stage.frozen),
+                 time.perf_counter() - t0)
+
+    def _place_frozen(self, model: Any, train_config: dict[str, Any]) -> Any:
+        """A frozen model on the device in the training precision; under ZeRO-3 partitioned like the trained
+        one (a DeepSpeed engine without optimizer: every worker must call it alike)."""
+        import torch
+
+        model.eval().requires_grad_(False)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.deepspeed.precision, torch.float32)
+        if self.cfg.deepspeed.zero_stage == 3:
+            import deepspeed
+
+            conf = {k: v for k, v in train_config.items() if k not in ("optimizer", "checkpoint")}
+            conf["zero_optimization"] = {**train_config["zero_optimization"], "stage": 3}
+            conf["zero_optimization"].pop("offload_optimizer", None)
+            engine, *_ = deepspeed.initialize(model=model, config=conf)
+            engine.eval()
+            return engine
+        return model.to(device=self.worker.device, dtype=dtype)
+
+    # ---- phase: restore the checkpoint's state
+    def _load_checkpoint(self, local: str, state: dict[str, Any], from_ray: bool, universal: bool) -> _RunState:
+        from r1ray.observe.metrics import record
+        from r1ray.train.checkpoint import DS_TAG, convert_to_universal
+
+        w = self.worker
+        load_dir, conv_dir = local, None
+        if universal:
+            import ray.util
+
+            # one conversion per host, by local rank 0: Ray Train numbers local ranks per node IP
+            host = ray.util.get_node_ip_address().replace(":", "_")
+            conv_dir = os.path.join(tempfile.gettempdir(),
+                                    f"r1ray-universal-{state['attempt']}-{state['step']}-{host}")
+            if w.local_rank == 0 and not os.path.exists(os.path.join(conv_dir, "done")):
+                t1 = time.perf_counter()
+                convert_to_universal(local, conv_dir)
+                open(os.path.join(conv_dir, "done"), "w").close()
+                log.info("converted a %d-worker checkpoint to universal in %.1fs", state["world_size"],
+                         time.perf_counter() - t1)
+            self._barrier()
+            load_dir = conv_dir
+        path, _ = self.engine.load_checkpoint(load_dir, tag=DS_TAG, load_lr_scheduler_states=False)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint at {load_dir}/{DS_TAG}")
+        rs = _RunState(step=int(state["step"]), consumed=int(state["samples_consumed"]),
+                       nonfinite_total=int(state.get("nonfinite_total", 0)),
+                       restarts=int(state.get("restarts", 0)) + (1 if from_ray else 0),
+                       last_ckpt=state.get("checkpoint"), saved_at=int(state["step"]),
+                       saved_fingerprint=state.get("optim_fingerprint"),
+                       stage_state=state.get("stage_state") or {})
+        rs.resumed_fingerprint = self._optim_fingerprint()
+        self.stage.load_state_dict(rs.stage_state)
+        log.info("resumed from %s at step %d, %d samples consumed (saved on %d worker(s), now %d)",
+                 local, rs.step, rs.consumed, state["world_size"], w.world_size)
+        if rs.consumed != rs.step * self.cfg.train.global_batch_size:
+            raise ValueError(f"checkpoint {local}: samples_consumed={rs.consumed} != step {rs.step} x "
+                             f"train.global_batch_size {self.cfg.train.global_batch_size}")
+        self._ckpt_ctx.__exit__(None, None, None)
+        if conv_dir:
+            self._barrier()
+            if w.local_rank == 0:
+                shutil.rmtree(conv_dir, ignore_errors=True)
+        if from_ray and rs.restarts:
+            record("r1ray_train_restarts", 1, **self.tags)
+        return rs
 
     def _optim_fingerprint(self) -> float:
         """Sum of |state| over every optimizer state tensor of every rank: equal before a save and after a
@@ -251,190 +379,119 @@ class Loop:
 
     # ---- the run
     def run(self) -> dict[str, Any]:
-        import torch
-
         from r1ray.observe.metrics import record
         from r1ray.observe.wandb import WandbRun
-        from r1ray.train.checkpoint import DS_TAG, convert_to_universal, read_trainer_state
-        from r1ray.train.config import grad_accumulation
-        from r1ray.train.deepspeed import build_engine, ds_config
         from r1ray.train.sampler import GlobalOrder
 
-        cfg, tcfg = self.cfg, self.cfg.train
+        cfg = self.cfg
         self._setup_worker()
         w = self.worker
-        self.stage.setup(w)
-        self.gas = grad_accumulation(tcfg, w.world_size)
-        self.order = GlobalOrder(self.stage.num_train_samples(), cfg.seed)
-
-        ckpt, from_ray = self._resume_source()
-        state: dict[str, Any] = {}
-        ckpt_local = None
-        load_universal = False
-        if ckpt is not None:
-            self._ckpt_ctx = ckpt.as_directory()
-            ckpt_local = self._ckpt_ctx.__enter__()
-            state = read_trainer_state(ckpt_local)
-            load_universal = state["world_size"] != w.world_size and state["zero_stage"] > 0
-            if state["zero_stage"] != cfg.deepspeed.zero_stage:
-                raise ValueError(
-                    f"checkpoint {ckpt_local} was saved with deepspeed.zero_stage={state['zero_stage']}; "
-                    f"resume with the same stage (got {cfg.deepspeed.zero_stage})"
-                )
-
-        model = self.stage.build_model()
-        config = ds_config(
-            cfg.deepspeed, cfg.optim, micro_batch_size=tcfg.micro_batch_size, grad_accum=self.gas,
-            world_size=w.world_size, use_gpu=w.use_gpu, load_universal=load_universal,
-            hidden_size=getattr(getattr(model, "config", None), "hidden_size", None),
-        )
-        t0 = time.perf_counter()
-        self.flops_per_token = train_flops_per_token(model, getattr(self.stage, "seq_len", 2048))
-        self.engine = build_engine(model, cfg.deepspeed, cfg.optim, config)
-        log.info("DeepSpeed ZeRO-%d engine on %d worker(s), accumulation %d, built in %.1fs",
-                 cfg.deepspeed.zero_stage, w.world_size, self.gas, time.perf_counter() - t0)
-
-        step, consumed, restarts, nonfinite_total = 0, 0, 0, 0
-        resumed_fingerprint = None
-        if ckpt_local is not None:
-            load_dir, tag = ckpt_local, DS_TAG
-            conv_dir = None
-            if load_universal:
-                import ray.util
-
-                # one conversion per host, by local rank 0: Ray Train numbers local ranks per node IP
-                host = ray.util.get_node_ip_address().replace(":", "_")
-                conv_dir = os.path.join(tempfile.gettempdir(),
-                                        f"r1ray-universal-{state['attempt']}-{state['step']}-{host}")
-                if w.local_rank == 0 and not os.path.exists(os.path.join(conv_dir, "done")):
-                    t1 = time.perf_counter()
-                    convert_to_universal(ckpt_local, conv_dir)
-                    open(os.path.join(conv_dir, "done"), "w").close()
-                    log.info("converted a %d-worker checkpoint to universal in %.1fs",
-                             state["world_size"], time.perf_counter() - t1)
-                self._barrier()
-                load_dir = conv_dir
-            path, _ = self.engine.load_checkpoint(load_dir, tag=tag, load_lr_scheduler_states=False)
-            if path is None:
-                raise RuntimeError(f"DeepSpeed could not load the checkpoint at {load_dir}/{tag}")
-            step, consumed = int(state["step"]), int(state["samples_consumed"])
-            nonfinite_total = int(state.get("nonfinite_total", 0))
-            restarts = int(state.get("restarts", 0)) + (1 if from_ray else 0)
-            resumed_fingerprint = self._optim_fingerprint()
-            log.info("resumed from %s at step %d, %d samples consumed (saved on %d worker(s), now %d)",
-                     ckpt_local, step, consumed, state["world_size"], w.world_size)
-            if consumed != step * tcfg.global_batch_size:
-                raise ValueError(
-                    f"checkpoint {ckpt_local}: samples_consumed={consumed} != step {step} x "
-                    f"train.global_batch_size {tcfg.global_batch_size}; resume with the global batch size it "
-                    f"was trained with ({consumed // max(step, 1)})"
-                )
-            self._ckpt_ctx.__exit__(None, None, None)
-            if conv_dir:
-                self._barrier()
-                if w.local_rank == 0:
-                    shutil.rmtree(conv_dir, ignore_errors=True)
-        if from_ray and restarts:
-            record("r1ray_train_restarts", 1, **self.tags)
-
+        self.stage.setup(w, self.payload.get("resources") or {})
+        self.order = GlobalOrder(self.stage.num_samples(), cfg.seed)
+        local, state, from_ray = self._open_checkpoint()
+        universal = bool(local) and state["world_size"] != w.world_size and state["zero_stage"] > 0
+        self._build_engine(load_universal=universal)
+        rs = self._load_checkpoint(local, state, from_ray, universal) if local else _RunState()
         self.attempt = self._broadcast_str(uuid.uuid4().hex[:8])
         self.wandb = WandbRun(cfg.logging.wandb, name=cfg.run_name, run_dir=_local_or_tmp(self.run_dir),
                               config=cfg.model_dump(mode="json"), enabled=w.rank == 0)
-        signals = _Signals(self.run_dir, check_file=w.rank == 0)
         record("r1ray_train_workers", w.world_size, **self.tags)
-
-        stats = dict(step=step, consumed=consumed, restarts=restarts, nonfinite_total=nonfinite_total,
-                     in_row=0, last_ckpt=state.get("checkpoint"), world_size=w.world_size,
-                     resumed_fingerprint=resumed_fingerprint, saved_fingerprint=state.get("optim_fingerprint"))
-        last: dict[str, Any] = {}
-        val: dict[str, float] = {}
-        history: list[list[Any]] = []  # [step, mean train loss since the previous report, val loss]
-        window_t, window_tokens, window_losses = time.perf_counter(), 0, []
-        saved_at = step if ckpt_local is not None else -1
-        status = "completed"
-        end = min(tcfg.max_steps, tcfg.stop_after_steps or tcfg.max_steps)
+        signals = _Signals(self.run_dir, check_file=w.rank == 0)
         try:
-            while step < end:
-                out = self._train_step(step, signals)
-                step += 1
-                consumed += tcfg.global_batch_size
-                stats.update(step=step, consumed=consumed)
-                window_tokens += out["tokens"]
-                if out["nonfinite"]:
-                    stats["nonfinite_total"] += 1
-                    stats["in_row"] += 1
-                    record("r1ray_train_nonfinite_steps", 1, **self.tags)
-                    log.warning("step %d: non-finite loss or gradient; step skipped (%d in a row)",
-                                step, stats["in_row"])
-                    if stats["in_row"] >= tcfg.max_nonfinite_in_row:
-                        status = "nonfinite"
-                        msg = (f"{stats['in_row']} non-finite steps in a row, the last at step {step}; last good "
-                               f"checkpoint: {stats['last_ckpt'] or 'none'} (lower optim.lr, raise "
-                               f"train.max_nonfinite_in_row, or inspect the data of these steps)")
-                        last = {"error": msg}
-                        break
-                else:
-                    stats["in_row"] = 0
-                    window_losses.append(out["loss"])
-                    last = {"loss": out["loss"], "grad_norm": out["grad_norm"], "lr": out["lr"]}
-                self._maybe_kill("kill_at_step", step)
-                if cfg.faults.step_delay_s:
-                    time.sleep(cfg.faults.step_delay_s)
-                stop = out["stop"]
-                if not stop and step % tcfg.log_every == 0:
-                    stop = self._preempted()
-                do_eval = step == end or (tcfg.eval_every and step % tcfg.eval_every == 0)
-                if do_eval:
-                    val = self._evaluate()
-                do_ckpt = stop or step == end or (
-                    cfg.checkpoint.every and step % cfg.checkpoint.every == 0)
-                if step % tcfg.log_every == 0 or do_ckpt or do_eval:
-                    now = time.perf_counter()
-                    # validation metrics only in the reports of the steps that evaluated (Tune's schedulers
-                    # count evaluations by the reports that carry the metric)
-                    metrics = self._metrics(stats, last, val if do_eval else {}, window_losses, window_tokens,
-                                            now - window_t)
-                    window_t, window_tokens, window_losses = now, 0, []
-                    history.append([step, metrics.get("train_loss"), metrics.get("val_loss")])
-                    if do_ckpt:
-                        saved = self._save(stats, metrics)
-                        saved_at = step
-                        stats["last_ckpt"] = saved
-                    else:
-                        import ray.train
-
-                        ray.train.report(metrics)
-                if stop:
-                    status = "preempted"
-                    log.warning("SIGTERM/preemption: checkpointed at step %d and stopping", step)
-                    break
-            if status == "completed" and end < tcfg.max_steps:
-                status = "stopped"  # at train.stop_after_steps: a segment, resumable
-            if status in ("completed", "stopped") and saved_at != step:
-                metrics = self._metrics(stats, last, val or self._evaluate(), window_losses, window_tokens,
-                                        time.perf_counter() - window_t)
-                stats["last_ckpt"] = self._save(stats, metrics)
+            self._train(rs, signals)
         finally:
             signals.restore()
             self.wandb.finish()
+        return self._finish(rs)
 
-        result = {
-            "status": status, "step": stats["step"], "samples_consumed": stats["consumed"],
-            "world_size": w.world_size, "restarts": stats["restarts"], "nonfinite_total": stats["nonfinite_total"],
-            "train_loss": last.get("loss"), "val_loss": val.get("val_loss"), "checkpoint": stats["last_ckpt"],
-            "resumed_fingerprint": stats["resumed_fingerprint"], "saved_fingerprint": stats["saved_fingerprint"],
-            "final_fingerprint": self._optim_fingerprint(), "error": last.get("error"), "history": history,
+    # ---- phase: the step loop
+    def _train(self, rs: _RunState, signals: _Signals) -> None:
+        tcfg = self.cfg.train
+        end = min(tcfg.max_steps, tcfg.stop_after_steps or tcfg.max_steps)
+        win = _Window()
+        while rs.step < end:
+            t0 = time.perf_counter()
+            out = self._train_step(rs.step, signals, win.metrics)
+            win.train_seconds += time.perf_counter() - t0
+            rs.step += 1
+            rs.consumed += tcfg.global_batch_size
+            win.tokens += out["tokens"]
+            if not self._after_step(rs, out, win):
+                break  # too many non-finite steps in a row
+            self._maybe_kill("kill_at_step", rs.step)
+            if self.cfg.faults.step_delay_s:
+                time.sleep(self.cfg.faults.step_delay_s)
+            stop = out["stop"] or (rs.step % tcfg.log_every == 0 and self._preempted())
+            do_eval = rs.step == end or bool(tcfg.eval_every and rs.step % tcfg.eval_every == 0)
+            if do_eval:
+                rs.val = self._evaluate()
+            do_ckpt = stop or rs.step == end or bool(self.cfg.checkpoint.every
+                                                     and rs.step % self.cfg.checkpoint.every == 0)
+            if rs.step % tcfg.log_every == 0 or do_ckpt or do_eval:
+                # validation metrics only in the reports of the steps that evaluated (Tune's schedulers count
+                # evaluations by the reports that carry the metric)
+                metrics = self._metrics(rs, rs.val if do_eval else {}, win)
+                win = _Window()
+                rs.history.append([rs.step, metrics.get("train_loss"), metrics.get("val_loss")])
+                if do_ckpt:
+                    rs.last_ckpt, rs.saved_at = self._save(rs, metrics), rs.step
+                else:
+                    import ray.train
+
+                    ray.train.report(metrics)
+            if stop:
+                rs.status = "preempted"
+                log.warning("SIGTERM/preemption: checkpointed at step %d and stopping", rs.step)
+                break
+        if rs.status == "completed" and end < tcfg.max_steps:
+            rs.status = "stopped"  # at train.stop_after_steps: a segment, resumable
+        if rs.status in ("completed", "stopped") and rs.saved_at != rs.step:
+            rs.val = rs.val or self._evaluate()
+            rs.last_ckpt, rs.saved_at = self._save(rs, self._metrics(rs, rs.val, win)), rs.step
+
+    def _after_step(self, rs: _RunState, out: dict[str, Any], win: _Window) -> bool:
+        """Book-keeping of one finished step; False ends the run (too many non-finite steps in a row)."""
+        from r1ray.observe.metrics import record
+
+        if not out["nonfinite"]:
+            rs.in_row = 0
+            if out["loss"] is None:  # every update of the step carried no gradient (all weights 0)
+                return True
+            win.losses.append(out["loss"])
+            rs.last = {"loss": out["loss"], "grad_norm": out["grad_norm"], "lr": out["lr"]}
+            return True
+        rs.nonfinite_total += 1
+        rs.in_row += 1
+        record("r1ray_train_nonfinite_steps", 1, **self.tags)
+        log.warning("step %d: non-finite loss or gradient; step skipped (%d in a row)", rs.step, rs.in_row)
+        if rs.in_row < self.cfg.train.max_nonfinite_in_row:
+            return True
+        rs.status = "nonfinite"
+        rs.error = (f"{rs.in_row} non-finite steps in a row, the last at step {rs.step}; last good checkpoint: "
+                    f"{rs.last_ckpt or 'none'} (lower optim.lr, raise train.max_nonfinite_in_row, or inspect "
+                    "the data of these steps)")
+        return False
+
+    # ---- phase: the result
+    def _finish(self, rs: _RunState) -> dict[str, Any]:
+        return {
+            "status": rs.status, "step": rs.step, "samples_consumed": rs.consumed,
+            "world_size": self.worker.world_size, "restarts": rs.restarts, "nonfinite_total": rs.nonfinite_total,
+            "train_loss": rs.last.get("loss"), "metrics": {k: v for k, v in rs.val.items()},
+            "val_loss": rs.val.get("val_loss"), "checkpoint": rs.last_ckpt,
+            "resumed_fingerprint": rs.resumed_fingerprint, "saved_fingerprint": rs.saved_fingerprint,
+            "final_fingerprint": self._optim_fingerprint(), "error": rs.error, "history": rs.history,
+            "param_checksum": self._param_checksum(),
         }
-        probe = self.stage.probe_input()
-        if probe and w.rank == 0 and self.cfg.deepspeed.zero_stage < 3:
-            self.engine.module.eval()
-            with torch.no_grad():
-                ids = torch.tensor([probe], device=w.device)
-                result["probe_logits"] = self.engine.module(input_ids=ids).logits[0, -1].float().cpu().tolist()
-        return result
+
+    def _param_checksum(self) -> float | None:
+        """Sum of every trained parameter (float64) on rank 0 (ZeRO < 3): a test compares it with the export."""
+        if self.worker.rank != 0 or self.cfg.deepspeed.zero_stage == 3:
+            return None
+        return float(sum(p.detach().double().sum() for p in self.engine.module.parameters()))
 
     # ---- one optimizer step
-    def _train_step(self, step: int, signals: _Signals) -> dict[str, Any]:
+    def _train_step(self, step: int, signals: _Signals, window_metrics: Metrics) -> dict[str, Any]:
         import torch
 
         from r1ray.train.deepspeed import set_lr
@@ -447,32 +504,66 @@ class Loop:
         micro = step_micro_batches(step, tcfg.global_batch_size, tcfg.micro_batch_size, w.rank, w.world_size)
         if cfg.faults.record_samples:
             self._record_samples(step, micro)
-        batches = [self.stage.make_batch(self.order.rows(idx), w.device) for idx in micro]
-        local_tokens = sum(self.stage.batch_tokens(b) for b in batches)
-        global_tokens = self._allreduce([float(local_tokens)])[0]
         lr = lr_at(cfg.optim, step, tcfg.max_steps)
         set_lr(engine, lr)
         engine.train()
+        inputs = self.stage.step_inputs(step, [self.order.rows(idx) for idx in micro], engine)
+        self._check_inputs(inputs)
+        window_metrics.merge(inputs.metrics)
+        local = [sum(self.stage.batch_weight(b) for b in update) for update in inputs.updates]
+        local.append(float(sum(int(b.get("n_tokens", 0)) for update in inputs.updates for b in update)))
+        *weights, tokens = self._allreduce(local)
         inject_nan = (step + 1) in cfg.faults.nonfinite_at_steps
-        loss_sum, nonfinite = 0.0, 0.0
-        for i, batch in enumerate(batches):
-            s, _ = self.stage.loss(engine, batch)
-            if inject_nan:
-                s = s * float("nan")
-            value = float(s.detach())
-            if not math.isfinite(value):
-                nonfinite = 1.0
-            loss_sum += value if math.isfinite(value) else 0.0
-            engine.backward(s * (self.gas * w.world_size / global_tokens))
-            if i < len(batches) - 1:
-                engine.step()
-        if (cfg.faults.sigterm_at_step == step + 1 and w.rank == 0 and self.payload.get("driver_pid")
-                and _fire_once(self.run_dir, f"sigterm-{step + 1}")):
-            # as a preemption would: SIGTERM to the job's driver, which asks the workers to stop
-            os.kill(int(self.payload["driver_pid"]), signal.SIGTERM)
-        stop_req = float(signals.requested(step + 1, cfg.train.log_every))
-        loss_total, nonfinite_any, stop = self._allreduce([loss_sum, nonfinite, stop_req])
-        if nonfinite_any and cfg.deepspeed.zero_stage == 0:
+        losses, nonfinite_any, grad_norm = [], False, None
+        for u, (update, weight) in enumerate(zip(inputs.updates, weights, strict=True)):
+            if weight <= 0:
+                window_metrics.total("skipped_updates", 1.0)
+                continue  # nothing carries gradient on any worker: no optimizer update at all
+            loss_sum, nonfinite = 0.0, 0.0
+            for i, batch in enumerate(update):
+                s = self.stage.loss(engine, batch, window_metrics)
+                if inject_nan:
+                    s = s * float("nan")
+                value = float(s.detach())
+                if math.isfinite(value):
+                    loss_sum += value
+                else:
+                    nonfinite = 1.0
+                engine.backward(s * (self.gas * w.world_size / weight))
+                if i < len(update) - 1:
+                    engine.step()
+            self._last_batch = update[-1]
+            loss_total, bad = self._allreduce([loss_sum, nonfinite])
+            applied = self._optimizer_step(bool(bad))
+            if applied:
+                losses.append(loss_total / weight)
+                gn = engine.get_global_grad_norm()
+                grad_norm = float(gn) if gn is not None and math.isfinite(float(gn)) else None
+            else:
+                nonfinite_any = True
+            self.stage.after_update(engine, step, u)
+        self._maybe_sigterm_driver(step)
+        stop = self._allreduce([float(signals.requested(step + 1, tcfg.log_every))])[0]
+        return {
+            "loss": float(np.mean(losses)) if losses else None, "tokens": int(tokens), "lr": lr,
+            "grad_norm": grad_norm, "nonfinite": nonfinite_any, "stop": bool(stop),
+        }
+
+    def _check_inputs(self, inputs: StepInputs) -> None:
+        if not inputs.updates:
+            raise ValueError(f"{type(self.stage).__name__}.step_inputs returned no update")
+        for u, update in enumerate(inputs.updates):
+            if len(update) != self.gas:
+                raise ValueError(
+                    f"{type(self.stage).__name__}.step_inputs: update {u} has {len(update)} micro-batches; the "
+                    f"loop needs exactly the accumulation count {self.gas} (train.global_batch_size / "
+                    f"(train.micro_batch_size x {self.worker.world_size} workers)) on every worker")
+
+    def _optimizer_step(self, nonfinite: bool) -> bool:
+        """The update's optimizer step; with a non-finite loss on any worker, a true skip. Returns whether
+        the step was applied."""
+        engine = self.engine
+        if nonfinite and self.cfg.deepspeed.zero_stage == 0:
             # ZeRO-0 has no overflow check: dropping the gradients makes torch's optimizer skip every
             # parameter (no moment update, no weight decay) - a true skip. DeepSpeed's fp32 clipping
             # cannot take a model without gradients, so it is off for this one call.
@@ -483,51 +574,62 @@ class Loop:
                 engine.step()
             finally:
                 engine._config.gradient_clipping = clip
-        else:
-            engine.step()
-        applied = engine.was_step_applied() or cfg.deepspeed.precision == "fp16"
-        gn = engine.get_global_grad_norm()
-        grad_norm = float(gn) if gn is not None and math.isfinite(float(gn)) else None  # None: not tracked
-        return {
-            "loss": loss_total / global_tokens, "tokens": int(global_tokens), "lr": lr, "grad_norm": grad_norm,
-            "nonfinite": bool(nonfinite_any) or not applied, "stop": bool(stop),
-        }
+            return False
+        engine.step()
+        applied = engine.was_step_applied() or self.cfg.deepspeed.precision == "fp16"
+        if nonfinite and applied:
+            # ZeRO >= 1 skips through DeepSpeed's overflow check, which force_overflow_check turned on; a
+            # DeepSpeed release that applies the step anyway has corrupted the weights: say so, loudly.
+            raise RuntimeError(
+                "a non-finite loss reached an optimizer step that DeepSpeed applied (its overflow check did "
+                "not skip it); this DeepSpeed release cannot skip non-finite steps at ZeRO-"
+                f"{self.cfg.deepspeed.zero_stage}: use deepspeed.zero_stage=0 or another DeepSpeed version")
+        return applied and not nonfinite
+
+    def _dummy_batch(self, batches: list[dict[str, Any]]) -> dict[str, Any]:
+        """A batch for a collective-only forward pass (never counted)."""
+        if batches:
+            return batches[0]
+        if self._last_batch is not None:
+            return self._last_batch
+        from r1ray.train.sampler import step_micro_batches
+
+        idx = step_micro_batches(0, self.cfg.train.global_batch_size, self.cfg.train.micro_batch_size, 0, 1)[0]
+        return self.stage.make_batch(self.order.rows(idx), self.worker.device)
 
     # ---- evaluation
     def _evaluate(self) -> dict[str, float]:
-        import torch
-
         self.engine.eval()
-        total, count = 0.0, 0.0
-        with torch.no_grad():
-            for batch in self.stage.eval_batches(self.worker, self.worker.device):
-                s, n = self.stage.loss(self.engine, batch)
-                total += float(s)
-                count += float(n)
-        total, count = self._allreduce([total, count])
-        self.engine.train()
-        if count == 0:
-            return {}
-        loss = total / count
-        return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0))}
+        try:
+            m = self._reduce_metrics(self.stage.evaluate(self.engine, Evaluator(self)))
+        finally:
+            self.engine.train()
+        total, weight = m.pop("val_loss_sum", None), m.pop("val_weight", None)
+        if total is not None and weight:
+            m["val_loss"] = total / weight
+            m["val_perplexity"] = math.exp(min(m["val_loss"], 50.0))
+        return m
 
     # ---- metrics
-    def _metrics(self, stats: dict, last: dict, val: dict, losses: list, tokens: int, seconds: float) -> dict:
-        from r1ray.observe.metrics import record
+    def _metrics(self, rs: _RunState, val: dict[str, float], win: _Window) -> dict[str, Any]:
+        from r1ray.observe.metrics import record, stage_metric_name
 
-        tps = tokens / seconds if seconds > 0 else 0.0
+        seconds = time.perf_counter() - win.t0
+        tps = win.tokens / win.train_seconds if win.train_seconds > 0 else 0.0
         m: dict[str, Any] = {
-            "step": stats["step"], "max_steps": self.cfg.train.max_steps,
-            "samples_consumed": stats["consumed"], "workers": self.worker.world_size,
-            "restarts": stats["restarts"], "nonfinite_steps": stats["nonfinite_total"],
-            "tokens_per_second": tps, "time": time.time(),
+            "step": rs.step, "max_steps": self.cfg.train.max_steps, "samples_consumed": rs.consumed,
+            "workers": self.worker.world_size, "restarts": rs.restarts, "nonfinite_steps": rs.nonfinite_total,
+            "tokens_per_second": tps, "step_seconds": win.train_seconds / max(1, len(win.losses)),
+            "report_window_seconds": seconds, "time": time.time(),
         }
-        if losses:
-            m["train_loss"] = float(np.mean(losses))
-        if "lr" in last:
-            m["lr"] = last["lr"]
-            if last.get("grad_norm") is not None:
-                m["grad_norm"] = last["grad_norm"]
+        if win.losses:
+            m["train_loss"] = float(np.mean(win.losses))
+        if "lr" in rs.last:
+            m["lr"] = rs.last["lr"]
+            if rs.last.get("grad_norm") is not None:
+                m["grad_norm"] = rs.last["grad_norm"]
+        stage_values = self._reduce_metrics(win.metrics)
+        m.update(stage_values)
         m.update(val)
         rss = _rss_bytes()
         if self.worker.rank == 0:
@@ -537,7 +639,11 @@ class Loop:
                               ("r1ray_train_step", "step"), ("r1ray_train_samples_consumed", "samples_consumed")):
                 if key in m and m[key] is not None and math.isfinite(float(m[key])):
                     record(name, float(m[key]), **self.tags)
-            self.wandb.log({k: v for k, v in m.items() if isinstance(v, (int, float))}, step=stats["step"])
+            for key, value in {**stage_values, **val}.items():
+                name = stage_metric_name(self.stage.name, key)
+                if name and math.isfinite(value):
+                    record(name, value, **self.tags)
+            self.wandb.log({k: v for k, v in m.items() if isinstance(v, (int, float))}, step=rs.step)
         if rss:
             record("r1ray_train_memory_bytes", rss, kind="rss", **self.tags)
             m["rss_bytes"] = rss
@@ -561,7 +667,7 @@ class Loop:
             return False
 
     # ---- checkpoints
-    def _save(self, stats: dict, metrics: dict) -> str:
+    def _save(self, rs: _RunState, metrics: dict) -> str:
         import ray.train
         from ray.train import Checkpoint
 
@@ -578,7 +684,7 @@ class Loop:
             write_json,
         )
 
-        cfg, w, step = self.cfg, self.worker, stats["step"]
+        cfg, w, step = self.cfg, self.worker, rs.step
         t0 = time.perf_counter()
         name = checkpoint_name(step, self.attempt)
         tmp = tempfile.mkdtemp(prefix=f"r1ray-{name}-r{w.rank}-")
@@ -595,14 +701,15 @@ class Loop:
                     write_export_manifest(
                         os.path.join(tmp, HF_DIR), stage=self.stage.name, config=cfg,
                         inputs=self.stage.export_inputs(), checkpoint_step=step,
-                        counts={"step": step, "samples_consumed": stats["consumed"]},
+                        counts={"step": step, "samples_consumed": rs.consumed},
                     )
                 write_json(os.path.join(tmp, TRAINER_STATE), {
-                    "step": step, "samples_consumed": stats["consumed"], "world_size": w.world_size,
+                    "step": step, "samples_consumed": rs.consumed, "world_size": w.world_size,
                     "zero_stage": cfg.deepspeed.zero_stage, "global_batch_size": cfg.train.global_batch_size,
-                    "seed": cfg.seed, "nonfinite_total": stats["nonfinite_total"], "restarts": stats["restarts"],
+                    "seed": cfg.seed, "nonfinite_total": rs.nonfinite_total, "restarts": rs.restarts,
                     "attempt": self.attempt, "checkpoint": join(self.run_dir, name),
-                    "optim_fingerprint": fingerprint,
+                    "optim_fingerprint": fingerprint, "stage": self.stage.name,
+                    "stage_state": self.stage.state_dict(),
                     "rng": "torch.manual_seed((seed * 1000003 + step) * 1009 + rank) before every step",
                     "lr_schedule": "r1ray.train.optim.lr_at(optim, step, train.max_steps)",
                     "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
@@ -613,7 +720,7 @@ class Loop:
             shutil.rmtree(tmp, ignore_errors=True)
         uri = join(self.run_dir, name)
         if w.rank == 0:
-            write_json(join(uri, COMPLETE), {"step": step, "samples_consumed": stats["consumed"]})
+            write_json(join(uri, COMPLETE), {"step": step, "samples_consumed": rs.consumed})
         seconds = time.perf_counter() - t0
         record("r1ray_train_checkpoint_save_seconds", seconds, **self.tags)
         log.info("checkpoint step %d -> %s (%.1fs)", step, uri, seconds)
@@ -628,6 +735,12 @@ class Loop:
             log.warning("fault injection: SIGKILL rank %d at step %d (%s)", self.worker.rank, step, kind)
             os.kill(os.getpid(), signal.SIGKILL)
 
+    def _maybe_sigterm_driver(self, step: int) -> None:
+        if (self.cfg.faults.sigterm_at_step == step + 1 and self.worker.rank == 0 and self.payload.get("driver_pid")
+                and _fire_once(self.run_dir, f"sigterm-{step + 1}")):
+            # as a preemption would: SIGTERM to the job's driver, which asks the workers to stop
+            os.kill(int(self.payload["driver_pid"]), signal.SIGTERM)
+
     def _record_samples(self, step: int, micro: list[np.ndarray]) -> None:
         from pathlib import Path
 
@@ -637,8 +750,42 @@ class Loop:
         d = Path(path) / "samples"
         d.mkdir(parents=True, exist_ok=True)
         idx = " ".join(str(int(i)) for m in micro for i in m)
-        with open(d / f"{self.attempt if hasattr(self, 'attempt') else 'x'}-rank{self.worker.rank}.txt", "a") as fh:
+        with open(d / f"{getattr(self, 'attempt', 'x')}-rank{self.worker.rank}.txt", "a") as fh:
             fh.write(f"{step + 1} {self.worker.world_size} {idx}\n")
+
+
+def _quiet_report_lines() -> None:
+    """Keep Ray Train's per-report INFO line ("Reporting training result N: TrainingReport(...)", one per
+    worker per report) off the console, where it drowns r1ray's progress lines; it still goes to Ray Train's
+    worker log files (``<ray session dir>/logs/train/ray-train-app-worker-*.log``)."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:  # another Ray layout: nothing to quiet
+        return
+    name = train_context.__file__  # Ray names that logger after its file
+
+    class _DropReports(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return record.name != name or record.levelno >= logging.WARNING
+
+    for handler in logging.getLogger().handlers:
+        if type(handler).__name__ != "SessionFileHandler" and not any(
+                type(f).__name__ == "_DropReports" for f in handler.filters):
+            handler.addFilter(_DropReports())
+
+
+def force_overflow_check(engine: Any) -> None:
+    """Make DeepSpeed's ZeRO-1/2 optimizer check gradients for inf/NaN at every step, whatever the precision.
+
+    DeepSpeed >= 0.17.1 checks only in fp16 (and bf16 when asked), so an fp32 ZeRO-1/2 step with NaN
+    gradients would be applied. The loop knows when a loss was non-finite and verifies after the step that
+    DeepSpeed skipped it (``Loop._optimizer_step``); this attribute is what makes the skip happen on the
+    releases that have it (older releases always checked). ZeRO-3 skips on an invalid gradient norm."""
+    opt = getattr(engine, "optimizer", None)
+    if opt is not None and hasattr(opt, "check_grad_overflow"):
+        opt.check_grad_overflow = True
 
 
 # Dense peak FLOP/s per GPU (bf16/fp16 tensor cores; fp32 uses TF32 where the card has it), for MFU.

@@ -1,9 +1,9 @@
 """Pretraining: a causal LM on the packed shards of a data artifact, through the shared training loop.
 
-``PretrainStage`` is what pretraining adds to ``r1ray.train.loop``: rows of the packed shards as samples,
-next-token cross-entropy (with label smoothing) as the loss, and the validation split for evaluation.
-``run(cfg)`` is the driver: resolve and validate the data, fit a ``TorchTrainer``, publish
-``<run_dir>/final`` and return a small ``PretrainResult``.
+``PretrainStage`` is what pretraining adds to the shared loop (``r1ray.train.stage``): rows of the packed
+shards as samples, next-token cross-entropy (with label smoothing) as the loss, the validation split for
+evaluation, and (driver side) a Ray Data scan of every shard plus a unigram baseline before any worker
+starts. ``run(cfg)`` is ``r1ray.train.driver.run_stage`` with this stage.
 
     python jobs/pretrain.py                                   # the embedded default
     python jobs/pretrain.py --config configs/pretrain/debug.yaml
@@ -11,25 +11,40 @@ next-token cross-entropy (with label smoothing) as the loss, and the validation 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
 from r1ray.observe.log import get_logger
 from r1ray.train.config import PretrainConfig
-from r1ray.train.loop import Stage, WorkerInfo
+from r1ray.train.driver import TrainResult, run_stage, summary  # noqa: F401 - summary: the job's closing text
+from r1ray.train.stage import Metrics, RunPlan, Stage, WorkerInfo
 
 log = get_logger(__name__)
 
 
 class PretrainStage(Stage):
+    """Next-token prediction on rows of packed shards: the default ``step_inputs`` (one ``make_batch`` per
+    micro-batch), a token-mean loss, validation loss on the validation split."""
+
     name = "pretrain"
     config_class = PretrainConfig
 
-    def setup(self, worker: WorkerInfo) -> None:
+    # ---- driver side
+    @classmethod
+    def plan(cls, cfg: PretrainConfig) -> RunPlan:
+        if not cfg.data.path:
+            raise ValueError(
+                "data.path is unset: set it to a data artifact (python jobs/prepare_data.py writes one), or run "
+                "python jobs/pretrain.py, which prepares the default corpus first")
+        data = check_data(cfg, cfg.data.path, with_ray_data=cfg.data.validate_with_ray_data)
+        unigram = unigram_baseline(data, cfg.data.cache_dir)
+        return RunPlan(config=cfg, inputs=[cfg.data.path],
+                       baselines={"unigram_val_loss": unigram} if unigram is not None else {})
+
+    # ---- worker side
+    def setup(self, worker: WorkerInfo, resources: dict[str, Any]) -> None:
         from r1ray.data.shards import DataArtifact
         from r1ray.model.tokenizer import load_tokenizer
         from r1ray.train.sampler import token_store
@@ -46,98 +61,51 @@ class PretrainStage(Stage):
     def build_model(self) -> Any:
         from r1ray.model import build_model
 
-        return build_model(self.cfg.model, self.tokenizer, seed=self.cfg.seed)
+        return build_model(self.cfg.model, self.tokenizer, seed=self.cfg.seed, precision=self.cfg.deepspeed.precision)
 
-    def num_train_samples(self) -> int:
+    def num_samples(self) -> int:
         return len(self.train_rows)
 
     def make_batch(self, rows: np.ndarray, device: Any) -> dict[str, Any]:
+        return self._batch(self.train_rows[rows], device)
+
+    @staticmethod
+    def _batch(rows: Any, device: Any) -> dict[str, Any]:
         import torch
 
-        ids = torch.from_numpy(np.asarray(self.train_rows[rows], dtype=np.int64)).to(device)
+        ids = torch.from_numpy(np.asarray(rows, dtype=np.int64)).to(device)
         return {"input_ids": ids, "n_tokens": ids.numel() - ids.shape[0]}
 
-    def loss(self, model: Any, batch: dict[str, Any]) -> tuple[Any, Any]:
+    def loss(self, model: Any, batch: dict[str, Any], metrics: Metrics) -> Any:
         import torch.nn.functional as F
 
         ids = batch["input_ids"]
         logits = model(input_ids=ids).logits[:, :-1]
         targets = ids[:, 1:]
-        s = F.cross_entropy(
+        return F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="sum",
             label_smoothing=self.cfg.train.label_smoothing,
         )
-        return s, targets.numel()
 
-    def eval_batches(self, worker: WorkerInfo, device: Any) -> Iterator[dict[str, Any]]:
-        import torch
-
+    def eval_batches(self) -> Iterator[dict[str, Any]]:
+        """This worker's share of the first ``train.eval_samples`` validation rows (the loop evens out the
+        batch counts across workers under ZeRO-3)."""
         if self.val_rows is None:
             return
+        w = self.worker
         n = min(self.cfg.train.eval_samples, len(self.val_rows))
-        mine = np.arange(worker.rank, n, worker.world_size)
+        mine = np.arange(w.rank, n, w.world_size)
         mb = self.cfg.train.micro_batch_size
         for i in range(0, len(mine), mb):
-            ids = torch.from_numpy(np.asarray(self.val_rows[mine[i : i + mb]], dtype=np.int64)).to(device)
-            yield {"input_ids": ids, "n_tokens": ids.numel() - ids.shape[0]}
+            yield self._batch(self.val_rows[mine[i : i + mb]], w.device)
 
     def export_inputs(self) -> list[str]:
         return [self.data.uri]
-
-    def probe_input(self) -> list[int]:
-        rows = self.val_rows if self.val_rows is not None else self.train_rows
-        return [int(t) for t in rows[0][:16]]
 
 
 # --------------------------------------------------------------------------------------------------
 # Driver
 # --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class PretrainResult:
-    """What a pretraining run produced (``run`` returns it; Tune wraps it per trial)."""
-
-    run_dir: str
-    export_path: str | None
-    """``<run_dir>/final``: the HF model directory to evaluate or serve (None if the run stopped early)."""
-    checkpoint: str | None
-    """Newest checkpoint directory (DeepSpeed + trainer state + HF export)."""
-    status: str
-    """completed; preempted (SIGTERM/preemption: rerun the same run_name to continue); or stopped (at
-    ``train.stop_after_steps``, a resumable segment)."""
-    steps: int
-    samples_consumed: int
-    train_loss: float | None
-    val_loss: float | None
-    val_perplexity: float | None
-    unigram_val_loss: float | None
-    """Cross-entropy of a unigram model fitted on the training split, on the same validation tokens."""
-    data: str
-    restarts: int = 0
-    nonfinite_steps: int = 0
-    world_size: int = 0
-    seconds: float = 0.0
-    worker_result: dict[str, Any] = field(default_factory=dict, repr=False)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d.pop("worker_result")
-        return d
-
-
-def resolve_data(cfg: PretrainConfig) -> str:
-    """The data artifact to train on: ``data.path``, or the data stage's default (prepared if missing)."""
-    if cfg.data.path:
-        return cfg.data.path
-    try:
-        from r1ray.data.pipeline import ensure_default
-    except ImportError as e:
-        raise RuntimeError(
-            "data.path is unset and the data stage (r1ray.data.pipeline) is not available to prepare the "
-            f"default corpus ({e}); set data.path to a data artifact written by jobs/data.py"
-        ) from e
-    return ensure_default(cfg.storage, cfg.ray)
 
 
 def check_data(cfg: PretrainConfig, data_uri: str, *, with_ray_data: bool) -> Any:
@@ -238,82 +206,11 @@ def unigram_baseline(data: Any, cache_dir: str | None = None, max_tokens: int = 
     return float(-logp[targets].mean())
 
 
-def run(
-    cfg: PretrainConfig,
-    *,
-    callbacks: Sequence[Any] = (),
-    run_name: str | None = None,
-    storage_path: str | None = None,
-) -> PretrainResult:
-    """Train ``cfg`` to the end (or to a preemption) and return what it produced.
-
-    ``callbacks`` are extra Ray Train callbacks (e.g. Tune's report callback); ``run_name`` and
-    ``storage_path`` override the RunConfig's name and storage (default ``cfg.run_name`` and
-    ``<storage.root>/runs``), so the run directory is ``<storage_path>/<run_name>``.
-    """
-    import time
-
-    from r1ray.artifacts import join
-    from r1ray.runtime import ray_session
-    from r1ray.train.checkpoint import HF_DIR, publish_final
-    from r1ray.train.launch import fit
-
-    t0 = time.perf_counter()
-    with ray_session(cfg.ray):
-        data_uri = resolve_data(cfg)
-        data = check_data(cfg, data_uri, with_ray_data=cfg.data.validate_with_ray_data)
-        resolved = PretrainConfig.model_validate(
-            {**cfg.model_dump(mode="json"), "data": {**cfg.data.model_dump(mode="json"), "path": data_uri}}
-        )
-        name = run_name or cfg.run_name
-        storage = storage_path or cfg.storage.uri("runs")
-        run_dir = join(storage, name)
-        unigram = unigram_baseline(data, cfg.data.cache_dir)
-        out = fit("r1ray.train.pretrain:PretrainStage", resolved, name=name, storage_path=storage,
-                  callbacks=callbacks)
-
-    export = None
-    if out["status"] == "completed" and out.get("checkpoint") and cfg.checkpoint.export_hf:
-        export = publish_final(
-            run_dir, join(out["checkpoint"], HF_DIR), stage="pretrain", config=resolved, inputs=[data_uri],
-            counts={"steps": out["step"], "samples_consumed": out["samples_consumed"]},
-            metrics={"train_loss": out.get("train_loss"), "val_loss": out.get("val_loss"),
-                     "unigram_val_loss": unigram},
-        )
-    val = out.get("val_loss")
-    result = PretrainResult(
-        run_dir=run_dir, export_path=export, checkpoint=out.get("checkpoint"), status=out["status"],
-        steps=out["step"], samples_consumed=out["samples_consumed"], train_loss=out.get("train_loss"),
-        val_loss=val, val_perplexity=math.exp(min(val, 50)) if val is not None else None,
-        unigram_val_loss=unigram, data=data_uri, restarts=out.get("restarts", 0),
-        nonfinite_steps=out.get("nonfinite_total", 0), world_size=out.get("world_size", 0),
-        seconds=time.perf_counter() - t0, worker_result=out,
-    )
-    log.info("pretrain %s: %s after %d steps (%d samples); train loss %s, val loss %s (unigram %s); export %s",
-             name, result.status, result.steps, result.samples_consumed, _fmt(result.train_loss),
-             _fmt(result.val_loss), _fmt(unigram), export)
-    return result
+PretrainResult = TrainResult
+"""What a pretraining run produced (``TrainResult``: ``val_loss``, ``unigram_val_loss``, ``export_path``...)."""
 
 
-def _fmt(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.4f}"
-
-
-def summary(result: PretrainResult) -> str:
-    """The closing lines of a pretraining job: losses, the baseline, where the model went, what to run next."""
-    lines = [
-        f"pretrain {result.status}: {result.steps} steps, {result.samples_consumed} samples, "
-        f"{result.world_size} worker(s), {result.seconds:.0f}s, {result.restarts} restart(s)",
-        f"  train loss       {_fmt(result.train_loss)}",
-        f"  validation loss  {_fmt(result.val_loss)} (perplexity {_fmt(result.val_perplexity)})",
-    ]
-    if result.unigram_val_loss is not None:
-        lines.append(f"  unigram baseline {_fmt(result.unigram_val_loss)} (validation cross-entropy of token "
-                     "frequencies)")
-    lines.append(f"  run directory    {result.run_dir}")
-    if result.export_path:
-        lines.append(f"  HF export        {result.export_path}")
-        lines.append(f"next: python jobs/serve.py model_path={result.export_path}")
-    elif result.status in ("preempted", "stopped"):
-        lines.append("next: rerun the same command (same run_name) to continue from the newest checkpoint")
-    return "\n".join(lines)
+def run(cfg: PretrainConfig, *, callbacks: Sequence[Any] = (), run_name: str | None = None,
+        storage_path: str | None = None) -> TrainResult:
+    """Train ``cfg`` to the end (or to a preemption): ``r1ray.train.driver.run_stage`` with this stage."""
+    return run_stage(PretrainStage, cfg, callbacks=callbacks, run_name=run_name, storage_path=storage_path)

@@ -1,6 +1,7 @@
-"""The registry of tunable stages: name -> (config class, run function, optional prepare), imported lazily.
+"""The registry of tunable stages: name -> (config class, run function), imported lazily.
 
-A new training stage (sft, grpo, distill) becomes tunable by adding one entry here.
+Every stage's ``run`` is ``r1ray.train.driver.run_stage`` with its stage class and returns a ``TrainResult``;
+a new training stage becomes tunable by adding one entry here.
 """
 
 from __future__ import annotations
@@ -21,10 +22,8 @@ class StageEntry:
     config: str
     """``module:Class`` of the stage's config (import-light)."""
     run: str
-    """``module:function`` that trains one run: ``run(cfg, *, callbacks=...) -> result`` with
-    ``status``, ``val_loss``, ``train_loss``, ``export_path`` and ``checkpoint``."""
-    prepare: str | None = None
-    """``module:function(cfg)`` run once by the study driver before any trial (shared inputs)."""
+    """``module:function`` that trains one run: ``run(cfg, *, callbacks=..., run_name=..., storage_path=...)``
+    returning a ``TrainResult`` (``status``, ``metrics``, ``train_loss``, ``export_path``, ``checkpoint``)."""
 
     def config_class(self) -> Any:
         return _resolve(self.config)
@@ -32,23 +31,11 @@ class StageEntry:
     def run_function(self) -> Any:
         return _resolve(self.run)
 
-    def prepare_function(self) -> Any:
-        return _resolve(self.prepare) if self.prepare else None
-
-
-def prepare_pretrain(cfg: Any) -> None:
-    """Prepare the default corpus once, so concurrent trials never race to build it."""
-    if cfg.data.path is None:
-        from r1ray.data.pipeline import ensure_default
-
-        ensure_default(cfg.storage, cfg.ray)
-
 
 STAGES: dict[str, StageEntry] = {
-    "pretrain": StageEntry(
-        "pretrain", "r1ray.train.config:PretrainConfig", "r1ray.train.pretrain:run",
-        prepare="r1ray.tune.stages:prepare_pretrain",
-    ),
+    "pretrain": StageEntry("pretrain", "r1ray.train.config:PretrainConfig", "r1ray.train.pretrain:run"),
+    "sft": StageEntry("sft", "r1ray.train.sft:SFTConfig", "r1ray.train.sft:run"),
+    "grpo": StageEntry("grpo", "r1ray.train.grpo:GRPOConfig", "r1ray.train.grpo:run"),
 }
 
 

@@ -23,6 +23,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -130,10 +131,11 @@ def _final_metrics(result: Any) -> dict[str, Any]:
     """A finished run's numbers, in the keys the stage reports during training."""
     # "completed", not "done": Tune sets its own "done" on the last result of every trial, stopped or not.
     out: dict[str, Any] = {"completed": 1.0}
-    for key in ("val_loss", "train_loss", "val_perplexity", "steps", "samples_consumed", "unigram_val_loss"):
+    for key in ("train_loss", "steps", "samples_consumed"):
         value = getattr(result, key, None)
         if value is not None:
             out[key] = value
+    out.update({k: v for k, v in result.metrics.items() if v is not None})  # val_loss, accuracy, baselines
     if getattr(result, "export_path", None):
         out["export_path"] = str(result.export_path)
     return out
@@ -296,8 +298,12 @@ def _default_point(base_cfg: R1Config, domains: list[Domain]) -> dict[str, Any]:
     return {d.path: _get_path(base_cfg, d.path) for d in domains}
 
 
-def run(cfg: TuneConfig) -> StudyResult:
-    """Run (or resume) the study; write the trial table, the best config and the manifest."""
+def run(cfg: TuneConfig, *, prepare_inputs: Callable[[str, Any], dict[str, Any]] | None = None) -> StudyResult:
+    """Run (or resume) the study; write the trial table, the best config and the manifest.
+
+    ``prepare_inputs(stage, base_cfg)`` (``r1ray.pipeline.upstream.inputs_for`` from ``jobs/tune.py``) fills
+    the stage's unset inputs once, before any trial, as dotted overrides added to every trial's base (so
+    concurrent trials never race to build them)."""
     from ray import tune
 
     stage = get_stage(cfg.stage)
@@ -331,8 +337,9 @@ def run(cfg: TuneConfig) -> StudyResult:
     with ray_session(cfg.ray):
         _require_state_api()
         concurrent = _max_concurrent(cfg, base_cfg)
-        if stage.prepare is not None:
-            stage.prepare_function()(base_cfg)  # shared inputs once, before trials race for them
+        if prepare_inputs is not None:
+            for key, value in prepare_inputs(cfg.stage, base_cfg).items():
+                set_dotted(spec["base"], key, value)
         trainable = tune.with_resources(tune.with_parameters(_trial, spec=spec), {"cpu": cfg.trial_cpus})
         if tune.Tuner.can_restore(study_dir):
             log.info("restoring study %s: finished trials are kept, unfinished ones resume", study_dir)

@@ -1,0 +1,126 @@
+"""The one place that prepares a missing upstream stage.
+
+Library stages never train or prepare what they consume: a stage whose input is unset fails in its
+``plan``, naming the field. The jobs' embedded defaults (``python jobs/pretrain.py`` with no arguments,
+``python jobs/sft.py``, ``python jobs/serve.py``, ``python jobs/tune.py``) come here first: each input left
+unset is filled with the default artifact of the stage before, which is prepared (itself through this
+module, recursively) when it is missing or incomplete.
+
+    data (default corpus) -> pretrain (run "default") -> sft (run "sft") -> grpo (run "grpo") -> serve
+
+``prepare(stage, cfg)`` returns the config with its inputs made explicit; ``inputs_for(stage, cfg)`` returns
+just the dotted overrides (what Tune adds to every trial's base config).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from r1ray.observe.log import get_logger
+
+log = get_logger(__name__)
+
+__all__ = ["DEFAULT_RUNS", "default_export", "inputs_for", "prepare", "serve_model_path"]
+
+DEFAULT_RUNS = {"pretrain": "default", "sft": "sft", "grpo": "grpo", "distill": "distill"}
+"""Run name of each training stage's embedded default (``<storage.root>/runs/<name>``)."""
+
+
+def _with(cfg: Any, overrides: dict[str, Any]) -> Any:
+    from r1ray.config import set_dotted
+
+    if not overrides:
+        return cfg
+    data = cfg.model_dump(mode="json")
+    for key, value in overrides.items():
+        set_dotted(data, key, value)
+    return type(cfg).model_validate(data)
+
+
+def _shared(cfg: Any) -> dict[str, Any]:
+    """The blocks an upstream default run inherits from the job that needs it."""
+    return {"seed": cfg.seed, "storage": cfg.storage.model_dump(mode="json"), "ray": cfg.ray.model_dump(mode="json"),
+            "logging": cfg.logging.model_dump(mode="json")}
+
+
+def default_export(stage: str, cfg: Any) -> str:
+    """The export of ``stage``'s embedded default run under ``cfg.storage``, trained first when missing."""
+    from r1ray.model.export import newest_export
+
+    run_dir = cfg.storage.uri("runs", DEFAULT_RUNS[stage])
+    found = newest_export(run_dir)
+    if found is not None:
+        return found
+    log.info("no %s export in %s yet: running the default %s stage first", stage, run_dir, stage)
+    config_cls, run = _STAGE_DEFAULTS[stage]()
+    upstream_cfg = config_cls.model_validate({**_shared(cfg), "run_name": DEFAULT_RUNS[stage]})
+    result = run(prepare(stage, upstream_cfg))
+    if result.export_path is None:
+        raise RuntimeError(f"the default {stage} run ended {result.status} without an export ({run_dir})")
+    return result.export_path
+
+
+def inputs_for(stage: str, cfg: Any) -> dict[str, Any]:
+    """Dotted overrides that fill ``cfg``'s unset inputs with the upstream defaults (prepared if missing)."""
+    if stage == "pretrain":
+        if cfg.data.path:
+            return {}
+        from r1ray.data.pipeline import ensure_default
+
+        return {"data.path": ensure_default(cfg.storage, cfg.ray)}
+    if stage in ("sft", "distill"):
+        return {} if cfg.model.init_from else {"model.init_from": default_export("pretrain", cfg)}
+    if stage == "grpo":
+        return {} if cfg.model.init_from else {"model.init_from": default_export("sft", cfg)}
+    raise ValueError(f"no upstream defaults for stage {stage!r}; choose one of {sorted(DEFAULT_RUNS)}")
+
+
+def prepare(stage: str, cfg: Any) -> Any:
+    """``cfg`` with every unset input filled by the upstream default (see the module doc)."""
+    return _with(cfg, inputs_for(stage, cfg))
+
+
+def serve_model_path(cfg: Any) -> Any:
+    """A ServeConfig whose ``model_path`` is set: the run's newest export, trained first when missing and
+    ``train_if_missing`` is set (for the default run name, through the default pretraining run)."""
+    if cfg.model_path:
+        return cfg
+    from r1ray.model.export import newest_export
+
+    run_dir = cfg.storage.uri("runs", cfg.run_name)
+    found = newest_export(run_dir)
+    if found is None and cfg.train_if_missing:
+        stage = next((s for s, name in DEFAULT_RUNS.items() if name == cfg.run_name), None)
+        if stage is None:
+            raise FileNotFoundError(f"no model export in {run_dir} and run {cfg.run_name!r} is no stage's default "
+                                    f"run ({DEFAULT_RUNS}); set model_path or train the run first")
+        found = default_export(stage, cfg)
+    if found is None:
+        raise FileNotFoundError(f"no model export in {run_dir}: train it first (python jobs/pretrain.py) or set "
+                                "model_path to a Hugging Face model directory")
+    return cfg.model_copy(update={"model_path": found, "model_name": cfg.model_name or f"r1ray-{cfg.run_name}"})
+
+
+def _pretrain() -> tuple[type, Callable[[Any], Any]]:
+    from r1ray.train.config import PretrainConfig
+    from r1ray.train.pretrain import run
+
+    return PretrainConfig, run
+
+
+def _sft() -> tuple[type, Callable[[Any], Any]]:
+    from r1ray.train.sft import SFTConfig, run
+
+    return SFTConfig, run
+
+
+def _grpo() -> tuple[type, Callable[[Any], Any]]:
+    from r1ray.train.grpo import GRPOConfig, run
+
+    return GRPOConfig, run
+
+
+_STAGE_DEFAULTS: dict[str, Callable[[], tuple[type, Callable[[Any], Any]]]] = {
+    "pretrain": _pretrain, "sft": _sft, "grpo": _grpo,
+}
