@@ -5,6 +5,11 @@ decoding are prefilled and merged into it at the next step (their KV caches left
 and finished or cancelled sequences leave it at once, so a client that disconnects frees its slot. Every
 sequence carries its own sampling parameters (greedy, temperature, top-p, top-k, stop strings, seed, logprobs).
 
+One sequence cannot fail its batch-mates: parameters the engine cannot represent are refused at ``submit``
+(``ValueError`` naming the field); a sequence whose sampling or consumer raises is failed alone; and when a
+batched forward pass raises, its sequences are retried one by one and only those that fail again end, with
+``finish_reason == "error"``.
+
 Use it in-process (tests, benchmarks)::
 
     eng = HFEngine.from_dir("outputs/runs/default/export")
@@ -17,6 +22,7 @@ or from asyncio (the Serve app) with ``async for ev in eng.stream(prompt_ids, pa
 from __future__ import annotations
 
 import asyncio
+import math
 import queue
 import random
 import threading
@@ -25,11 +31,36 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from r1ray.observe.log import get_logger
 from r1ray.infer.text import find_stop, stop_holdback
 from r1ray.infer.types import Completion, EngineFullError, SamplingParams, StepEvent, TokenLogprob
+from r1ray.observe.log import get_logger
 
 log = get_logger(__name__)
+
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+"""The seeds ``torch.Generator.manual_seed`` accepts."""
+
+
+def check_params(params: SamplingParams, vocab_size: int) -> None:
+    """Raise ``ValueError`` naming the field when ``params`` hold a value the engine cannot represent."""
+    p = params
+    problems = []
+    if not isinstance(p.max_tokens, int) or p.max_tokens < 0:
+        problems.append(f"max_tokens must be an integer >= 0, got {p.max_tokens!r}")
+    if not (isinstance(p.temperature, int | float) and math.isfinite(p.temperature) and p.temperature >= 0):
+        problems.append(f"temperature must be a finite number >= 0, got {p.temperature!r}")
+    if not (isinstance(p.top_p, int | float) and 0 < p.top_p <= 1):
+        problems.append(f"top_p must be in (0, 1], got {p.top_p!r}")
+    if not isinstance(p.top_k, int) or p.top_k < 0:
+        problems.append(f"top_k must be an integer >= 0, got {p.top_k!r}")
+    if p.seed is not None and not (isinstance(p.seed, int) and SEED_MIN <= p.seed <= SEED_MAX):
+        problems.append(f"seed must be an integer in [-2**63, 2**64 - 1], got {p.seed!r}")
+    if p.logprobs is not None and not (isinstance(p.logprobs, int) and 0 <= p.logprobs <= vocab_size):
+        problems.append(f"logprobs must be an integer in [0, {vocab_size}], got {p.logprobs!r}")
+    if any(not isinstance(x, str) or not x for x in p.stop):
+        problems.append("stop strings must be non-empty strings")
+    if problems:
+        raise ValueError("; ".join(problems))
 
 
 class _Seq:
@@ -110,6 +141,7 @@ class HFEngine:
         self._token_text: dict[int, str] = {}
         self._step_lock = threading.Lock()  # held by the scheduler for each step; weight updates take it
         self.weights_version = 0
+        self.vocab_size = int(model.get_input_embeddings().num_embeddings)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -120,8 +152,8 @@ class HFEngine:
         """Load weights (safetensors only) and tokenizer from a Hugging Face directory."""
         import torch
 
-        from r1ray.model.tokenizer import load_tokenizer
         from r1ray.model.build import load_model
+        from r1ray.model.tokenizer import load_tokenizer
 
         if torch_threads:
             torch.set_num_threads(torch_threads)
@@ -159,6 +191,10 @@ class HFEngine:
         """Queue one sequence; ``sink`` gets its events on the scheduler thread. Raises EngineFullError."""
         if not prompt_ids:
             raise ValueError("prompt is empty: give at least one token")
+        bad = next((t for t in prompt_ids if not (isinstance(t, int) and 0 <= t < self.vocab_size)), None)
+        if bad is not None:
+            raise ValueError(f"prompt: token id {bad!r} is outside the vocabulary [0, {self.vocab_size})")
+        check_params(params, self.vocab_size)
         if len(prompt_ids) + params.max_tokens > self.max_model_len:
             raise ValueError(
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the model's context "
@@ -272,6 +308,7 @@ class HFEngine:
         with torch.inference_mode():
             while not self._stop.is_set():
                 held = False
+                new: list[_Seq] = []
                 try:
                     new = self._admit(active)
                     if not active and not new:
@@ -280,20 +317,25 @@ class HFEngine:
                     held = True
                     t0 = time.perf_counter()
                     if new:
-                        kv_new, mask_new, logits_new = self._prefill(new)
-                        kv, mask = self._merge(kv, mask, kv_new, mask_new)
-                        active = active + new
-                        logits = logits_new
-                        rows = list(range(len(active) - len(new), len(active)))
+                        new, kv_new, mask_new, logits = self._prefill_isolated(new)
+                        rows: list[int] = []
+                        if new:
+                            kv, mask = self._merge(kv, mask, kv_new, mask_new)
+                            active = active + new
+                            rows = list(range(len(active) - len(new), len(active)))
+                        new = []
                     else:
-                        logits, kv, mask = self._decode(active, kv, mask)
+                        active, kv, mask, logits = self._decode_isolated(active, kv, mask)
                         rows = list(range(len(active)))
                     with self._lock:
                         self._running = len(active)
-                    n_tok = self._sample_and_emit([active[r] for r in rows], logits)
+                    n_tok = self._sample_and_emit([active[r] for r in rows], logits) if rows else 0
                     dt = time.perf_counter() - t0
                     if self.on_batch is not None and n_tok:
-                        self.on_batch(len(rows), n_tok, dt)
+                        try:
+                            self.on_batch(len(rows), n_tok, dt)
+                        except Exception:  # metrics must never stop generation
+                            log.exception("on_batch callback failed")
                     keep = [i for i, s in enumerate(active) if not s.done]
                     if len(keep) != len(active):
                         finished = len(active) - len(keep)
@@ -305,19 +347,88 @@ class HFEngine:
                             kv, mask = self._select(kv, mask, keep)
                         else:
                             kv, mask = None, None
-                except Exception as e:  # a failing batch must not kill the server: fail its sequences
+                except Exception as e:  # a failure outside any one sequence: fail the batch, keep the engine up
                     log.exception("engine step failed: %s", e)
-                    for s in active:
+                    for s in active + [s for s in new if s not in active]:
                         if not s.done:
-                            s.done = True
-                            s.sink(StepEvent("", [], [], finish_reason="error"))
+                            self._fail(s, e)
+                        else:
+                            with self._lock:
+                                self._pending -= 1
                     with self._lock:
-                        self._pending -= len(active)
                         self._running = 0
                     active, kv, mask = [], None, None
                 finally:
                     if held:
                         self._step_lock.release()
+
+    def _fail(self, s: _Seq, err: BaseException, *, release: bool = True) -> None:
+        """End ``s`` alone with ``finish_reason="error"``; ``release`` its slot unless it is still a row of the
+        running batch (the step's bookkeeping releases those)."""
+        log.error("sequence failed (%d prompt tokens, %d generated): %s: %s", len(s.prompt_ids), len(s.out_ids),
+                  type(err).__name__, err)
+        s.done = True
+        if release:
+            with self._lock:
+                self._pending -= 1
+        try:
+            s.sink(StepEvent("", [], [], finish_reason="error", first=s.first))
+        except Exception:  # its consumer is gone (e.g. a closed event loop): nothing left to tell
+            log.warning("could not deliver the error event of a failed sequence", exc_info=True)
+
+    def _prefill_isolated(self, seqs: list[_Seq]):
+        """``_prefill`` of the batch; if it raises, each sequence alone, failing only those that raise again.
+        Returns the surviving sequences and their merged cache, mask and last logits."""
+        try:
+            return (seqs, *self._prefill(seqs))
+        except Exception as e:
+            if len(seqs) == 1:
+                self._fail(seqs[0], e)
+                return [], None, None, None
+            log.warning("prefill of %d sequences failed (%s: %s): retrying them one by one", len(seqs),
+                        type(e).__name__, e)
+        ok: list[_Seq] = []
+        kv = mask = logits = None
+        for s in seqs:
+            try:
+                kv_s, mask_s, logits_s = self._prefill([s])
+            except Exception as e:
+                self._fail(s, e)
+                continue
+            ok.append(s)
+            kv, mask = self._merge(kv, mask, kv_s, mask_s)
+            logits = logits_s if logits is None else self._torch.cat([logits, logits_s])
+        return ok, kv, mask, logits
+
+    def _decode_isolated(self, seqs: list[_Seq], kv, mask):
+        """``_decode`` of the batch; if it raises, each row alone (its slice of the cache), failing only the
+        rows that raise again. Returns the surviving sequences with their cache, mask and logits."""
+        torch = self._torch
+        try:
+            logits, kv_out, mask_out = self._decode(seqs, kv, mask)
+            return seqs, kv_out, mask_out, logits
+        except Exception as e:
+            if len(seqs) == 1:
+                self._fail(seqs[0], e)
+                return [], None, None, None
+            log.warning("decode step of %d sequences failed (%s: %s): retrying them one by one", len(seqs),
+                        type(e).__name__, e)
+        ok, parts = [], []
+        for r, s in enumerate(seqs):
+            kv_r = [(k[r:r + 1], v[r:r + 1]) for k, v in kv]
+            try:
+                parts.append(self._decode([s], kv_r, mask[r:r + 1]))
+            except Exception as e:
+                self._fail(s, e)
+                continue
+            ok.append(s)
+        if not ok:
+            return [], None, None, None
+        logits = torch.cat([p[0] for p in parts])
+        kv = [(torch.cat([p[1][i][0] for p in parts]), torch.cat([p[1][i][1] for p in parts]))
+              for i in range(len(parts[0][1]))]
+        kv, mask = self._select(kv, torch.cat([p[2] for p in parts]), list(range(len(ok))))
+        return ok, kv, mask, logits
 
     def _admit(self, active: list[_Seq]) -> list[_Seq]:
         """New sequences for the batch: block briefly when idle, then gather for ``batch_wait_timeout_s``."""
@@ -464,40 +575,53 @@ class HFEngine:
         logp = torch.log_softmax(logits, dim=-1) if need_lp else None
         n = 0
         for i, s in enumerate(seqs):
-            if s.cancelled:
-                s.done = True
-                s.sink(StepEvent("", [], [], finish_reason="cancelled"))
-                continue
-            p = s.params
-            tid = greedy[i] if p.temperature == 0 else self._sample(logits[i], p, s)
-            n += 1
-            s.out_ids.append(tid)
-            lps = [self._logprob_entry(logp[i], tid, p.logprobs)] if p.logprobs is not None else []
-            finish = None
-            if tid in self.stop_token_ids and not p.ignore_eos:
-                finish = "stop"
-            else:
-                self._detok(s)
-                if p.stop:
-                    cut = find_stop(s.text, list(p.stop), start=s.emitted)
-                    if cut >= 0:
-                        s.text = s.text[:cut]
-                        finish = "stop"
-            if finish is None and len(s.out_ids) >= p.max_tokens:
-                finish = "length"
-            if finish is None:
-                safe = len(s.text) - (stop_holdback(s.text, list(p.stop)) if p.stop else 0)
-            else:
-                safe = len(s.text)
-            delta = s.text[s.emitted:safe] if safe > s.emitted else ""
-            s.emitted = max(s.emitted, safe)
-            ev = StepEvent(delta, [tid], lps, finish_reason=finish, first=s.first)
-            if s.first:
-                ev.prompt_logprobs = s.prompt_lp
-                s.first = False
-            s.done = finish is not None
-            s.sink(ev)
+            try:
+                n += self._emit_one(s, i, greedy, logits, logp)
+            except Exception as e:  # this sequence's sampling or consumer failed: it alone ends
+                if not s.done:
+                    self._fail(s, e, release=False)  # the step's bookkeeping releases done rows of the batch
         return n
+
+    def _emit_one(self, s: _Seq, i: int, greedy: list[int], logits, logp) -> int:
+        """Sample the next token of row ``i`` and send its event; returns the number of tokens generated."""
+        if s.cancelled:
+            s.done = True
+            s.sink(StepEvent("", [], [], finish_reason="cancelled"))
+            return 0
+        p = s.params
+        if p.max_tokens == 0:  # scoring only (echo + logprobs): the prompt's logprobs, nothing generated
+            s.done = True
+            s.first = False
+            s.sink(StepEvent("", [], [], finish_reason="length", prompt_logprobs=s.prompt_lp, first=True))
+            return 0
+        tid = greedy[i] if p.temperature == 0 else self._sample(logits[i], p, s)
+        s.out_ids.append(tid)
+        lps = [self._logprob_entry(logp[i], tid, p.logprobs)] if p.logprobs is not None else []
+        finish = None
+        if tid in self.stop_token_ids and not p.ignore_eos:
+            finish = "stop"
+        else:
+            self._detok(s)
+            if p.stop:
+                cut = find_stop(s.text, list(p.stop), start=s.emitted)
+                if cut >= 0:
+                    s.text = s.text[:cut]
+                    finish = "stop"
+        if finish is None and len(s.out_ids) >= p.max_tokens:
+            finish = "length"
+        if finish is None:
+            safe = len(s.text) - (stop_holdback(s.text, list(p.stop)) if p.stop else 0)
+        else:
+            safe = len(s.text)
+        delta = s.text[s.emitted:safe] if safe > s.emitted else ""
+        s.emitted = max(s.emitted, safe)
+        ev = StepEvent(delta, [tid], lps, finish_reason=finish, first=s.first)
+        if s.first:
+            ev.prompt_logprobs = s.prompt_lp
+            s.first = False
+        s.done = finish is not None
+        s.sink(ev)
+        return 1
 
     def _detok(self, s: _Seq) -> None:
         """Incremental detokenisation (decode a short window, not the whole sequence, every step)."""
