@@ -6,6 +6,8 @@ Every function reports what it changed or why it dropped a document, so the mani
 
 from __future__ import annotations
 
+import ipaddress
+import math
 import re
 import unicodedata
 from collections import Counter
@@ -130,20 +132,92 @@ def quality_reason(text: str, q: QualityConfig) -> str | None:
 # ---------------------------------------------------------------------------------------------------
 # PII
 # ---------------------------------------------------------------------------------------------------
+# Hand-written patterns, not presidio/scrubadub (both run an NLP model or a per-line plugin chain, orders
+# of magnitude slower per document and a download at run time) nor detect-secrets (line-by-line plugins
+# whose high-entropy detectors fire on every hash in code). Each kind below is tuned for precision on
+# numeric and code text: numbers, hashes and slices are the substance of math and code corpora.
 
-PII_KINDS = ("email", "phone", "ip", "card")
-PLACEHOLDERS = {"email": "<EMAIL>", "phone": "<PHONE>", "ip": "<IP_ADDRESS>", "card": "<CARD_NUMBER>"}
+PII_KINDS = ("email", "phone", "ip", "card", "secret")
+PLACEHOLDERS = {"email": "<EMAIL>", "phone": "<PHONE>", "ip": "<IP_ADDRESS>", "card": "<CARD_NUMBER>",
+                "secret": "<SECRET>"}
 
 _EMAIL_RE = re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b")
 _IPV4_RE = re.compile(r"(?<![\w.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![\w.])")
-_IPV6_RE = re.compile(r"(?<![\w:])(?:[0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}(?![\w:])")
-# 13-19 digits, optionally grouped by single spaces or dashes; kept only when Luhn-valid.
-_CARD_RE = re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])")
+# IPv6 candidates (full, compressed ``::``, IPv4-embedded, with a ``%zone``), validated by ``ipaddress``.
+# (The patterns here start with a character class and check what precedes a match in Python: a leading
+# look-behind keeps the regex engine from skipping ahead to candidate characters, 2-6x slower on code.)
+_IPV6_RE = re.compile(
+    r"[0-9A-Fa-f:](?:(?<=:)|[0-9A-Fa-f]{0,3}:)(?:[0-9A-Fa-f]{0,4}:){1,6}"
+    r"(?:(?:\d{1,3}\.){3}\d{1,3}|[0-9A-Fa-f]{1,4}|(?<=::))(?:%[A-Za-z0-9_.\-]+)?(?![\w:]|\.\d)"
+)
 # Phone numbers need separators or a leading +: "+1 415 555 0132", "(415) 555-0132", "415-555-0132".
 _PHONE_RE = re.compile(
     r"(?<![\w+])(?<!\d[ .-])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?|\d{2,4}[ .-])\d{3,4}[ .-]\d{3,4}"
     r"(?![\w]|[ .-]\d)"
 )
+
+# Card numbers: 13-19 digits, either in the groups printed on cards ("4111 1111 1111 1111", "3782-822463-10005")
+# or ungrouped right after a card keyword ("card no: 4111111111111111"); never part of a decimal, a hex
+# string, a longer number or a run of digit groups; then the issuer's prefix and length, then Luhn.
+_CARD_GROUPED_RE = re.compile(
+    r"\d\d{3}(?:(?P<s>[ -])\d{4}(?P=s)\d{4}(?P=s)\d{1,4}(?:(?P=s)\d{3})?"  # 4-4-4-4 (or 4-4-4-1..4, 4-4-4-4-3)
+    r"|(?P<t>[ -])\d{6}(?P=t)\d{4,5})"                                       # Amex 4-6-5, Diners 4-6-4
+    r"(?![\w]|[.,]\d|[ -]\d)"
+)
+_CARD_PLAIN_RE = re.compile(r"\d\d{12,18}(?![\w]|[.,]\d|[-/]\d)")
+_CARD_NOT_AFTER = frozenset("._,+-/$#") | frozenset("0123456789")  # a decimal, a longer number, hex, a path
+_CARD_CONTEXT_RE = re.compile(
+    r"(?i)(?:card|credit|debit|visa|master ?card|amex|american express|discover|diners|jcb|unionpay|maestro"
+    r"|\bcc\b|\bccn\b|\bpan\b|payment)[^\n\d]{0,24}$"
+)
+# (IIN prefix range low, high, prefix digits, allowed lengths) per brand (ISO/IEC 7812 issuer ranges).
+_CARD_BRANDS = (
+    ("visa", 4, 4, 1, (13, 16, 19)),
+    ("mastercard", 51, 55, 2, (16,)),
+    ("mastercard", 2221, 2720, 4, (16,)),
+    ("amex", 34, 34, 2, (15,)),
+    ("amex", 37, 37, 2, (15,)),
+    ("diners", 300, 305, 3, (14, 16, 19)),
+    ("diners", 36, 36, 2, (14, 16, 19)),
+    ("diners", 38, 39, 2, (14, 16, 19)),
+    ("discover", 6011, 6011, 4, (16, 19)),
+    ("discover", 644, 649, 3, (16, 19)),
+    ("discover", 65, 65, 2, (16, 19)),
+    ("jcb", 3528, 3589, 4, (16, 17, 18, 19)),
+    ("unionpay", 62, 62, 2, (16, 17, 18, 19)),
+    ("maestro", 5018, 5018, 4, (12, 13, 14, 15, 16, 17, 18, 19)),
+    ("maestro", 5020, 5020, 4, (12, 13, 14, 15, 16, 17, 18, 19)),
+    ("maestro", 5038, 5038, 4, (12, 13, 14, 15, 16, 17, 18, 19)),
+    ("maestro", 6304, 6304, 4, (12, 13, 14, 15, 16, 17, 18, 19)),
+    ("maestro", 6759, 6759, 4, (12, 13, 14, 15, 16, 17, 18, 19)),
+)
+
+# Secrets: the formats of the common providers (as in gitleaks' rules), private key blocks, JWTs, and
+# ``api_key = "..."``-style assignments whose value looks random (Shannon entropy, letters and digits).
+_PRIVATE_KEY_BEGIN_RE = re.compile(r"-----BEGIN[A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----[ \t]*\r?\n")
+_PRIVATE_KEY_BODY_RE = re.compile(r"(?:(?:Proc-Type|DEK-Info|Comment):[^\n]*|[ \t]*[A-Za-z0-9+/=]+[ \t]*)(?:\r?\n|$)")
+_PRIVATE_KEY_END_RE = re.compile(r"-----END[A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----")
+_SECRET_TOKEN_RE = re.compile(
+    r"(?:A(?:KIA|SIA|BIA|CCA|3T[A-Z0-9])[A-Z0-9]{16}"  # AWS access key id
+    r"|gh[pousr]_[A-Za-z0-9]{36,255}|github_pat_[A-Za-z0-9_]{22,255}"  # GitHub tokens
+    r"|sk-(?:proj-|ant-(?:api\d\d-)?|svcacct-)?[A-Za-z0-9_\-]{20,}"  # OpenAI, Anthropic
+    r"|[sr]k_(?:live|test)_[A-Za-z0-9]{16,}"  # Stripe
+    r"|xox[abposr]-[A-Za-z0-9-]{10,}"  # Slack
+    r"|AIza[0-9A-Za-z_\-]{35}"  # Google API key
+    r"|eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,})"  # JWT (base64 of '{"' twice)
+    r"(?![A-Za-z0-9_-])"
+)
+_TOKEN_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
+_KEY_CHARS = r"A-Za-z0-9+/=_\-.~"
+_SECRET_ASSIGN_RE = re.compile(
+    r"(?P<name>[aAsStTpPcC](?i:(?<=a)pi[_\-]?key|(?<=a)pikey|(?<=s)ecret|(?<=t)oken|(?<=p)assw(?:or)?d"
+    r"|(?<=a)ccess[_\-]?key|(?<=a)uth[_\-]?key|(?<=p)rivate[_\-]?key|(?<=c)redentials?)"
+    r"[\w.\-]*[\"']?\s*(?::=|=>|[:=])\s*)"
+    rf"(?:(?P<q>[\"'`])(?P<qv>[{_KEY_CHARS}]{{20,256}})(?P=q)|(?P<v>[{_KEY_CHARS}]{{20,256}})(?![{_KEY_CHARS}(\[]))"
+)
+_SECRET_MIN_ENTROPY = 3.5  # bits per character: random base64/hex keys are 3.7-6, words and names below
+_DOTTED_NAME_RE = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+")
+_WORD_SEGMENT_RE = re.compile(r"(?<![A-Za-z0-9])[a-z]{3,}(?![A-Za-z0-9])")
 
 
 def _luhn_ok(digits: str) -> bool:
@@ -159,28 +233,163 @@ def _luhn_ok(digits: str) -> bool:
     return total % 10 == 0
 
 
+def card_brand(digits: str) -> str | None:
+    """The brand whose issuer prefix and length ``digits`` match (Luhn not checked), or None."""
+    n = len(digits)
+    for brand, lo, hi, k, lengths in _CARD_BRANDS:
+        if n in lengths and lo <= int(digits[:k]) <= hi:
+            return brand
+    return None
+
+
+def is_card_number(digits: str) -> bool:
+    """Issuer prefix and length of a known brand, and a valid Luhn check digit."""
+    return card_brand(digits) is not None and _luhn_ok(digits)
+
+
+def shannon_entropy(s: str) -> float:
+    """Bits per character of ``s``'s character distribution."""
+    if not s:
+        return 0.0
+    n = len(s)
+    return -sum(c / n * math.log2(c / n) for c in Counter(s).values())
+
+
+def _looks_random(value: str, quoted: bool) -> bool:
+    """A value that reads like a generated key: letters and digits, high entropy, not words joined by
+    separators (``self.backend.list_tags``, ``mock_access_key/20220524/us-east-1``) nor a code name
+    (``PKCS7PrivateKeyTypes`` has one digit; an unquoted key of 20+ random characters has several)."""
+    digits = sum(c.isdigit() for c in value)
+    if not quoted and _DOTTED_NAME_RE.fullmatch(value):
+        return False  # ``ed25519.Ed25519PrivateKey``: a name in code, not a value
+    return (digits >= (1 if quoted else 2) and any(c.isalpha() for c in value)
+            and len(_WORD_SEGMENT_RE.findall(value)) < 2 and shannon_entropy(value) >= _SECRET_MIN_ENTROPY)
+
+
+def _private_key_spans(text: str) -> list[tuple[int, int]]:
+    """BEGIN ... PRIVATE KEY blocks: the header, the base64 body lines and the END line when present (a cut
+    block is scrubbed to the end of its body); a header with no body (code naming the marker) is left."""
+    spans, pos = [], 0
+    while (m := _PRIVATE_KEY_BEGIN_RE.search(text, pos)) is not None:
+        end, body = m.end(), 0
+        while end < len(text) and (b := _PRIVATE_KEY_BODY_RE.match(text, end)) is not None and b.end() > end:
+            if _PRIVATE_KEY_END_RE.match(text, end):
+                break
+            body += len(b.group(0).strip())
+            end = b.end()
+        if (e := _PRIVATE_KEY_END_RE.match(text, end)) is not None:
+            end = e.end()
+        if body >= 32:
+            spans.append((m.start(), end))
+        pos = max(end, m.end())
+    return spans
+
+
+def _scrub_secrets(text: str) -> tuple[str, int]:
+    n = 0
+    if "PRIVATE KEY" in text:
+        spans = _private_key_spans(text)
+        for start, end in reversed(spans):
+            text = text[:start] + PLACEHOLDERS["secret"] + text[end:]
+        n += len(spans)
+
+    def token(m: re.Match) -> str:
+        nonlocal n
+        if m.start() > 0 and text[m.start() - 1] in _TOKEN_CHARS:
+            return m.group(0)  # the tail of a longer word, not a token
+        n += 1
+        return PLACEHOLDERS["secret"]
+
+    text = _SECRET_TOKEN_RE.sub(token, text)
+
+    def assign(m: re.Match) -> str:
+        nonlocal n
+        quoted = m.group("qv") is not None
+        value = m.group("qv") if quoted else m.group("v")
+        if value == PLACEHOLDERS["secret"] or not _looks_random(value, quoted):
+            return m.group(0)
+        n += 1
+        q = m.group("q") or ""
+        return f"{m.group('name')}{q}{PLACEHOLDERS['secret']}{q}"
+
+    return _SECRET_ASSIGN_RE.sub(assign, text), n
+
+
+def _scrub_cards(text: str) -> tuple[str, int]:
+    n = 0
+
+    def after_number(m: re.Match) -> bool:
+        s = m.start()
+        return s > 0 and (text[s - 1] in _CARD_NOT_AFTER or text[s - 1].isalpha()
+                          or (s > 1 and text[s - 1] in " -" and text[s - 2].isdigit()))
+
+    def grouped(m: re.Match) -> str:
+        nonlocal n
+        if not after_number(m) and is_card_number(re.sub(r"\D", "", m.group(0))):
+            n += 1
+            return PLACEHOLDERS["card"]
+        return m.group(0)
+
+    def plain(m: re.Match) -> str:
+        nonlocal n
+        # Ungrouped digits are everywhere in numeric text; a card needs a card word just before it.
+        if not after_number(m) and is_card_number(m.group(0)) and _CARD_CONTEXT_RE.search(text, max(0, m.start() - 48), m.start()):
+            n += 1
+            return PLACEHOLDERS["card"]
+        return m.group(0)
+
+    text = _CARD_GROUPED_RE.sub(grouped, text)
+    return _CARD_PLAIN_RE.sub(plain, text), n
+
+
+def _scrub_ipv6(text: str) -> tuple[str, int]:
+    n = 0
+
+    def one(m: re.Match) -> str:
+        nonlocal n
+        s, start = m.group(0), m.start()
+        # Not after a word character, ":" or "." (C++ ``a::b``), nor after ``x[`` (a slice ``x[1::2]``).
+        before = text[start - 1] if start else " "
+        if before.isalnum() or before in "_:." or (before == "[" and start > 1 and (
+                text[start - 2].isalnum() or text[start - 2] in "_])")):
+            return s
+        addr = s.split("%", 1)[0]
+        # A digit is required: hex-only words around "::" are C++/Rust paths (``dead::beef``), not addresses;
+        # a lone "::" or "::2" is a slice (``x[:, ::2]``); "::1" (loopback) is the exception.
+        if not any(c.isdigit() for c in addr) or (len([g for g in addr.split(":") if g]) < 2 and addr != "::1"):
+            return s
+        # x[:, 1::2] and [::1]:8080 both end in "]": only the bracketed URL form counts there.
+        end = m.end()
+        if end < len(text) and text[end] == "]" and not (m.start() > 0 and text[m.start() - 1] == "["):
+            return s
+        try:
+            ipaddress.IPv6Address(s)
+        except ValueError:
+            return s
+        n += 1
+        return PLACEHOLDERS["ip"]
+
+    return _IPV6_RE.sub(one, text), n
+
+
 def scrub_pii(text: str, cfg: PIIConfig) -> tuple[str, dict[str, int]]:
     """Replace PII spans with typed placeholders; returns the text and how many of each kind were replaced."""
     counts = dict.fromkeys(PII_KINDS, 0)
     if not cfg.enabled:
         return text, counts
     kinds = set(cfg.kinds)
+    # Secrets first: a key or token may hold digit runs or an "@" that the other kinds would cut apart.
+    if "secret" in kinds:
+        text, counts["secret"] = _scrub_secrets(text)
     if "email" in kinds and "@" in text:
         text, counts["email"] = _EMAIL_RE.subn(PLACEHOLDERS["email"], text)
     if "card" in kinds:
-        def card(m: re.Match) -> str:
-            digits = re.sub(r"\D", "", m.group(0))
-            if 13 <= len(digits) <= 19 and _luhn_ok(digits):
-                counts["card"] += 1
-                return PLACEHOLDERS["card"]
-            return m.group(0)
-
-        text = _CARD_RE.sub(card, text)
+        text, counts["card"] = _scrub_cards(text)
     if "ip" in kinds:
-        text, n4 = _IPV4_RE.subn(PLACEHOLDERS["ip"], text)
         n6 = 0
-        if ":" in text:
-            text, n6 = _IPV6_RE.subn(PLACEHOLDERS["ip"], text)
+        if ":" in text:  # IPv6 first: "::ffff:192.0.2.1" is one address, not a prefix and an IPv4
+            text, n6 = _scrub_ipv6(text)
+        text, n4 = _IPV4_RE.subn(PLACEHOLDERS["ip"], text)
         counts["ip"] = n4 + n6
     if "phone" in kinds:
         text, counts["phone"] = _PHONE_RE.subn(PLACEHOLDERS["phone"], text)

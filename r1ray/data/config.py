@@ -99,8 +99,10 @@ class PIIConfig(R1Config):
 
     enabled: bool = True
     """Scrub PII at all."""
-    kinds: tuple[Literal["email", "phone", "ip", "card"], ...] = ("email", "phone", "ip", "card")
-    """Which kinds to replace (cards only when the digits pass the Luhn check)."""
+    kinds: tuple[Literal["email", "phone", "ip", "card", "secret"], ...] = ("email", "phone", "ip", "card", "secret")
+    """Which kinds to replace: ``card`` needs a brand's issuer prefix and length, a valid Luhn digit and the
+    printed grouping (or a card word just before ungrouped digits); ``secret`` is API keys and tokens of the
+    common providers, private key blocks, JWTs and ``api_key = "..."`` assignments of random-looking values."""
 
 
 class CleanConfig(R1Config):

@@ -44,6 +44,7 @@ from r1ray.artifacts import (
     write_manifest,
 )
 from r1ray.config import RayConfig, StorageConfig
+from r1ray.data.clean import PII_KINDS
 from r1ray.data.config import PrepareDataConfig, SourceConfig
 from r1ray.observe.log import get_logger
 from r1ray.observe.metrics import record
@@ -60,7 +61,7 @@ CLEAN_SCHEMA = pa.schema([
     ("status", pa.string()), ("reason", pa.string()), ("text", pa.large_string()),
     ("exact", pa.int64()), ("bands", pa.list_(pa.int64())), ("sig", pa.list_(pa.uint32())),
     ("n_chars", pa.int64()), ("edits", pa.int32()),
-    ("pii_email", pa.int32()), ("pii_phone", pa.int32()), ("pii_ip", pa.int32()), ("pii_card", pa.int32()),
+    *((f"pii_{k}", pa.int32()) for k in PII_KINDS),
 ])
 
 
@@ -100,7 +101,7 @@ class _CleanBatch:
                      ("status", status), ("reason", reason), ("text", text), ("exact", exact),
                      ("n_chars", n_chars), ("edits", edits)):
             r[k].append(v)
-        for k in ("email", "phone", "ip", "card"):
+        for k in PII_KINDS:
             r[f"pii_{k}"].append((pii or {}).get(k, 0))
         self.shingles.append(sh if sh is not None else np.zeros(0, dtype=np.uint64))
 
@@ -604,7 +605,7 @@ def _empty_counts() -> dict[str, Any]:
 
 def _consume_clean(table: pa.Table, staging: _Staging, rejects: _Rejects, keys: dict[str, list],
                    per: dict[str, dict], files_meta: dict, paths: dict, names: list[str]) -> None:
-    from r1ray.data.clean import EDIT_NAMES, PII_KINDS
+    from r1ray.data.clean import EDIT_NAMES
 
     status = table.column("status").to_numpy(zero_copy_only=False)
     reason = table.column("reason").to_pylist()

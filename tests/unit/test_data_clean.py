@@ -1,4 +1,4 @@
-"""Cleaning: normalisation, gigantic documents, Gopher/C4 quality heuristics and PII scrubbing."""
+"""Cleaning: normalisation, gigantic documents, Gopher/C4 quality heuristics (PII: test_data_pii.py)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,9 @@ from r1ray.data.clean import (
     EDIT_WHITESPACE,
     normalize,
     quality_reason,
-    scrub_pii,
     split_oversize,
 )
-from r1ray.data.config import PIIConfig, QualityConfig
+from r1ray.data.config import QualityConfig
 
 PROSE = (
     "The committee met on Tuesday to review the proposal for the new library building. Several members "
@@ -78,23 +77,3 @@ def test_duplicate_ngram_rule():
     text = PROSE + " " + " ".join([block] * 4)
     q = QualityConfig(max_top_ngram_fraction={})
     assert quality_reason(text, q) == "duplicate_5gram"
-
-
-def test_pii_replaced_with_typed_placeholders_and_counted():
-    text = (
-        "Mail jane.doe+news@example.co.uk or call +1 415-555-0132 / (020) 7946 0018. "
-        "Server 192.168.10.254 and fe80:0:0:0:202:b3ff:fe1e:8329. Card 4111 1111 1111 1111, "
-        "order 1234 5678 9012 3456 (not Luhn), version 3.11.7, year 2026."
-    )
-    out, counts = scrub_pii(text, PIIConfig())
-    assert out == (
-        "Mail <EMAIL> or call <PHONE> / <PHONE>. Server <IP_ADDRESS> and <IP_ADDRESS>. Card <CARD_NUMBER>, "
-        "order 1234 5678 9012 3456 (not Luhn), version 3.11.7, year 2026."
-    )
-    assert counts == {"email": 1, "phone": 2, "ip": 2, "card": 1}
-
-
-def test_pii_kinds_and_disable():
-    text = "write to a@b.org from 10.0.0.1"
-    assert scrub_pii(text, PIIConfig(kinds=("ip",)))[0] == "write to a@b.org from <IP_ADDRESS>"
-    assert scrub_pii(text, PIIConfig(enabled=False)) == (text, {"email": 0, "phone": 0, "ip": 0, "card": 0})
