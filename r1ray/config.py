@@ -33,6 +33,7 @@ __all__ = [
     "DeepSpeedConfig",
     "WandbConfig",
     "LoggingConfig",
+    "JobConfig",
     "load_config",
     "format_help",
     "to_yaml",
@@ -214,6 +215,20 @@ class LoggingConfig(R1Config):
     """Log level of r1ray's loggers."""
     wandb: WandbConfig = WandbConfig()
     """Weights & Biases."""
+
+
+class JobConfig(R1Config):
+    """Base of every job's config: the blocks every job shares (seed, where Ray runs, where artifacts live,
+    logging). A job adds its own fields and may redeclare ``seed`` to document what it seeds."""
+
+    seed: int = 0
+    """Seed of every random choice the job makes (each job documents what it seeds)."""
+    ray: RayConfig = RayConfig()
+    """Where Ray runs."""
+    storage: StorageConfig = StorageConfig()
+    """Where artifacts live."""
+    logging: LoggingConfig = LoggingConfig()
+    """Logs and W&B."""
 
 
 # --------------------------------------------------------------------------------------------------

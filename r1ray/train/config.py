@@ -18,12 +18,10 @@ from pydantic import Field, model_validator
 
 from r1ray.config import (
     DeepSpeedConfig,
-    LoggingConfig,
+    JobConfig,
     OptimConfig,
     R1Config,
-    RayConfig,
     ScalingConfig,
-    StorageConfig,
 )
 from r1ray.model.build import ModelConfig
 
@@ -108,40 +106,31 @@ class PretrainDataConfig(R1Config):
     access). Unset: ``$R1RAY_CACHE`` or ``~/.cache/r1ray``."""
 
 
-class PretrainConfig(R1Config):
-    """Pretrain a causal LM on packed shards with Ray Train + DeepSpeed: elastic, fault tolerant, with
-    exactly-once data order and Hugging Face exports of every checkpoint."""
+class TrainJobConfig(JobConfig):
+    """Base of every training stage's config (pretrain, sft, grpo, distill): the shared loop's blocks. A stage
+    config adds its data, its model and its own section, and may redeclare a block to change its defaults."""
 
     seed: int = 0
     """Seed of the model init, the data order (a pure function of seed, epoch and sample index) and RNG."""
     run_name: str = "default"
     """Run directory ``<storage.root>/runs/<run_name>``; rerunning the same name resumes it."""
-    data: PretrainDataConfig = PretrainDataConfig()
-    """Training data."""
     model: ModelConfig = ModelConfig()
     """The network."""
     train: TrainLoopConfig = TrainLoopConfig()
     """The training loop."""
     checkpoint: CheckpointConfig = CheckpointConfig()
     """Checkpoints and exports."""
-    optim: OptimConfig = OptimConfig(lr=3e-3, warmup_steps=10)
-    """Optimizer and learning-rate schedule (pretraining's defaults: lr 3e-3, 10 warmup steps, which suit the
-    small presets; use ~6e-4 for 125m and ~3e-4 for 1b)."""
+    optim: OptimConfig = OptimConfig()
+    """Optimizer and learning-rate schedule."""
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     """DeepSpeed engine."""
     scaling: ScalingConfig = ScalingConfig()
     """Training workers."""
     faults: FaultConfig = FaultConfig()
     """Fault injection (tests and drills)."""
-    ray: RayConfig = RayConfig()
-    """Ray."""
-    storage: StorageConfig = StorageConfig()
-    """Artifact storage."""
-    logging: LoggingConfig = LoggingConfig()
-    """Logs and W&B."""
 
     @model_validator(mode="after")
-    def _check(self) -> PretrainConfig:
+    def _check_train(self) -> TrainJobConfig:
         problems = batch_size_problems(self.train, self.scaling)
         if not self.run_name.strip() or "/" in self.run_name:
             problems.append(f"run_name: must be a non-empty name without '/', got {self.run_name!r}")
@@ -152,6 +141,17 @@ class PretrainConfig(R1Config):
     @property
     def run_dir(self) -> str:
         return self.storage.uri("runs", self.run_name)
+
+
+class PretrainConfig(TrainJobConfig):
+    """Pretrain a causal LM on packed shards with Ray Train + DeepSpeed: elastic, fault tolerant, with
+    exactly-once data order and Hugging Face exports of every checkpoint."""
+
+    data: PretrainDataConfig = PretrainDataConfig()
+    """Training data."""
+    optim: OptimConfig = OptimConfig(lr=3e-3, warmup_steps=10)
+    """Optimizer and learning-rate schedule (pretraining's defaults: lr 3e-3, 10 warmup steps, which suit the
+    small presets; use ~6e-4 for 125m and ~3e-4 for 1b)."""
 
 
 def batch_size_problems(train: TrainLoopConfig, scaling: ScalingConfig) -> list[str]:

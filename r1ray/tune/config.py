@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from r1ray.config import LoggingConfig, R1Config, RayConfig, StorageConfig
+from r1ray.config import JobConfig, R1Config
 
 
 class SearchConfig(R1Config):
@@ -45,7 +45,7 @@ class SchedulerConfig(R1Config):
     """PBT: the bottom fraction of trials that copy from the top fraction."""
 
 
-class TuneConfig(R1Config):
+class TuneConfig(JobConfig):
     """Search the hyperparameters of a training stage with Ray Tune; each trial is one full training run."""
 
     name: str = "tune-default"
@@ -87,12 +87,6 @@ class TuneConfig(R1Config):
     """CPUs the trial's driver holds (its training workers reserve their own)."""
     seed: int = 0
     """Seed of the search algorithm; each trial's training seed comes from the stage config."""
-    ray: RayConfig = RayConfig()
-    """Ray connection."""
-    storage: StorageConfig = StorageConfig()
-    """Where the study and its trials' runs live."""
-    logging: LoggingConfig = LoggingConfig()
-    """Logging."""
 
     @model_validator(mode="after")
     def _check_space(self) -> TuneConfig:
