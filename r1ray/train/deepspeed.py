@@ -1,9 +1,12 @@
 """The ONE place a DeepSpeed config is made: ``ds_config`` turns the typed config into the dict that
 ``deepspeed.initialize`` takes. No ds_config.json is ever hand-written.
 
-CPU and GPU get the same config apart from what ``use_gpu`` implies: on CPU DeepSpeed's accelerator
-falls back to gloo (the process group Ray Train created) and, with optimizer offload off, the optimizer
-is ``torch.optim.AdamW`` (``torch_adam``) so no CPU-Adam op needs building; on GPUs the fused Adam.
+CPU and GPU get the same config apart from what ``use_gpu`` implies: on CPU DeepSpeed's accelerator falls back
+to gloo (the process group Ray Train created). The optimizer is chosen by ``r1ray.train.preflight.
+choose_optimizer``: torch's AdamW (fused on GPUs) unless optimizer offload needs DeepSpeed's CPU Adam/Lion, so
+the default paths compile nothing; ``build_engine`` checks an op that must be compiled before DeepSpeed tries
+(``SetupError`` naming the cause and the fix). Offloaded optimizer state and parameters live in pinned host
+memory on GPUs (faster copies to and from the device).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ def ds_config(
         "gradient_clipping": optim.grad_clip,
         "steps_per_print": 10**9,  # r1ray reports metrics itself
         "wall_clock_breakdown": False,
-        "zero_optimization": _zero(ds, hidden_size),
+        "zero_optimization": _zero(ds, hidden_size, use_gpu=use_gpu),
         # the loop sets the learning rate of every step itself (r1ray.train.optim.lr_at)
         "zero_allow_untested_optimizer": True,
     }
@@ -59,7 +62,7 @@ def bucket_elements(hidden_size: int | None) -> int:
     return int(min(50_000_000, max(2_000_000, hidden_size * hidden_size)))
 
 
-def _zero(ds: DeepSpeedConfig, hidden_size: int | None = None) -> dict[str, Any]:
+def _zero(ds: DeepSpeedConfig, hidden_size: int | None = None, *, use_gpu: bool = False) -> dict[str, Any]:
     z: dict[str, Any] = {"stage": ds.zero_stage}
     bucket = bucket_elements(hidden_size)
     if ds.zero_stage >= 1:
@@ -67,10 +70,12 @@ def _zero(ds: DeepSpeedConfig, hidden_size: int | None = None) -> dict[str, Any]
         # float sums, the same run to run
         z.update({"reduce_bucket_size": bucket, "allgather_bucket_size": bucket,
                   "overlap_comm": False, "contiguous_gradients": True})
+    # page-locked host buffers make the device<->host copies of offload asynchronous; on CPU there is no
+    # device to copy to (DeepSpeed's CPU accelerator ignores pinning)
     if ds.offload_optimizer:
-        z["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+        z["offload_optimizer"] = {"device": "cpu", "pin_memory": use_gpu}
     if ds.offload_params:
-        z["offload_param"] = {"device": "cpu", "pin_memory": False}
+        z["offload_param"] = {"device": "cpu", "pin_memory": use_gpu}
     if ds.zero_stage == 3:
         # the HF export gathers the full weights on rank 0 at each checkpoint
         z["stage3_gather_16bit_weights_on_model_save"] = True
@@ -81,18 +86,11 @@ def _zero(ds: DeepSpeedConfig, hidden_size: int | None = None) -> dict[str, Any]
 
 
 def optimizer_section(ds: DeepSpeedConfig, optim: OptimConfig, *, use_gpu: bool) -> dict[str, Any] | None:
-    """DeepSpeed's ``optimizer`` section, or None when r1ray passes its own optimizer (Lion, no offload)."""
-    if optim.name == "adamw":
-        params: dict[str, Any] = {
-            "lr": optim.lr, "betas": list(optim.betas), "eps": optim.eps, "weight_decay": optim.weight_decay,
-        }
-        if not ds.offload_optimizer and not use_gpu:
-            params["torch_adam"] = True  # torch.optim.AdamW: no CPU-Adam build, deterministic on CPU
-        return {"type": "AdamW", "params": params}
-    if ds.offload_optimizer:  # DeepSpeedCPULion
-        return {"type": "Lion", "params": {"lr": optim.lr, "betas": list(optim.betas),
-                                           "weight_decay": optim.weight_decay}}
-    return None
+    """DeepSpeed's ``optimizer`` section, or None when r1ray passes its own optimizer (Lion, no offload);
+    the rules are ``r1ray.train.preflight.choose_optimizer``'s."""
+    from r1ray.train.preflight import choose_optimizer
+
+    return choose_optimizer(ds, optim, use_gpu=use_gpu).section
 
 
 def build_engine(model: Any, ds: DeepSpeedConfig, optim: OptimConfig, config: dict[str, Any]):
@@ -101,6 +99,7 @@ def build_engine(model: Any, ds: DeepSpeedConfig, optim: OptimConfig, config: di
 
     from r1ray.train.optim import Lion, param_groups
 
+    check_ops(config)
     groups = param_groups(model, optim.weight_decay)
     optimizer = None
     if "optimizer" not in config:
@@ -110,6 +109,31 @@ def build_engine(model: Any, ds: DeepSpeedConfig, optim: OptimConfig, config: di
         config=config, dist_init_required=False,
     )
     return engine
+
+
+def check_ops(config: dict[str, Any], *, accelerator: str | None = None) -> None:
+    """Before ``deepspeed.initialize``: raise ``SetupError`` if the DeepSpeed ops this config builds cannot be
+    built here (this worker's machine: the driver's preflight saw only its own), and make a
+    ``TORCH_CUDA_ARCH_LIST`` DeepSpeed cannot parse (``9.0a``) parseable when a CUDA op will be built."""
+    from r1ray.train.preflight import (
+        OP_KIND,
+        apply_cuda_arch_workaround,
+        check_op,
+        ops_for_config,
+        raise_on_problems,
+    )
+
+    ops = ops_for_config(config)
+    if not ops:
+        return
+    if accelerator is None:
+        from deepspeed.accelerator import get_accelerator
+
+        accelerator = get_accelerator()._name
+    if any(OP_KIND[op] == "cuda" for op in ops):
+        apply_cuda_arch_workaround()
+    problems = [p for op in ops for p in check_op(op, accelerator=accelerator)]
+    raise_on_problems(problems, "the DeepSpeed optimizer cannot be built on this worker")
 
 
 def set_lr(engine: Any, lr: float) -> None:
