@@ -43,6 +43,9 @@ class SourceConfig(R1Config):
     ``auto`` picks from the file extension."""
     text_field: str = "text"
     """Column/key holding the document text (jsonl, parquet, hf_disk)."""
+    id_field: str | None = None
+    """Column/key holding the source's own document id (jsonl, parquet, hf_disk), reported beside the
+    position in the ``duplicates/`` audit dataset; rows without it report no id."""
     text_unit: Literal["file", "line"] = "file"
     """For ``text`` sources: one document per file, or one per non-empty line."""
     weight: float | None = Field(default=None, gt=0)
@@ -68,6 +71,9 @@ class SourceConfig(R1Config):
     def _path_needed(self) -> SourceConfig:
         if self.format not in ("python_stdlib", "reasoning") and not self.path:
             raise ValueError(f"source {self.name!r} needs a path (format {self.format!r} reads files)")
+        if self.id_field is not None and self.format in ("text", "python_stdlib", "reasoning"):
+            raise ValueError(f"source {self.name!r}: id_field is for jsonl, parquet and hf_disk rows; format "
+                             f"{self.format!r} has no fields (unset id_field)")
         return self
 
 
@@ -140,7 +146,11 @@ class DedupConfig(R1Config):
     rows: int = Field(default=8, ge=1)
     """Rows per LSH band."""
     threshold: float = Field(default=0.8, gt=0, le=1)
-    """Jaccard similarity (estimated from the signatures) a candidate pair needs to count as duplicate."""
+    """Jaccard similarity of word-shingle sets a candidate pair needs to count as duplicate."""
+    verify: bool = True
+    """Accept candidate pairs on their true shingle Jaccard (the pair's staged texts are shingled again on
+    the driver; only pairs whose signature estimate is within 4 standard errors of the threshold). False:
+    accept on the signatures' estimate, which loses or adds pairs near the threshold to estimator noise."""
     seed: int = 1
     """Seed of the MinHash permutations (fixed so the same corpus always dedups the same way)."""
 

@@ -25,6 +25,7 @@ import shutil
 import tempfile
 import time
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,9 +57,25 @@ STATUS_OK, STATUS_REJECTED, STATUS_FILTERED, STATUS_FILE = "ok", "rejected", "fi
 # bound on what the driver buffers.
 _STAGE_ROWS, _STAGE_BYTES = 4096, 8 << 20
 
+_DUPLICATES_ROWS = 100_000
+
+
+def _doc_fields(prefix: str) -> list[tuple[str, pa.DataType]]:
+    return [(f"{prefix}source", pa.string()), (f"{prefix}path", pa.string()), (f"{prefix}position", pa.int64()),
+            (f"{prefix}part", pa.int32()), (f"{prefix}id", pa.string())]
+
+
+# The duplicates/ audit dataset: a removed document, its kind, its similarity to the document it matched
+# (an earlier one, verified on the true shingle Jaccard), and the kept document at the end of the chain
+# of matches (the matched one itself unless that was removed too).
+DUPLICATES_SCHEMA = pa.schema([
+    *_doc_fields(""), ("kind", pa.string()), ("similarity_estimated", pa.float32()),
+    ("similarity_verified", pa.float32()), *_doc_fields("matched_"), *_doc_fields("kept_"),
+])
+
 CLEAN_SCHEMA = pa.schema([
     ("source", pa.int32()), ("file", pa.int32()), ("pos", pa.int64()), ("part", pa.int32()),
-    ("status", pa.string()), ("reason", pa.string()), ("text", pa.large_string()),
+    ("status", pa.string()), ("reason", pa.string()), ("text", pa.large_string()), ("doc_id", pa.string()),
     ("exact", pa.int64()), ("bands", pa.list_(pa.int64())), ("sig", pa.list_(pa.uint32())),
     ("n_chars", pa.int64()), ("edits", pa.int32()),
     *((f"pii_{k}", pa.int32()) for k in PII_KINDS),
@@ -95,10 +112,10 @@ class _CleanBatch:
 
     def add(self, pos: int, part: int, status: str, reason: str = "", text: str | None = None, *,
             exact: int = 0, n_chars: int = 0, edits: int = 0, pii: dict | None = None,
-            sh: np.ndarray | None = None) -> None:
+            sh: np.ndarray | None = None, doc_id: str | None = None) -> None:
         r = self.rows
         for k, v in (("source", self.task.source), ("file", self.task.file), ("pos", pos), ("part", part),
-                     ("status", status), ("reason", reason), ("text", text), ("exact", exact),
+                     ("status", status), ("reason", reason), ("text", text), ("doc_id", doc_id), ("exact", exact),
                      ("n_chars", n_chars), ("edits", edits)):
             r[k].append(v)
         for k in PII_KINDS:
@@ -186,7 +203,7 @@ def _clean_file(batch: dict, *, cfg_json: str, eval_ref: Any) -> Any:
                         continue
                     sh = np.unique(D.ngram_hashes(wh, dd.shingle_size)) if dd.near else None
                     add(rec.pos, part_idx, STATUS_OK, "", piece, exact=D.exact_hash(piece), n_chars=len(piece),
-                        edits=edits, pii=pii, sh=sh)
+                        edits=edits, pii=pii, sh=sh, doc_id=rec.doc_id)
             if len(out) >= cfg.batch_size:
                 yield out.flush()
         # The file's own summary row: bytes read and their SHA-256 (the manifest's input hashes).
@@ -312,7 +329,7 @@ def _prepare_output(uri: str, overwrite: bool) -> None:
         raise ValueError(f"output {uri} is not empty; set overwrite=true or choose another name/output")
     if is_complete(uri):
         fs.delete_file(f"{p}/{MANIFEST}")  # first: a reader never sees a manifest over half-written shards
-    for sub in ("train", "validation", "rejects", "tokenizer", "_work"):
+    for sub in ("train", "validation", "rejects", "duplicates", "tokenizer", "_work"):
         if fs.get_file_info(f"{p}/{sub}").type == pafs.FileType.Directory:
             fs.delete_dir(f"{p}/{sub}")
 
@@ -329,18 +346,128 @@ def _sample_for_tokenizer(staging: _Staging, keep_ordinals: np.ndarray, u: np.nd
     order = keep_ordinals[np.argsort(u[keep_ordinals], kind="stable")]
     cum = np.cumsum(n_chars[order])
     chosen = np.sort(order[: max(1, int(np.searchsorted(cum, budget)) + 1)])
-    texts, srcs = [], []
+    return _read_staged(staging, chosen, "text"), sources[chosen].tolist()
+
+
+def _read_staged(staging: _Staging, ordinals: np.ndarray, column: str) -> list:
+    """One column's values of the staged documents at sorted ``ordinals`` (corpus order of kept candidates)."""
+    out: list = []
     start = 0
     for uri, rows in staging.files:
-        lo, hi = np.searchsorted(chosen, [start, start + rows])
+        lo, hi = np.searchsorted(ordinals, [start, start + rows])
         if hi > lo:
             fs, p = filesystem(uri)
             with fs.open_input_file(p) as f:
-                col = pq.read_table(f, columns=["text"]).column("text")
-            texts.extend(col.take(pa.array(chosen[lo:hi] - start)).to_pylist())
-            srcs.extend(sources[chosen[lo:hi]].tolist())
+                col = pq.read_table(f, columns=[column]).column(column)
+            out.extend(col.take(pa.array(ordinals[lo:hi] - start)).to_pylist())
         start += rows
-    return texts, srcs
+    return out
+
+
+@dataclass
+class _Dedup:
+    """Which documents (ordinals of the staged documents) are duplicates, and of what."""
+
+    exact: np.ndarray
+    """bool: an exact duplicate of an earlier document."""
+    near: np.ndarray
+    """bool: a near-duplicate of an earlier document."""
+    match: np.ndarray
+    """int64: the earlier document each duplicate matched (-1 for the others)."""
+    estimated: np.ndarray
+    """float32: estimated Jaccard with ``match`` (1 for exact duplicates, NaN for the others)."""
+    verified: np.ndarray
+    """float32: true shingle Jaccard with ``match`` (1 for exact, NaN when not verified)."""
+    candidates: int = 0
+    verified_pairs: int = 0
+
+    @property
+    def removed(self) -> np.ndarray:
+        return self.exact | self.near
+
+    def kept_of(self) -> np.ndarray:
+        """For each duplicate, the kept document at the end of its chain of matches (itself otherwise)."""
+        kept = np.arange(len(self.match))
+        for i in np.flatnonzero(self.removed).tolist():  # increasing: a match is always earlier, already resolved
+            kept[i] = kept[self.match[i]]
+        return kept
+
+
+def _deduplicate(cfg: PrepareDataConfig, keys: dict[str, list], staging: _Staging) -> _Dedup:
+    """Exact duplicates by content hash, then near-duplicates among the rest (MinHash LSH, verified)."""
+    from r1ray.data import dedup as D
+
+    dd = cfg.dedup
+    n = len(keys["source"])
+    first = D.first_occurrence(np.asarray(keys["exact"], dtype=np.int64)) if dd.exact else np.arange(n)
+    exact = first != np.arange(n)
+    res = _Dedup(exact=exact, near=np.zeros(n, dtype=bool), match=np.where(exact, first, -1),
+                 estimated=np.where(exact, 1.0, np.nan).astype(np.float32),
+                 verified=np.where(exact, 1.0, np.nan).astype(np.float32))
+    if not dd.near:
+        return res
+    alive = np.flatnonzero(~exact)
+    bands = np.concatenate(keys["bands"]).reshape(n, dd.bands)[alive]
+    sigs = np.concatenate(keys["sig"]).reshape(n, dd.num_perm)[alive]
+
+    def verify(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        # Re-read and shingle only the documents of pairs near the threshold (the text is scrubbed and
+        # staged exactly as the signature saw it).
+        need = np.unique(np.concatenate([alive[a], alive[b]]))
+        texts = _read_staged(staging, need, "text")
+        sets = {int(o): D.shingles(t, dd.shingle_size) for o, t in zip(need, texts, strict=True)}
+        return D.pair_jaccard(sets, alive[a], alive[b])
+
+    near = D.near_duplicates(bands, sigs, dd.threshold, verify=verify if dd.verify else None)
+    hit = alive[near.dropped]
+    res.near[hit] = True
+    res.match[hit] = alive[near.match[near.dropped]]
+    res.estimated[hit] = near.estimated[near.dropped]
+    res.verified[hit] = near.verified[near.dropped]
+    res.candidates, res.verified_pairs = near.candidates, near.verified_pairs
+    return res
+
+
+def _write_duplicates(out: str, dups: _Dedup, staging: _Staging, coords: dict[str, np.ndarray],
+                      names: list[str], paths: dict[tuple[int, int], str]) -> dict[str, Any]:
+    """The ``duplicates/`` audit dataset: every removed document, what it matched and the document kept.
+
+    Rows are in corpus order of the removed documents; ``coords`` holds each staged document's source,
+    file, pos and part. Returns the manifest's ``duplicates`` entry.
+    """
+    removed = np.flatnonzero(dups.removed)
+    match = dups.match[removed]
+    kept = dups.kept_of()[removed]
+    need = np.unique(np.concatenate([removed, match, kept]))
+    ids = dict(zip(need.tolist(), _read_staged(staging, need, "doc_id"), strict=True))
+
+    def described(prefix: str, idx: np.ndarray) -> dict[str, list]:
+        s, f = coords["source"][idx], coords["file"][idx]
+        return {
+            f"{prefix}source": [names[i] for i in s.tolist()],
+            f"{prefix}path": [paths[(a, b)] for a, b in zip(s.tolist(), f.tolist(), strict=True)],
+            f"{prefix}position": coords["pos"][idx].tolist(),
+            f"{prefix}part": coords["part"][idx].astype(np.int32).tolist(),
+            f"{prefix}id": [ids[i] for i in idx.tolist()],
+        }
+
+    files = []
+    for lo in range(0, max(len(removed), 1), _DUPLICATES_ROWS):
+        sel = slice(lo, lo + _DUPLICATES_ROWS)
+        table = pa.table({
+            **described("", removed[sel]),
+            "kind": ["exact" if e else "near" for e in dups.exact[removed[sel]].tolist()],
+            "similarity_estimated": pa.array(dups.estimated[removed[sel]], type=pa.float32()),
+            "similarity_verified": pa.array(dups.verified[removed[sel]], type=pa.float32(), from_pandas=True),
+            **described("matched_", match[sel]),
+            **described("kept_", kept[sel]),
+        }, schema=DUPLICATES_SCHEMA)
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, compression="zstd")
+        rel = f"duplicates/duplicates-{len(files):05d}.parquet"
+        write_bytes_atomic(join(out, rel), sink.getvalue())
+        files.append({"path": rel, "rows": table.num_rows})
+    return {"files": files, "rows": int(len(removed))}
 
 
 def run(cfg: PrepareDataConfig) -> str:
@@ -355,7 +482,6 @@ def _run(cfg: PrepareDataConfig) -> str:
     import ray
     from ray.data import DataContext
 
-    from r1ray.data import dedup as D
     from r1ray.data.decontam import eval_ngrams
     from r1ray.data.mix import doc_uniform, mixing_rates, multiplicities, validation_split
     from r1ray.data.pack import ShardWriter
@@ -412,17 +538,11 @@ def _run(cfg: PrepareDataConfig) -> str:
         n_chars = np.asarray(keys["n_chars"], dtype=np.int64)
 
         # ---- dedup on the driver over the keys
-        dup_exact = D.exact_duplicates(np.asarray(keys["exact"], dtype=np.int64)) if cfg.dedup.exact \
-            else np.zeros(n_docs, dtype=bool)
-        dup_near = np.zeros(n_docs, dtype=bool)
-        candidates = 0
-        if cfg.dedup.near:
-            alive = np.flatnonzero(~dup_exact)
-            bands = np.concatenate(keys["bands"]).reshape(n_docs, cfg.dedup.bands)[alive]
-            sigs = np.concatenate(keys["sig"]).reshape(n_docs, cfg.dedup.num_perm)[alive]
-            near, candidates = D.near_duplicates(bands, sigs, cfg.dedup.threshold)
-            dup_near[alive[near]] = True
-        keep = ~(dup_exact | dup_near)
+        dups = _deduplicate(cfg, keys, staging)
+        dup_exact, dup_near, candidates = dups.exact, dups.near, dups.candidates
+        keep = ~dups.removed
+        duplicates_meta = _write_duplicates(out, dups, staging, {"source": src, "file": fil, "pos": pos, "part": part},
+                                            names, paths)
         t_dedup = time.perf_counter()
 
         # ---- split
@@ -586,7 +706,9 @@ def _run(cfg: PrepareDataConfig) -> str:
         splits={s: {"shards": w.shards, "rows": w.rows, "tokens": w.tokens} for s, w in writers.items()},
         rejects={"files": rejects.files, "rows": sum(f["rows"] for f in rejects.files)},
         sources=sources_meta, mixing=mixing,
-        dedup={"exact": cfg.dedup.exact, "near": cfg.dedup.near, "candidates": int(candidates)},
+        dedup={"exact": cfg.dedup.exact, "near": cfg.dedup.near, "candidates": int(candidates),
+               "verified_pairs": dups.verified_pairs},
+        duplicates=duplicates_meta,
         timings_s=timings,
     )
     log.info(
@@ -655,7 +777,7 @@ def _consume_clean(table: pa.Table, staging: _Staging, rejects: _Rejects, keys: 
     ok = np.flatnonzero(status == STATUS_OK)
     if len(ok):
         sel = table.take(pa.array(ok))
-        staging.add(sel.select(["text", "source"]))
+        staging.add(sel.select(["text", "source", "doc_id"]))
         for col in ("source", "file", "pos", "part", "exact", "n_chars"):
             keys[col].extend(sel.column(col).to_numpy().tolist())
         for col in ("bands", "sig"):

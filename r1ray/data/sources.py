@@ -36,6 +36,8 @@ class Record:
     """Why the record was rejected (None: a document)."""
     raw: str = ""
     """The first bytes of a rejected record, for the rejects/ dataset."""
+    doc_id: str | None = None
+    """The source's own id of the document (``SourceConfig.id_field``; other types as their ``str``)."""
 
 
 @dataclass(frozen=True)
@@ -261,7 +263,11 @@ def _lines(f, max_line_bytes: int) -> Iterator[tuple[int, bytes | None]]:
         n += 1
 
 
-def _json_record(pos: int, line: bytes, text_field: str) -> Record | None:
+def _id_str(v: object) -> str | None:
+    return None if v is None else v if isinstance(v, str) else str(v)
+
+
+def _json_record(pos: int, line: bytes, text_field: str, id_field: str | None = None) -> Record | None:
     if not line.strip():
         return None  # blank lines between records are not records
     try:
@@ -279,7 +285,7 @@ def _json_record(pos: int, line: bytes, text_field: str) -> Record | None:
     text = obj[text_field]
     if not isinstance(text, str):
         return Record(pos, None, "non_string_text", s[:SNIPPET])
-    return Record(pos, text)
+    return Record(pos, text, doc_id=_id_str(obj.get(id_field)) if id_field else None)
 
 
 def read_records(task: FileTask, src: SourceConfig, max_line_bytes: int, seed: int,
@@ -308,7 +314,7 @@ def read_records(task: FileTask, src: SourceConfig, max_line_bytes: int, seed: i
                     if line is None:
                         yield Record(pos, None, "line_too_long", "")
                     elif task.format == "jsonl":
-                        rec = _json_record(pos, line, src.text_field)
+                        rec = _json_record(pos, line, src.text_field, src.id_field)
                         if rec is not None:
                             yield rec
                     elif line.strip():
@@ -327,7 +333,8 @@ def read_records(task: FileTask, src: SourceConfig, max_line_bytes: int, seed: i
 
                 pf = pq.ParquetFile(pa.BufferReader(data))
                 names = pf.schema_arrow.names
-                batches = pf.iter_batches(columns=[src.text_field]) if src.text_field in names else None
+                cols = [src.text_field] + ([src.id_field] if src.id_field in names else [])
+                batches = pf.iter_batches(columns=cols) if src.text_field in names else None
             else:
                 reader = pa.ipc.open_stream(pa.BufferReader(data))
                 names = reader.schema.names
@@ -339,13 +346,15 @@ def read_records(task: FileTask, src: SourceConfig, max_line_bytes: int, seed: i
             for batch in batches:
                 col = batch.column(batch.schema.get_field_index(src.text_field))
                 is_str = pa.types.is_string(col.type) or pa.types.is_large_string(col.type)
-                for v in col.to_pylist():
+                i_id = batch.schema.get_field_index(src.id_field) if src.id_field else -1
+                ids = batch.column(i_id).to_pylist() if i_id >= 0 else [None] * batch.num_rows
+                for v, doc_id in zip(col.to_pylist(), ids, strict=True):
                     if v is None:
                         yield Record(pos, None, "missing_text_field", "")
                     elif not is_str or not isinstance(v, str):
                         yield Record(pos, None, "non_string_text", repr(v)[:SNIPPET])
                     else:
-                        yield Record(pos, v)
+                        yield Record(pos, v, doc_id=_id_str(doc_id))
                     pos += 1
                 n_done = pos
         else:

@@ -47,14 +47,14 @@ def build_corpus(root) -> tuple[dict, list[str]]:
     giant = "\n".join(prose(100 + i, 60) for i in range(30))  # ~11k chars -> split at max_chars=5000
     leaked = prose(7, 150)
     lines = [
-        json.dumps({"text": doc_a}).encode(),                       # 0 kept
+        json.dumps({"text": doc_a, "id": "doc-a"}).encode(),        # 0 kept
         b'{"text": "broken',                                         # 1 malformed_json
         b'{"text": "\xff\xfe bad bytes"}',                           # 2 invalid_utf8
         json.dumps({"content": prose(2)}).encode(),                 # 3 missing_text_field
         json.dumps({"text": 123}).encode(),                          # 4 non_string_text
         json.dumps({"text": " \n\t "}).encode(),                     # 5 empty_document
-        json.dumps({"text": doc_a.upper()}).encode(),                # 6 duplicate_exact (case-insensitive)
-        json.dumps({"text": near_a}).encode(),                       # 7 duplicate_near
+        json.dumps({"text": doc_a.upper(), "id": "doc-a-upper"}).encode(),  # 6 duplicate_exact (case-insensitive)
+        json.dumps({"text": near_a, "id": 7}).encode(),              # 7 duplicate_near (a numeric id)
         json.dumps({"text": "Too short."}).encode(),                 # 8 filtered too_few_words
         json.dumps({"text": giant}).encode(),                        # 9 split into 3 pieces, all kept
         json.dumps({"text": prose(3) + " Write to jane@example.com now."}).encode(),  # 10 kept, PII
@@ -92,7 +92,7 @@ def build_corpus(root) -> tuple[dict, list[str]]:
     (hf / "dataset_info.json").write_text("{}")
     (root / "eval.jsonl").write_text(json.dumps({"question": " ".join(leaked.split()[40:60])}) + "\n")
     sources = [
-        {"name": "web", "path": str(root / "web"), "format": "jsonl"},
+        {"name": "web", "path": str(root / "web"), "format": "jsonl", "id_field": "id"},
         {"name": "books", "path": str(root / "books" / "*.txt"), "format": "text"},
         {"name": "pq", "path": str(root / "pq"), "format": "parquet", "text_field": "body"},
         {"name": "hf", "path": str(hf), "format": "hf_disk"},
@@ -170,6 +170,35 @@ def test_rejects_dataset_has_source_position_reason(corrupted):
     assert len(rows) == sum(sum(v["rejected"].values()) for v in EXPECTED.values())
     paths = table["path"].to_pylist()
     assert any(p.endswith("zz_corrupt.parquet") for p in paths)
+
+
+def test_duplicates_dataset_lists_every_removed_document_once_with_what_it_duplicates(corrupted):
+    _, _, _, uri = corrupted
+    m = read_manifest(uri)
+    table = pa.concat_tables([pq.read_table(f"{uri}/{f['path']}") for f in m["duplicates"]["files"]])
+    rows = table.to_pylist()
+    per = m["counts"]["per_source"]
+    assert len(rows) == m["duplicates"]["rows"] == m["counts"]["duplicate_exact"] + m["counts"]["duplicate_near"]
+    removed = [(r["source"], r["path"], r["position"], r["part"]) for r in rows]
+    assert len(set(removed)) == len(removed)  # each removed document exactly once
+    for name, c in per.items():
+        mine = [r for r in rows if r["source"] == name]
+        assert sum(r["kind"] == "exact" for r in mine) == c["duplicate_exact"]
+        assert sum(r["kind"] == "near" for r in mine) == c["duplicate_near"]
+        # kept + removed = read - quarantined (filtered and rejected)
+        assert c["kept"] + len(mine) == c["read"] - sum(c["filtered"].values()) - sum(c["rejected"].values())
+    by_pos = {(r["path"].rsplit("/", 1)[1], r["position"]): r for r in rows}
+    exact, near = by_pos[("a.jsonl", 6)], by_pos[("a.jsonl", 7)]
+    assert exact["kind"] == "exact" and exact["id"] == "doc-a-upper"
+    assert (exact["kept_source"], exact["kept_path"].rsplit("/", 1)[1], exact["kept_position"], exact["kept_id"]) == \
+        ("web", "a.jsonl", 0, "doc-a")
+    assert exact["similarity_estimated"] == exact["similarity_verified"] == 1.0
+    assert near["kind"] == "near" and near["id"] == "7" and near["kept_position"] == 0 and near["kept_id"] == "doc-a"
+    assert near["matched_position"] == 0  # it matched the kept document itself
+    # One word of 300 replaced: at most 5 of ~296 shingles differ.
+    assert 0.96 <= near["similarity_verified"] < 1.0
+    assert abs(near["similarity_estimated"] - near["similarity_verified"]) < 0.1
+    assert m["dedup"]["verified_pairs"] >= 1
 
 
 def test_artifact_follows_the_shard_contract(corrupted):

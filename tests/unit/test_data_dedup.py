@@ -58,16 +58,58 @@ def test_minhash_estimates_jaccard_as_well_as_datasketch():
     assert np.mean(ours_err) < np.mean(ref_err) + 0.01
 
 
+def _verifier(texts):
+    sets = {i: D.shingles(t, 5) for i, t in enumerate(texts)}
+    return lambda a, b: D.pair_jaccard(sets, a, b)
+
+
 def test_near_dedup_precision_recall_on_labelled_set():
     lab = labelled_near_duplicates(300, seed=0)
     sig, has = _sigs(lab.texts)
     keys = D.band_keys(sig, 16, 8, has)
-    dropped, candidates = D.near_duplicates(keys, sig, 0.8)
-    s = score(dropped, lab.is_duplicate)
-    print("near-dedup on labelled set:", s, "candidates", candidates)
-    assert s["precision"] >= 0.9 and s["recall"] >= 0.9
+    est = D.near_duplicates(keys, sig, 0.8)
+    s_est = score(est.dropped, lab.is_duplicate)
+    ver = D.near_duplicates(keys, sig, 0.8, verify=_verifier(lab.texts))
+    s = score(ver.dropped, lab.is_duplicate)
+    print("near-dedup on labelled set: estimated", s_est, "verified", s, "candidates", ver.candidates,
+          "verified pairs", ver.verified_pairs)
+    assert s_est["precision"] >= 0.9 and s_est["recall"] >= 0.9
+    # Verification removes the estimator's noise at the threshold: no false positive, at least as much recall.
+    assert s["precision"] == 1.0 and s["recall"] >= max(0.97, s_est["recall"])
+    assert 0 < ver.verified_pairs <= ver.candidates
     # Originals come first and are never near each other: none of them may be dropped.
-    assert not dropped[:300].any()
+    assert not ver.dropped[:300].any()
+    # Every dropped document's match is earlier, and its recorded similarity is the true one.
+    d = np.flatnonzero(ver.dropped)
+    assert (ver.match[d] < d).all() and (ver.match[~ver.dropped] == -1).all()
+    for i in d[:50]:
+        truth = D.jaccard(shingle_set(lab.texts[i], 5), shingle_set(lab.texts[ver.match[i]], 5))
+        assert ver.verified[i] == pytest.approx(truth, abs=1e-6) and truth >= 0.8
+        assert abs(ver.estimated[i] - truth) < 0.2
+
+
+def test_candidate_pairs_are_distinct_later_earlier_pairs():
+    keys = np.array([[5, 1], [5, 2], [5, 1], [0, 0], [7, 2]], dtype=np.int64)
+    later, earlier = D.candidate_pairs(keys)
+    # band 0 bucket 5: (1,0), (2,0), (2,1) via the predecessor; band 1: (2,0) again, (4,1); key 0 ignored
+    assert sorted(zip(later.tolist(), earlier.tolist(), strict=True)) == [(1, 0), (2, 0), (2, 1), (4, 1)]
+
+
+def test_a_chain_of_copies_matches_the_previous_copy():
+    base = [f"w{i}" for i in range(600)]
+    c1 = base[:]
+    for i in range(0, 600, 75):
+        c1[i] = "x" + c1[i]
+    c2 = c1[:]
+    for i in range(37, 600, 75):
+        c2[i] = "y" + c2[i]
+    texts = [" ".join(t) for t in (base, c1, c2)]
+    sig, has = _sigs(texts)
+    sets = {i: D.shingles(t, 5) for i, t in enumerate(texts)}
+    j = D.pair_jaccard(sets, np.array([1, 2, 2]), np.array([0, 1, 0]))
+    assert j[0] >= 0.8 and j[1] >= 0.8 and j[2] < 0.8  # c2 is near c1 but not near the base
+    r = D.near_duplicates(D.band_keys(sig, 32, 4, has), sig, 0.8, verify=_verifier(texts))
+    assert r.dropped.tolist() == [False, True, True] and r.match.tolist() == [-1, 0, 1]
 
 
 def test_cluster_keeps_the_earliest_document_deterministically():
@@ -75,11 +117,11 @@ def test_cluster_keeps_the_earliest_document_deterministically():
     texts = ["unrelated " * 50, base, base.replace("w10 ", "x10 "), base.replace("w50 ", "x50 ")]
     sig, has = _sigs(texts)
     keys = D.band_keys(sig, 16, 8, has)
-    dropped, _ = D.near_duplicates(keys, sig, 0.8)
-    assert dropped.tolist() == [False, False, True, True]
+    r = D.near_duplicates(keys, sig, 0.8, verify=_verifier(texts))
+    assert r.dropped.tolist() == [False, False, True, True] and r.match.tolist() == [-1, -1, 1, 1]
     # Reversing the corpus order keeps the (new) first one of the cluster.
-    dropped_rev, _ = D.near_duplicates(keys[::-1].copy(), sig[::-1].copy(), 0.8)
-    assert dropped_rev.tolist() == [False, True, True, False]
+    rev = D.near_duplicates(keys[::-1].copy(), sig[::-1].copy(), 0.8, verify=_verifier(texts[::-1]))
+    assert rev.dropped.tolist() == [False, True, True, False] and rev.match.tolist() == [-1, 0, 0, -1]
 
 
 def test_band_keys_need_matching_rows():

@@ -83,3 +83,26 @@ def test_input_hash_is_of_the_raw_bytes(tmp_path):
     stats = ReadStats()
     assert [r.text for r in read_records(task, src, 1 << 20, 0, stats)] == ["hello"]
     assert stats.sha.hexdigest() == hashlib.sha256(raw).hexdigest() and stats.bytes == len(raw)
+
+
+def test_id_field_is_read_from_jsonl_and_parquet_rows(tmp_path):
+    import pyarrow.parquet as pq
+    import pytest
+
+    (tmp_path / "j").mkdir()
+    (tmp_path / "j" / "a.jsonl").write_text("\n".join(json.dumps(d) for d in [
+        {"text": "one", "id": "x-1"}, {"text": "two", "id": 2}, {"text": "three"}]) + "\n")
+    (tmp_path / "p").mkdir()
+    pq.write_table(pa.table({"body": ["a", "b"], "uid": [10, 11]}), tmp_path / "p" / "a.parquet")
+
+    def ids(src):
+        tasks, _ = plan([src])
+        return [(r.text, r.doc_id) for t in tasks for r in read_records(t, src, 1 << 20, 0, ReadStats())]
+
+    assert ids(SourceConfig(name="j", path=str(tmp_path / "j"), format="jsonl", id_field="id")) == \
+        [("one", "x-1"), ("two", "2"), ("three", None)]
+    assert ids(SourceConfig(name="p", path=str(tmp_path / "p"), format="parquet", text_field="body",
+                            id_field="uid")) == [("a", "10"), ("b", "11")]
+    assert ids(SourceConfig(name="j", path=str(tmp_path / "j"), format="jsonl"))[0] == ("one", None)
+    with pytest.raises(ValueError, match="id_field is for jsonl, parquet and hf_disk"):
+        SourceConfig(name="t", path=str(tmp_path), format="text", id_field="id")
