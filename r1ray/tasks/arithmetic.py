@@ -10,6 +10,9 @@ truth) without storing anything::
     s.answer       # 32
     s.text         # "Question: ...\\n<think>\\n...\\n</think>\\n<answer>32</answer>"
     reward(s.completion, s.answer) == 1.0
+
+The registered task ``ArithmeticTask`` (``get_task("arithmetic")``) adds difficulty levels and the hash split
+(see ``LEVELS``); ``generate`` stays as it was for the data stage.
 """
 
 from __future__ import annotations
@@ -20,8 +23,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from r1ray.model.tokenizer import ANSWER, END_ANSWER, END_THINK, THINK
+from r1ray.tasks import base, mathcheck
 
-__all__ = ["ReasoningSample", "generate", "generate_many", "extract_answer", "reward", "format_reward"]
+__all__ = [
+    "LEVELS", "ArithmeticTask", "ReasoningSample", "generate", "generate_many", "extract_answer", "reward",
+    "format_reward",
+]
 
 _NAMES = ["Mia", "Noah", "Ava", "Liam", "Zoe", "Omar", "Lena", "Ravi", "Sara", "Tom", "Yuki", "Ines", "Kofi", "Ana"]
 _PRONOUN = {n: ("She" if n in {"Mia", "Ava", "Zoe", "Lena", "Sara", "Yuki", "Ines", "Ana"} else "He") for n in _NAMES}
@@ -178,3 +185,109 @@ def reward(completion: str, answer: int | str) -> float:
 def format_reward(completion: str) -> float:
     """1.0 when the completion is exactly ``<think>...</think>`` then ``<answer>...</answer>``."""
     return 1.0 if _FORMAT_RE.match(completion) else 0.0
+
+
+# --- The registered task: difficulty levels over the same kind of word problem ---------------------------
+# Level 1 is one operation, level 2 the two-step templates above (what ``generate`` mixes with level 3's
+# ``_two_people``), level 3 three or four chained steps. ``generate``/``generate_many`` above are unchanged:
+# the data stage's default corpus is built from them and must stay byte-identical.
+
+
+def _add(r: random.Random, name: str, item: str) -> tuple[str, list[str], int]:
+    a, b = r.randint(2, 60), r.randint(2, 40)
+    he = _PRONOUN[name]
+    problem = f"{name} has {a} {item}. {he} gets {b} more {item}. How many {item} does {name} have now?"
+    return problem, [f"{name} has {a} + {b} = {a + b} {item}."], a + b
+
+
+def _sub(r: random.Random, name: str, item: str) -> tuple[str, list[str], int]:
+    a = r.randint(5, 80)
+    b = r.randint(1, a - 1)
+    he = _PRONOUN[name]
+    problem = f"{name} has {a} {item}. {he} gives {b} {item} to a friend. How many {item} does {name} have left?"
+    return problem, [f"{name} has {a} - {b} = {a - b} {item} left."], a - b
+
+
+def _mul(r: random.Random, name: str, item: str) -> tuple[str, list[str], int]:
+    n, per = r.randint(2, 9), r.randint(2, 12)
+    cont = r.choice(_CONTAINERS)
+    problem = f"{name} buys {n} {cont} with {per} {item} in each. How many {item} does {name} buy?"
+    return problem, [f"{n} {cont} of {per} {item} is {n} * {per} = {n * per} {item}."], n * per
+
+
+def _div(r: random.Random, name: str, item: str) -> tuple[str, list[str], int]:
+    friends, each = r.randint(2, 9), r.randint(2, 12)
+    total = friends * each
+    problem = f"{name} shares {total} {item} equally among {friends} friends. How many {item} does each friend get?"
+    return problem, [f"Each friend gets {total} / {friends} = {each} {item}."], each
+
+
+def _shop_and_find(r: random.Random, name: str, item: str) -> tuple[str, list[str], int]:
+    start, n, per = r.randint(0, 30), r.randint(2, 9), r.randint(2, 12)
+    cont = r.choice(_CONTAINERS)
+    bought = n * per
+    give = r.randint(1, start + bought - 1)
+    extra = r.randint(1, 20)
+    he = _PRONOUN[name]
+    left = start + bought - give
+    problem = (
+        f"{name} has {start} {item}. {he} buys {n} {cont} with {per} {item} in each, gives {give} {item} to a "
+        f"friend, and then finds {extra} more {item}. How many {item} does {name} have now?"
+    )
+    steps = [
+        f"{n} {cont} of {per} {item} is {n} * {per} = {bought} {item}.",
+        f"With the {start} {name} had: {start} + {bought} = {start + bought}.",
+        f"After giving away {give}: {start + bought} - {give} = {left}.",
+        f"After finding {extra} more: {left} + {extra} = {left + extra}.",
+    ]
+    return problem, steps, left + extra
+
+
+def _buy_and_share(r: random.Random, name: str, item: str) -> tuple[str, list[str], int]:
+    friends, each = r.randint(2, 8), r.randint(3, 15)
+    total = friends * each
+    n = r.randint(2, 6)
+    per = r.randint(1, max(1, (total - 1) // n))
+    bought = n * per
+    start = total - bought
+    cont = r.choice(_CONTAINERS)
+    he = _PRONOUN[name]
+    problem = (
+        f"{name} has {start} {item}. {he} buys {n} {cont} with {per} {item} in each, and then shares all the "
+        f"{item} equally among {friends} friends. How many {item} does each friend get?"
+    )
+    steps = [
+        f"{n} {cont} of {per} {item} is {n} * {per} = {bought} {item}.",
+        f"In total: {start} + {bought} = {total}.",
+        f"Each friend gets {total} / {friends} = {each}.",
+    ]
+    return problem, steps, each
+
+
+LEVELS: dict[int, tuple] = {
+    1: (_add, _sub, _mul, _div),
+    2: (_shop, _boxes, _share, _rate),
+    3: (_two_people, _shop_and_find, _buy_and_share),
+}
+"""Templates per difficulty: 1 = one operation, 2 = two steps, 3 = three or four steps."""
+
+
+class ArithmeticTask:
+    """Arithmetic word problems; answers are non-negative integers, verified as numbers (``mathcheck``)."""
+
+    name = "arithmetic"
+    difficulties = tuple(LEVELS)
+
+    def problem(self, index: int, *, seed: int, split: str = "train", difficulty: int = 1) -> base.Problem:
+        base.check_args(self.name, self.difficulties, index, split, difficulty)
+
+        def make(r: random.Random):
+            name, item = r.choice(_NAMES), r.choice(_ITEMS)
+            problem, steps, answer = r.choice(LEVELS[difficulty])(r, name, item)
+            steps.append(f"So the answer is {answer}.")
+            return problem, str(answer), "\n".join(steps), {"steps": len(steps) - 1}
+
+        return base.first_in_split(self.name, make, index=index, seed=seed, split=split, difficulty=difficulty)
+
+    def verify(self, completion: str, problem: base.Problem) -> float:
+        return 1.0 if mathcheck.answers_match(base.extract_answer(completion), problem.answer) else 0.0
