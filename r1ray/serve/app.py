@@ -1,10 +1,15 @@
 """The Ray Serve application: a FastAPI ingress deployment speaking OpenAI's API over an r1ray engine.
 
-Routes: ``GET /health`` (no auth: for probes), ``GET /v1/models``, ``POST /v1/completions``,
-``POST /v1/chat/completions`` (``stream: true`` → server-sent events for both).
+Routes: ``GET /health`` (no auth: for probes), ``GET /v1/models``, ``GET /v1/models/{id}``,
+``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream: true`` → server-sent events for both), and
+vLLM's ``POST /tokenize``, ``POST /detokenize``, ``GET /tokenizer_info`` (what evaluation harnesses use).
 
 The HTTP layer owns validation, auth, admission control (429 + Retry-After when the replica holds
 ``limits.max_queue`` sequences), metrics and the OpenAI response shapes; the engine owns batching and sampling.
+The replica loads its model in a background thread: until it is ready every route but ``/health`` answers 503
+with ``Retry-After`` at once (``/health`` answers 503 too, with ``status: loading``), instead of holding the
+request. A malformed request of any kind is a 4xx naming the problem; a request the engine fails on is a 500
+for that request alone.
 
 ``build_app(args)`` is the application builder a Serve config file or a KubeRay RayService points at::
 
@@ -18,6 +23,8 @@ The HTTP layer owns validation, auth, admission control (429 + Retry-After when 
 import asyncio
 import hmac
 import json
+import math
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -28,18 +35,23 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
 
+from r1ray.infer import EngineFullError, SamplingParams, StepEvent, make_engine
+from r1ray.infer.text import ReasoningStream, prompt_opens_think, split_reasoning
 from r1ray.observe.log import get_logger, setup_logging
 from r1ray.observe.metrics import record
 from r1ray.serve import schemas as S
 from r1ray.serve.config import ServeConfig
-from r1ray.infer import EngineFullError, SamplingParams, StepEvent, make_engine
-from r1ray.infer.text import ReasoningStream, split_reasoning
 
 log = get_logger(__name__)
 
 ROUTE_COMPLETIONS = "/v1/completions"
 ROUTE_CHAT = "/v1/chat/completions"
 ROUTE_MODELS = "/v1/models"
+ROUTE_MODEL = "/v1/models/{model_id:path}"
+ROUTE_TOKENIZE = "/tokenize"
+ROUTE_DETOKENIZE = "/detokenize"
+ROUTE_TOKENIZER_INFO = "/tokenizer_info"
+INT64_MAX = 2**63 - 1
 
 
 class APIError(Exception):
@@ -64,14 +76,67 @@ def _describe_validation(e: ValidationError) -> tuple[str, str | None]:
         # Unions report one error per member; name the field once with the first message.
         base = ".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p in (
             "str", "int", "float", "list", "dict"))))
-        first = first or base or loc
         msg = err["msg"].removeprefix("Value error, ")
+        if not err["loc"]:  # a cross-field check: its message starts with the field it names
+            loc, base = "", msg.split(":", 1)[0]
+            msg = msg.split(":", 1)[-1].strip()
+        first = first or base or loc
         line = f"{base or loc}: {msg}"
         if err["type"] == "missing":
             line = f"{base or loc}: required field is missing"
         if line not in parts:
             parts.append(line)
     return "invalid request: " + "; ".join(parts[:6]), first
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON (numbers must be finite)")
+
+
+def _finite_float(text: str) -> float:
+    x = float(text)
+    if not math.isfinite(x):
+        raise ValueError(f"number {text[:32]} is out of range (numbers must be finite)")
+    return x
+
+
+def _json_depth_exceeds(data: Any, limit: int) -> bool:
+    """Whether ``data`` nests deeper than ``limit`` (iterative: a deep body must not exhaust the stack)."""
+    stack = [(data, 1)]
+    while stack:
+        x, d = stack.pop()
+        if isinstance(x, dict | list):
+            if d > limit:
+                return True
+            stack.extend((v, d + 1) for v in (x.values() if isinstance(x, dict) else x))
+    return False
+
+
+def parse_json_body(body: bytes, max_depth: int) -> dict:
+    """The JSON object in ``body``, or an ``APIError`` 400 naming what is wrong: invalid UTF-8, invalid JSON,
+    ``NaN``/``Infinity`` or out-of-range numbers, integers too long to convert, nesting deeper than
+    ``max_depth`` (``limits.max_json_depth``), a non-object, or an unpaired surrogate escape."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise APIError(400, f"request body is not valid UTF-8 (invalid byte at position {e.start})") from None
+    try:
+        data = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+    except json.JSONDecodeError as e:
+        raise APIError(400, f"request body is not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})") from None
+    except RecursionError:
+        raise APIError(400, f"request body nests too deeply (limits.max_json_depth is {max_depth})") from None
+    except ValueError as e:  # NaN/Infinity, 1e999, or an integer beyond Python's digit limit
+        raise APIError(400, f"request body has an invalid number: {e}") from None
+    if not isinstance(data, dict):
+        raise APIError(400, f"request body must be a JSON object, got {type(data).__name__}")
+    if _json_depth_exceeds(data, max_depth):
+        raise APIError(400, f"request body nests deeper than {max_depth} levels (limits.max_json_depth)")
+    try:
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise APIError(400, "request contains invalid Unicode (an unpaired surrogate escape)") from None
+    return data
 
 
 def _sse(obj: Any) -> bytes:
@@ -109,25 +174,58 @@ class OpenAIServer:
     def __init__(self, cfg: dict[str, Any]):
         self.cfg = ServeConfig.model_validate(cfg)
         setup_logging(self.cfg.logging.level)
-        e = self.cfg.engine
         self.model_path = str(self.cfg.model_path)
         self.model_name = self.cfg.model_name or Path(self.model_path).name
-        threads = e.torch_threads or max(1, int(-(-self.cfg.deployment.num_cpus // 1)))
         self._tok_window = [time.perf_counter(), 0]
-        self.engine = make_engine(
-            self.model_path, backend=e.backend, device=e.device, dtype=e.dtype, torch_threads=threads,
-            max_batch_size=e.max_batch_size, batch_wait_timeout_s=e.batch_wait_timeout_s,
-            max_queue=self.cfg.limits.max_queue, max_model_len=e.max_model_len, seed=self.cfg.seed,
-            on_batch=self._on_batch,
-        )
-        self.engine.start()
-        self.tokenizer = self.engine.tokenizer
-        self.vocab_size = len(self.tokenizer)
         self.api_key = self.cfg.auth.resolve()
         self.tags = {"model": self.model_name}
-        log.info("serving %s as %r (engine=%s, max_batch_size=%d, max_queue=%d, context=%d, auth=%s)",
-                 self.model_path, self.model_name, self.engine.backend, e.max_batch_size, self.cfg.limits.max_queue,
-                 self.engine.max_model_len, "on" if self.api_key else "off")
+        self.engine: Any = None
+        self.tokenizer: Any = None
+        self.vocab_size = 0
+        self._load_error: str | None = None
+        # Load in the background: Serve routes requests to the replica once __init__ returns, and each route
+        # answers 503 + Retry-After while the model loads instead of holding the request.
+        self._loader = threading.Thread(target=self._load, name="r1ray-model-load", daemon=True)
+        self._loader.start()
+
+    def _load(self) -> None:
+        e = self.cfg.engine
+        threads = e.torch_threads or max(1, int(-(-self.cfg.deployment.num_cpus // 1)))
+        t0 = time.perf_counter()
+        try:
+            engine = make_engine(
+                self.model_path, backend=e.backend, device=e.device, dtype=e.dtype, torch_threads=threads,
+                max_batch_size=e.max_batch_size, batch_wait_timeout_s=e.batch_wait_timeout_s,
+                max_queue=self.cfg.limits.max_queue, max_model_len=e.max_model_len, seed=self.cfg.seed,
+                on_batch=self._on_batch,
+            )
+            engine.start()
+        except Exception as err:  # answered as 503 with the reason, and Serve's health check restarts us
+            log.exception("loading %s failed", self.model_path)
+            self._load_error = f"{type(err).__name__}: {err}"
+            return
+        self.tokenizer = engine.tokenizer
+        self.vocab_size = len(self.tokenizer)
+        self.engine = engine  # set last: routes treat a non-None engine as ready
+        log.info("serving %s as %r in %.1f s (engine=%s, max_batch_size=%d, max_queue=%d, context=%d, auth=%s)",
+                 self.model_path, self.model_name, time.perf_counter() - t0, engine.backend, e.max_batch_size,
+                 self.cfg.limits.max_queue, engine.max_model_len, "on" if self.api_key else "off")
+
+    async def check_health(self) -> None:
+        """Serve's replica health check: a replica whose model failed to load is replaced."""
+        if self._load_error is not None:
+            raise RuntimeError(f"model failed to load: {self._load_error}")
+
+    def _ready(self) -> None:
+        if self.engine is not None:
+            return
+        retry = str(self.cfg.limits.retry_after_s)
+        if self._load_error is not None:
+            raise APIError(503, f"model {self.model_name!r} failed to load ({self._load_error}); the replica will "
+                                "be restarted", type="server_error", code="model_load_failed",
+                           headers={"Retry-After": retry})
+        raise APIError(503, f"model {self.model_name!r} is loading; retry after {retry} s", type="server_error",
+                       code="model_loading", headers={"Retry-After": retry})
 
     # ------------------------------------------------------------------ plumbing
     def _on_batch(self, rows: int, tokens: int, seconds: float) -> None:
@@ -155,42 +253,54 @@ class OpenAIServer:
                            type="authentication_error", code="invalid_api_key",
                            headers={"WWW-Authenticate": "Bearer"})
 
+    async def _body(self, request: Request) -> bytes:
+        """The request body, refused with 413 as soon as it exceeds ``limits.max_body_bytes`` (never buffered
+        whole past the limit)."""
+        limit = self.cfg.limits.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise APIError(413, f"request body of {declared} bytes exceeds limits.max_body_bytes ({limit} bytes)")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise APIError(413, f"request body exceeds limits.max_body_bytes ({limit} bytes)")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
     async def _parse(self, request: Request, cls: type[S._Req]) -> Any:
-        body = await request.body()
-        if len(body) > self.cfg.limits.max_body_bytes:
-            raise APIError(413, f"request body of {len(body)} bytes exceeds the limit of "
-                                f"{self.cfg.limits.max_body_bytes} bytes")
-        try:
-            text = body.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise APIError(400, f"request body is not valid UTF-8 (invalid byte at position {e.start})") from None
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise APIError(400, f"request body is not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})") from None
-        if not isinstance(data, dict):
-            raise APIError(400, f"request body must be a JSON object, got {type(data).__name__}")
-        try:
-            json.dumps(data, ensure_ascii=False).encode("utf-8")
-        except UnicodeEncodeError:
-            raise APIError(400, "request contains invalid Unicode (an unpaired surrogate escape)") from None
+        data = parse_json_body(await self._body(request), self.cfg.limits.max_json_depth)
         try:
             req = cls.model_validate(data)
         except ValidationError as e:
             msg, param = _describe_validation(e)
             raise APIError(400, msg, param=param) from None
-        if req.model != self.model_name:
-            raise APIError(404, f"model {req.model!r} does not exist; this server serves {self.model_name!r}",
-                           param="model", code="model_not_found")
-        if req.n > self.cfg.limits.max_n:
-            raise APIError(400, f"n: at most {self.cfg.limits.max_n} choices per prompt, got {req.n}", param="n")
+        self._check_model(req.model)
+        lim = self.cfg.limits
+        if getattr(req, "n", 1) > lim.max_n:
+            raise APIError(400, f"n: at most {lim.max_n} choices per prompt (limits.max_n), got {req.n}", param="n")
+        stops = getattr(req, "stop", None) or []
+        if len(stops) > lim.max_stop:
+            raise APIError(400, f"stop: at most {lim.max_stop} stop sequences (limits.max_stop), got {len(stops)}",
+                           param="stop")
+        if any(len(x) > lim.max_stop_chars for x in stops):
+            raise APIError(400, f"stop: each stop sequence may have at most {lim.max_stop_chars} characters "
+                                "(limits.max_stop_chars)", param="stop")
         return req
 
-    def _check_context(self, prompt_len: int, max_tokens: int | None, default: int) -> int:
+    def _check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise APIError(404, f"model {model!r} does not exist; this server serves {self.model_name!r}",
+                           param="model", code="model_not_found")
+
+    def _check_context(self, prompt_len: int, max_tokens: int | None, default: int, *, echo: bool = False) -> int:
         ctx = self.engine.max_model_len
+        if max_tokens == 0 and not echo:
+            raise APIError(400, "max_tokens: must be at least 1 (0 only with echo=true, to score the prompt)",
+                           param="max_tokens")
         if prompt_len == 0:
             raise APIError(400, "prompt is empty: give at least one token", param="prompt")
-        if prompt_len >= ctx:
+        if prompt_len > ctx or (prompt_len == ctx and max_tokens != 0):
             raise APIError(400, f"prompt is {prompt_len} tokens; this model's maximum context length is {ctx} "
                                 "tokens (prompt + max_tokens)", param="prompt", code="context_length_exceeded")
         if max_tokens is None:
@@ -217,6 +327,7 @@ class OpenAIServer:
         t0 = time.perf_counter()
         try:
             self._auth(request)
+            self._ready()
             resp = await fn(request, t0)
         except APIError as e:
             self._done(route, e.status, t0)
@@ -285,7 +396,8 @@ class OpenAIServer:
                             raise APIError(400, str(ev))
                         raise ev
                     if ev.finish_reason == "error":
-                        raise RuntimeError("the engine failed on this batch (see the replica log)")
+                        raise APIError(500, "the engine failed on this request (see the replica log); other "
+                                            "requests are not affected", type="server_error", code="engine_error")
                     yield i, ev
                     if ev.finish_reason is not None:
                         left -= 1
@@ -296,17 +408,75 @@ class OpenAIServer:
 
     # ------------------------------------------------------------------ routes
     @fastapi_app.get("/health")
-    async def health(self) -> dict:
-        return {"status": "ok", "model": self.model_name, "engine": self.engine.backend, **self.engine.load()}
+    async def health(self) -> Response:
+        if self.engine is None:
+            status = "error" if self._load_error else "loading"
+            body = {"status": status, "model": self.model_name, "error": self._load_error}
+            return JSONResponse(body, status_code=503, headers={"Retry-After": str(self.cfg.limits.retry_after_s)})
+        return JSONResponse({"status": "ok", "model": self.model_name, "engine": self.engine.backend,
+                             **self.engine.load()})
+
+    def _card(self) -> S.ModelCard:
+        return S.ModelCard(id=self.model_name, created=S.now(), root=self.model_path,
+                           max_model_len=self.engine.max_model_len)
 
     @fastapi_app.get(ROUTE_MODELS)
     async def models(self, request: Request) -> Response:
         async def fn(request: Request, t0: float) -> Response:
-            card = S.ModelCard(id=self.model_name, created=S.now(), root=self.model_path,
-                               max_model_len=self.engine.max_model_len)
-            return JSONResponse(S.ModelList(data=[card]).model_dump())
+            return JSONResponse(S.ModelList(data=[self._card()]).model_dump())
 
         return await self._handle(ROUTE_MODELS, request, fn)
+
+    @fastapi_app.get(ROUTE_MODEL)
+    async def model(self, model_id: str, request: Request) -> Response:
+        async def fn(request: Request, t0: float) -> Response:
+            self._check_model(model_id)
+            return JSONResponse(self._card().model_dump())
+
+        return await self._handle(ROUTE_MODELS, request, fn)
+
+    @fastapi_app.post(ROUTE_TOKENIZE)
+    async def tokenize(self, request: Request) -> Response:
+        return await self._handle(ROUTE_TOKENIZE, request, self._tokenize)
+
+    @fastapi_app.post(ROUTE_DETOKENIZE)
+    async def detokenize(self, request: Request) -> Response:
+        return await self._handle(ROUTE_DETOKENIZE, request, self._detokenize)
+
+    @fastapi_app.get(ROUTE_TOKENIZER_INFO)
+    async def tokenizer_info(self, request: Request) -> Response:
+        async def fn(request: Request, t0: float) -> Response:
+            tok = self.tokenizer
+            return JSONResponse(S.TokenizerInfo(
+                tokenizer_class=type(tok).__name__, model_max_length=self.engine.max_model_len,
+                bos_token=tok.bos_token, eos_token=tok.eos_token, pad_token=tok.pad_token,
+                unk_token=tok.unk_token, chat_template=tok.chat_template, vocab_size=self.vocab_size,
+            ).model_dump())
+
+        return await self._handle(ROUTE_TOKENIZER_INFO, request, fn)
+
+    async def _tokenize(self, request: Request, t0: float) -> Response:
+        data = parse_json_body(await self._body(request), self.cfg.limits.max_json_depth)
+        cls = S.TokenizeChatRequest if "messages" in data else S.TokenizeCompletionRequest
+        try:
+            req = cls.model_validate(data)
+        except ValidationError as e:
+            msg, param = _describe_validation(e)
+            raise APIError(400, msg, param=param) from None
+        self._check_model(req.model)
+        if isinstance(req, S.TokenizeChatRequest):
+            text = self._render_chat(req.messages, add_generation_prompt=req.add_generation_prompt)
+            ids = self.tokenizer(text, add_special_tokens=req.add_special_tokens)["input_ids"]
+        else:
+            ids = self.tokenizer(req.prompt, add_special_tokens=req.add_special_tokens)["input_ids"]
+        strs = self.tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
+        return JSONResponse(S.TokenizeResponse(count=len(ids), max_model_len=self.engine.max_model_len,
+                                               tokens=ids, token_strs=strs).model_dump())
+
+    async def _detokenize(self, request: Request, t0: float) -> Response:
+        req: S.DetokenizeRequest = await self._parse(request, S.DetokenizeRequest)
+        self._check_vocab(req.tokens, "tokens")
+        return JSONResponse({"prompt": self.tokenizer.decode(req.tokens)})
 
     @fastapi_app.post(ROUTE_COMPLETIONS)
     async def completions(self, request: Request) -> Response:
@@ -328,15 +498,20 @@ class OpenAIServer:
             out = [list(prompt)]
         else:
             out = [list(p) for p in prompt]
-        if len(out) > self.cfg.limits.max_prompts:
-            raise APIError(400, f"prompt: at most {self.cfg.limits.max_prompts} prompts per request, got {len(out)}",
-                           param="prompt")
+        lim = self.cfg.limits.max_prompts
+        if len(out) > lim:
+            raise APIError(400, f"prompt: at most {lim} prompts per request (limits.max_prompts), got {len(out)}: "
+                                f"send at most {lim} per request (lm-eval: --batch_size {lim} or less) or raise "
+                                "limits.max_prompts", param="prompt")
         for ids in out:
-            bad = [t for t in ids if not 0 <= t < self.vocab_size]
-            if bad:
-                raise APIError(400, f"prompt: token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})",
-                               param="prompt")
+            self._check_vocab(ids, "prompt")
         return out
+
+    def _check_vocab(self, ids: list[int], param: str) -> None:
+        bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise APIError(400, f"{param}: token id {bad} is outside the vocabulary [0, {self.vocab_size})",
+                           param=param)
 
     def _params(self, req: Any, max_tokens: int, index: int, logprobs: int | None, prompt_lp: bool) -> SamplingParams:
         seed = None if req.seed is None else req.seed + index
@@ -363,8 +538,8 @@ class OpenAIServer:
     async def _completions(self, request: Request, t0: float) -> Response:
         req: S.CompletionRequest = await self._parse(request, S.CompletionRequest)
         prompts = self._prompts(req.prompt)
-        max_tokens = [self._check_context(len(ids), req.max_tokens, self.cfg.limits.default_max_tokens)
-                      for ids in prompts]
+        max_tokens = [self._check_context(len(ids), req.max_tokens, self.cfg.limits.default_max_tokens,
+                                          echo=req.echo) for ids in prompts]
         self._reserve(len(prompts) * req.n)
         want_prompt_lp = req.echo and req.logprobs is not None
         jobs = [(pi * req.n + k, ids, self._params(req, max_tokens[pi], k, req.logprobs, want_prompt_lp))
@@ -432,11 +607,10 @@ class OpenAIServer:
             for e in entries
         ])
 
-    async def _chat(self, request: Request, t0: float) -> Response:
-        req: S.ChatRequest = await self._parse(request, S.ChatRequest)
+    def _render_chat(self, messages: list[S.ChatMessage], *, add_generation_prompt: bool) -> str:
         try:
             msgs = []
-            for m in req.messages:
+            for m in messages:
                 msg = {"role": m.role, "content": m.text()}
                 if m.reasoning_content:
                     msg["reasoning_content"] = m.reasoning_content
@@ -445,7 +619,12 @@ class OpenAIServer:
             raise APIError(400, f"messages: {e}", param="messages") from None
         if self.tokenizer.chat_template is None:
             raise APIError(400, f"model {self.model_name!r} has no chat template: use /v1/completions")
-        text = self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        return self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    async def _chat(self, request: Request, t0: float) -> Response:
+        req: S.ChatRequest = await self._parse(request, S.ChatRequest)
+        text = self._render_chat(req.messages, add_generation_prompt=True)
+        prefilled = prompt_opens_think(text)  # the template opened <think>: the reply starts in the reasoning
         ids = self.engine.encode(text)
         max_tokens = self._check_context(len(ids), req.max_completion_tokens or req.max_tokens,
                                          self.cfg.limits.default_chat_max_tokens)
@@ -459,7 +638,7 @@ class OpenAIServer:
         if req.stream:
             async def events() -> AsyncIterator[bytes]:
                 ntok = 0
-                splitters = {k: ReasoningStream() for k in range(req.n)}
+                splitters = {k: ReasoningStream(prefilled=prefilled) for k in range(req.n)}
 
                 def chunk(k: int, delta: S.Delta, finish: str | None = None, lp=None) -> bytes:
                     return _sse(S.ChatChunk(id=rid, created=created, model=self.model_name, choices=[
@@ -470,7 +649,7 @@ class OpenAIServer:
                 async for k, ev in self._run_choices(jobs, t0, route):
                     ntok += len(ev.token_ids)
                     lp = self._chat_logprobs(ev.logprobs, top) if req.logprobs and ev.logprobs else None
-                    parts = splitters[k].feed(ev.text, final=ev.finish_reason is not None)
+                    parts = splitters[k].feed(ev.text, ev.finish_reason)
                     for j, (field, piece) in enumerate(parts):
                         yield chunk(k, S.Delta(**{field: piece}), lp=lp if j == 0 else None)
                     if not parts and lp is not None:
@@ -495,7 +674,7 @@ class OpenAIServer:
                 finish[k] = ev.finish_reason
         choices = []
         for k in range(req.n):
-            reasoning, content = split_reasoning("".join(texts[k]))
+            reasoning, content = split_reasoning("".join(texts[k]), finish[k], prefilled=prefilled)
             choices.append(S.ChatChoice(
                 index=k, message=S.AssistantMessage(content=content, reasoning_content=reasoning),
                 finish_reason=finish[k], logprobs=self._chat_logprobs(lps[k], top) if req.logprobs else None))
@@ -544,7 +723,8 @@ def deployment_options(cfg: ServeConfig) -> dict[str, Any]:
     if d.resources:
         actor["resources"] = dict(d.resources)
     opts: dict[str, Any] = {"ray_actor_options": actor, "max_ongoing_requests": cfg.max_ongoing_requests(),
-                            "health_check_period_s": 10, "graceful_shutdown_timeout_s": 5}
+                            "health_check_period_s": 10,
+                            "graceful_shutdown_timeout_s": d.graceful_shutdown_timeout_s}
     if d.autoscaling is not None:
         a = d.autoscaling
         opts["autoscaling_config"] = {

@@ -68,6 +68,9 @@ class DeploymentConfig(R1Config):
     """GPUs per replica (1 for the vLLM engine or a CUDA HF engine)."""
     resources: dict[str, float] = Field(default_factory=dict)
     """Custom Ray resources per replica (e.g. ``{"serve": 1}`` to pin replicas to tagged nodes)."""
+    graceful_shutdown_timeout_s: float = Field(default=30.0, ge=0)
+    """On shutdown (SIGTERM to ``jobs/serve.py``, a scale-down, a redeploy), how long a replica keeps running to
+    finish its in-flight requests before it is stopped."""
 
 
 class EngineConfig(R1Config):
@@ -105,7 +108,15 @@ class LimitsConfig(R1Config):
     max_n: int = Field(default=8, ge=1)
     """Largest ``n`` (choices per prompt) a request may ask for."""
     max_prompts: int = Field(default=32, ge=1)
-    """Largest list of prompts one completion request may carry."""
+    """Largest list of prompts one completion request may carry (a batching harness such as lm-eval sends its
+    ``--batch_size`` prompts per request: keep this at least that large). Each prompt still takes ``n`` queue
+    slots, so ``limits.max_queue`` must hold a whole request for it to be admitted."""
+    max_stop: int = Field(default=16, ge=1)
+    """Most stop sequences per request (OpenAI allows 4; harnesses send their task's stops plus EOS)."""
+    max_stop_chars: int = Field(default=512, ge=1)
+    """Longest stop sequence, in characters (the engine scans for stops at every token)."""
+    max_json_depth: int = Field(default=32, ge=4)
+    """Deepest nesting of a request body's JSON; deeper bodies get 400."""
     max_body_bytes: int = Field(default=4_000_000, ge=1024)
     """Largest request body; bigger ones get 413."""
 
