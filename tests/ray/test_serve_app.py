@@ -1,17 +1,26 @@
-"""The OpenAI-compatible Serve app, live on a local Ray: the official ``openai`` client, malformed requests,
-admission control (429), client disconnects, and greedy parity with the engine called in-process.
+"""The OpenAI-compatible Serve app, live on a local Ray: the official ``openai`` client, malformed requests
+(named cases, then a probe of 200+ varied ones at concurrency 8), admission control (429), client
+disconnects, greedy parity with the engine called in-process, vLLM's tokenizer routes, prompt scoring, the
+``reasoning_content`` rules end to end, and lm-evaluation-harness's ``local-completions`` running both request
+types against the app.
 
 One Serve app for the whole module (cold start is the slow part). The served model is a tiny Llama whose
 greedy reply to QUESTION is REPLY exactly (embedding rows wired into a token chain; attention stays random),
-so ``reasoning_content`` can be checked end to end without training.
+so ``reasoning_content`` and harness scores can be checked end to end without training. The engine is placed
+on CPU in float32 explicitly, so the same numbers hold on a GPU machine.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import random
 import socket
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -38,8 +47,8 @@ def build_chain_model(tokenizer_dir, out_dir) -> str:
     """A random tiny Llama whose greedy continuation of the chat prompt for QUESTION is REPLY + <|im_end|>."""
     import torch
 
-    from r1ray.model.tokenizer import load_tokenizer
     from r1ray.model.build import ModelConfig, build_model, save_model
+    from r1ray.model.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tokenizer_dir)
     model = build_model(ModelConfig(preset="debug", max_position_embeddings=4096, tie_word_embeddings=False), tok,
@@ -83,7 +92,8 @@ def server(ray_local, model_dir):
     cfg = ServeConfig.model_validate({
         "model_path": model_dir, "model_name": "chain", "http": {"port": port},
         "auth": {"api_key": API_KEY}, "deployment": {"num_cpus": 1},
-        "engine": {"max_batch_size": 4, "batch_wait_timeout_s": 0.01}, "limits": {"max_queue": 6, "max_n": 4},
+        "engine": {"max_batch_size": 4, "batch_wait_timeout_s": 0.01, "device": "cpu", "dtype": "float32"},
+        "limits": {"max_queue": 6, "max_n": 4, "max_prompts": 32},
     })
     announced = []
     info = run(cfg.model_copy(update={"blocking": False}), announce=announced.append)  # what jobs/serve.py runs
@@ -157,7 +167,7 @@ def test_greedy_http_equals_engine_in_process(client, model_dir):
     from r1ray.infer.hf import HFEngine
 
     prompts = ["a to in", "was he they", "1 + 2 =", "we you at by that for on with as"]
-    eng = HFEngine.from_dir(model_dir, torch_threads=1)
+    eng = HFEngine.from_dir(model_dir, device="cpu", dtype="float32", torch_threads=1)
     try:
         outs = eng.generate(prompts, SamplingParams(max_tokens=24, temperature=0))
     finally:
@@ -229,7 +239,30 @@ MALFORMED = [
     ("missing prompt", {"model": "chain"}, None, 400, "prompt: required"),
     ("empty prompt list", {"model": "chain", "prompt": []}, None, 400, "prompt"),
     ("token out of vocab", {"model": "chain", "prompt": [1, 99999]}, None, 400, "outside the vocabulary"),
-    ("n too large", {"model": "chain", "prompt": "hi", "n": 100}, None, 400, "n: at most 4"),
+    ("n too large", {"model": "chain", "prompt": "hi", "n": 100}, None, 400, "n: at most 4 choices per prompt "
+     "(limits.max_n)"),
+    ("too many prompts", {"model": "chain", "prompt": ["hi"] * 33}, None, 400, "limits.max_prompts"),
+    ("seed beyond 64 bits", {"model": "chain", "prompt": "hi", "seed": 2**64}, None, 400, "seed"),
+    ("seed + n overflows", {"model": "chain", "prompt": "hi", "seed": 2**63 - 1, "n": 2}, None, 400,
+     "seed + n - 1 must be at most 2**63 - 1"),
+    ("NaN literal", b'{"model": "chain", "prompt": "hi", "temperature": NaN}', None, 400, "NaN is not valid JSON"),
+    ("Infinity literal", b'{"model": "chain", "prompt": "hi", "top_p": -Infinity}', None, 400, "-Infinity"),
+    ("overflowing float", b'{"model": "chain", "prompt": "hi", "temperature": 1e999}', None, 400, "out of range"),
+    ("5000-digit integer", b'{"model": "chain", "prompt": "hi", "seed": ' + b"9" * 5000 + b"}", None, 400,
+     "invalid number"),
+    ("huge logit_bias", {"model": "chain", "prompt": "hi", "logit_bias": {"5": 1e300}}, None, 400, "logit_bias"),
+    ("logit_bias not served", {"model": "chain", "prompt": "hi", "logit_bias": {"5": 3}}, None, 400,
+     "not supported"),
+    ("penalty not served", {"model": "chain", "prompt": "hi", "presence_penalty": 1.0}, None, 400,
+     "presence_penalty"),
+    ("best_of above n", {"model": "chain", "prompt": "hi", "best_of": 3}, None, 400, "best_of"),
+    ("deeply nested", b'{"model": "chain", "prompt": "hi", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", None,
+     400, "nests too deeply"),
+    ("nested past the limit", b'{"model": "chain", "prompt": "hi", "x": ' + b"[" * 40 + b"]" * 40 + b"}", None,
+     400, "limits.max_json_depth"),
+    ("max_tokens 0 without echo", {"model": "chain", "prompt": "hi", "max_tokens": 0}, None, 400, "echo"),
+    ("17 stops", {"model": "chain", "prompt": "hi", "stop": ["x"] * 17}, None, 400, "limits.max_stop"),
+    ("stop too long", {"model": "chain", "prompt": "hi", "stop": ["x" * 600]}, None, 400, "limits.max_stop_chars"),
     ("unknown model", {"model": "gpt-9", "prompt": "hi"}, None, 404, "does not exist"),
     ("missing auth", {"model": "chain", "prompt": "hi"}, {"Authorization": ""}, 401, "API key"),
     ("wrong key", {"model": "chain", "prompt": "hi"}, {"Authorization": "Bearer nope"}, 401, "API key"),
@@ -254,7 +287,8 @@ def test_malformed_chat_requests_get_4xx(http):
         ({"model": "chain", "messages": [{"role": "user", "content": 5}]}, "content"),
         ({"model": "chain", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5000}, "4096"),
         ({"model": "chain", "messages": [{"role": "user", "content": "hi"}], "top_p": 0}, "top_p"),
-        ({"model": "chain", "messages": [{"role": "user", "content": "hi"}], "stop": ["a"] * 5}, "stop"),
+        ({"model": "chain", "messages": [{"role": "user", "content": "hi"}], "stop": ["a"] * 17}, "stop"),
+        ({"model": "chain", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, "max_tokens"),
     ]
     for body, needle in cases:
         r = http.post("/v1/chat/completions", json=body)
@@ -315,3 +349,254 @@ def test_error_body_is_openai_shaped(http):
     assert set(err) == {"message", "type", "param", "code"} and err["type"] == "invalid_request_error"
     assert err["param"] == "temperature"
     assert json.loads(r.text)  # plain JSON, not a FastAPI detail list
+
+
+# ---------------------------------------------------------------------------------------------- harness routes
+
+
+def test_model_by_id_and_tokenizer_routes(http, model_dir):
+    from r1ray.model.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(model_dir)
+    card = http.get("/v1/models/chain").json()
+    assert card["id"] == "chain" and card["object"] == "model" and card["max_model_len"] == 4096
+    r = http.get("/v1/models/gpt-9")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    # vLLM's shapes: /tokenize (prompt or chat messages), /detokenize, /tokenizer_info.
+    r = http.post("/tokenize", json={"model": "chain", "prompt": QUESTION, "return_token_strs": True}).json()
+    ids = tok(QUESTION, add_special_tokens=False)["input_ids"]
+    assert r["tokens"] == ids and r["count"] == len(ids) and r["max_model_len"] == 4096
+    assert r["token_strs"] == tok.convert_ids_to_tokens(ids)
+    chat = http.post("/tokenize", json={"messages": [{"role": "user", "content": QUESTION}]}).json()
+    rendered = tok.apply_chat_template([{"role": "user", "content": QUESTION}], tokenize=False,
+                                       add_generation_prompt=True)
+    assert chat["tokens"] == tok(rendered, add_special_tokens=False)["input_ids"] and chat["token_strs"] is None
+    assert http.post("/detokenize", json={"tokens": chat["tokens"]}).json() == {"prompt": rendered}
+    assert http.post("/detokenize", json={"tokens": [1, 10**6]}).status_code == 400
+    assert http.post("/tokenize", json={"prompt": 5}).status_code == 400
+    assert http.post("/tokenize", json={"model": "gpt-9", "prompt": "x"}).status_code == 404
+    assert httpx.post(http.base_url.join("/tokenize"), json={"prompt": "x"}).status_code == 401
+    info = http.get("/tokenizer_info").json()
+    assert info["eos_token"] == tok.eos_token and info["chat_template"] == tok.chat_template
+    # lm-eval's remote tokenizer (tokenizer_backend=remote) works against these routes.
+    from lm_eval.utils import RemoteTokenizer
+
+    remote = RemoteTokenizer(str(http.base_url) + "/v1/completions", auth_token=API_KEY)
+    assert remote.encode(QUESTION) == ids and remote.decode(ids) == QUESTION
+    assert remote.eos_token_id == tok.eos_token_id
+
+
+def test_echo_with_max_tokens_zero_scores_the_prompt(http):
+    body = {"model": "chain", "prompt": ["the a of", "she was at the"], "echo": True, "logprobs": 1, "temperature": 0}
+    scored = http.post("/v1/completions", json={**body, "max_tokens": 0})
+    assert scored.status_code == 200, scored.text
+    one = http.post("/v1/completions", json={**body, "max_tokens": 1}).json()
+    s = scored.json()
+    assert s["usage"]["completion_tokens"] == 0
+    for a, b in zip(sorted(s["choices"], key=lambda c: c["index"]), sorted(one["choices"], key=lambda c: c["index"]),
+                    strict=True):
+        assert a["finish_reason"] == "length"
+        n = len(a["logprobs"]["tokens"])
+        assert a["logprobs"]["token_logprobs"] == b["logprobs"]["token_logprobs"][:n]  # the prompt's, exactly
+        assert len(b["logprobs"]["tokens"]) == n + 1 and a["text"] == "".join(a["logprobs"]["tokens"])
+    assert s["choices"][0]["text"] == "the a of" and s["choices"][0]["logprobs"]["token_logprobs"][0] is None
+
+
+# ---------------------------------------------------------------------------------------------- reasoning
+
+
+def _chat_both(client, **kw) -> tuple[tuple[str | None, str | None, str], tuple[str, str, str]]:
+    """The whole reply's (reasoning_content, content, finish) and the streamed one's concatenations."""
+    msgs = [{"role": "user", "content": QUESTION}]
+    r = client.chat.completions.create(model="chain", messages=msgs, temperature=0, **kw)
+    m = r.choices[0].message
+    whole = ((m.model_extra or {}).get("reasoning_content"), m.content, r.choices[0].finish_reason)
+    reasoning, content, finish = "", "", None
+    for chunk in client.chat.completions.create(model="chain", messages=msgs, temperature=0, stream=True, **kw):
+        for c in chunk.choices:
+            reasoning += (c.delta.model_extra or {}).get("reasoning_content") or ""
+            content += c.delta.content or ""
+            finish = c.finish_reason or finish
+    return whole, (reasoning, content, finish)
+
+
+def test_reasoning_content_rules_end_to_end(client):
+    # Closed: split, verbatim.
+    assert _chat_both(client, max_tokens=40) == ((REASONING, ANSWER, "stop"), (REASONING, ANSWER, "stop"))
+    # Cut by max_tokens while thinking: reasoning only, content null (streamed: no content).
+    whole, streamed = _chat_both(client, max_tokens=3)  # <think>, "the", " of"
+    assert whole == ("the of", None, "length") and streamed == ("the of", "", "length")
+    # Ended (here by a stop string) without closing </think>: it is the answer, not hidden in reasoning.
+    whole, streamed = _chat_both(client, max_tokens=40, stop=["it"])
+    assert whole == (None, "the of and ", "stop")
+    assert streamed == ("the of and ", "the of and ", "stop")  # reasoning deltas, then the answer as content
+
+
+# ---------------------------------------------------------------------------------------------- hostile clients
+
+
+def _probe_cases(rng: random.Random) -> list[tuple[str, str, dict, bytes | None, object]]:
+    """(name, method+path, headers, raw body or None, json body) for 200+ malformed requests of varied kinds."""
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    ok_c = {"model": "chain", "prompt": "the", "max_tokens": 2}
+    ok_chat = {"model": "chain", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    bad_values = [None, True, -1, 0, 10**30, -(10**30), 1e308, -1e-308, "x", "", [], {}, [1], {"a": 1}, 2**64,
+                  0.5, -0.5, 3.0]
+    fields_c = ["max_tokens", "temperature", "top_p", "top_k", "n", "seed", "logprobs", "echo", "stream", "stop",
+                "best_of", "logit_bias", "presence_penalty", "frequency_penalty", "prompt", "model", "ignore_eos",
+                "stream_options", "suffix", "user"]
+    cases = []
+    for f in fields_c:  # wrong types and out-of-range numbers, field by field
+        for v in rng.sample(bad_values, 5):
+            cases.append((f"completions {f}={v!r:.20}", "POST /v1/completions", auth, None, {**ok_c, f: v}))
+    for f in ["messages", "max_tokens", "max_completion_tokens", "top_logprobs", "logprobs", "temperature", "n"]:
+        for v in rng.sample(bad_values, 4):
+            cases.append((f"chat {f}={v!r:.20}", "POST /v1/chat/completions", auth, None, {**ok_chat, f: v}))
+    raw = [
+        b"", b"{", b"}", b"null", b"[]", b'"str"', b"123", b'{"model": "chain", "prompt": "the",}', b"\x00\x01",
+        b'{"model": "chain", "prompt": "\xc3\x28"}', b"\xff" * 64, b'{"model": "chain", "prompt": "\\ud83d"}',
+        b'{"model": "chain", "prompt": "the", "temperature": NaN}', b'{"model": "chain", "prompt": "the", "n": 1e400}',
+        b'{"model": "chain", "prompt": "the", "seed": ' + b"1" * 4400 + b"}",
+        b'{"model": "chain", "prompt": "the", "x": ' + b"{\"a\":" * 3000 + b"1" + b"}" * 3000 + b"}",
+        b'{"model": "chain", "prompt": ' + b"[" * 50_000 + b"]" * 50_000 + b"}",
+        b'{"model": "chain", "prompt": "the"}' + b" trailing", b'{"model": "chain" "prompt": "the"}',
+        b"\xef\xbb\xbf" + json.dumps(ok_c).encode(),
+    ]
+    for i, body in enumerate(raw):
+        for path in ("/v1/completions", "/v1/chat/completions", "/tokenize"):
+            cases.append((f"raw {i} {path}", f"POST {path}", auth, body, None))
+    prompts = [[], [[]], [[1, 2], []], [-1], [10**9], [[1], "x"], [1.5], [None], "", " " * 0, [""], ["x"] * 33,
+               [[1] * 5000], "the " * 5000]
+    for p in prompts:
+        cases.append((f"prompt {str(p)[:20]}", "POST /v1/completions", auth, None, {**ok_c, "prompt": p}))
+    stops = [[""], ["a"] * 17, [5], "", [None], ["x" * 1000], {"a": 1}, [["a"]]]
+    for st in stops:
+        cases.append((f"stop {str(st)[:20]}", "POST /v1/completions", auth, None, {**ok_c, "stop": st}))
+    for n, best_of in [(0, None), (-1, None), (5, None), (2, 1), (2, 3), (1, 0), (10**6, None)]:
+        cases.append((f"n={n} best_of={best_of}", "POST /v1/completions", auth, None, {**ok_c, "n": n,
+                                                                                      "best_of": best_of}))
+    msgs = [[], [{}], [{"role": "user"}, 5], [{"role": "user", "content": [{"type": "image_url"}]}],
+            [{"role": "user", "content": [{"type": "text", "text": 5}]}], [{"role": 1, "content": "x"}], "hi",
+            [{"role": "user", "content": "x", "name": 5}]]
+    for m in msgs:
+        cases.append((f"messages {str(m)[:20]}", "POST /v1/chat/completions", auth, None, {**ok_chat,
+                                                                                          "messages": m}))
+    for h in [{}, {"Authorization": "Bearer"}, {"Authorization": "Basic abc"}, {"Authorization": "Bearer x" * 500},
+              {"Authorization": f"bearer  {API_KEY}x"}, {"Authorization": f"Bearer {API_KEY[:-1]}"}]:
+        for path in ("POST /v1/completions", "POST /v1/chat/completions", "GET /v1/models", "POST /tokenize"):
+            cases.append((f"auth {str(h)[:20]} {path}", path, h, None, ok_c))
+    for ct in ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", "image/png",
+               "application/json; charset=latin-1"]:
+        cases.append((f"content-type {ct}", "POST /v1/completions", {**auth, "Content-Type": ct},
+                      json.dumps(ok_c).encode(), None))
+        cases.append((f"form body {ct}", "POST /v1/completions", {**auth, "Content-Type": ct}, b"a=1&b=2", None))
+    cases.append(("oversize body", "POST /v1/completions", auth, b'{"prompt": "' + b"x" * 4_100_000 + b'"}', None))
+    for path in ("GET /v1/completions", "PUT /v1/chat/completions", "DELETE /v1/models", "POST /v1/models",
+                 "GET /v1/nope", "POST /detokenize", "GET /v1/models/%00", "GET /v1/models/" + "x" * 3000):
+        cases.append((f"route {path[:30]}", path, auth, b"{}", None))
+    for tokens in [[-1], ["a"], [1.5], None, [[1]], [10**20]]:
+        cases.append((f"detokenize {tokens}", "POST /detokenize", auth, None, {"tokens": tokens}))
+    return cases
+
+
+def test_probe_of_malformed_requests_gets_no_5xx(http, server):
+    """200+ malformed requests of varied kinds at concurrency 8 (bounded, loopback): every answer is a 4xx (or a
+    200 for the few that are valid after all), never a 5xx, and the server answers normally afterwards."""
+    cases = _probe_cases(random.Random(0))
+    assert len(cases) >= 200
+
+    def send(case):
+        name, route, headers, raw, body = case
+        method, path = route.split(" ", 1)
+        kw = {"content": raw} if raw is not None else ({"json": body} if body is not None else {})
+        with httpx.Client(base_url=server.url, timeout=60) as c:
+            try:
+                r = c.request(method, path, headers=headers, **kw)
+            except httpx.HTTPError as e:  # a dropped connection would be a failure too
+                return name, -1, str(e)
+        return name, r.status_code, r.text[:200]
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(send, cases))
+    bad = [(n, code, text) for n, code, text in results if code >= 500 or code < 0]
+    assert not bad, bad[:10]
+    codes = {code for _, code, _ in results}
+    assert {400, 401, 404, 413} <= codes, codes
+    assert sum(code < 300 for _, code, _ in results) < len(results) // 2  # mostly refused, as they should be
+    assert _health(http)["pending"] == 0
+    _assert_alive(http)
+    r = http.post("/v1/chat/completions", json={"model": "chain", "messages": [{"role": "user", "content": QUESTION}],
+                                                "temperature": 0, "max_tokens": 40})
+    assert r.json()["choices"][0]["message"]["content"] == ANSWER
+
+
+# ---------------------------------------------------------------------------------------------- lm-eval
+
+
+LM_EVAL_TASKS = """\
+task: r1ray_chain_mc
+dataset_path: json
+dataset_kwargs:
+  data_files: {{test: {data}}}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{context}}}}"
+doc_to_choice: choices
+doc_to_target: label
+target_delimiter: ""
+metric_list:
+  - metric: acc
+---
+task: r1ray_chain_gen
+dataset_path: json
+dataset_kwargs:
+  data_files: {{test: {data}}}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{context}}}}"
+doc_to_target: "{{{{target}}}}"
+target_delimiter: ""
+generation_kwargs:
+  until: ["</think>"]
+  max_gen_toks: 16
+  do_sample: false
+metric_list:
+  - metric: exact_match
+"""
+
+
+def test_lm_eval_local_completions_runs_both_request_types(server, model_dir, tmp_path):
+    """lm-evaluation-harness's ``local-completions`` against the app, as docs/serve.md shows it: a multiple-choice
+    task (loglikelihood requests, batched 4 prompts per request) and a generation task (generate_until), both on
+    local files, with the tokenizer from the model directory and the hub offline. The chain model makes the
+    right answers certain, so the scores prove the requests were answered correctly, not merely answered."""
+    from r1ray.model.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(model_dir)
+    context = tok.apply_chat_template([{"role": "user", "content": QUESTION}], tokenize=False,
+                                      add_generation_prompt=True)
+    wrong = "<think>she is 5</think>the of and it"
+    docs = [{"context": context, "choices": [REPLY, wrong] if i % 2 == 0 else [wrong, REPLY], "label": i % 2,
+             "target": f"<think>{REASONING}"} for i in range(4)]
+    data = tmp_path / "chain.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    for k, text in enumerate(LM_EVAL_TASKS.format(data=data).split("---\n")):
+        (tasks / f"task{k}.yaml").write_text(text)
+    out = tmp_path / "out"
+    cmd = [
+        str(Path(sys.executable).parent / "lm-eval"), "run", "--model", "local-completions",
+        "--model_args", f"model=chain,base_url={server.url}/v1/completions,tokenizer={model_dir},"
+                        "tokenizer_backend=huggingface,tokenized_requests=True,max_retries=1",
+        "--batch_size", "4", "--tasks", "r1ray_chain_mc,r1ray_chain_gen", "--include_path", str(tasks),
+        "--output_path", str(out),
+    ]
+    env = {**os.environ, "OPENAI_API_KEY": API_KEY, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path / "hf-datasets")}
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+    [results_file] = list(out.rglob("results*.json"))
+    results = json.loads(results_file.read_text())["results"]
+    assert results["r1ray_chain_mc"]["acc,none"] == 1.0, results
+    assert results["r1ray_chain_gen"]["exact_match,none"] == 1.0, results

@@ -45,6 +45,10 @@ def test_deployment_options_follow_the_config():
     assert fixed["ray_actor_options"] == {"num_cpus": 2.0, "num_gpus": 0.0}
     # Serve's own cap sits above r1ray's queue bound, so a full replica answers 429 (not Serve's 503).
     assert fixed["max_ongoing_requests"] > ServeConfig().limits.max_queue
+    # The drain time on SIGTERM / scale-down is the config's, not Serve's default.
+    assert fixed["graceful_shutdown_timeout_s"] == ServeConfig().deployment.graceful_shutdown_timeout_s
+    assert deployment_options(load_config(ServeConfig, ["deployment.graceful_shutdown_timeout_s=7"]))[
+        "graceful_shutdown_timeout_s"] == 7.0
     auto = deployment_options(load_config(ServeConfig, [
         "deployment.autoscaling={min_replicas: 1, max_replicas: 4, target_ongoing_requests: 12}",
         "deployment.resources={serve: 1}",
