@@ -7,7 +7,8 @@ one line per assignment, naming the first statement that contradicts it.
 The verifier reads the answer as a sequence of names and role words (``knight``/``knave``, plurals too): each
 role applies to the names mentioned since the previous role, so ``"Ann is a knight, Bob is a knave"``,
 ``"Ann: knight; Bob: knave"`` and ``"Ann and Bob are knights"`` all parse. Every person must get exactly one
-role, equal to the gold one.
+role, equal to the gold one, and a role word with no name before it (a hedge: ``"Ann is a knight or a
+knave"``) makes the answer wrong.
 """
 
 from __future__ import annotations
@@ -143,6 +144,8 @@ def parse_roles(answer: str, names: list[str]) -> dict[str, str] | None:
             pending.append(canon[word])
             continue
         role = "knight" if word.startswith("knight") else "knave"
+        if not pending:  # a role naming nobody: a hedge like "Ann is a knight or a knave"
+            return None
         for name in pending:
             if roles.setdefault(name, role) != role:
                 return None

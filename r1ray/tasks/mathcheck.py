@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from fractions import Fraction
 
-__all__ = ["MAX_ANSWER_CHARS", "answers_match", "parse_number"]
+__all__ = ["MAX_ANSWER_CHARS", "answers_match", "parse_number", "warm_up"]
 
 MAX_ANSWER_CHARS = 1000
 """A predicted answer longer than this never matches: no gold answer is that long, and it bounds the work."""
@@ -58,10 +58,19 @@ def _math_verify_match(pred: str, gold: str) -> bool:
     # We bound time ourselves (see the module docstring); silence its one-time "timeout disabled" warning.
     grader.TIMEOUT_WARNING_SHOWN = parser.TIMEOUT_WARNING_SHOWN = True
     gold_parsed = math_verify.parse(f"${gold}$", parsing_timeout=None)
-    pred_parsed = math_verify.parse(pred, parsing_timeout=None)
+    # The text is already the answer (from <answer>); math-verify finds LaTeX only between delimiters.
+    pred_parsed = math_verify.parse(pred if "$" in pred else f"${pred}$", parsing_timeout=None)
     if not gold_parsed or not pred_parsed:
         return False
     return bool(math_verify.verify(gold_parsed, pred_parsed, timeout_seconds=None))
+
+
+def warm_up() -> None:
+    """Import math-verify and compile its lazily built regexes now, so no sample pays for it under a timeout."""
+    try:
+        _math_verify_match("\\frac{1}{2}", "1/2")
+    except ImportError:  # optional: the fast path still works without it
+        pass
 
 
 def answers_match(pred: str | None, gold: str) -> bool:

@@ -15,8 +15,8 @@ call. The child also runs under an address-space limit (``RLIMIT_AS``), so a run
 
 Why a fresh interpreter rather than multiprocessing's fork/forkserver/spawn: fork is unsafe in a threaded
 parent (a Ray worker), and forkserver/spawn re-run the parent's main script in the child, which breaks any
-script without an ``if __name__ == "__main__"`` guard. A fresh interpreter takes ~1-3 s to import sympy, so
-after the first kill a spare child is kept warm: later kills cost the timeout and nothing more.
+script without an ``if __name__ == "__main__"`` guard. A fresh interpreter takes ~1-3 s to import sympy, so a
+warm spare child waits beside the working one: a kill costs the timeout and nothing more.
 """
 
 from __future__ import annotations
@@ -50,7 +50,6 @@ STALL_S = 60.0
 
 _IDLE = 0.0
 _READY = "ready"
-_PRELOAD = ("r1ray.tasks.rewards", "r1ray.tasks.registry", "math_verify")
 
 
 class _Child:
@@ -100,7 +99,8 @@ class _Child:
 class Sandbox:
     """A persistent child process; ``run`` is thread-safe (callers take turns).
 
-    After the first kill a spare child is kept warm, so a timeout costs the timeout and no start-up."""
+    Once the first child is ready, a spare is started beside it (idle, ~150 MB with sympy loaded), so a kill
+    costs the timeout and no start-up: the spare takes over and a new spare starts in the background."""
 
     def __init__(self, *, memory_limit: int | None = DEFAULT_MEMORY_LIMIT):
         self.memory_limit = memory_limit
@@ -116,16 +116,15 @@ class Sandbox:
         if self._child is None:
             self._child, self._spare = self._spare or _Child(self.memory_limit), None
         self._child.wait_ready()
+        if self._spare is None:  # started only now, so the two imports don't compete for the CPUs
+            self._spare = _Child(self.memory_limit)
         return self._child
 
     def _replace(self) -> None:
         """Kill the current child; the spare (started now if there was none) takes over at the next call."""
         self._child.kill()
-        self._child = None
         self.restarts += 1
-        if self._spare is None:
-            self._spare = _Child(self.memory_limit)
-        self._child, self._spare = self._spare, _Child(self.memory_limit)
+        self._child, self._spare = self._spare, None  # _ensure starts the next spare once this one is ready
 
     def close(self) -> None:
         with self._lock:
@@ -216,14 +215,11 @@ def default_sandbox() -> Sandbox:
 # --- the child --------------------------------------------------------------------------------------------
 def _child(sock_fd: int, hb_fd: int, memory_limit: int) -> None:
     """``(items, names, skip)`` in; ``(pos, values)`` out per item, then None."""
-    import importlib
-
-    for mod in _PRELOAD:
-        try:
-            importlib.import_module(mod)
-        except ImportError:  # math-verify is optional: the fast numeric path still works without it
-            pass
+    from r1ray.tasks import registry  # noqa: F401 - every built-in task, imported before we report ready
+    from r1ray.tasks.mathcheck import warm_up
     from r1ray.tasks.rewards import run_reward
+
+    warm_up()
 
     if memory_limit:
         import resource
