@@ -21,6 +21,9 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from r1ray import __version__
+from r1ray.observe.log import get_logger
+
+log = get_logger(__name__)
 
 MANIFEST = "manifest.json"
 
@@ -161,17 +164,45 @@ def is_complete(artifact: str) -> bool:
     return exists(join(artifact, MANIFEST))
 
 
-def lineage(artifact: str) -> list[dict[str, Any]]:
-    """The chain from ``artifact`` back through its inputs (depth-first), each with its stage and uri."""
-    out, seen, stack = [], set(), [artifact]
+def lineage(artifact: str, *, strict: bool = False) -> list[dict[str, Any]]:
+    """The chain from ``artifact`` back through its inputs (depth-first), each with its stage, uri and
+    manifest hash.
+
+    Every input is checked against the hash its consumer recorded: an input that was replaced since
+    (rerun with ``overwrite: true``) or deleted is marked ``status: "replaced"`` or ``"missing"`` (with the
+    recorded and current hashes and the consumer), so a broken chain is reported, never silently walked.
+    ``strict=True`` raises ArtifactError on the first broken link instead."""
+    out, seen = [], set()
+    stack: list[tuple[str, str | None, str | None]] = [(artifact, None, None)]  # uri, recorded sha, consumer
     while stack:
-        uri = stack.pop()
-        if uri in seen:
+        uri, recorded, consumer = stack.pop()
+        if (uri, consumer) in seen:
             continue
-        seen.add(uri)
-        m = read_manifest(uri)
-        out.append({"uri": uri, "stage": m.get("stage"), "manifest_sha256": manifest_sha256(uri)})
-        stack.extend(i["uri"] for i in reversed(m.get("inputs", [])))
+        seen.add((uri, consumer))
+        entry: dict[str, Any] = {"uri": uri, "status": "ok"}
+        try:
+            m = read_manifest(uri)
+            current = manifest_sha256(uri)
+        except ArtifactError:
+            m, current = None, None
+        if m is None:
+            entry.update(status="missing", stage=None, manifest_sha256=None)
+        else:
+            entry.update(stage=m.get("stage"), manifest_sha256=current)
+            if recorded is not None and recorded != current:
+                entry["status"] = "replaced"
+        if consumer is not None:
+            entry.update(consumer=consumer, recorded_sha256=recorded)
+        if entry["status"] != "ok":
+            what = "was deleted" if entry["status"] == "missing" else "was replaced after it was consumed"
+            msg = (f"lineage of {artifact} is broken: {uri} (input of {consumer}) {what} (recorded manifest "
+                   f"sha256 {recorded}, now {current})")
+            if strict:
+                raise ArtifactError(msg)
+            log.warning(msg)
+        out.append(entry)
+        if m is not None:
+            stack.extend((i["uri"], i.get("manifest_sha256"), uri) for i in reversed(m.get("inputs", [])))
     return out
 
 

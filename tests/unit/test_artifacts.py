@@ -47,9 +47,20 @@ def test_hash_stable_and_inputs_recorded(tmp_path):
     m = write_manifest(dst, stage="pretrain", config={}, inputs=[src])
     assert m["inputs"] == [{"uri": src, "stage": "data", "manifest_sha256": h1}]
     assert [x["stage"] for x in lineage(dst)] == ["pretrain", "data"]
-    # Changing the input artifact changes the identity its consumer recorded.
+    assert [x["status"] for x in lineage(dst)] == ["ok", "ok"]
+    # Changing the input artifact changes the identity its consumer recorded, and lineage reports it.
     write_manifest(src, stage="data", config={"k": 2})
     assert manifest_sha256(src) != h1
+    chain = lineage(dst)
+    assert chain[1]["status"] == "replaced" and chain[1]["recorded_sha256"] == h1
+    assert chain[1]["manifest_sha256"] == manifest_sha256(src) and chain[1]["consumer"] == dst
+    with pytest.raises(ArtifactError, match="was replaced after it was consumed"):
+        lineage(dst, strict=True)
+    # a deleted input is reported as missing
+    (tmp_path / "src" / "manifest.json").unlink()
+    assert lineage(dst)[1]["status"] == "missing"
+    with pytest.raises(ArtifactError, match="was deleted"):
+        lineage(dst, strict=True)
 
 
 def test_incomplete_artifact_and_wrong_stage(tmp_path):
