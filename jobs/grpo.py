@@ -1,0 +1,27 @@
+"""GRPO with verifiable rewards: a DeepSpeed learner on Ray Train, rollouts from a pool of engine actors.
+
+    python jobs/grpo.py                                       # embedded default: SFT export first if missing
+    python jobs/grpo.py --config configs/grpo/debug.yaml
+    python jobs/grpo.py model.init_from=outputs/runs/sft/final grpo.beta=0.04 grpo.loss_type=grpo
+"""
+
+from __future__ import annotations
+
+from r1ray.cli import main
+from r1ray.train.grpo import GRPOConfig
+
+CONFIG = GRPOConfig
+
+
+def run(cfg: GRPOConfig):
+    from r1ray.pipeline.upstream import prepare
+    from r1ray.train.grpo import run as grpo
+    from r1ray.train.grpo import summary
+
+    result = grpo(prepare("grpo", cfg))
+    print(summary(result))
+    return result
+
+
+if __name__ == "__main__":
+    main(CONFIG, run)

@@ -1,0 +1,594 @@
+"""GRPO: group-relative policy optimisation with verifiable rewards, the learner on Ray Train + DeepSpeed and
+the rollouts in a pool of engine actors (``r1ray.infer.pool``), through the shared training loop.
+
+One optimizer step on each learner worker (``GRPOStage.step_inputs``, then the loop)::
+
+    prompts   this worker's share of the step's ``train.global_batch_size`` problems (the exactly-once cursor)
+    rollouts  G completions each from the pool; one unit per micro-batch, so they are a pure function of
+              (weights, problems, seeds), the seed of sample k of problem i at step s being f(seed, s, i, k)
+    rewards   ``score_remote`` Ray tasks (sandboxed, time-boxed verifiers, off the learner)
+    groups    advantages per group; zero-variance groups counted, and with dynamic sampling dropped and
+              refilled from problems outside the cursor's range keyed by (step, slot), up to a limit
+    logprobs  old (policy at rollout time; only needed for mu > 1) and reference (beta > 0) per micro-batch
+    updates   mu optimizer updates over the same micro-batches (exactly the accumulation count each)
+    sync      after the last update rank 0 gathers the weights (ZeRO-3: every rank gathers), puts them in the
+              object store once, and every engine loads them in place, tagged with the step
+
+A learner restarted from a checkpoint pushes its weights before its first rollout, so the engines always
+generate with the policy the cursor's step expects; a dead engine is replaced by the pool and its unit
+regenerated identically. Both keep a run bitwise reproducible on CPU.
+
+    python jobs/grpo.py                                 # the embedded default (SFT export first if missing)
+    python jobs/grpo.py --config configs/grpo/debug.yaml
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import Field, model_validator
+
+from r1ray.config import OptimConfig, R1Config, ScalingConfig
+from r1ray.observe.log import get_logger
+from r1ray.train.config import TrainJobConfig, TrainLoopConfig
+from r1ray.train.driver import TrainResult, run_stage, summary  # noqa: F401 - summary: the job's closing text
+from r1ray.train.stage import Metrics, RunPlan, Stage, StepInputs, WorkerInfo
+
+log = get_logger(__name__)
+
+__all__ = ["GRPOConfig", "GRPOSection", "GRPOStage", "run", "sampling_seed"]
+
+
+class GRPOSection(R1Config):
+    """GRPO's own settings: the task mix, rewards, sampling, the objective and the rollout engines."""
+
+    group_size: int = Field(default=8, ge=2)
+    """G: completions per prompt (one group). ``train.global_batch_size`` is prompts per step, so a step trains
+    on ``global_batch_size x G`` completions; ``train.micro_batch_size`` prompts (x G) make one micro-batch."""
+    tasks: dict[str, float] = Field(default_factory=lambda: {"arithmetic": 1.0})
+    """Task mix ``{registry name: weight}`` (``r1ray.tasks.registry``; ``rg:<name>`` for reasoning-gym)."""
+    difficulty: int | dict[str, int] = 1
+    """Difficulty level, for every task or per task name."""
+    task_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    """Constructor options per task (e.g. ``{"gsm8k": {"path": "..."}}``)."""
+    train_problems: int = Field(default=100_000, ge=1)
+    """Problems in one epoch of the cursor (problem indices ``[0, train_problems)`` of the train split)."""
+    eval_problems: int = Field(default=64, ge=1)
+    """Held-out (eval split) problems for the greedy accuracy of each evaluation."""
+    rewards: dict[str, float] = Field(default_factory=lambda: {"accuracy": 1.0, "format": 0.2})
+    """Reward weights ``{name: weight}`` (``r1ray.tasks.rewards``); a sample's reward is the weighted sum.
+    ``length`` is DAPO's soft overlong penalty, measured in tokens against ``max_completion_tokens``."""
+    reward_timeout_s: float = Field(default=2.0, gt=0)
+    """Per-sample, per-reward time limit; a call past it scores 0 and is counted in ``reward_failures``."""
+    prefill_think: bool = False
+    """End every prompt with ``<think>\\n`` (and score completions as if it preceded them)."""
+    temperature: float = Field(default=1.0, gt=0)
+    """Sampling temperature of the rollouts (the policy's logprobs are taken at the same temperature)."""
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    """Nucleus sampling of the rollouts."""
+    max_completion_tokens: int = Field(default=256, ge=1)
+    """Longest completion; longer ones stop there (``finish_reason == "length"``)."""
+    clip_eps_low: float = Field(default=0.2, gt=0, lt=1)
+    """Lower clip of the ratio: ``1 - clip_eps_low``."""
+    clip_eps_high: float = Field(default=0.28, gt=0)
+    """Upper clip of the ratio: ``1 + clip_eps_high`` (DAPO's clip-higher; set 0.2 for the original GRPO)."""
+    beta: float = Field(default=0.0, ge=0)
+    """KL coefficient to the frozen reference (k3 estimator). 0: no reference model is built at all."""
+    loss_type: Literal["grpo", "dr_grpo", "dapo"] = "dapo"
+    """Normalisation: ``grpo`` per-sequence mean; ``dapo`` token mean over the update; ``dr_grpo`` token sum
+    over a constant ``max_completion_tokens`` (see ``r1ray.train.grpo_loss``)."""
+    scale_rewards: bool = True
+    """Divide advantages by the group's reward std (off: Dr. GRPO's unbiased advantages)."""
+    mu: int = Field(default=1, ge=1)
+    """Optimizer updates per rollout batch (the same micro-batches each time; ratios move off 1 after the
+    first update, which is where the clip acts)."""
+    dynamic_sampling: bool = False
+    """DAPO's dynamic sampling: drop groups whose rewards all agree and refill their slots with other problems
+    (outside the cursor's range, keyed by step and slot), up to ``max_refill_rounds``; slots still empty carry
+    no gradient."""
+    max_refill_rounds: int = Field(default=2, ge=0)
+    """Refill attempts per dropped slot (dynamic sampling)."""
+    overlong_filter: bool = False
+    """Mask the loss of completions cut at ``max_completion_tokens`` (DAPO's overlong filtering)."""
+    overlong_buffer: int | None = Field(default=None, ge=1)
+    """Tokens before the maximum where the ``length`` reward starts to fall (default: 20% of the maximum)."""
+    logprob_chunk_tokens: int | None = Field(default=None, ge=1)
+    """Tokens per chunk of the chunked logprob/entropy head (``r1ray.train.losses``); None: by vocabulary."""
+    num_engines: int = Field(default=1, ge=1)
+    """Rollout engine actors (each in its own placement group, apart from the learner's)."""
+    cpus_per_engine: float = Field(default=1.0, gt=0)
+    """Logical CPUs per engine (and its torch threads on CPU)."""
+    gpus_per_engine: float = Field(default=0.0, ge=0)
+    """GPUs per engine (a GPU cluster: 1 with the vLLM backend)."""
+    engine_backend: Literal["hf", "vllm", "auto"] = "hf"
+    """Rollout engine: ``hf`` (continuous batching, CPU or GPU), ``vllm`` (GPU), ``auto`` (vLLM when it imports)."""
+    log_rollouts: bool = True
+    """Append each step's rollout statistics and one sample completion to
+    ``<run_dir>/grpo/rollouts-rank<r>.jsonl`` (local run directories)."""
+    kill_engine_at_step: int | None = Field(default=None, ge=1)
+    """Fault injection: SIGKILL one rollout engine while it generates this step's rollouts (once per run)."""
+
+
+class GRPOConfig(TrainJobConfig):
+    """GRPO with verifiable rewards: a policy initialised from an SFT export (``model.init_from``), rollouts
+    from a pool of engine actors, a DeepSpeed learner; fault tolerant and bitwise reproducible on CPU."""
+
+    run_name: str = "grpo"
+    """Run directory ``<storage.root>/runs/<run_name>``; rerunning the same name resumes it."""
+    train: TrainLoopConfig = TrainLoopConfig(max_steps=100, global_batch_size=8, micro_batch_size=4, eval_every=20,
+                                             log_every=5)
+    """The training loop: ``global_batch_size`` is prompts per step, ``micro_batch_size`` prompts per micro-batch."""
+    optim: OptimConfig = OptimConfig(lr=1e-5, warmup_steps=0, weight_decay=0.0, schedule="constant")
+    """Optimizer (RL fine-tuning: a small constant learning rate, no weight decay)."""
+    scaling: ScalingConfig = ScalingConfig(num_workers=1)
+    """Learner workers (the rollout engines hold their own CPUs: ``grpo.num_engines x grpo.cpus_per_engine``)."""
+    grpo: GRPOSection = GRPOSection()
+    """GRPO."""
+
+    @model_validator(mode="after")
+    def _check_grpo(self) -> GRPOConfig:
+        problems = []
+        if not self.grpo.tasks or not any(w > 0 for w in self.grpo.tasks.values()):
+            problems.append("grpo.tasks: give at least one task with a positive weight, e.g. {arithmetic: 1.0}")
+        if not self.grpo.rewards:
+            problems.append("grpo.rewards: give at least one reward, e.g. {accuracy: 1.0}")
+        if self.grpo.overlong_buffer is not None and self.grpo.overlong_buffer > self.grpo.max_completion_tokens:
+            problems.append(f"grpo.overlong_buffer={self.grpo.overlong_buffer} exceeds grpo.max_completion_tokens="
+                            f"{self.grpo.max_completion_tokens}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+def sampling_seed(seed: int, step: int, problem_index: int, sample: int) -> int:
+    """The sampling seed of completion ``sample`` of problem ``problem_index`` at ``step``: a restarted run
+    regenerates exactly the same rollouts."""
+    h = hashlib.sha256(f"r1ray-grpo:{seed}:{step}:{problem_index}:{sample}".encode()).hexdigest()
+    return int(h[:15], 16)
+
+
+@dataclass
+class _Group:
+    """One prompt's G rollouts."""
+
+    problem: Any
+    index: int
+    prompt_ids: list[int]
+    completions: list[Any] = field(default_factory=list)
+    rewards: list[float] = field(default_factory=list)
+    per_reward: dict[str, list[float]] = field(default_factory=dict)
+    failures: int = 0
+    reward_seconds: float = 0.0
+
+    @property
+    def zero_variance(self) -> bool:
+        return max(self.rewards) == min(self.rewards)
+
+
+def _fire_once(run_dir: str, name: str) -> bool:
+    from pathlib import Path
+
+    marker = Path(run_dir) / "faults" / name
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
+
+
+class GRPOStage(Stage):
+    """GRPO on the shared loop (see the module doc)."""
+
+    name = "grpo"
+    config_class = GRPOConfig
+
+    # ------------------------------------------------------------------ driver side
+    @classmethod
+    def plan(cls, cfg: GRPOConfig) -> RunPlan:
+        from r1ray.tasks.registry import get_task
+        from r1ray.tasks.rewards import get_reward
+
+        problems = []
+        if not cfg.model.init_from:
+            problems.append("model.init_from is unset: set it to an SFT export (python jobs/sft.py writes one) or any "
+                            "Hugging Face model directory, or run python jobs/grpo.py, which prepares the default "
+                            "SFT run first")
+        elif not os.path.isfile(os.path.join(cfg.model.init_from, "config.json")) and "://" not in cfg.model.init_from:
+            problems.append(f"model.init_from={cfg.model.init_from} is not a Hugging Face model directory (no "
+                            "config.json)")
+        for name in cfg.grpo.tasks:
+            try:
+                get_task(name, **cfg.grpo.task_options.get(name, {}))
+            except ValueError as e:
+                problems.append(f"grpo.tasks: {e}")
+        for name in cfg.grpo.rewards:
+            try:
+                get_reward(name)
+            except ValueError as e:
+                problems.append(f"grpo.rewards: {e}")
+        if problems:
+            raise ValueError("GRPO config cannot run:\n  - " + "\n  - ".join(problems))
+        return RunPlan(config=cfg, inputs=[cfg.model.init_from])
+
+    @classmethod
+    @contextmanager
+    def resources(cls, cfg: GRPOConfig, run_dir: str) -> Iterator[dict[str, Any]]:
+        """The rollout engine pool for the whole fit (started from ``model.init_from``; the learner pushes its
+        own weights before its first rollout anyway)."""
+        from r1ray.infer.pool import EnginePool
+
+        g = cfg.grpo
+        name = f"r1ray-grpo-{cfg.run_name}-{uuid.uuid4().hex[:8]}"
+        pool = EnginePool.start(name, cfg.model.init_from, n=g.num_engines, cpus_per_engine=g.cpus_per_engine,
+                                gpus_per_engine=g.gpus_per_engine, backend=g.engine_backend,
+                                dtype="float32" if cfg.deepspeed.precision == "fp32" and not g.gpus_per_engine
+                                else "auto", seed=cfg.seed)
+        try:
+            yield {"pool": name, "run_dir": run_dir}
+        finally:
+            pool.stop()
+
+    # ------------------------------------------------------------------ worker side: setup
+    def setup(self, worker: WorkerInfo, resources: dict[str, Any]) -> None:
+        from r1ray.infer.pool import EnginePool
+        from r1ray.model.tokenizer import load_tokenizer
+
+        cfg: GRPOConfig = self.cfg
+        self.tokenizer = load_tokenizer(cfg.model.init_from)
+        self.pool = EnginePool.connect(resources["pool"])
+        self.run_dir = resources.get("run_dir")
+        self.seq_len = 0
+        self._version: int | None = None  # the weights version the pool holds, as this attempt pushed it
+        self._t_learn = 0.0
+        self._metrics_sink: Metrics | None = None
+        self._eval_problems: list[Any] | None = None
+        self._attempt = uuid.uuid4().hex[:8]
+
+    def build_model(self) -> Any:
+        from r1ray.model import build_model
+
+        return build_model(self.cfg.model, self.tokenizer, seed=self.cfg.seed, precision=self.cfg.deepspeed.precision)
+
+    def frozen_models(self) -> dict[str, Any]:
+        """The reference policy (the initial weights) when ``grpo.beta > 0``; none at ``beta == 0``."""
+        if self.cfg.grpo.beta <= 0:
+            return {}
+        from r1ray.model import build_model
+
+        return {"ref": build_model(self.cfg.model, self.tokenizer, seed=self.cfg.seed,
+                                   precision=self.cfg.deepspeed.precision)}
+
+    def num_samples(self) -> int:
+        return self.cfg.grpo.train_problems
+
+    # ------------------------------------------------------------------ problems and prompts
+    def _problem(self, index: int, split: str = "train") -> Any:
+        from r1ray.tasks.registry import sample_problems
+
+        g = self.cfg.grpo
+        return sample_problems(g.tasks, 1, seed=self.cfg.seed, split=split, difficulty=g.difficulty, start=int(index),
+                               options=g.task_options)[0]
+
+    def _prompt_ids(self, problem: Any) -> list[int]:
+        text = self.tokenizer.apply_chat_template(problem.messages(), add_generation_prompt=True, tokenize=False)
+        if self.cfg.grpo.prefill_think:
+            from r1ray.model.tokenizer import THINK
+
+            text += THINK + "\n"
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _group(self, index: int) -> _Group:
+        p = self._problem(index)
+        return _Group(problem=p, index=int(index), prompt_ids=self._prompt_ids(p))
+
+    # ------------------------------------------------------------------ rollouts
+    def _rollout(self, step: int, units: list[list[_Group]], times: dict[str, float]) -> None:
+        """Generate and score every group of ``units`` (one pool unit each), in place."""
+        import ray
+
+        from r1ray.infer.types import SamplingParams
+        from r1ray.tasks.remote import score_remote
+
+        g = self.cfg.grpo
+        units = [u for u in units if u]
+        if not units:
+            return
+        prompts, params = [], []
+        for unit in units:
+            prompts.append([grp.prompt_ids for grp in unit for _ in range(g.group_size)])
+            params.append([SamplingParams(max_tokens=g.max_completion_tokens, temperature=g.temperature, top_p=g.top_p,
+                                          seed=sampling_seed(self.cfg.seed, step, grp.index, k))
+                           for grp in unit for k in range(g.group_size)])
+        t0 = time.perf_counter()
+        outs = self.pool.generate_units(prompts, params, version=self._version)
+        times["generate"] += time.perf_counter() - t0
+        times["gen_tokens"] += sum(len(c.token_ids) for unit in outs for c in unit)
+        t0 = time.perf_counter()
+        refs = []
+        for unit, comps in zip(units, outs, strict=True):
+            for i, grp in enumerate(unit):
+                grp.completions = comps[i * g.group_size:(i + 1) * g.group_size]
+            texts = [c.text for c in comps]
+            probs = [grp.problem for grp in unit for _ in range(g.group_size)]
+            kw: dict[str, Any] = dict(timeout_s=g.reward_timeout_s, prefilled_think=g.prefill_think)
+            if "length" in g.rewards:
+                kw.update(max_completion_tokens=g.max_completion_tokens, overlong_buffer=g.overlong_buffer,
+                          completion_tokens=[len(c.token_ids) for c in comps])
+            refs.append(score_remote(texts, probs, g.rewards, **kw))
+        for unit, res in zip(units, ray.get(refs), strict=True):
+            for i, grp in enumerate(unit):
+                sl = slice(i * g.group_size, (i + 1) * g.group_size)
+                grp.rewards = list(res.total[sl])
+                grp.per_reward = {k: list(v[sl]) for k, v in res.per_reward.items()}
+                grp.failures = 0
+            unit[0].failures = sum(res.failures.values())
+            unit[0].reward_seconds = res.seconds
+        times["score"] += time.perf_counter() - t0
+
+    def _kill_an_engine_soon(self) -> None:
+        """Fault injection: SIGKILL engine 0 once it is generating (a thread; the rollout goes on meanwhile)."""
+        import ray
+
+        pid = ray.get(self.pool.actors()[0].pid.remote())
+
+        def kill() -> None:
+            deadline = time.time() + 60
+            while self.pool.stats()["in_flight"] == 0 and time.time() < deadline:
+                time.sleep(0.005)
+            time.sleep(0.05)
+            log.warning("fault injection: SIGKILL rollout engine pid %d mid-rollout", pid)
+            os.kill(pid, signal.SIGKILL)
+
+        threading.Thread(target=kill, daemon=True).start()
+
+    # ------------------------------------------------------------------ one step
+    def step_inputs(self, step: int, rows: list[np.ndarray], model: Any) -> StepInputs:
+        from r1ray.train.sampler import step_micro_batches
+
+        cfg, g, w = self.cfg, self.cfg.grpo, self.worker
+        m = Metrics()
+        if self._version is None:  # first step of this attempt: the engines get exactly our weights
+            self._sync(model, version=step, metrics=m)
+        times = {"generate": 0.0, "score": 0.0, "gen_tokens": 0.0}
+        if (g.kill_engine_at_step == step + 1 and w.rank == 0 and self.run_dir
+                and _fire_once(self.run_dir, f"kill-engine-{step + 1}")):
+            self._kill_an_engine_soon()
+        micro = [[self._group(i) for i in r] for r in rows]
+        self._rollout(step, micro, times)
+        zero_first = [grp.zero_variance for unit in micro for grp in unit]
+        dropped = refilled = 0
+        if g.dynamic_sampling:
+            # slot = global cursor position of the prompt: world-size independent; candidate r of slot p is problem
+            # train_problems + p * max_refill_rounds + r, outside the cursor's range, so exactly-once still holds
+            positions = step_micro_batches(step, cfg.train.global_batch_size, cfg.train.micro_batch_size, w.rank,
+                                           w.world_size)
+            for r in range(g.max_refill_rounds):
+                want = [[(j, k) for k, grp in enumerate(unit) if grp.zero_variance] for j, unit in enumerate(micro)]
+                if not any(want):
+                    break
+                cands = [[self._group(g.train_problems + int(positions[j][k]) * g.max_refill_rounds + r)
+                          for j, k in unit] for unit in want]
+                self._rollout(step, cands, times)
+                for unit, cunit in zip(want, cands, strict=True):
+                    for (j, k), cand in zip(unit, cunit, strict=True):
+                        if not cand.zero_variance:
+                            micro[j][k] = cand
+                            refilled += 1
+            dropped = sum(grp.zero_variance for unit in micro for grp in unit)
+        batches = [self._batch(unit, drop_zero=g.dynamic_sampling) for unit in micro]
+        self._logprobs(model, batches)
+        self._step_metrics(step, m, micro, zero_first, dropped, refilled, times)
+        self._t_learn = time.perf_counter()
+        return StepInputs(updates=[batches] * g.mu, metrics=m)
+
+    def _batch(self, unit: list[_Group], *, drop_zero: bool) -> dict[str, Any]:
+        """One micro-batch: prompt + completion rows (right-padded), completion-token mask, advantages."""
+        import torch
+
+        from r1ray.train.grpo_loss import group_advantages, loss_weight
+
+        g = self.cfg.grpo
+        adv, zero = group_advantages(torch.tensor([grp.rewards for grp in unit], dtype=torch.float64),
+                                     scale=g.scale_rewards)
+        seqs, keep, advs = [], [], []
+        for gi, grp in enumerate(unit):
+            for k, c in enumerate(grp.completions):
+                seqs.append((grp.prompt_ids, list(c.token_ids)))
+                ok = not (drop_zero and bool(zero[gi])) and c.finish_reason != "error" and len(c.token_ids) > 0
+                if g.overlong_filter and c.finish_reason == "length":
+                    ok = False
+                keep.append(ok)
+                advs.append(float(adv[gi, k]))
+        width = max(len(p) + len(c) for p, c in seqs) - 1
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        targets = torch.full((len(seqs), width), -100, dtype=torch.long)
+        attn = torch.zeros((len(seqs), width), dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.float32)
+        for i, (p, c) in enumerate(seqs):
+            full = p + c
+            n = len(full) - 1
+            ids[i, :n] = torch.tensor(full[:-1])
+            attn[i, :n] = 1
+            targets[i, len(p) - 1:n] = torch.tensor(c)
+            if keep[i]:
+                mask[i, len(p) - 1:n] = 1.0
+        self.seq_len = max(self.seq_len, width)
+        dev = self.worker.device if self.worker else "cpu"
+        return {
+            "input_ids": ids.to(dev), "attention_mask": attn.to(dev), "targets": targets.to(dev),
+            "mask": mask.to(dev), "advantages": torch.tensor(advs, dtype=torch.float32, device=dev),
+            "weight": loss_weight(mask, g.loss_type), "n_tokens": int(attn.sum()),
+        }
+
+    def _forward_logprobs(self, model: Any, batch: dict[str, Any], *, with_entropy: bool = False):
+        from r1ray.train.losses import causal_lm_apply, entropy, token_logprobs
+
+        g = self.cfg.grpo
+        ent: list[Any] = []
+
+        def head(h, w):
+            if with_entropy:
+                import torch
+
+                with torch.no_grad():
+                    ent.append(entropy(h.detach(), w.detach(), g.logprob_chunk_tokens, temperature=g.temperature))
+            return token_logprobs(h, w, batch["targets"], g.logprob_chunk_tokens, temperature=g.temperature)
+
+        logp = causal_lm_apply(model, head, batch["input_ids"], batch["attention_mask"])
+        return logp, (ent[0] if ent else None)
+
+    def _logprobs(self, model: Any, batches: list[dict[str, Any]]) -> None:
+        """Old logprobs (the policy at rollout time; with mu == 1 the ratio is exactly 1, so the loss uses the
+        detached current logprobs and this forward is skipped) and reference logprobs (beta > 0)."""
+        import torch
+
+        g = self.cfg.grpo
+        with torch.no_grad():
+            for b in batches:
+                if g.mu > 1:
+                    b["old_logp"] = self._forward_logprobs(model, b)[0].detach()
+                if g.beta > 0:
+                    b["ref_logp"] = self._forward_logprobs(self.frozen["ref"], b)[0].detach()
+
+    def batch_weight(self, batch: dict[str, Any]) -> float:
+        return float(batch["weight"])
+
+    def loss(self, model: Any, batch: dict[str, Any], metrics: Metrics) -> Any:
+        from r1ray.train.grpo_loss import per_token_loss, reduce_loss
+
+        g = self.cfg.grpo
+        self._metrics_sink = metrics
+        logp, ent = self._forward_logprobs(model, batch, with_entropy=True)
+        old = batch.get("old_logp")
+        per_token, stats = per_token_loss(
+            logp, logp.detach() if old is None else old, batch["advantages"], eps_low=g.clip_eps_low,
+            eps_high=g.clip_eps_high, beta=g.beta, ref_logp=batch.get("ref_logp"))
+        mask = batch["mask"]
+        n = float(mask.sum())
+        if n > 0:
+            metrics.mean("clip_fraction", float((stats["clipped"] * mask).sum()) / n, n)
+            metrics.mean("entropy", float((ent * mask).sum()) / n, n)
+            if "kl" in stats:
+                metrics.mean("kl", float((stats["kl"] * mask).sum()) / n, n)
+        return reduce_loss(per_token, mask, g.loss_type, max_tokens=g.max_completion_tokens)
+
+    # ------------------------------------------------------------------ weight sync
+    def after_update(self, model: Any, step: int, update: int) -> None:
+        if update != self.cfg.grpo.mu - 1:
+            return  # the engines need the policy of the next rollout only
+        learn = time.perf_counter() - self._t_learn
+        sink = self._metrics_sink if self._metrics_sink is not None else Metrics()
+        sink.mean("learn_seconds", learn)
+        self._sync(model, version=step + 1, metrics=sink)
+
+    def _sync(self, model: Any, *, version: int, metrics: Metrics) -> None:
+        """Rank 0 pushes the full weights to every engine (under ZeRO-3 every rank gathers them with it);
+        every rank waits for it, so no rank's next rollout can run on the old policy."""
+        import torch.distributed as dist
+
+        from r1ray.train.losses import unwrap
+
+        w = self.worker
+        module = unwrap(model)
+        seconds = 0.0
+        if self.cfg.deepspeed.zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+                if w.rank == 0:
+                    seconds = self.pool.update_weights(module.state_dict(), version)
+        elif w.rank == 0:
+            seconds = self.pool.update_weights(module.state_dict(), version)
+        if dist.is_initialized() and w.world_size > 1:
+            dist.barrier()
+        if w.rank == 0:
+            metrics.mean("sync_seconds", seconds)
+        self._version = version
+
+    # ------------------------------------------------------------------ metrics
+    def _step_metrics(self, step: int, m: Metrics, micro: list[list[_Group]], zero_first: list[bool], dropped: int,
+                      refilled: int, times: dict[str, float]) -> None:
+        groups = [grp for unit in micro for grp in unit]
+        rewards = np.array([r for grp in groups for r in grp.rewards], dtype=np.float64)
+        lengths = [len(c.token_ids) for grp in groups for c in grp.completions]
+        clipped = [c.finish_reason == "length" for grp in groups for c in grp.completions]
+        n = len(rewards)
+        m.mean("reward_mean", float(rewards.mean()), n)
+        m.mean("reward_std", float(rewards.std()), n)
+        for name in self.cfg.grpo.rewards:
+            vals = [v for grp in groups for v in grp.per_reward.get(name, [])]
+            if vals:
+                m.mean(f"reward_{name}", float(np.mean(vals)), len(vals))
+        m.mean("frac_zero_variance_groups", float(np.mean(zero_first)), len(zero_first))
+        m.total("dropped_groups", float(dropped))
+        m.total("refilled_groups", float(refilled))
+        m.total("reward_failures", float(sum(grp.failures for grp in groups)))
+        m.mean("completion_length_mean", float(np.mean(lengths)), n)
+        m.max("completion_length_max", float(max(lengths)))
+        m.mean("completion_clipped_fraction", float(np.mean(clipped)), n)
+        if times["generate"] > 0:
+            m.mean("rollout_tokens_per_second", times["gen_tokens"] / times["generate"])
+        m.mean("generate_seconds", times["generate"])
+        m.mean("score_seconds", times["score"])
+        m.mean("reward_seconds", float(sum(grp.reward_seconds for grp in groups)))
+        stats = self.pool.stats()
+        m.max("engine_replacements", float(stats["replacements"]))
+        if self.cfg.grpo.log_rollouts and self.run_dir and "://" not in self.run_dir:
+            first = groups[0]
+            line = {"step": step + 1, "rank": self.worker.rank, "attempt": self._attempt, **m.local(),
+                    "weights_version": self._version, "engine_replacements": stats["replacements"],
+                    "sample": {"index": first.index, "question": first.problem.question,
+                               "completion": first.completions[0].text, "reward": first.rewards[0]},
+                    "completion_hash": hashlib.sha256(json.dumps(
+                        [c.token_ids for grp in groups for c in grp.completions]).encode()).hexdigest()[:16]}
+            d = os.path.join(self.run_dir, "grpo")
+            os.makedirs(d, exist_ok=True)
+            with open(os.path.join(d, f"rollouts-rank{self.worker.rank}.jsonl"), "a") as fh:
+                fh.write(json.dumps(line) + "\n")
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, model: Any, evaluator: Any) -> Metrics:
+        """Held-out greedy accuracy through the pool (which holds the current weights: evaluation follows the
+        step's sync). Rank 0 alone generates and scores; no learner forward, so nothing collective here."""
+        import ray
+
+        from r1ray.infer.types import SamplingParams
+        from r1ray.tasks.registry import sample_problems
+        from r1ray.tasks.remote import score_remote
+
+        m = Metrics()
+        if self.worker.rank != 0:
+            return m
+        g = self.cfg.grpo
+        if self._eval_problems is None:
+            self._eval_problems = sample_problems(g.tasks, g.eval_problems, seed=self.cfg.seed, split="eval",
+                                                  difficulty=g.difficulty, options=g.task_options)
+        probs = self._eval_problems
+        params = SamplingParams(max_tokens=g.max_completion_tokens, temperature=0.0)
+        outs = self.pool.generate([self._prompt_ids(p) for p in probs], params, version=self._version)
+        res = ray.get(score_remote([o.text for o in outs], probs, {"accuracy": 1.0}, timeout_s=g.reward_timeout_s,
+                                   prefilled_think=g.prefill_think))
+        m.mean("accuracy", float(np.mean(res.per_reward["accuracy"])), len(probs))
+        return m
+
+    def export_inputs(self) -> list[str]:
+        return [self.cfg.model.init_from] if self.cfg.model.init_from else []
+
+
+def run(cfg: GRPOConfig, *, callbacks: Sequence[Any] = (), run_name: str | None = None,
+        storage_path: str | None = None) -> TrainResult:
+    """Train ``cfg`` to the end (or to a preemption): ``r1ray.train.driver.run_stage`` with ``GRPOStage``."""
+    return run_stage(GRPOStage, cfg, callbacks=callbacks, run_name=run_name, storage_path=storage_path)
