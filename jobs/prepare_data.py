@@ -7,10 +7,17 @@
 
 from __future__ import annotations
 
+import shlex
+
 from r1ray.cli import main
 from r1ray.data.config import PrepareDataConfig
 
 CONFIG = PrepareDataConfig
+
+
+def next_command(uri: str) -> str:
+    """The command that pretrains on this artifact (a unit test loads it with PretrainConfig)."""
+    return f"python jobs/pretrain.py {shlex.quote(f'data.path={uri}')}"
 
 
 def run(cfg: PrepareDataConfig) -> str:
@@ -19,7 +26,7 @@ def run(cfg: PrepareDataConfig) -> str:
 
     uri = run_stage(cfg)
     print(summary(uri))
-    print(f"next: python jobs/pretrain.py data={uri}")
+    print(f"next: {next_command(uri)}")
     return uri
 
 

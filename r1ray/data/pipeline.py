@@ -1,23 +1,27 @@
 """The data stage on Ray Data: read → clean → PII → decontaminate → dedup → tokenize → mix → pack.
 
 Two streaming passes, each a Ray Data dataset of task-based ``map_batches`` (no actor pools: on 2 CPUs an
-actor pool holding every CPU starves the reader) consumed in order on the driver:
+actor pool holding every CPU starves the reader) consumed in order on the driver. ``_run`` calls the
+phases in order; each is a function of what the earlier ones produced:
 
-1. *clean*: one task per input file (or generated-sample range) reads it, turns bad rows into rejects,
-   normalises, splits gigantic documents, filters, scrubs PII, checks eval n-grams and computes the exact
-   hash and MinHash signature. The driver streams the results into staged Parquet (``_work/clean``), the
-   rejects into ``rejects/``, and keeps only the small per-document keys in memory.
-2. The driver finds exact and near duplicates from the keys, chooses the split and the mixing
-   multiplicities, and trains (or loads) the tokenizer on a sample of the kept documents.
-3. *tokenize*: one task per staged file (and mixing pass) tokenizes the kept documents with a
-   module-level cached tokenizer; the driver packs them in corpus order into ``seq_len`` rows and
-   writes the shards. The manifest is written last, atomically.
+1. ``_clean_pass``: one task per input file (or generated-sample range) reads it, turns bad rows into
+   rejects, normalises, splits gigantic documents, filters, scrubs PII, checks eval n-grams and computes
+   the exact hash and MinHash signature. The driver streams the results into staged Parquet
+   (``_work/clean``, ``r1ray/data/staging.py``), the rejects into ``rejects/``, and keeps only the small
+   per-document keys in memory.
+2. ``deduplicate`` / ``write_duplicates`` (``r1ray/data/duplicates.py``): exact and verified near
+   duplicates from the keys, and the ``duplicates/`` audit dataset.
+3. ``validation_split``, ``_prepare_tokenizer`` (train or load, on a sample of the kept documents),
+   ``_mix`` (per-document multiplicities), ``_count_per_source``.
+4. ``_pack_pass``: one task per staged file (and mixing pass) tokenizes the selected documents with a
+   module-level cached tokenizer; the driver packs them in corpus order into ``seq_len`` rows and writes
+   the shards. ``_write_stage_manifest`` writes the manifest last, atomically.
 
 Ray Data's ``preserve_order`` makes the driver see results in corpus order whatever the scheduling, so
 the same input and seed give byte-identical shards. Memory stays bounded: Ray Data back-pressures
-the tasks against the object store, and the driver holds one batch plus the keys (~0.6 KB a document).
+the tasks against the object store, and the driver holds one batch plus the keys (~0.6 KB a document
+at 16 bands, ~0.75 KB at 32).
 """
-
 from __future__ import annotations
 
 import json
@@ -25,6 +29,8 @@ import shutil
 import tempfile
 import time
 from collections import Counter, defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,31 +53,14 @@ from r1ray.artifacts import (
 from r1ray.config import RayConfig, StorageConfig
 from r1ray.data.clean import PII_KINDS
 from r1ray.data.config import PrepareDataConfig, SourceConfig
+from r1ray.data.duplicates import Dedup
+from r1ray.data.staging import Rejects, Staging, read_staged
 from r1ray.observe.log import get_logger
 from r1ray.observe.metrics import record
 
 log = get_logger(__name__)
 
 STATUS_OK, STATUS_REJECTED, STATUS_FILTERED, STATUS_FILE = "ok", "rejected", "filtered", "file"
-# A staged file holds at most this many documents or bytes of text: the unit of tokenizing work, and a
-# bound on what the driver buffers.
-_STAGE_ROWS, _STAGE_BYTES = 4096, 8 << 20
-
-_DUPLICATES_ROWS = 100_000
-
-
-def _doc_fields(prefix: str) -> list[tuple[str, pa.DataType]]:
-    return [(f"{prefix}source", pa.string()), (f"{prefix}path", pa.string()), (f"{prefix}position", pa.int64()),
-            (f"{prefix}part", pa.int32()), (f"{prefix}id", pa.string())]
-
-
-# The duplicates/ audit dataset: a removed document, its kind, its similarity to the document it matched
-# (an earlier one, verified on the true shingle Jaccard), and the kept document at the end of the chain
-# of matches (the matched one itself unless that was removed too).
-DUPLICATES_SCHEMA = pa.schema([
-    *_doc_fields(""), ("kind", pa.string()), ("similarity_estimated", pa.float32()),
-    ("similarity_verified", pa.float32()), *_doc_fields("matched_"), *_doc_fields("kept_"),
-])
 
 CLEAN_SCHEMA = pa.schema([
     ("source", pa.int32()), ("file", pa.int32()), ("pos", pa.int64()), ("part", pa.int32()),
@@ -253,63 +242,6 @@ def _tokenize_file(batch: dict, *, tok_ref: Any, eos_id: int) -> Any:
 # ---------------------------------------------------------------------------------------------------
 
 
-class _Staging:
-    """Rolling Parquet files of the kept documents' text, in corpus order."""
-
-    def __init__(self, work: str):
-        self.work = work
-        self.files: list[tuple[str, int]] = []  # (uri, rows)
-        self._tables: list[pa.Table] = []
-        self._rows = self._bytes = 0
-
-    def add(self, table: pa.Table) -> None:
-        if table.num_rows:
-            self._tables.append(table)
-            self._rows += table.num_rows
-            self._bytes += table.nbytes
-            if self._rows >= _STAGE_ROWS or self._bytes >= _STAGE_BYTES:
-                self.flush()
-
-    def flush(self) -> None:
-        if not self._rows:
-            return
-        uri = join(self.work, f"clean/part-{len(self.files):05d}.parquet")
-        sink = pa.BufferOutputStream()
-        pq.write_table(pa.concat_tables(self._tables), sink, compression="zstd")
-        write_bytes_atomic(uri, sink.getvalue())  # a pa.Buffer: no extra copy
-        self.files.append((uri, self._rows))
-        self._tables, self._rows, self._bytes = [], 0, 0
-
-
-class _Rejects:
-    def __init__(self, artifact: str, names: list[str]):
-        self.artifact, self.names = artifact, names
-        self.files: list[dict] = []
-        self._rows: dict[str, list] = defaultdict(list)
-
-    def add(self, source: str, path: str, pos: int, part: int, reason: str, raw: str) -> None:
-        r = self._rows
-        r["source"].append(source)
-        r["path"].append(path)
-        r["position"].append(pos)
-        r["part"].append(part)
-        r["reason"].append(reason)
-        r["raw"].append(raw)
-        if len(r["source"]) >= 50_000:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self._rows.get("source"):
-            return
-        table = pa.table(dict(self._rows))
-        sink = pa.BufferOutputStream()
-        pq.write_table(table, sink, compression="zstd")
-        rel = f"rejects/rejects-{len(self.files):05d}.parquet"
-        write_bytes_atomic(join(self.artifact, rel), sink.getvalue())
-        self.files.append({"path": rel, "rows": table.num_rows})
-        self._rows = defaultdict(list)
-
-
 def _num_blocks(tasks: list) -> int:
     """Blocks of read tasks: small files share a block (a Ray task each block), big files get their own."""
     total = sum(t.size for t in tasks) + sum(t.count for t in tasks) * 300
@@ -340,136 +272,6 @@ def _copy_dir_to(local: Path, uri: str) -> None:
             write_bytes_atomic(join(uri, f.name), f.read_bytes())
 
 
-def _sample_for_tokenizer(staging: _Staging, keep_ordinals: np.ndarray, u: np.ndarray, n_chars: np.ndarray,
-                          budget: int, sources: np.ndarray) -> tuple[list[str], list[int]]:
-    """Kept documents in the order of a per-document uniform number until ``budget`` characters."""
-    order = keep_ordinals[np.argsort(u[keep_ordinals], kind="stable")]
-    cum = np.cumsum(n_chars[order])
-    chosen = np.sort(order[: max(1, int(np.searchsorted(cum, budget)) + 1)])
-    return _read_staged(staging, chosen, "text"), sources[chosen].tolist()
-
-
-def _read_staged(staging: _Staging, ordinals: np.ndarray, column: str) -> list:
-    """One column's values of the staged documents at sorted ``ordinals`` (corpus order of kept candidates)."""
-    out: list = []
-    start = 0
-    for uri, rows in staging.files:
-        lo, hi = np.searchsorted(ordinals, [start, start + rows])
-        if hi > lo:
-            fs, p = filesystem(uri)
-            with fs.open_input_file(p) as f:
-                col = pq.read_table(f, columns=[column]).column(column)
-            out.extend(col.take(pa.array(ordinals[lo:hi] - start)).to_pylist())
-        start += rows
-    return out
-
-
-@dataclass
-class _Dedup:
-    """Which documents (ordinals of the staged documents) are duplicates, and of what."""
-
-    exact: np.ndarray
-    """bool: an exact duplicate of an earlier document."""
-    near: np.ndarray
-    """bool: a near-duplicate of an earlier document."""
-    match: np.ndarray
-    """int64: the earlier document each duplicate matched (-1 for the others)."""
-    estimated: np.ndarray
-    """float32: estimated Jaccard with ``match`` (1 for exact duplicates, NaN for the others)."""
-    verified: np.ndarray
-    """float32: true shingle Jaccard with ``match`` (1 for exact, NaN when not verified)."""
-    candidates: int = 0
-    verified_pairs: int = 0
-
-    @property
-    def removed(self) -> np.ndarray:
-        return self.exact | self.near
-
-    def kept_of(self) -> np.ndarray:
-        """For each duplicate, the kept document at the end of its chain of matches (itself otherwise)."""
-        kept = np.arange(len(self.match))
-        for i in np.flatnonzero(self.removed).tolist():  # increasing: a match is always earlier, already resolved
-            kept[i] = kept[self.match[i]]
-        return kept
-
-
-def _deduplicate(cfg: PrepareDataConfig, keys: dict[str, list], staging: _Staging) -> _Dedup:
-    """Exact duplicates by content hash, then near-duplicates among the rest (MinHash LSH, verified)."""
-    from r1ray.data import dedup as D
-
-    dd = cfg.dedup
-    n = len(keys["source"])
-    first = D.first_occurrence(np.asarray(keys["exact"], dtype=np.int64)) if dd.exact else np.arange(n)
-    exact = first != np.arange(n)
-    res = _Dedup(exact=exact, near=np.zeros(n, dtype=bool), match=np.where(exact, first, -1),
-                 estimated=np.where(exact, 1.0, np.nan).astype(np.float32),
-                 verified=np.where(exact, 1.0, np.nan).astype(np.float32))
-    if not dd.near:
-        return res
-    alive = np.flatnonzero(~exact)
-    bands = np.concatenate(keys["bands"]).reshape(n, dd.bands)[alive]
-    sigs = np.concatenate(keys["sig"]).reshape(n, dd.num_perm)[alive]
-
-    def verify(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        # Re-read and shingle only the documents of pairs near the threshold (the text is scrubbed and
-        # staged exactly as the signature saw it).
-        need = np.unique(np.concatenate([alive[a], alive[b]]))
-        texts = _read_staged(staging, need, "text")
-        sets = {int(o): D.shingles(t, dd.shingle_size) for o, t in zip(need, texts, strict=True)}
-        return D.pair_jaccard(sets, alive[a], alive[b])
-
-    near = D.near_duplicates(bands, sigs, dd.threshold, verify=verify if dd.verify else None)
-    hit = alive[near.dropped]
-    res.near[hit] = True
-    res.match[hit] = alive[near.match[near.dropped]]
-    res.estimated[hit] = near.estimated[near.dropped]
-    res.verified[hit] = near.verified[near.dropped]
-    res.candidates, res.verified_pairs = near.candidates, near.verified_pairs
-    return res
-
-
-def _write_duplicates(out: str, dups: _Dedup, staging: _Staging, coords: dict[str, np.ndarray],
-                      names: list[str], paths: dict[tuple[int, int], str]) -> dict[str, Any]:
-    """The ``duplicates/`` audit dataset: every removed document, what it matched and the document kept.
-
-    Rows are in corpus order of the removed documents; ``coords`` holds each staged document's source,
-    file, pos and part. Returns the manifest's ``duplicates`` entry.
-    """
-    removed = np.flatnonzero(dups.removed)
-    match = dups.match[removed]
-    kept = dups.kept_of()[removed]
-    need = np.unique(np.concatenate([removed, match, kept]))
-    ids = dict(zip(need.tolist(), _read_staged(staging, need, "doc_id"), strict=True))
-
-    def described(prefix: str, idx: np.ndarray) -> dict[str, list]:
-        s, f = coords["source"][idx], coords["file"][idx]
-        return {
-            f"{prefix}source": [names[i] for i in s.tolist()],
-            f"{prefix}path": [paths[(a, b)] for a, b in zip(s.tolist(), f.tolist(), strict=True)],
-            f"{prefix}position": coords["pos"][idx].tolist(),
-            f"{prefix}part": coords["part"][idx].astype(np.int32).tolist(),
-            f"{prefix}id": [ids[i] for i in idx.tolist()],
-        }
-
-    files = []
-    for lo in range(0, max(len(removed), 1), _DUPLICATES_ROWS):
-        sel = slice(lo, lo + _DUPLICATES_ROWS)
-        table = pa.table({
-            **described("", removed[sel]),
-            "kind": ["exact" if e else "near" for e in dups.exact[removed[sel]].tolist()],
-            "similarity_estimated": pa.array(dups.estimated[removed[sel]], type=pa.float32()),
-            "similarity_verified": pa.array(dups.verified[removed[sel]], type=pa.float32(), from_pandas=True),
-            **described("matched_", match[sel]),
-            **described("kept_", kept[sel]),
-        }, schema=DUPLICATES_SCHEMA)
-        sink = pa.BufferOutputStream()
-        pq.write_table(table, sink, compression="zstd")
-        rel = f"duplicates/duplicates-{len(files):05d}.parquet"
-        write_bytes_atomic(join(out, rel), sink.getvalue())
-        files.append({"path": rel, "rows": table.num_rows})
-    return {"files": files, "rows": int(len(removed))}
-
-
 def run(cfg: PrepareDataConfig) -> str:
     """Run the data stage; returns the artifact URI (a complete artifact: ``DataArtifact.load`` works)."""
     from r1ray.runtime import ray_session
@@ -479,236 +281,373 @@ def run(cfg: PrepareDataConfig) -> str:
 
 
 def _run(cfg: PrepareDataConfig) -> str:
-    import ray
-    from ray.data import DataContext
+    """The phases in order; each takes what the ones before it produced and is readable on its own."""
+    from r1ray.data.duplicates import deduplicate, write_duplicates
+    from r1ray.data.mix import validation_split
 
-    from r1ray.data.decontam import eval_ngrams
-    from r1ray.data.mix import doc_uniform, mixing_rates, multiplicities, validation_split
-    from r1ray.data.pack import ShardWriter
-    from r1ray.data.sources import plan
-    from r1ray.model.tokenizer import REASONING_TOKENS, load_tokenizer, tokenizer_sha256, train_tokenizer
-
-    t_start, started_at = time.perf_counter(), now()
+    clock, started_at = {"start": time.perf_counter()}, now()
     out = cfg.artifact_uri()
-    names = [s.name for s in cfg.sources]
+    tasks = _plan_sources(cfg, out)
+    with _corpus_order():
+        corpus = _clean_pass(cfg, tasks, out)
+        clock["clean"] = time.perf_counter()
+        docs = _staged_docs(corpus)
+        dups = deduplicate(cfg.dedup, corpus.keys, corpus.staging)
+        corpus.keys.clear()  # the signatures and band keys are no longer needed: free them before packing
+        duplicates = write_duplicates(out, dups, corpus.staging, docs.coords(), corpus.names, corpus.paths)
+        clock["dedup"] = time.perf_counter()
+        keep = ~dups.removed
+        is_val = validation_split(docs.uniform(cfg.seed, 1), docs.n_chars, docs.source, keep,
+                                  cfg.pack.validation_fraction)
+        tok = _prepare_tokenizer(cfg, corpus.staging, docs, keep, out)
+        clock["tokenizer"] = time.perf_counter()
+        mix = _mix(cfg, corpus.names, tok, docs, keep, is_val)
+        _count_per_source(corpus, docs, dups, keep, is_val, mix)
+        packed = _pack_pass(cfg, corpus, tok, mix, is_val, out)
+        clock["pack"] = time.perf_counter()
+    if not cfg.keep_work_dir:
+        fs, p = filesystem(corpus.staging.work)
+        if fs.get_file_info(p).type == pafs.FileType.Directory:
+            fs.delete_dir(p)
+    _write_stage_manifest(cfg, out, started_at, clock, corpus, dups, duplicates, tok, mix, packed)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Phases (driver)
+# ---------------------------------------------------------------------------------------------------
+
+
+def _plan_sources(cfg: PrepareDataConfig, out: str) -> list:
+    """The read tasks of every source (problems fail here, before any work), and an empty output."""
+    from r1ray.data.sources import plan
+
     tasks, problems = plan(cfg.sources)
     if problems:
         raise ValueError("cannot read the sources:\n  - " + "\n  - ".join(problems))
     _prepare_output(out, cfg.overwrite)
-    work = join(out, "_work")
-    log.info("data stage: %d sources, %d read tasks -> %s", len(names), len(tasks), out)
+    log.info("data stage: %d sources, %d read tasks -> %s", len(cfg.sources), len(tasks), out)
+    return tasks
+
+
+@contextmanager
+def _corpus_order() -> Iterator[None]:
+    """Ray Data delivers results in corpus order whatever the scheduling: deterministic shards."""
+    from ray.data import DataContext
 
     ctx = DataContext.get_current()
-    saved_order = ctx.execution_options.preserve_order
-    ctx.execution_options.preserve_order = True  # corpus order on the driver: deterministic shards
+    saved = ctx.execution_options.preserve_order
+    ctx.execution_options.preserve_order = True
     try:
-        eval_set = eval_ngrams(cfg.decontam.eval_files, cfg.decontam.eval_text_fields, cfg.decontam.ngram)
-        if cfg.decontam.eval_files:
-            log.info("decontamination: %d distinct %d-grams from %d eval files", len(eval_set),
-                     cfg.decontam.ngram, len(cfg.decontam.eval_files))
-        eval_ref = ray.put(eval_set)
-        items = [t.__dict__ for t in tasks]
-        ds = ray.data.from_items(items, override_num_blocks=_num_blocks(tasks)).map_batches(
-            _clean_file, batch_size=1, batch_format="numpy", num_cpus=1,
-            fn_kwargs={"cfg_json": cfg.model_dump_json(), "eval_ref": eval_ref},
+        yield
+    finally:
+        ctx.execution_options.preserve_order = saved
+
+
+@dataclass
+class _Corpus:
+    """What the clean pass leaves on the driver: staged text, rejects, per-document keys, counts."""
+
+    names: list[str]
+    paths: dict[tuple[int, int], str]
+    """(source, file) -> path of every read task."""
+    staging: Staging
+    rejects: Rejects
+    keys: dict[str, list]
+    """Per staged document: source, file, pos, part, exact, n_chars, and chunks of bands and sig."""
+    per: dict[str, dict[str, Any]]
+    """The manifest's per-source counts, filled as the phases go."""
+    files_meta: dict[tuple[int, int], dict]
+    """(source, file) -> path, SHA-256 and bytes read: the manifest's input hashes."""
+
+
+def _clean_pass(cfg: PrepareDataConfig, tasks: list, out: str) -> _Corpus:
+    """Pass 1 on Ray Data: read, clean, scrub, decontaminate and sign every document; stream the kept text
+    into staging, rejects into rejects/ and the small per-document keys into driver memory."""
+    import ray
+
+    from r1ray.data.decontam import eval_ngrams
+
+    eval_set = eval_ngrams(cfg.decontam.eval_files, cfg.decontam.eval_text_fields, cfg.decontam.ngram)
+    if cfg.decontam.eval_files:
+        log.info("decontamination: %d distinct %d-grams from %d eval files", len(eval_set),
+                 cfg.decontam.ngram, len(cfg.decontam.eval_files))
+    ds = ray.data.from_items([t.__dict__ for t in tasks], override_num_blocks=_num_blocks(tasks)).map_batches(
+        _clean_file, batch_size=1, batch_format="numpy", num_cpus=1,
+        fn_kwargs={"cfg_json": cfg.model_dump_json(), "eval_ref": ray.put(eval_set)},
+    )
+    names = [s.name for s in cfg.sources]
+    corpus = _Corpus(names=names, paths={(t.source, t.file): t.path for t in tasks},
+                     staging=Staging(join(out, "_work")), rejects=Rejects(out, names), keys=defaultdict(list),
+                     per={n: _empty_counts() for n in names}, files_meta={})
+    for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        _consume_clean(table, corpus)
+    corpus.staging.flush()
+    corpus.rejects.flush()
+    return corpus
+
+
+@dataclass
+class _Docs:
+    """The staged documents' ids as arrays (index = ordinal in staging)."""
+
+    source: np.ndarray
+    file: np.ndarray
+    pos: np.ndarray
+    part: np.ndarray
+    n_chars: np.ndarray
+
+    def coords(self) -> dict[str, np.ndarray]:
+        return {"source": self.source, "file": self.file, "pos": self.pos, "part": self.part}
+
+    def uniform(self, seed: int, salt: int) -> np.ndarray:
+        """A seeded uniform number per document from its id (split, tokenizer sample, mixing draws)."""
+        from r1ray.data.mix import doc_uniform
+
+        return doc_uniform(seed, salt, self.source, self.file, self.pos, self.part)
+
+
+def _staged_docs(corpus: _Corpus) -> _Docs:
+    keys = corpus.keys
+    if not keys["source"]:
+        raise ValueError(
+            "no document survived reading and cleaning; see the rejects/ dataset and the filter counts "
+            f"in the log ({json.dumps({k: v['rejected'] for k, v in corpus.per.items()})})"
         )
+    return _Docs(*(np.asarray(keys[k], dtype=np.int64) for k in ("source", "file", "pos", "part", "n_chars")))
 
-        # ---- pass 1: stream cleaned documents into staging, rejects into rejects/, keys into memory
-        staging, rejects = _Staging(work), _Rejects(out, names)
-        keys: dict[str, list] = defaultdict(list)
-        per: dict[str, dict[str, Any]] = {n: _empty_counts() for n in names}
-        files_meta: dict[tuple[int, int], dict] = {}
-        paths = {(t.source, t.file): t.path for t in tasks}
-        for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            _consume_clean(table, staging, rejects, keys, per, files_meta, paths, names)
-        staging.flush()
-        rejects.flush()
-        t_clean = time.perf_counter()
 
-        src = np.asarray(keys["source"], dtype=np.int64)
-        n_docs = len(src)
-        if n_docs == 0:
-            raise ValueError(
-                "no document survived reading and cleaning; see the rejects/ dataset and the filter counts "
-                f"in the log ({json.dumps({k: v['rejected'] for k, v in per.items()})})"
-            )
-        fil = np.asarray(keys["file"], dtype=np.int64)
-        pos = np.asarray(keys["pos"], dtype=np.int64)
-        part = np.asarray(keys["part"], dtype=np.int64)
-        n_chars = np.asarray(keys["n_chars"], dtype=np.int64)
+@dataclass
+class _Tokenizer:
+    tok: Any
+    """The transformers tokenizer (trained or loaded)."""
+    json: str
+    """Its tokenizer.json, shipped to the tokenize tasks."""
+    sha256: str
+    trained: bool
+    sample: list[str]
+    """The kept documents it was trained on (also the mixing phase's tokens-per-character sample)."""
+    sample_source: list[int]
 
-        # ---- dedup on the driver over the keys
-        dups = _deduplicate(cfg, keys, staging)
-        dup_exact, dup_near, candidates = dups.exact, dups.near, dups.candidates
-        keep = ~dups.removed
-        duplicates_meta = _write_duplicates(out, dups, staging, {"source": src, "file": fil, "pos": pos, "part": part},
-                                            names, paths)
-        t_dedup = time.perf_counter()
 
-        # ---- split
-        is_val = validation_split(doc_uniform(cfg.seed, 1, src, fil, pos, part), n_chars, src, keep,
-                                  cfg.pack.validation_fraction)
+def _prepare_tokenizer(cfg: PrepareDataConfig, staging: Staging, docs: _Docs, keep: np.ndarray,
+                       out: str) -> _Tokenizer:
+    """Train a BPE on a seeded sample of the kept documents, or load ``tokenizer.path``; write tokenizer/."""
+    from r1ray.model.tokenizer import load_tokenizer, tokenizer_sha256, train_tokenizer
 
-        # ---- tokenizer
-        keep_idx = np.flatnonzero(keep)
-        tmp = Path(tempfile.mkdtemp(prefix="r1ray-tok-"))
-        sample, sample_src = _sample_for_tokenizer(staging, keep_idx, doc_uniform(cfg.seed, 2, src, fil, pos, part),
-                                                   n_chars, cfg.tokenizer.sample_chars, src)
+    sample, sample_src = _sample_for_tokenizer(staging, np.flatnonzero(keep), docs.uniform(cfg.seed, 2),
+                                               docs.n_chars, cfg.tokenizer.sample_chars, docs.source)
+    tmp = Path(tempfile.mkdtemp(prefix="r1ray-tok-"))
+    try:
         if cfg.tokenizer.path:
             tok = load_tokenizer(cfg.tokenizer.path)
-            missing = [t for t in REASONING_TOKENS if t not in tok.get_vocab()]
-            if missing:
-                raise ValueError(
-                    f"tokenizer.path {cfg.tokenizer.path} lacks the reasoning tokens {missing}; train one "
-                    "(unset tokenizer.path) or add them with r1ray.model.tokenizer"
-                )
+            check_reasoning_tokens(tok, cfg.tokenizer.path)
             tok.save_pretrained(str(tmp))
-            trained = False
         else:
             tok = train_tokenizer(sample, tmp, vocab_size=cfg.tokenizer.vocab_size)
-            trained = True
         _copy_dir_to(tmp, join(out, "tokenizer"))
-        tok_sha = tokenizer_sha256(tmp)
-        tok_json = (tmp / "tokenizer.json").read_text()
-        eos_id = int(tok.eos_token_id)
-        shutil.rmtree(tmp, ignore_errors=True)
-        t_tok = time.perf_counter()
-
-        # ---- mixing: tokens per source estimated from the sample's tokens per character
-        ratio = {}
-        enc = tok.backend_tokenizer if hasattr(tok, "backend_tokenizer") else None
-        for si, name in enumerate(names):
-            texts = [t for t, s in zip(sample, sample_src, strict=True) if s == si]
-            chars = sum(len(t) for t in texts)
-            toks = sum(len(e.ids) for e in enc.encode_batch(texts, add_special_tokens=False)) if (enc and texts) else 0
-            ratio[name] = (toks / chars) if chars else 0.25
-        train_keep = keep & ~is_val
-        est_tokens = {
-            name: float(n_chars[train_keep & (src == si)].sum()) * ratio[name] for si, name in enumerate(names)
-        }
-        weights = {s.name: s.weight for s in cfg.sources} if cfg.sources[0].weight is not None else None
-        rates = mixing_rates(est_tokens, weights)
-        mult = np.zeros(n_docs, dtype=np.int64)
-        u_mix = doc_uniform(cfg.seed, 3, src, fil, pos, part)
-        for si, name in enumerate(names):
-            m = train_keep & (src == si)
-            mult[m] = multiplicities(rates[name], u_mix[m])
-        mult[keep & is_val] = 1
-        if mult.max(initial=0) > 255:
-            raise ValueError(f"a mixing weight asks for {mult.max()} repeats of a source; lower its weight")
-        mixed_out = keep & (mult == 0)
-
-        # ---- counts per source (each document lands in exactly one bucket)
-        for si, name in enumerate(names):
-            m = src == si
-            c = per[name]
-            c["duplicate_exact"] = int((dup_exact & m).sum())
-            c["duplicate_near"] = int((dup_near & m).sum())
-            if int((mixed_out & m).sum()):
-                c["filtered"]["mixing"] = int((mixed_out & m).sum())
-            c["kept"] = int((keep & ~mixed_out & m).sum())
-            c["kept_validation"] = int((keep & is_val & m).sum())
-            c["repeats"] = int(np.maximum(mult[m] - 1, 0).sum())
-            c["chars_kept"] = int(n_chars[keep & ~mixed_out & m].sum())
-            record("r1ray_data_docs_duplicate", c["duplicate_exact"], source=name, kind="exact")
-            record("r1ray_data_docs_duplicate", c["duplicate_near"], source=name, kind="near")
-            record("r1ray_data_docs_kept", c["kept"], source=name)
-            if c["filtered"].get("mixing"):
-                record("r1ray_data_docs_filtered", c["filtered"]["mixing"], source=name, reason="mixing")
-
-        # ---- pass 3: tokenize and pack, in corpus order
-        tok_ref = ray.put(tok_json)
-        split_u8 = is_val.astype(np.uint8)
-        mult_u8 = mult.astype(np.uint8)
-        pack_items = []
-        for k in range(int(mult.max(initial=0))):
-            start = 0
-            for uri, rows in staging.files:
-                mm = mult_u8[start : start + rows]
-                if (mm > k).any():
-                    pack_items.append({"path": uri, "pass_idx": k, "mult": mm.tobytes(),
-                                       "split": split_u8[start : start + rows].tobytes()})
-                start += rows
-        writers = {s: ShardWriter(out, s, cfg.pack.seq_len, cfg.pack.max_shard_bytes) for s in ("train", "validation")}
-        tokens_per_source = {s: Counter() for s in ("train", "validation")}
-        if pack_items:
-            tds = ray.data.from_items(pack_items, override_num_blocks=len(pack_items)).map_batches(
-                _tokenize_file, batch_size=1, batch_format="numpy", num_cpus=1,
-                fn_kwargs={"tok_ref": tok_ref, "eos_id": eos_id},
-            )
-            for table in tds.iter_batches(batch_size=None, batch_format="pyarrow"):
-                ids = table.column("ids").combine_chunks()
-                lengths = ids.value_lengths().to_numpy()
-                flat = ids.flatten().to_numpy()
-                split = table.column("split").to_numpy()
-                srcs = table.column("source").to_numpy()
-                offsets = np.concatenate([[0], np.cumsum(lengths)])
-                for s_code, s_name in ((0, "train"), (1, "validation")):
-                    sel = np.flatnonzero(split == s_code)
-                    if len(sel) == 0:
-                        continue
-                    if len(sel) == len(split):
-                        writers[s_name].add(flat)
-                    else:
-                        writers[s_name].add(np.concatenate([flat[offsets[i] : offsets[i + 1]] for i in sel]))
-                    for si in np.unique(srcs[sel]):
-                        tokens_per_source[s_name][names[si]] += int(lengths[sel][srcs[sel] == si].sum())
-        for w in writers.values():
-            w.close()
-        t_pack = time.perf_counter()
+        return _Tokenizer(tok=tok, json=(tmp / "tokenizer.json").read_text(), sha256=tokenizer_sha256(tmp),
+                          trained=not cfg.tokenizer.path, sample=sample, sample_source=sample_src)
     finally:
-        ctx.execution_options.preserve_order = saved_order
+        shutil.rmtree(tmp, ignore_errors=True)
 
-    # ---- manifest (last)
-    train_tokens = sum(tokens_per_source["train"].values())
-    for name in names:
-        per[name]["tokens"] = {s: int(tokens_per_source[s][name]) for s in ("train", "validation")}
-    mixing = {
-        "weights": weights,
-        "tokens_per_char_estimate": ratio,
-        "estimated_tokens_before_mixing": est_tokens,
-        "rates": rates,
-        "realized_train_share": {n: (tokens_per_source["train"][n] / train_tokens if train_tokens else 0.0)
-                                 for n in names},
+
+def check_reasoning_tokens(tok: Any, path: str) -> None:
+    """A loaded tokenizer must hold the reasoning tokens as single tokens; say how to fix it when not."""
+    from r1ray.model.tokenizer import REASONING_TOKENS
+
+    missing = [t for t in REASONING_TOKENS if t not in tok.get_vocab()]
+    if missing:
+        raise ValueError(
+            f"tokenizer.path {path} lacks the reasoning tokens {missing}. Either unset tokenizer.path to train "
+            "one, or add them and save it again: tok = transformers.AutoTokenizer.from_pretrained(path); "
+            f"tok.add_special_tokens({{'additional_special_tokens': {list(REASONING_TOKENS)}}}); "
+            "tok.save_pretrained(path)"
+        )
+
+
+def _sample_for_tokenizer(staging: Staging, keep_ordinals: np.ndarray, u: np.ndarray, n_chars: np.ndarray,
+                          budget: int, sources: np.ndarray) -> tuple[list[str], list[int]]:
+    """Kept documents in the order of a per-document uniform number until ``budget`` characters."""
+    order = keep_ordinals[np.argsort(u[keep_ordinals], kind="stable")]
+    cum = np.cumsum(n_chars[order])
+    chosen = np.sort(order[: max(1, int(np.searchsorted(cum, budget)) + 1)])
+    return read_staged(staging, chosen, "text"), sources[chosen].tolist()
+
+
+@dataclass
+class _Mix:
+    mult: np.ndarray
+    """How many times each staged document is packed (0: not at all; validation documents once)."""
+    mixed_out: np.ndarray
+    """Kept documents that mixing down-sampled away."""
+    manifest: dict[str, Any]
+    """Weights, tokens-per-character, estimated tokens and rates (the realised shares are added later)."""
+
+
+def _mix(cfg: PrepareDataConfig, names: list[str], tok: _Tokenizer, docs: _Docs, keep: np.ndarray,
+         is_val: np.ndarray) -> _Mix:
+    """Per-document multiplicities that bring each source to its target share of training tokens; tokens
+    per source are estimated from the tokenizer sample's tokens per character."""
+    from r1ray.data.mix import mixing_rates, multiplicities
+
+    ratio = {}
+    enc = tok.tok.backend_tokenizer if hasattr(tok.tok, "backend_tokenizer") else None
+    for si, name in enumerate(names):
+        texts = [t for t, s in zip(tok.sample, tok.sample_source, strict=True) if s == si]
+        chars = sum(len(t) for t in texts)
+        toks = sum(len(e.ids) for e in enc.encode_batch(texts, add_special_tokens=False)) if (enc and texts) else 0
+        ratio[name] = (toks / chars) if chars else 0.25
+    train_keep = keep & ~is_val
+    est_tokens = {
+        name: float(docs.n_chars[train_keep & (docs.source == si)].sum()) * ratio[name] for si, name in enumerate(names)
     }
-    if weights:
-        wsum = sum(weights.values())
-        mixing["target_train_share"] = {n: w / wsum for n, w in weights.items()}
+    weights = {s.name: s.weight for s in cfg.sources} if cfg.sources[0].weight is not None else None
+    rates = mixing_rates(est_tokens, weights)
+    mult = np.zeros(len(keep), dtype=np.int64)
+    u_mix = docs.uniform(cfg.seed, 3)
+    for si, name in enumerate(names):
+        m = train_keep & (docs.source == si)
+        mult[m] = multiplicities(rates[name], u_mix[m])
+    mult[keep & is_val] = 1
+    if mult.max(initial=0) > 255:
+        raise ValueError(f"a mixing weight asks for {mult.max()} repeats of a source; lower its weight")
+    manifest: dict[str, Any] = {"weights": weights, "tokens_per_char_estimate": ratio,
+                                "estimated_tokens_before_mixing": est_tokens, "rates": rates}
+    return _Mix(mult=mult, mixed_out=keep & (mult == 0), manifest=manifest)
+
+
+def _count_per_source(corpus: _Corpus, docs: _Docs, dups: Dedup, keep: np.ndarray, is_val: np.ndarray,
+                      mix: _Mix) -> None:
+    """The per-source counts of the driver's decisions (each document lands in exactly one bucket)."""
+    for si, name in enumerate(corpus.names):
+        m = docs.source == si
+        c = corpus.per[name]
+        c["duplicate_exact"] = int((dups.exact & m).sum())
+        c["duplicate_near"] = int((dups.near & m).sum())
+        if int((mix.mixed_out & m).sum()):
+            c["filtered"]["mixing"] = int((mix.mixed_out & m).sum())
+        c["kept"] = int((keep & ~mix.mixed_out & m).sum())
+        c["kept_validation"] = int((keep & is_val & m).sum())
+        c["repeats"] = int(np.maximum(mix.mult[m] - 1, 0).sum())
+        c["chars_kept"] = int(docs.n_chars[keep & ~mix.mixed_out & m].sum())
+        record("r1ray_data_docs_duplicate", c["duplicate_exact"], source=name, kind="exact")
+        record("r1ray_data_docs_duplicate", c["duplicate_near"], source=name, kind="near")
+        record("r1ray_data_docs_kept", c["kept"], source=name)
+        if c["filtered"].get("mixing"):
+            record("r1ray_data_docs_filtered", c["filtered"]["mixing"], source=name, reason="mixing")
+
+
+@dataclass
+class _Packed:
+    writers: dict[str, Any]
+    """split -> its ShardWriter (closed)."""
+    tokens_per_source: dict[str, Counter]
+
+
+def _pack_items(staging: Staging, mult: np.ndarray, is_val: np.ndarray) -> list[dict]:
+    """Tokenize work units: (staged file, mixing pass) with the file's multiplicities and split flags."""
+    split_u8, mult_u8 = is_val.astype(np.uint8), mult.astype(np.uint8)
+    items = []
+    for k in range(int(mult.max(initial=0))):
+        start = 0
+        for uri, rows in staging.files:
+            mm = mult_u8[start : start + rows]
+            if (mm > k).any():
+                items.append({"path": uri, "pass_idx": k, "mult": mm.tobytes(),
+                              "split": split_u8[start : start + rows].tobytes()})
+            start += rows
+    return items
+
+
+def _pack_pass(cfg: PrepareDataConfig, corpus: _Corpus, tok: _Tokenizer, mix: _Mix, is_val: np.ndarray,
+               out: str) -> _Packed:
+    """Pass 2 on Ray Data: tokenize the selected staged documents in tasks; pack them on the driver, in
+    corpus order, into ``seq_len`` rows and shards."""
+    import ray
+
+    from r1ray.data.pack import ShardWriter
+
+    writers = {s: ShardWriter(out, s, cfg.pack.seq_len, cfg.pack.max_shard_bytes) for s in ("train", "validation")}
+    tokens_per_source: dict[str, Counter] = {s: Counter() for s in ("train", "validation")}
+    items = _pack_items(corpus.staging, mix.mult, is_val)
+    if items:
+        tds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            _tokenize_file, batch_size=1, batch_format="numpy", num_cpus=1,
+            fn_kwargs={"tok_ref": ray.put(tok.json), "eos_id": int(tok.tok.eos_token_id)},
+        )
+        for table in tds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            _pack_batch(table, writers, tokens_per_source, corpus.names)
+    for w in writers.values():
+        w.close()
+    return _Packed(writers=writers, tokens_per_source=tokens_per_source)
+
+
+def _pack_batch(table: pa.Table, writers: dict[str, Any], tokens_per_source: dict[str, Counter],
+                names: list[str]) -> None:
+    """Append one tokenized batch (documents + EOS, corpus order) to its split's writer, counting tokens."""
+    ids = table.column("ids").combine_chunks()
+    lengths = ids.value_lengths().to_numpy()
+    flat = ids.flatten().to_numpy()
+    split = table.column("split").to_numpy()
+    srcs = table.column("source").to_numpy()
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    for s_code, s_name in ((0, "train"), (1, "validation")):
+        sel = np.flatnonzero(split == s_code)
+        if len(sel) == 0:
+            continue
+        if len(sel) == len(split):
+            writers[s_name].add(flat)
+        else:
+            writers[s_name].add(np.concatenate([flat[offsets[i] : offsets[i + 1]] for i in sel]))
+        for si in np.unique(srcs[sel]):
+            tokens_per_source[s_name][names[si]] += int(lengths[sel][srcs[sel] == si].sum())
+
+
+def _write_stage_manifest(cfg: PrepareDataConfig, out: str, started_at: str, clock: dict[str, float],
+                          corpus: _Corpus, dups: Dedup, duplicates: dict, tok: _Tokenizer, mix: _Mix,
+                          packed: _Packed) -> None:
+    """The manifest (written last, atomically: the artifact is complete once it exists) and the summary log."""
+    names, per, writers, tps = corpus.names, corpus.per, packed.writers, packed.tokens_per_source
+    train_tokens = sum(tps["train"].values())
+    for name in names:
+        per[name]["tokens"] = {s: int(tps[s][name]) for s in ("train", "validation")}
+    mixing = {**mix.manifest, "realized_train_share": {
+        n: (tps["train"][n] / train_tokens if train_tokens else 0.0) for n in names}}
+    if mix.manifest["weights"]:
+        wsum = sum(mix.manifest["weights"].values())
+        mixing["target_train_share"] = {n: w / wsum for n, w in mix.manifest["weights"].items()}
     totals = {
         k: sum(per[n][k] for n in names)
         for k in ("read", "kept", "duplicate_exact", "duplicate_near", "kept_validation", "documents_split")
     }
     totals["filtered"] = sum(sum(per[n]["filtered"].values()) for n in names)
     totals["rejected"] = sum(sum(per[n]["rejected"].values()) for n in names)
-    totals["near_dup_candidates"] = int(candidates)
+    totals["near_dup_candidates"] = int(dups.candidates)
     totals["train_rows"], totals["validation_rows"] = writers["train"].rows, writers["validation"].rows
     totals["train_tokens"], totals["validation_tokens"] = writers["train"].tokens, writers["validation"].tokens
     totals["tail_tokens_dropped"] = writers["train"].tail_dropped + writers["validation"].tail_dropped
-    timings = {"clean_s": t_clean - t_start, "dedup_s": t_dedup - t_clean, "tokenizer_s": t_tok - t_dedup,
-               "pack_s": t_pack - t_tok, "total_s": time.perf_counter() - t_start}
-    sources_meta = []
-    for si, s in enumerate(cfg.sources):
-        sources_meta.append({
-            "name": s.name, "format": s.format, "path": s.path,
-            "files": [files_meta[k] for k in sorted(files_meta) if k[0] == si and s.format != "reasoning"],
-            **({"generator": {"seed": cfg.seed, "num_docs": s.num_docs}} if s.format == "reasoning" else {}),
-        })
-    if not cfg.keep_work_dir:
-        fs, p = filesystem(work)
-        if fs.get_file_info(p).type == pafs.FileType.Directory:
-            fs.delete_dir(p)
+    timings = {"clean_s": clock["clean"] - clock["start"], "dedup_s": clock["dedup"] - clock["clean"],
+               "tokenizer_s": clock["tokenizer"] - clock["dedup"], "pack_s": clock["pack"] - clock["tokenizer"],
+               "total_s": time.perf_counter() - clock["start"]}
+    sources_meta = [{
+        "name": s.name, "format": s.format, "path": s.path,
+        "files": [corpus.files_meta[k] for k in sorted(corpus.files_meta) if k[0] == si and s.format != "reasoning"],
+        **({"generator": {"seed": cfg.seed, "num_docs": s.num_docs}} if s.format == "reasoning" else {}),
+    } for si, s in enumerate(cfg.sources)]
+    t = tok.tok
     write_manifest(
         out, stage="data", config=cfg, counts={**totals, "per_source": per}, started_at=started_at,
         seq_len=cfg.pack.seq_len,
-        tokenizer={"path": "tokenizer", "sha256": tok_sha, "vocab_size": len(tok), "trained": trained,
-                   "eos_token_id": eos_id, "pad_token_id": tok.pad_token_id, "bos_token_id": tok.bos_token_id,
-                   "loaded_from": cfg.tokenizer.path},
+        tokenizer={"path": "tokenizer", "sha256": tok.sha256, "vocab_size": len(t), "trained": tok.trained,
+                   "eos_token_id": int(t.eos_token_id), "pad_token_id": t.pad_token_id,
+                   "bos_token_id": t.bos_token_id, "loaded_from": cfg.tokenizer.path},
         splits={s: {"shards": w.shards, "rows": w.rows, "tokens": w.tokens} for s, w in writers.items()},
-        rejects={"files": rejects.files, "rows": sum(f["rows"] for f in rejects.files)},
+        rejects={"files": corpus.rejects.files, "rows": sum(f["rows"] for f in corpus.rejects.files)},
         sources=sources_meta, mixing=mixing,
-        dedup={"exact": cfg.dedup.exact, "near": cfg.dedup.near, "candidates": int(candidates),
+        dedup={"exact": cfg.dedup.exact, "near": cfg.dedup.near, "candidates": int(dups.candidates),
                "verified_pairs": dups.verified_pairs},
-        duplicates=duplicates_meta,
+        duplicates=duplicates,
         timings_s=timings,
     )
     log.info(
@@ -717,7 +656,6 @@ def _run(cfg: PrepareDataConfig) -> str:
         timings["total_s"], totals["read"], totals["kept"], totals["duplicate_exact"], totals["duplicate_near"],
         totals["filtered"], totals["rejected"], totals["train_rows"], totals["validation_rows"], cfg.pack.seq_len, out,
     )
-    return out
 
 
 def _empty_counts() -> dict[str, Any]:
@@ -725,9 +663,12 @@ def _empty_counts() -> dict[str, Any]:
             "documents_split": 0, "changed": {}, "pii": {}, "kept_validation": 0, "repeats": 0, "chars_kept": 0}
 
 
-def _consume_clean(table: pa.Table, staging: _Staging, rejects: _Rejects, keys: dict[str, list],
-                   per: dict[str, dict], files_meta: dict, paths: dict, names: list[str]) -> None:
+def _consume_clean(table: pa.Table, corpus: _Corpus) -> None:
+    """Fold one clean-pass table into the corpus: counts and metrics, rejects, staged text and keys."""
     from r1ray.data.clean import EDIT_NAMES
+
+    staging, rejects, keys, per = corpus.staging, corpus.rejects, corpus.keys, corpus.per
+    files_meta, paths, names = corpus.files_meta, corpus.paths, corpus.names
 
     status = table.column("status").to_numpy(zero_copy_only=False)
     reason = table.column("reason").to_pylist()
