@@ -100,7 +100,10 @@ def build_model(cfg: ModelConfig, tokenizer: Any, *, seed: int | None = None, pr
         )
         model = AutoModelForCausalLM.from_config(config, attn_implementation=cfg.attn_implementation)
     if cfg.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.20 (the old name warns)
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 
