@@ -80,4 +80,8 @@ def answers_match(pred: str | None, gold: str) -> bool:
     g, p = parse_number(gold), parse_number(pred)
     if g is not None and p is not None:
         return g == p
+    if g is not None and not any(ch.isdigit() for ch in pred):
+        # Nothing numeric to compare with a numeric gold; sympy can spend a second on a word like "nope"
+        # (read as the product n*o*p*e), and early GRPO policies write many such words.
+        return False
     return _math_verify_match(pred, gold)

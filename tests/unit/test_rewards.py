@@ -175,7 +175,7 @@ def test_score_never_raises_on_adversarial_completions(problems, sandbox):
 
 def test_a_call_past_the_timeout_is_killed_counted_and_the_batch_goes_on(problems, sandbox):
     p = problems[0]
-    slow = "<think>x</think><answer>9**9**9</answer>"  # sympy computes 9**387420489: minutes of one C call
+    slow = "<think>x</think><answer>$10^{10^{10}}$</answer>"  # minutes inside sympy (measured)
     completions = [p.completion, slow, p.completion, p.completion]
     restarts = sandbox.restarts
     t0 = time.perf_counter()
