@@ -116,7 +116,7 @@ def test_nvcc_is_run_not_just_found(nothing_prebuilt, tmp_path):
     env = {"PATH": _bare_path(tmp_path, "ninja", "c++")}
     ok = _fake_nvcc(tmp_path / "cuda-ok", 'echo "Cuda compilation tools, release 13.0, V13.0.88"')
     assert check_op("fused_adam", accelerator="cuda", env=dict(env, CUDA_HOME=ok)) == []
-    # an image's nvcc wrapper whose toolkit is missing (seen on this machine's /usr/local/bin/nvcc)
+    # an nvcc wrapper script whose toolkit is missing (images ship such wrappers, e.g. /usr/local/bin/nvcc)
     broken = _fake_nvcc(tmp_path / "cuda-broken", "exec /nonexistent/cuda-13.0/bin/nvcc \"$@\"")
     [problem] = check_op("fused_adam", accelerator="cuda", env=dict(env, CUDA_HOME=broken))
     assert "bin/nvcc -V failed" in problem
