@@ -86,9 +86,9 @@ def free_port(start: int) -> int:
 
 
 def build_model(out: Path, preset: str) -> str:
-    from r1ray.model.tokenizer import train_tokenizer
     from r1ray.model.build import ModelConfig, save_model
     from r1ray.model.build import build_model as build
+    from r1ray.model.tokenizer import train_tokenizer
 
     words = "the a of to and in is it that for on with as was he she they we you at by".split()
     texts = [" ".join(words[(i * 7 + j) % len(words)] for j in range(40)) + f" {i} + {i + 3} = {2 * i + 3}."
@@ -204,9 +204,9 @@ def main() -> int:
     import ray
     from ray import serve
 
+    from r1ray.infer.hf import HFEngine
     from r1ray.observe.log import setup_logging
     from r1ray.serve.config import ServeConfig
-    from r1ray.infer.hf import HFEngine
     from r1ray.serve.launch import deploy
 
     setup_logging("WARNING")
