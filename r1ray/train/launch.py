@@ -74,12 +74,12 @@ def fit(stage: str, cfg: Any, *, name: str, storage_path: str, callbacks: Sequen
     from r1ray.train.loop import NonFiniteLossError
 
     sc = cfg.scaling
-    resources = {"CPU": sc.cpus_per_worker, **sc.resources_per_worker}
+    worker_resources = {"CPU": sc.cpus_per_worker, **sc.resources_per_worker}
     if sc.use_gpu:
-        resources["GPU"] = 1
+        worker_resources["GPU"] = 1
     scaling = ray.train.ScalingConfig(
         num_workers=sc.num_workers if isinstance(sc.num_workers, int) else tuple(sc.num_workers),
-        use_gpu=sc.use_gpu, resources_per_worker=resources,
+        use_gpu=sc.use_gpu, resources_per_worker=worker_resources,
         elastic_resize_monitor_interval_s=cfg.train.elastic_resize_interval_s,
     )
     run_config = ray.train.RunConfig(
