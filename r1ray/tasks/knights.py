@@ -132,18 +132,23 @@ class KnightsKnavesTask:
         return 1.0 if parse_roles(got, problem.meta["names"]) == problem.meta["roles"] else 0.0
 
 
+_WORD = re.compile(r"[A-Za-z]+")
+_ROLE_WORDS = {"knight": "knight", "knights": "knight", "knave": "knave", "knaves": "knave"}
+
+
 def parse_roles(answer: str, names: list[str]) -> dict[str, str] | None:
     """``{name: "knight"|"knave"}`` read from a free-form answer; None when a name gets two roles or none."""
-    pattern = re.compile(r"\b(" + "|".join(map(re.escape, names)) + r"|knights?|knaves?)\b", re.I)
     canon = {n.lower(): n for n in names}
     roles: dict[str, str] = {}
     pending: list[str] = []
-    for m in pattern.finditer(answer):
-        word = m.group(1).lower()
+    for m in _WORD.finditer(answer):  # one fixed pattern: a per-puzzle pattern would thrash re's cache
+        word = m.group().lower()
         if word in canon:
             pending.append(canon[word])
             continue
-        role = "knight" if word.startswith("knight") else "knave"
+        role = _ROLE_WORDS.get(word)
+        if role is None:
+            continue
         if not pending:  # a role naming nobody: a hedge like "Ann is a knight or a knave"
             return None
         for name in pending:

@@ -6,7 +6,7 @@ only in the main thread (Ray runs tasks in other threads too) and cannot interru
 
 How it stays cheap: the child (``python -m r1ray.tasks.sandbox``) is persistent and imports everything a
 verifier needs (sympy, math-verify) *before* it reports ready, so an import is never charged to a sample. A
-batch goes over a socket in one message and the child sends one small message back per sample. Progress is a
+batch goes over a socket in one message and the child sends results back every few milliseconds. Progress is a
 heartbeat in shared memory (a ``memfd``): ``(sample, reward, start time)``, written by the child around each
 call; the parent wakes every few milliseconds only while it waits, and kills the child once the running call
 is older than ``timeout_s``. That call scores None (the caller counts it), and a new child resumes at the next
@@ -49,6 +49,7 @@ STALL_S = 60.0
 """A child silent this long outside any reward call (e.g. stuck unpickling a huge batch) is replaced."""
 
 _IDLE = 0.0
+_SEND_EVERY_S = 0.005
 _READY = "ready"
 
 
@@ -177,8 +178,9 @@ class Sandbox:
             if msg is None:
                 return n
             if msg is not ...:
-                i, values = msg
-                out[i], pos, last = values, i + 1, time.monotonic()
+                for i, values in msg:
+                    out[i], pos = values, i + 1
+                last = time.monotonic()
                 continue
             dead = not child.alive()
             started = hb[2]
@@ -190,7 +192,7 @@ class Sandbox:
                             "crashed it" if dead else f"ran past {timeout_s:g}s")
                 skip.add((i, ri))
                 self._replace()
-                return i
+                return pos  # results after pos were not sent yet: they are recomputed (a few ms of work)
             if dead or time.monotonic() - last > max(STALL_S, timeout_s):
                 log.warning("reward sandbox %s at sample %d; failing that sample and replacing the process",
                             "died" if dead else "stalled", pos)
@@ -214,7 +216,7 @@ def default_sandbox() -> Sandbox:
 
 # --- the child --------------------------------------------------------------------------------------------
 def _child(sock_fd: int, hb_fd: int, memory_limit: int) -> None:
-    """``(items, names, skip)`` in; ``(pos, values)`` out per item, then None."""
+    """``(items, names, skip)`` in; lists of ``(pos, values)`` out every few ms, then None."""
     from r1ray.tasks import registry  # noqa: F401 - every built-in task, imported before we report ready
     from r1ray.tasks.mathcheck import warm_up
     from r1ray.tasks.rewards import run_reward
@@ -235,6 +237,8 @@ def _child(sock_fd: int, hb_fd: int, memory_limit: int) -> None:
             items, names, skip = conn.recv()
         except (EOFError, OSError):  # the parent is gone
             return
+        done: list[tuple[int, list[float | None]]] = []
+        sent = time.monotonic()
         for pos, completion, problem, ctx in items:
             values: list[float | None] = []
             for ri, name in enumerate(names):
@@ -244,7 +248,12 @@ def _child(sock_fd: int, hb_fd: int, memory_limit: int) -> None:
                 hb[0], hb[1], hb[2] = pos, ri, time.monotonic()
                 values.append(run_reward(name, completion, problem, ctx))
                 hb[2] = _IDLE
-            conn.send((pos, values))
+            done.append((pos, values))
+            if time.monotonic() - sent > _SEND_EVERY_S:  # a message per few ms, not per sample
+                conn.send(done)
+                done, sent = [], time.monotonic()
+        if done:
+            conn.send(done)
         conn.send(None)
 
 
