@@ -7,7 +7,7 @@ only in the main thread (Ray runs tasks in other threads too) and cannot interru
 How it stays cheap: the child (``python -m r1ray.tasks.sandbox``) is persistent and imports everything a
 verifier needs (sympy, math-verify) *before* it reports ready, so an import is never charged to a sample. A
 batch goes over a socket in one message and the child sends results back every few milliseconds. Progress is a
-heartbeat in shared memory (a ``memfd``): ``(sample, reward, start time)``, written by the child around each
+heartbeat in shared memory (an mmap of an unlinked temporary file): ``(sample, reward, start time)``, written by the child around each
 call; the parent wakes every few milliseconds only while it waits, and kills the child once the running call
 is older than ``timeout_s``. That call scores None (the caller counts it), and a new child resumes at the next
 call. The child also runs under an address-space limit (``RLIMIT_AS``), so a runaway allocation ends in a
@@ -28,6 +28,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -57,7 +58,8 @@ class _Child:
     """One ``python -m r1ray.tasks.sandbox`` process, its socket and its heartbeat."""
 
     def __init__(self, memory_limit: int | None):
-        self.hb_fd = os.memfd_create("r1ray-reward-heartbeat")
+        with tempfile.TemporaryFile() as f:  # unlinked at once; a memfd would be Linux-only
+            self.hb_fd = os.dup(f.fileno())
         os.ftruncate(self.hb_fd, 3 * 8)
         self.hb = (ctypes.c_double * 3).from_buffer(mmap.mmap(self.hb_fd, 3 * 8))
         ours, theirs = socket.socketpair()
@@ -100,7 +102,7 @@ class _Child:
 class Sandbox:
     """A persistent child process; ``run`` is thread-safe (callers take turns).
 
-    Once the first child is ready, a spare is started beside it (idle, ~150 MB with sympy loaded), so a kill
+    Once the first child is ready, a spare is started beside it (idle, ~75 MB RSS with sympy loaded), so a kill
     costs the timeout and no start-up: the spare takes over and a new spare starts in the background."""
 
     def __init__(self, *, memory_limit: int | None = DEFAULT_MEMORY_LIMIT):
@@ -231,7 +233,10 @@ def _child(sock_fd: int, hb_fd: int, memory_limit: int) -> None:
                                                 else min(memory_limit, hard), hard))
     hb = (ctypes.c_double * 3).from_buffer(mmap.mmap(hb_fd, 3 * 8))
     conn = Connection(sock_fd)
-    conn.send(_READY)
+    try:
+        conn.send(_READY)
+    except OSError:  # the parent left while we were importing
+        return
     while True:
         try:
             items, names, skip = conn.recv()
