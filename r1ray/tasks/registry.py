@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 from collections.abc import Callable
 from functools import lru_cache
@@ -58,6 +59,13 @@ def task_for_verify(name: str) -> Task:
     return get_task(name)
 
 
+@lru_cache(maxsize=64)
+def _cached_task(name: str, options_json: str) -> Task:
+    # Callers ask for one problem at a time (GRPO: sample_problems(..., 1, start=i) per prompt): building the
+    # task each time would re-read a gsm8k file or re-walk a reasoning-gym stream.
+    return get_task(name, **json.loads(options_json))
+
+
 def _pick(mix: list[tuple[str, float]], total: float, seed: int, k: int) -> str:
     # One RNG per global sample index: the mix is a pure function of (seed, k), with O(1) random access.
     u = random.Random(int(hashlib.sha256(f"r1ray-mix:{seed}:{k}".encode()).hexdigest()[:16], 16)).random()
@@ -98,7 +106,7 @@ def sample_problems(
     if missing:
         raise ValueError(f"sample_problems: difficulty has no level for {missing}")
     options = options or {}
-    tasks = {k: get_task(k, **options.get(k, {})) for k, _ in entries}
+    tasks = {k: _cached_task(k, json.dumps(options.get(k, {}), sort_keys=True, default=str)) for k, _ in entries}
     total = sum(w for _, w in entries)
     out = []
     for k in range(start, start + n):
