@@ -220,3 +220,19 @@ def test_decoded_reasoning_tags_survive_skip_special_tokens(tiny_tokenizer_dir, 
         assert decoded == p.completion  # EOS dropped, reasoning tags kept
         assert format_reward(decoded, p, CTX) == 1.0
         assert get_task(p.task).verify(decoded, p) == 1.0
+
+
+def test_timeouts_work_outside_the_main_thread(problems, sandbox):
+    """math-verify's own signal.alarm timeout raises off the main thread; ours must not care which thread."""
+    import threading
+
+    p = problems[0]
+    results = []
+    slow = "<think>x</think><answer>$10^{10^{10}}$</answer>"
+    t = threading.Thread(target=lambda: results.append(
+        score([slow, p.completion], [p, p], {"accuracy": 1.0}, timeout_s=0.5, sandbox=sandbox)))
+    t.start()
+    t.join(120)
+    assert not t.is_alive()
+    (r,) = results
+    assert r.per_reward["accuracy"] == [0.0, 1.0] and r.failures == {"accuracy": 1}
