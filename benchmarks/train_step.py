@@ -104,18 +104,21 @@ def r1ray_throughput(args, data: str, work: Path, workers: int, threads: int, ta
     result = retry_ray_start(lambda: run(cfg, callbacks=[_collector(str(metrics_path))]))
     wall = time.perf_counter() - t0
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
-    rows = [r for r in rows if "tokens_per_second" in r]
-    rows.sort(key=lambda r: r["step"])
-    kept = rows[1:-1]  # drop the warm-up window and the one that holds the final evaluation
-    if not kept:
-        raise SystemExit(f"--steps {args.steps} / --log-every {args.log_every}: need at least 3 report windows")
-    tokens = [args.log_every * tokens_per_step(args) for _ in kept]
-    seconds = sum(t / r["tokens_per_second"] for t, r in zip(tokens, kept, strict=True))
+    rows = sorted((r for r in rows if "time" in r and "step" in r), key=lambda r: r["step"])
+    # Wall-clock throughput between reports (everything the loop does between them counts: reporting,
+    # logging, metrics), dropping the warm-up window and the last one (final evaluation and checkpoint).
+    kept = rows[1:-1]
+    if len(kept) < 2:
+        raise SystemExit(f"--steps {args.steps}: need at least 4 reports (got {len(rows)}); raise --steps")
+    windows = [((b["step"] - a["step"]) * tokens_per_step(args), b["time"] - a["time"])
+               for a, b in zip(kept, kept[1:], strict=False)]
+    tokens, seconds = sum(t for t, _ in windows), sum(s for _, s in windows)
     return {
         "config": tag, "workers": workers, "threads_per_worker": threads, "zero_stage": args.zero,
-        "tokens_per_second": sum(tokens) / seconds,
-        "median_window_tokens_per_second": statistics.median(r["tokens_per_second"] for r in kept), "measured_steps": args.log_every * len(kept),
-        "window_tokens_per_second": [round(r["tokens_per_second"], 1) for r in rows],
+        "tokens_per_second": tokens / seconds,
+        "median_window_tokens_per_second": statistics.median(t / s for t, s in windows),
+        "measured_steps": kept[-1]["step"] - kept[0]["step"],
+        "window_tokens_per_second": [round(t / s, 1) for t, s in windows],
         "final_train_loss": result.train_loss, "wall_seconds_incl_startup": wall,
     }
 
@@ -438,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq-len", type=int, default=128, help="tokens per sample (default 128)")
     ap.add_argument("--global-batch", type=int, default=16, help="samples per optimizer step (default 16)")
     ap.add_argument("--micro-batch", type=int, default=8, help="samples per forward/backward (default 8)")
-    ap.add_argument("--steps", type=int, default=40, help="optimizer steps of each r1ray run (default 40)")
+    ap.add_argument("--steps", type=int, default=120, help="optimizer steps of each r1ray run (default 120)")
     ap.add_argument("--log-every", type=int, default=5, help="report window in steps (default 5)")
     ap.add_argument("--zero", type=int, default=2, choices=[0, 1, 2, 3], help="ZeRO stage of the throughput runs")
     ap.add_argument("--configs", default="1x2,2x1",

@@ -48,7 +48,7 @@ def make_engine(
         ok, why = vllm_available()
         if ok:
             return VLLMEngine(model_path, max_batch_size=max_batch_size, max_queue=max_queue,
-                              max_model_len=max_model_len, dtype=dtype)
+                              max_model_len=max_model_len, dtype=dtype, seed=seed, on_batch=on_batch)
         if backend == "vllm":
             raise RuntimeError(f"engine.backend=vllm but {why}; install the 'gpu' extra on a CUDA machine "
                                "or set engine.backend=hf")

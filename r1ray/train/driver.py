@@ -91,9 +91,13 @@ def run_stage(
     from r1ray.runtime import ray_session
     from r1ray.train.checkpoint import HF_DIR, publish_final
     from r1ray.train.launch import fit
+    from r1ray.train.preflight import preflight, raise_on_problems
 
     t0 = time.perf_counter()
     stage_ref = f"{stage_cls.__module__}:{stage_cls.__qualname__}"
+    # deterministic setup problems (an optimizer op that cannot be built here, an unparsable
+    # TORCH_CUDA_ARCH_LIST) fail now, naming the cause, instead of being retried by Ray Train
+    raise_on_problems(preflight(cfg.deepspeed, cfg.optim, use_gpu=cfg.scaling.use_gpu))
     with ray_session(cfg.ray):
         plan = stage_cls.plan(cfg)
         name = run_name or cfg.run_name

@@ -106,6 +106,10 @@ def fit(stage: str, cfg: Any, *, name: str, storage_path: str, callbacks: Sequen
         raise TrainingFailed(f"training run {name} returned no result (got {out!r})")
     if out.get("status") == "nonfinite":
         raise NonFiniteLossError(out["error"])
+    if out.get("status") == "setup_error":
+        from r1ray.train.preflight import SetupError
+
+        raise SetupError(f"training run {name} cannot start: {out['error']}")
     return out
 
 

@@ -32,6 +32,8 @@ from typing import Any
 import numpy as np
 
 from r1ray.observe.log import get_logger, setup_logging
+from r1ray.train.flops import gpu_peak_flops, train_flops_per_token
+from r1ray.train.preflight import SetupError
 from r1ray.train.stage import Metrics, Stage, StepInputs, WorkerInfo
 
 log = get_logger(__name__)
@@ -50,10 +52,18 @@ def import_string(path: str) -> Any:
 
 
 def worker_main(payload: dict[str, Any]) -> dict[str, Any]:
-    """Ray Train's ``train_loop_per_worker``: build the stage from the payload and run the loop."""
+    """Ray Train's ``train_loop_per_worker``: build the stage from the payload and run the loop.
+
+    A ``SetupError`` (a deterministic setup problem on this worker's machine, e.g. a DeepSpeed op that
+    cannot be built) is returned as status ``setup_error`` instead of raised: Ray Train's FailureConfig
+    would retry it like a fault, for minutes, before the cause showed."""
     stage_cls = import_string(payload["stage"])
     cfg = stage_cls.config_class.model_validate(payload["config"])
-    return Loop(stage_cls(cfg), cfg, payload).run()
+    try:
+        return Loop(stage_cls(cfg), cfg, payload).run()
+    except SetupError as e:
+        log.error("setup error: %s", e)
+        return {"status": "setup_error", "error": str(e)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -113,6 +123,15 @@ def _fire_once(run_dir: str, name: str) -> bool:
         return False
     os.close(fd)
     return True
+
+
+_REPORT_GAP_S = 1.25 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2.0"))
+"""Least time between two metrics-only ``ray.train.report`` calls. Ray Train V2 hands a worker's reports to
+its controller through a queue of size 1 that the controller drains once per health check (every 2 s): a
+second report inside that window blocks the training thread until the next poll. Reporting every
+``log_every`` steps of a fast model stalled training for most of each window (the loop ran at ~0.6x a bare
+PyTorch loop). Metrics-only reports closer than this are skipped (Prometheus, W&B and the run's history
+still get every ``log_every`` window); reports with a checkpoint or an evaluation are never skipped."""
 
 
 @dataclass
@@ -184,6 +203,7 @@ class Loop:
         self.run_dir: str = payload["run_dir"]
         self.tags = {"run": cfg.run_name, "stage": stage.name}
         self._last_batch: dict[str, Any] | None = None
+        self._reported_at = -math.inf
 
     # ---- distributed helpers
     def _allreduce(self, values: list[float], op: str = "sum") -> list[float]:
@@ -286,7 +306,7 @@ class Loop:
                            grad_accum=self.gas, world_size=w.world_size, use_gpu=w.use_gpu,
                            load_universal=load_universal, hidden_size=hidden)
         t0 = time.perf_counter()
-        self.flops_per_token = train_flops_per_token(model, getattr(self.stage, "seq_len", None) or 0)
+        self.flops_per_token = train_flops_per_token(model, self.stage.seq_len or 0)
         self.engine = build_engine(model, cfg.deepspeed, cfg.optim, config)
         if cfg.deepspeed.zero_stage > 0:
             force_overflow_check(self.engine)
@@ -435,10 +455,12 @@ class Loop:
                 rs.history.append([rs.step, metrics.get("train_loss"), metrics.get("val_loss")])
                 if do_ckpt:
                     rs.last_ckpt, rs.saved_at = self._save(rs, metrics), rs.step
-                else:
+                    self._reported_at = time.monotonic()
+                elif do_eval or time.monotonic() - self._reported_at >= _REPORT_GAP_S:
                     import ray.train
 
                     ray.train.report(metrics)
+                    self._reported_at = time.monotonic()
             if stop:
                 rs.status = "preempted"
                 log.warning("SIGTERM/preemption: checkpointed at step %d and stopping", rs.step)
@@ -619,7 +641,8 @@ class Loop:
         m: dict[str, Any] = {
             "step": rs.step, "max_steps": self.cfg.train.max_steps, "samples_consumed": rs.consumed,
             "workers": self.worker.world_size, "restarts": rs.restarts, "nonfinite_steps": rs.nonfinite_total,
-            "tokens_per_second": tps, "step_seconds": win.train_seconds / max(1, len(win.losses)),
+            "tokens_per_second": tps, "tokens_per_second_wall": win.tokens / seconds if seconds > 0 else 0.0,
+            "step_seconds": win.train_seconds / max(1, len(win.losses)),
             "report_window_seconds": seconds, "time": time.time(),
         }
         if win.losses:
@@ -651,6 +674,7 @@ class Loop:
             import torch
 
             record("r1ray_train_memory_bytes", torch.cuda.memory_allocated(), kind="cuda_allocated", **self.tags)
+            m["cuda_peak_bytes"] = torch.cuda.max_memory_allocated()
             peak = gpu_peak_flops(torch.cuda.get_device_name(), self.cfg.deepspeed.precision)
             if peak and self.flops_per_token:
                 m["mfu"] = tps * self.flops_per_token / (peak * self.worker.world_size)
@@ -786,31 +810,6 @@ def force_overflow_check(engine: Any) -> None:
     opt = getattr(engine, "optimizer", None)
     if opt is not None and hasattr(opt, "check_grad_overflow"):
         opt.check_grad_overflow = True
-
-
-# Dense peak FLOP/s per GPU (bf16/fp16 tensor cores; fp32 uses TF32 where the card has it), for MFU.
-_PEAK_FLOPS = {
-    "H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 125e12,
-    "A10": 125e12, "V100": 125e12, "T4": 65e12,
-}
-
-
-def gpu_peak_flops(device_name: str, precision: str) -> float | None:
-    """Peak dense FLOP/s of a known GPU (None for unknown cards: MFU is then not reported)."""
-    for key, flops in _PEAK_FLOPS.items():
-        if key in device_name:
-            return flops if precision != "fp32" else flops / 2
-    return None
-
-
-def train_flops_per_token(model: Any, seq_len: int) -> float:
-    """6 x parameters + attention (12 x layers x hidden x sequence), the PaLM appendix-B estimate."""
-    n = sum(p.numel() for p in model.parameters())
-    c = getattr(model, "config", None)
-    attn = 0.0
-    if c is not None and hasattr(c, "num_hidden_layers"):
-        attn = 12.0 * c.num_hidden_layers * c.hidden_size * seq_len
-    return 6.0 * n + attn
 
 
 def _rss_bytes() -> float:

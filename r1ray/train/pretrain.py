@@ -77,15 +77,12 @@ class PretrainStage(Stage):
         return {"input_ids": ids, "n_tokens": ids.numel() - ids.shape[0]}
 
     def loss(self, model: Any, batch: dict[str, Any], metrics: Metrics) -> Any:
-        import torch.nn.functional as F
+        from r1ray.train.losses import causal_lm_loss
 
+        # chunked: the fp32 logits of the whole micro-batch are never materialised (r1ray.train.losses)
         ids = batch["input_ids"]
-        logits = model(input_ids=ids).logits[:, :-1]
-        targets = ids[:, 1:]
-        return F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="sum",
-            label_smoothing=self.cfg.train.label_smoothing,
-        )
+        return causal_lm_loss(model, ids[:, :-1], ids[:, 1:], label_smoothing=self.cfg.train.label_smoothing,
+                              reduction="sum")
 
     def eval_batches(self) -> Iterator[dict[str, Any]]:
         """This worker's share of the first ``train.eval_samples`` validation rows (the loop evens out the

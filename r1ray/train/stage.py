@@ -166,6 +166,9 @@ class Stage(ABC):
     """Manifest stage and metric tag ("pretrain", "sft", "grpo", "distill")."""
     config_class: ClassVar[Any] = None
     """The stage's pydantic config class (the loop rebuilds the config from JSON on each worker)."""
+    seq_len: int | None = None
+    """Typical sequence length of a training sample, set in ``setup`` (the attention term of the FLOPs per
+    token behind MFU); None: attention is not counted."""
 
     def __init__(self, cfg: Any):
         self.cfg = cfg

@@ -42,7 +42,14 @@ class SchedulerConfig(R1Config):
     perturbation_interval: int = Field(default=20, ge=1)
     """PBT: optimizer steps between exploit/explore decisions (each is a checkpointed segment)."""
     quantile_fraction: float = Field(default=0.5, gt=0, le=0.5)
-    """PBT: the bottom fraction of trials that copy from the top fraction."""
+    """PBT: the bottom fraction of trials that copy from the top fraction (at least one trial each way once
+    two or more trials have reported)."""
+    synch: bool = True
+    """PBT: decide exploits only once every running trial has reached the same perturbation point, so each
+    decision compares all trials at equal steps and the same study makes the same decisions whatever the
+    report timing (a trial that arrives first is paused, freeing its workers, until the others catch up).
+    False: Tune's asynchronous PBT, which compares a trial with whatever the others last reported, so a
+    trial that reports first sees no population and does not exploit: decisions depend on timing."""
 
 
 class TuneConfig(JobConfig):

@@ -228,7 +228,7 @@ def _scheduler(cfg: TuneConfig, domains: list[Domain], eval_reports: int) -> Any
             perturbation_interval=1,  # every segment
             hyperparam_mutations=mutations,
             quantile_fraction=s.quantile_fraction,
-            synch=False,
+            synch=s.synch,
         )
     return FIFOScheduler()
 

@@ -66,7 +66,6 @@ def trained_samples(run_dir: str) -> dict[int, list[int]]:
 
 
 def test_loss_falls_beats_unigram_and_export_matches_engine(reference, data_dir):
-    import torch
     from transformers import AutoModelForCausalLM
 
     from r1ray.artifacts import read_manifest

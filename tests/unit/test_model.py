@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from r1ray.config import ConfigError, load_config
-from r1ray.model.tokenizer import END_THINK, THINK, load_tokenizer
 from r1ray.model import ModelConfig, build_model, count_parameters, load_model, save_model
+from r1ray.model.tokenizer import END_THINK, THINK, load_tokenizer
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
