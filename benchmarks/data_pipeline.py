@@ -1,16 +1,24 @@
 """Data-stage benchmark: end-to-end throughput vs the tokenizer alone, and near-dedup quality vs peers.
 
-    python benchmarks/data_pipeline.py                 # ~5k documents, ~6 MB
-    python benchmarks/data_pipeline.py --base 4000     # bigger
+    python benchmarks/data_pipeline.py                          # real text: this Python's stdlib (~30 MB) + copies
+    python benchmarks/data_pipeline.py --mb 8                   # a smaller slice of it
+    python benchmarks/data_pipeline.py --corpus synthetic       # labelled Zipfian documents (--base originals)
+
+Corpora: ``stdlib`` is every ``.py`` file of this Python's standard library (tests included, site-packages
+not) up to ``--mb``, with 10 % of the files copied once at a random later position, a share of their tokens
+(0-5 %) replaced (``r1ray.data.synthetic.inject_near_duplicates``); ``synthetic`` is random Zipfian
+documents with edited copies. Truth: a copy whose true word-5-gram Jaccard with its original is >= the
+threshold, plus every pair the corpus already holds at >= the threshold (found by 64 x 2 banding and checked
+on the true Jaccard: genuine near-twins are duplicates too, not false positives).
 
 Prints, measured in this run on this machine:
+- near-dedup precision/recall and time for r1ray's MinHash at several band x row layouts, accepting
+  candidates on the estimate or on the verified true Jaccard (the trade-off in docs/data.md), datasketch's
+  MinHashLSH (the reference) and, when installed (``pip install r1ray[bench]``), datatrove's 4-step MinHash
+  pipeline, all at 5-gram shingles, Jaccard 0.8, 128 permutations (datatrove: 14 x 8 = 112, its default);
 - r1ray's stage end to end on Ray Data (read → clean → PII → dedup → tokenizer training → tokenize →
-  pack → write): documents/s and tokens/s, and its ratio to the trained tokenizer alone
-  (``encode_batch`` over the same texts, all cores: the ceiling of this stage);
-- near-dedup precision/recall on a labelled corpus (edited copies at known shingle Jaccard) and
-  throughput for r1ray's MinHash (numpy, in-process), datasketch's MinHashLSH (the reference) and, when
-  installed (``pip install r1ray[bench]``), datatrove's 4-step MinHash pipeline, all at 5-gram shingles,
-  Jaccard 0.8, 128 permutations (datatrove: 14 x 8 = 112, its default layout).
+  pack → write): MB/s, documents/s and tokens/s, side by side with the trained tokenizer alone
+  (``encode_batch`` over the same texts, all cores: the ceiling of this stage) and datatrove's MinHash.
 """
 
 from __future__ import annotations
@@ -26,7 +34,31 @@ from pathlib import Path
 import numpy as np
 
 from r1ray.data import dedup as D
-from r1ray.data.synthetic import labelled_near_duplicates, score
+from r1ray.data.synthetic import Labelled, inject_near_duplicates, labelled_near_duplicates, score
+
+LAYOUTS = ((16, 8), (32, 4), (64, 2), (8, 16))  # bands x rows = 128 permutations
+
+
+def stdlib_corpus(max_mb: float, seed: int = 0) -> Labelled:
+    """Every .py file of this Python's standard library, sorted, up to ``max_mb``, with injected copies."""
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    texts, total = [], 0
+    for f in sorted(root.rglob("*.py")):
+        if "site-packages" in f.parts or "__pycache__" in f.parts:
+            continue
+        try:
+            t = f.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        if t.strip():
+            texts.append(t)
+            total += len(t)
+        if total >= max_mb * 1e6:
+            break
+    # Code: a replaced token breaks several \w words, so the copies' edit rates are lower than for prose.
+    return inject_near_duplicates(texts, seed=seed, edit_rates=(0.0, 0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05))
 
 
 def write_corpus(texts: list[str], folder: Path) -> Path:
@@ -38,14 +70,24 @@ def write_corpus(texts: list[str], folder: Path) -> Path:
     return path
 
 
-def bench_r1ray_minhash(texts, threshold):
-    t0 = time.perf_counter()
-    a, b = D.permutations(128, 1)
-    sh = [np.unique(D.ngram_hashes(D.word_hashes(t), 5)) for t in texts]
-    sig = D.signatures(sh, a, b)
-    keys = D.band_keys(sig, 16, 8, np.array([len(s) > 0 for s in sh]))
-    dropped, _ = D.near_duplicates(keys, sig, threshold)
-    return dropped, time.perf_counter() - t0
+class R1rayMinHash:
+    """Shingles and signatures once; then matching at any band layout, with or without verification."""
+
+    def __init__(self, texts: list[str]):
+        t0 = time.perf_counter()
+        a, b = D.permutations(128, 1)
+        self.sh = [D.shingles(t, 5) for t in texts]
+        self.sig = D.signatures(self.sh, a, b)
+        self.has = np.array([len(s) > 0 for s in self.sh])
+        self.sets = dict(enumerate(self.sh))
+        self.seconds = time.perf_counter() - t0
+
+    def match(self, bands: int, rows: int, threshold: float, verify: bool) -> tuple[D.NearDuplicates, float]:
+        t0 = time.perf_counter()
+        keys = D.band_keys(self.sig, bands, rows, self.has)
+        r = D.near_duplicates(keys, self.sig, threshold,
+                              verify=(lambda x, y: D.pair_jaccard(self.sets, x, y)) if verify else None)
+        return r, time.perf_counter() - t0
 
 
 def bench_datasketch(texts, threshold):
@@ -132,8 +174,9 @@ def bench_pipeline(corpus_dir: Path, out: Path, texts: list[str]):
 
     cfg = PrepareDataConfig.model_validate({
         "name": "bench", "storage": {"root": str(out)},
-        "sources": [{"name": "labelled", "path": str(corpus_dir), "quality_filters": False}],
-        "tokenizer": {"vocab_size": 4096, "sample_chars": 2_000_000},
+        "sources": [{"name": "labelled", "path": str(corpus_dir), "quality_filters": False,
+                     "collapse_whitespace": False, "id_field": "id"}],
+        "tokenizer": {"vocab_size": 8192, "sample_chars": 2_000_000},
         "ray": {"include_dashboard": False},
     })
     import ray
@@ -192,7 +235,9 @@ def baselines(uri: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--base", type=int, default=2000, help="original documents (each gets 0-3 edited copies)")
+    ap.add_argument("--corpus", choices=("stdlib", "synthetic"), default="stdlib")
+    ap.add_argument("--mb", type=float, default=30.0, help="stdlib corpus: MB of source files before the copies")
+    ap.add_argument("--base", type=int, default=2000, help="synthetic corpus: originals (each gets 0-3 copies)")
     ap.add_argument("--threshold", type=float, default=0.8)
     ap.add_argument("--skip-pipeline", action="store_true", help="only the near-dedup comparison")
     ap.add_argument("--skip-dedup", action="store_true", help="only the end-to-end pipeline")
@@ -204,56 +249,80 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="r1ray-bench-"))
     try:
-        lab = labelled_near_duplicates(args.base, seed=0, threshold=args.threshold)
+        if args.corpus == "stdlib":
+            lab = stdlib_corpus(args.mb)
+        else:
+            lab = labelled_near_duplicates(args.base, seed=0, threshold=args.threshold)
         texts = lab.texts
-        mb = sum(len(t) for t in texts) / 1e6
+        mb = sum(len(t.encode()) for t in texts) / 1e6
         corpus_dir = work / "corpus"
         write_corpus(texts, corpus_dir)
-        print(f"corpus: {len(texts)} documents, {mb:.1f} MB, {int(lab.is_duplicate.sum())} true near-duplicates "
-              f"(5-gram Jaccard >= {args.threshold} with an earlier document); {os.cpu_count()} CPUs")
+        print(f"corpus {args.corpus}: {len(texts)} documents, {mb:.1f} MB, {int((lab.true_jaccard > 0).sum())} "
+              f"injected copies of which {int(lab.is_duplicate.sum())} at 5-gram Jaccard >= {args.threshold}; "
+              f"{os.cpu_count()} CPUs (timings on a shared, loaded machine)")
+        dt_seconds = None
         if not args.skip_dedup:
-            dedup_report(texts, lab, corpus_dir, work, args.threshold)
+            dt_seconds = dedup_report(texts, lab, corpus_dir, work, args.threshold)
         if not args.skip_pipeline:
-            pipeline_report(corpus_dir, work, texts, lab, mb)
+            pipeline_report(corpus_dir, work, texts, lab, mb, dt_seconds)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def dedup_report(texts, lab, corpus_dir: Path, work: Path, threshold: float) -> None:
-    rows = []
-    dropped, s = bench_r1ray_minhash(texts, threshold)
-    rows.append(("r1ray MinHash (numpy, 1 process)", s, score(dropped, lab.is_duplicate)))
+def dedup_report(texts, lab, corpus_dir: Path, work: Path, threshold: float) -> float | None:
+    """Prints the comparison; returns datatrove's seconds (None when it is not installed)."""
+    mh = R1rayMinHash(texts)
+    ref, _ = mh.match(64, 2, threshold, verify=True)
+    truth = lab.is_duplicate | ref.dropped  # ref's drops are verified pairs: genuine near-twins count as duplicates
+    print(f"truth: {int(truth.sum())} duplicates ({int((ref.dropped & (lab.true_jaccard == 0)).sum())} genuine "
+          f"near-twins among the originals); r1ray shingles + signatures: {mh.seconds:.1f}s (1 process)")
+    print(f"\nnear-dedup at Jaccard {threshold}:")
+    print(f"  {'implementation':44s} {'seconds':>8s} {'precision':>9s} {'recall':>7s} {'copies':>7s} "
+          f"{'candidates':>10s} {'verified':>8s}")
+    copies = lab.is_duplicate
+
+    def row(name, dropped, s, cand="", ver=""):
+        sc, rc = score(dropped, truth), score(dropped[copies], copies[copies])
+        print(f"  {name:44s} {s:8.2f} {sc['precision']:9.3f} {sc['recall']:7.3f} {rc['recall']:7.3f} "
+              f"{cand!s:>10s} {ver!s:>8s}")
+
+    for bands, rows in LAYOUTS:
+        for verify in (False, True):
+            r, s = mh.match(bands, rows, threshold, verify)
+            row(f"r1ray {bands}x{rows} {'verified' if verify else 'estimated'} (match only)", r.dropped, s,
+                r.candidates, r.verified_pairs if verify else "")
     try:
         dropped, s = bench_datasketch(texts, threshold)
-        rows.append(("datasketch MinHashLSH (1 process)", s, score(dropped, lab.is_duplicate)))
+        row("datasketch MinHashLSH (1 process, all steps)", dropped, s)
     except ImportError:
         print("datasketch not installed: skipping the reference (pip install datasketch)")
     try:
         import datatrove  # noqa: F401
     except ImportError:
         print("datatrove not installed: skipping it (pip install 'r1ray[bench]')")
-    else:
-        dropped, s = bench_datatrove(corpus_dir, len(texts), work / "datatrove")
-        rows.append((f"datatrove MinHash 4 steps ({os.cpu_count()} workers)", s, score(dropped, lab.is_duplicate)))
-    print(f"\nnear-dedup at Jaccard {threshold}:")
-    print(f"  {'implementation':44s} {'seconds':>8s} {'docs/s':>9s} {'precision':>9s} {'recall':>7s}")
-    base_s = rows[0][1]
-    for name, s, sc in rows:
-        print(f"  {name:44s} {s:8.2f} {len(texts) / s:9.0f} {sc['precision']:9.3f} {sc['recall']:7.3f}"
-              f"   ({s / base_s:.1f}x r1ray's time)")
+        return None
+    dropped, s = bench_datatrove(corpus_dir, len(texts), work / "datatrove")
+    row(f"datatrove MinHash 4 steps ({os.cpu_count()} workers)", dropped, s)
+    print("  (copies: recall over the injected copies alone; r1ray's rows time the matching only, after its "
+          f"{mh.seconds:.1f}s of signatures)")
+    return s
 
 
-def pipeline_report(corpus_dir: Path, work: Path, texts, lab, mb: float) -> None:
+def pipeline_report(corpus_dir: Path, work: Path, texts, lab, mb: float, dt_seconds: float | None) -> None:
     m, wall, tokens, tok_s, n_tok = bench_pipeline(corpus_dir, work / "out", texts)
     stage = m["timings_s"]
     print("\nr1ray data stage end to end on Ray Data (second run, warm workers):")
     print(f"  wall {wall:.1f}s (stage {stage['total_s']:.1f}s: read+clean+minhash {stage['clean_s']:.1f}, dedup "
           f"{stage['dedup_s']:.2f}, tokenizer training {stage['tokenizer_s']:.1f}, tokenize+pack {stage['pack_s']:.1f})")
-    print(f"  {len(texts) / wall:.0f} documents/s, {tokens / wall:.0f} tokens/s, {mb / wall:.2f} MB/s")
-    print(f"  tokenizer alone (encode_batch, all cores): {tok_s:.2f}s = {n_tok / tok_s:.0f} tokens/s")
-    print(f"  ratio end-to-end / tokenizer-alone throughput: {(tokens / wall) / (n_tok / tok_s):.3f}")
+    print(f"  stage {mb / wall:.2f} MB/s, {len(texts) / wall:.0f} documents/s, {tokens / wall:.0f} tokens/s")
+    print(f"  tokenizer alone (encode_batch, all cores): {tok_s:.2f}s = {mb / tok_s:.2f} MB/s, {n_tok / tok_s:.0f} "
+          f"tokens/s; stage / tokenizer-alone throughput: {(tokens / wall) / (n_tok / tok_s):.3f}")
+    if dt_seconds:
+        print(f"  datatrove MinHash alone (4 steps, no tokenizing): {dt_seconds:.1f}s = {mb / dt_seconds:.2f} MB/s; "
+              f"stage / datatrove: {dt_seconds / wall:.2f}")
     print(f"  dedup in the stage: {m['counts']['duplicate_exact']} exact + {m['counts']['duplicate_near']} near "
-          f"removed (truth: {int(lab.is_duplicate.sum())} near-duplicates)")
+          f"removed (injected copies at Jaccard >= threshold: {int(lab.is_duplicate.sum())}; exact copies count "
+          "as exact)")
 
 
 if __name__ == "__main__":

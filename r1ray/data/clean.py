@@ -12,12 +12,12 @@ import re
 import unicodedata
 from collections import Counter
 
-from r1ray.data.config import PIIConfig, QualityConfig
+from r1ray.data.config import C4Config, PIIConfig, QualityConfig
 
 # Edit flags (a bit mask per document) counted in the manifest's `changed` section.
-EDIT_UNICODE, EDIT_CONTROL, EDIT_WHITESPACE, EDIT_TRUNCATED = 1, 2, 4, 8
+EDIT_UNICODE, EDIT_CONTROL, EDIT_WHITESPACE, EDIT_TRUNCATED, EDIT_C4_LINES = 1, 2, 4, 8, 16
 EDIT_NAMES = {EDIT_UNICODE: "unicode", EDIT_CONTROL: "control_chars", EDIT_WHITESPACE: "whitespace",
-              EDIT_TRUNCATED: "truncated"}
+              EDIT_TRUNCATED: "truncated", EDIT_C4_LINES: "c4_lines"}
 
 # C0/C1 controls except tab and newline, zero-width and BOM characters, and lone surrogates (from JSON
 # escapes such as "\\ud800", which no UTF-8 encoder accepts).
@@ -127,6 +127,57 @@ def quality_reason(text: str, q: QualityConfig) -> str | None:
         if _duplicate_ngram_fraction(lower, k, chars) > limit:
             return f"duplicate_{k}gram"
     return None
+
+
+# ---------------------------------------------------------------------------------------------------
+# C4 line rules (Raffel et al. 2020, section 2.2, as datatrove's C4QualityFilter applies them)
+# ---------------------------------------------------------------------------------------------------
+
+_TERMINAL = (".", "!", "?", '"', "\u201d", "'", "\u2019")
+_CITATION_RE = re.compile(r"\[\d+\]|\[edit\]|\[citation needed\]", re.IGNORECASE)
+_POLICY = ("terms of use", "privacy policy", "cookie policy", "uses cookies", "use of cookies", "use cookies")
+_SENTENCE_END_RE = re.compile(r"[.!?]+(?:[\"'\u201d\u2019)\]]*)(?=\s|$)")
+
+
+def c4_lines(text: str, c4: C4Config) -> tuple[str, str | None, int]:
+    """Apply C4's rules: returns ``(text with the failing lines removed, drop reason or None, lines removed)``.
+
+    Page-level rules (lorem ipsum, ``{``, bad words) look at the whole text first; then each line is kept
+    only if it ends in terminal punctuation, has enough words, no over-long word, no "javascript" and no
+    policy notice; the page is dropped when fewer than ``min_sentences`` sentences remain.
+    """
+    lower = text.lower()
+    if c4.drop_lorem_ipsum and "lorem ipsum" in lower:
+        return text, "c4_lorem_ipsum", 0
+    if c4.drop_curly_bracket and "{" in text:
+        return text, "c4_curly_bracket", 0
+    if c4.bad_words:
+        words = set(re.findall(r"\w+", lower))
+        if any(w.lower() in words for w in c4.bad_words):
+            return text, "c4_bad_words", 0
+    kept, removed = [], 0
+    for line in text.split("\n"):
+        if c4.remove_citations:
+            line = _CITATION_RE.sub("", line)
+        s = line.strip()
+        low = s.lower()
+        words = s.split()
+        if not s:
+            kept.append(line)  # paragraph breaks are not lines of content
+            continue
+        if ((c4.terminal_punctuation and not s.endswith(_TERMINAL))
+                or len(words) < c4.min_words_per_line
+                or any(len(w) > c4.max_word_length for w in words)
+                or (c4.remove_javascript_lines and "javascript" in low)
+                or (c4.remove_policy_lines and any(p in low for p in _POLICY))):
+            removed += 1
+            continue
+        kept.append(line)
+    out = "\n".join(kept).strip()
+    out = re.sub(r"\n{3,}", "\n\n", out)
+    if len(_SENTENCE_END_RE.findall(out)) < c4.min_sentences:
+        return out, "c4_too_few_sentences", removed
+    return out, None, removed
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ __all__ = [
     "SourceConfig",
     "CleanConfig",
     "QualityConfig",
+    "C4Config",
     "PIIConfig",
     "DedupConfig",
     "DecontamConfig",
@@ -100,6 +101,36 @@ class QualityConfig(R1Config):
     """n -> most characters covered by word n-grams that occur more than once (Gopher: 5: 0.15 ... 10: 0.10)."""
 
 
+class C4Config(R1Config):
+    """C4's line-level rules (Raffel et al. 2020, section 2.2; as datatrove's ``C4QualityFilter``), applied to
+    sources with ``quality_filters: true`` when enabled. Tuned for web pages: they remove code, lists and
+    tables, so they are off by default and meant for web-crawl sources."""
+
+    enabled: bool = False
+    """Apply the rules below."""
+    terminal_punctuation: bool = True
+    """Keep only lines ending in a terminal punctuation mark (``. ! ? "`` and closing quotes)."""
+    min_words_per_line: int = Field(default=5, ge=0)
+    """Remove lines with fewer words (C4: 5)."""
+    max_word_length: int = Field(default=1000, ge=1)
+    """Remove lines holding a word longer than this (characters)."""
+    remove_javascript_lines: bool = True
+    """Remove lines mentioning "javascript" (the "enable JavaScript" notices of scraped pages)."""
+    remove_policy_lines: bool = True
+    """Remove lines mentioning terms of use, privacy or cookie policies, or cookie use."""
+    remove_citations: bool = True
+    """Strip Wikipedia-style citation markers: ``[1]``, ``[12]``, ``[edit]``, ``[citation needed]``."""
+    min_sentences: int = Field(default=3, ge=0)
+    """Drop documents with fewer sentences left after the line rules (reason ``c4_too_few_sentences``)."""
+    drop_lorem_ipsum: bool = True
+    """Drop documents containing "lorem ipsum" (placeholder pages; reason ``c4_lorem_ipsum``)."""
+    drop_curly_bracket: bool = True
+    """Drop documents containing ``{`` (code in prose pages; reason ``c4_curly_bracket``)."""
+    bad_words: list[str] = Field(default_factory=list)
+    """Drop documents containing any of these words (case-insensitive, whole words; reason ``c4_bad_words``).
+    C4 used the LDNOOBW list; none is bundled here, give yours."""
+
+
 class PIIConfig(R1Config):
     """PII scrubbing: spans replaced by typed placeholders such as ``<EMAIL>``."""
 
@@ -126,6 +157,8 @@ class CleanConfig(R1Config):
     """jsonl/text lines longer than this (bytes) are rejected unread, so one bad line cannot exhaust memory."""
     quality: QualityConfig = QualityConfig()
     """Quality heuristics."""
+    c4: C4Config = C4Config()
+    """C4's line-level rules (off by default; for web pages)."""
     pii: PIIConfig = PIIConfig()
     """PII scrubbing."""
 
@@ -141,9 +174,11 @@ class DedupConfig(R1Config):
     """Word n-gram size of the shingles."""
     num_perm: int = Field(default=128, ge=8)
     """MinHash permutations (signature length); must equal bands x rows."""
-    bands: int = Field(default=16, ge=1)
-    """LSH bands."""
-    rows: int = Field(default=8, ge=1)
+    bands: int = Field(default=32, ge=1)
+    """LSH bands. With ``rows`` it sets the S-curve: a pair at Jaccard J becomes a candidate with probability
+    1 - (1 - J^rows)^bands; 32 x 4 finds pairs at J = 0.8 with probability ~1.0 (16 x 8: 0.95), and the extra
+    dissimilar candidates are dropped on their signature estimate before any verification (docs/data.md)."""
+    rows: int = Field(default=4, ge=1)
     """Rows per LSH band."""
     threshold: float = Field(default=0.8, gt=0, le=1)
     """Jaccard similarity of word-shingle sets a candidate pair needs to count as duplicate."""
@@ -195,6 +230,9 @@ class PackConfig(R1Config):
     validation_fraction: float = Field(default=0.02, ge=0, lt=1)
     """Share of each source's kept text that goes to the validation split: whole documents, chosen in the
     order of a hash of their id and the seed, until the source's share of characters is reached."""
+    test_fraction: float = Field(default=0.0, ge=0, lt=1)
+    """Share of each source's kept text held out as the ``test`` split (never trained on, never used for
+    validation), chosen like validation from an independent hash of the document id."""
     max_shard_bytes: int = Field(default=32 << 20, ge=1024)
     """Upper bound of one shard's raw token bytes (rows x seq_len x 4)."""
 
@@ -256,6 +294,9 @@ class PrepareDataConfig(R1Config):
         if any(weighted) and not all(weighted):
             missing = [s.name for s in self.sources if s.weight is None]
             problems.append(f"sources[].weight: set on some sources but not on {missing}; set it on all or none")
+        if self.pack.validation_fraction + self.pack.test_fraction >= 1:
+            problems.append(f"pack.validation_fraction + pack.test_fraction must be < 1 (got "
+                            f"{self.pack.validation_fraction} + {self.pack.test_fraction}): nothing would be trained on")
         if problems:
             raise ValueError("; ".join(problems))
         return self

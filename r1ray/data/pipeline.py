@@ -54,6 +54,7 @@ from r1ray.config import RayConfig, StorageConfig
 from r1ray.data.clean import PII_KINDS
 from r1ray.data.config import PrepareDataConfig, SourceConfig
 from r1ray.data.duplicates import Dedup
+from r1ray.data.shards import SPLITS
 from r1ray.data.staging import Rejects, Staging, read_staged
 from r1ray.observe.log import get_logger
 from r1ray.observe.metrics import record
@@ -177,22 +178,29 @@ def _clean_file(batch: dict, *, cfg_json: str, eval_ref: Any) -> Any:
                     parts = [text]
                 for part_idx, piece in enumerate(parts):
                     # A split document's extra pieces are counted as documents of their own (part > 0).
+                    p_edits = edits
                     if len(piece) < clean_cfg.min_chars:
-                        add(rec.pos, part_idx, STATUS_FILTERED, "too_short", edits=edits)
+                        add(rec.pos, part_idx, STATUS_FILTERED, "too_short", edits=p_edits)
                         continue
+                    if src.quality_filters and clean_cfg.c4.enabled:
+                        piece, reason, lines_removed = C.c4_lines(piece, clean_cfg.c4)
+                        p_edits |= C.EDIT_C4_LINES if lines_removed else 0
+                        if reason is not None:
+                            add(rec.pos, part_idx, STATUS_FILTERED, reason, edits=p_edits)
+                            continue
                     if src.quality_filters:
                         reason = C.quality_reason(piece, clean_cfg.quality)
                         if reason is not None:
-                            add(rec.pos, part_idx, STATUS_FILTERED, reason, edits=edits)
+                            add(rec.pos, part_idx, STATUS_FILTERED, reason, edits=p_edits)
                             continue
                     piece, pii = C.scrub_pii(piece, clean_cfg.pii)
                     wh = D.word_hashes(piece) if (dd.near or len(eval_set)) else None
                     if wh is not None and contaminated(wh, eval_set, cfg.decontam.ngram):
-                        add(rec.pos, part_idx, STATUS_FILTERED, "decontaminated", edits=edits, pii=pii)
+                        add(rec.pos, part_idx, STATUS_FILTERED, "decontaminated", edits=p_edits, pii=pii)
                         continue
                     sh = np.unique(D.ngram_hashes(wh, dd.shingle_size)) if dd.near else None
                     add(rec.pos, part_idx, STATUS_OK, "", piece, exact=D.exact_hash(piece), n_chars=len(piece),
-                        edits=edits, pii=pii, sh=sh, doc_id=rec.doc_id)
+                        edits=p_edits, pii=pii, sh=sh, doc_id=rec.doc_id)
             if len(out) >= cfg.batch_size:
                 yield out.flush()
         # The file's own summary row: bytes read and their SHA-256 (the manifest's input hashes).
@@ -261,7 +269,7 @@ def _prepare_output(uri: str, overwrite: bool) -> None:
         raise ValueError(f"output {uri} is not empty; set overwrite=true or choose another name/output")
     if is_complete(uri):
         fs.delete_file(f"{p}/{MANIFEST}")  # first: a reader never sees a manifest over half-written shards
-    for sub in ("train", "validation", "rejects", "duplicates", "tokenizer", "_work"):
+    for sub in (*SPLITS, "rejects", "duplicates", "tokenizer", "_work"):
         if fs.get_file_info(f"{p}/{sub}").type == pafs.FileType.Directory:
             fs.delete_dir(f"{p}/{sub}")
 
@@ -283,7 +291,6 @@ def run(cfg: PrepareDataConfig) -> str:
 def _run(cfg: PrepareDataConfig) -> str:
     """The phases in order; each takes what the ones before it produced and is readable on its own."""
     from r1ray.data.duplicates import deduplicate, write_duplicates
-    from r1ray.data.mix import validation_split
 
     clock, started_at = {"start": time.perf_counter()}, now()
     out = cfg.artifact_uri()
@@ -297,13 +304,12 @@ def _run(cfg: PrepareDataConfig) -> str:
         duplicates = write_duplicates(out, dups, corpus.staging, docs.coords(), corpus.names, corpus.paths)
         clock["dedup"] = time.perf_counter()
         keep = ~dups.removed
-        is_val = validation_split(docs.uniform(cfg.seed, 1), docs.n_chars, docs.source, keep,
-                                  cfg.pack.validation_fraction)
+        split = _held_out_splits(cfg, docs, keep)
         tok = _prepare_tokenizer(cfg, corpus.staging, docs, keep, out)
         clock["tokenizer"] = time.perf_counter()
-        mix = _mix(cfg, corpus.names, tok, docs, keep, is_val)
-        _count_per_source(corpus, docs, dups, keep, is_val, mix)
-        packed = _pack_pass(cfg, corpus, tok, mix, is_val, out)
+        mix = _mix(cfg, corpus.names, tok, docs, keep, split)
+        _count_per_source(corpus, docs, dups, keep, split, mix)
+        packed = _pack_pass(cfg, corpus, tok, mix, split, out)
         clock["pack"] = time.perf_counter()
     if not cfg.keep_work_dir:
         fs, p = filesystem(corpus.staging.work)
@@ -417,6 +423,22 @@ def _staged_docs(corpus: _Corpus) -> _Docs:
     return _Docs(*(np.asarray(keys[k], dtype=np.int64) for k in ("source", "file", "pos", "part", "n_chars")))
 
 
+def _held_out_splits(cfg: PrepareDataConfig, docs: _Docs, keep: np.ndarray) -> np.ndarray:
+    """Each document's split code (index into SPLITS): per source, ``validation_fraction`` and then
+    ``test_fraction`` of its kept text, whole documents in the order of two independent seeded hashes."""
+    from r1ray.data.mix import validation_split
+
+    p = cfg.pack
+    is_val = validation_split(docs.uniform(cfg.seed, 1), docs.n_chars, docs.source, keep, p.validation_fraction)
+    # The test share is of the whole kept text: scale it to what validation left.
+    rest = p.test_fraction / (1.0 - p.validation_fraction)
+    is_test = validation_split(docs.uniform(cfg.seed, 4), docs.n_chars, docs.source, keep & ~is_val, rest)
+    split = np.zeros(len(keep), dtype=np.uint8)
+    split[is_val] = SPLITS.index("validation")
+    split[is_test] = SPLITS.index("test")
+    return split
+
+
 @dataclass
 class _Tokenizer:
     tok: Any
@@ -478,7 +500,7 @@ def _sample_for_tokenizer(staging: Staging, keep_ordinals: np.ndarray, u: np.nda
 @dataclass
 class _Mix:
     mult: np.ndarray
-    """How many times each staged document is packed (0: not at all; validation documents once)."""
+    """How many times each staged document is packed (0: not at all; held-out documents once)."""
     mixed_out: np.ndarray
     """Kept documents that mixing down-sampled away."""
     manifest: dict[str, Any]
@@ -486,7 +508,7 @@ class _Mix:
 
 
 def _mix(cfg: PrepareDataConfig, names: list[str], tok: _Tokenizer, docs: _Docs, keep: np.ndarray,
-         is_val: np.ndarray) -> _Mix:
+         split: np.ndarray) -> _Mix:
     """Per-document multiplicities that bring each source to its target share of training tokens; tokens
     per source are estimated from the tokenizer sample's tokens per character."""
     from r1ray.data.mix import mixing_rates, multiplicities
@@ -498,7 +520,7 @@ def _mix(cfg: PrepareDataConfig, names: list[str], tok: _Tokenizer, docs: _Docs,
         chars = sum(len(t) for t in texts)
         toks = sum(len(e.ids) for e in enc.encode_batch(texts, add_special_tokens=False)) if (enc and texts) else 0
         ratio[name] = (toks / chars) if chars else 0.25
-    train_keep = keep & ~is_val
+    train_keep = keep & (split == 0)
     est_tokens = {
         name: float(docs.n_chars[train_keep & (docs.source == si)].sum()) * ratio[name] for si, name in enumerate(names)
     }
@@ -509,7 +531,7 @@ def _mix(cfg: PrepareDataConfig, names: list[str], tok: _Tokenizer, docs: _Docs,
     for si, name in enumerate(names):
         m = train_keep & (docs.source == si)
         mult[m] = multiplicities(rates[name], u_mix[m])
-    mult[keep & is_val] = 1
+    mult[keep & (split != 0)] = 1  # held-out documents once, never mixed
     if mult.max(initial=0) > 255:
         raise ValueError(f"a mixing weight asks for {mult.max()} repeats of a source; lower its weight")
     manifest: dict[str, Any] = {"weights": weights, "tokens_per_char_estimate": ratio,
@@ -517,7 +539,7 @@ def _mix(cfg: PrepareDataConfig, names: list[str], tok: _Tokenizer, docs: _Docs,
     return _Mix(mult=mult, mixed_out=keep & (mult == 0), manifest=manifest)
 
 
-def _count_per_source(corpus: _Corpus, docs: _Docs, dups: Dedup, keep: np.ndarray, is_val: np.ndarray,
+def _count_per_source(corpus: _Corpus, docs: _Docs, dups: Dedup, keep: np.ndarray, split: np.ndarray,
                       mix: _Mix) -> None:
     """The per-source counts of the driver's decisions (each document lands in exactly one bucket)."""
     for si, name in enumerate(corpus.names):
@@ -528,7 +550,8 @@ def _count_per_source(corpus: _Corpus, docs: _Docs, dups: Dedup, keep: np.ndarra
         if int((mix.mixed_out & m).sum()):
             c["filtered"]["mixing"] = int((mix.mixed_out & m).sum())
         c["kept"] = int((keep & ~mix.mixed_out & m).sum())
-        c["kept_validation"] = int((keep & is_val & m).sum())
+        c["kept_validation"] = int((keep & (split == 1) & m).sum())
+        c["kept_test"] = int((keep & (split == 2) & m).sum())
         c["repeats"] = int(np.maximum(mix.mult[m] - 1, 0).sum())
         c["chars_kept"] = int(docs.n_chars[keep & ~mix.mixed_out & m].sum())
         record("r1ray_data_docs_duplicate", c["duplicate_exact"], source=name, kind="exact")
@@ -545,9 +568,9 @@ class _Packed:
     tokens_per_source: dict[str, Counter]
 
 
-def _pack_items(staging: Staging, mult: np.ndarray, is_val: np.ndarray) -> list[dict]:
-    """Tokenize work units: (staged file, mixing pass) with the file's multiplicities and split flags."""
-    split_u8, mult_u8 = is_val.astype(np.uint8), mult.astype(np.uint8)
+def _pack_items(staging: Staging, mult: np.ndarray, split: np.ndarray) -> list[dict]:
+    """Tokenize work units: (staged file, mixing pass) with the file's multiplicities and split codes."""
+    split_u8, mult_u8 = split.astype(np.uint8), mult.astype(np.uint8)
     items = []
     for k in range(int(mult.max(initial=0))):
         start = 0
@@ -560,7 +583,7 @@ def _pack_items(staging: Staging, mult: np.ndarray, is_val: np.ndarray) -> list[
     return items
 
 
-def _pack_pass(cfg: PrepareDataConfig, corpus: _Corpus, tok: _Tokenizer, mix: _Mix, is_val: np.ndarray,
+def _pack_pass(cfg: PrepareDataConfig, corpus: _Corpus, tok: _Tokenizer, mix: _Mix, split: np.ndarray,
                out: str) -> _Packed:
     """Pass 2 on Ray Data: tokenize the selected staged documents in tasks; pack them on the driver, in
     corpus order, into ``seq_len`` rows and shards."""
@@ -568,9 +591,9 @@ def _pack_pass(cfg: PrepareDataConfig, corpus: _Corpus, tok: _Tokenizer, mix: _M
 
     from r1ray.data.pack import ShardWriter
 
-    writers = {s: ShardWriter(out, s, cfg.pack.seq_len, cfg.pack.max_shard_bytes) for s in ("train", "validation")}
-    tokens_per_source: dict[str, Counter] = {s: Counter() for s in ("train", "validation")}
-    items = _pack_items(corpus.staging, mix.mult, is_val)
+    writers = {s: ShardWriter(out, s, cfg.pack.seq_len, cfg.pack.max_shard_bytes) for s in SPLITS}
+    tokens_per_source: dict[str, Counter] = {s: Counter() for s in SPLITS}
+    items = _pack_items(corpus.staging, mix.mult, split)
     if items:
         tds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
             _tokenize_file, batch_size=1, batch_format="numpy", num_cpus=1,
@@ -592,7 +615,7 @@ def _pack_batch(table: pa.Table, writers: dict[str, Any], tokens_per_source: dic
     split = table.column("split").to_numpy()
     srcs = table.column("source").to_numpy()
     offsets = np.concatenate([[0], np.cumsum(lengths)])
-    for s_code, s_name in ((0, "train"), (1, "validation")):
+    for s_code, s_name in enumerate(SPLITS):
         sel = np.flatnonzero(split == s_code)
         if len(sel) == 0:
             continue
@@ -611,7 +634,7 @@ def _write_stage_manifest(cfg: PrepareDataConfig, out: str, started_at: str, clo
     names, per, writers, tps = corpus.names, corpus.per, packed.writers, packed.tokens_per_source
     train_tokens = sum(tps["train"].values())
     for name in names:
-        per[name]["tokens"] = {s: int(tps[s][name]) for s in ("train", "validation")}
+        per[name]["tokens"] = {s: int(tps[s][name]) for s in SPLITS}
     mixing = {**mix.manifest, "realized_train_share": {
         n: (tps["train"][n] / train_tokens if train_tokens else 0.0) for n in names}}
     if mix.manifest["weights"]:
@@ -619,14 +642,15 @@ def _write_stage_manifest(cfg: PrepareDataConfig, out: str, started_at: str, clo
         mixing["target_train_share"] = {n: w / wsum for n, w in mix.manifest["weights"].items()}
     totals = {
         k: sum(per[n][k] for n in names)
-        for k in ("read", "kept", "duplicate_exact", "duplicate_near", "kept_validation", "documents_split")
+        for k in ("read", "kept", "duplicate_exact", "duplicate_near", "kept_validation", "kept_test",
+                  "documents_split")
     }
     totals["filtered"] = sum(sum(per[n]["filtered"].values()) for n in names)
     totals["rejected"] = sum(sum(per[n]["rejected"].values()) for n in names)
     totals["near_dup_candidates"] = int(dups.candidates)
-    totals["train_rows"], totals["validation_rows"] = writers["train"].rows, writers["validation"].rows
-    totals["train_tokens"], totals["validation_tokens"] = writers["train"].tokens, writers["validation"].tokens
-    totals["tail_tokens_dropped"] = writers["train"].tail_dropped + writers["validation"].tail_dropped
+    for s, w in writers.items():
+        totals[f"{s}_rows"], totals[f"{s}_tokens"] = w.rows, w.tokens
+    totals["tail_tokens_dropped"] = sum(w.tail_dropped for w in writers.values())
     timings = {"clean_s": clock["clean"] - clock["start"], "dedup_s": clock["dedup"] - clock["clean"],
                "tokenizer_s": clock["tokenizer"] - clock["dedup"], "pack_s": clock["pack"] - clock["tokenizer"],
                "total_s": time.perf_counter() - clock["start"]}
@@ -660,7 +684,8 @@ def _write_stage_manifest(cfg: PrepareDataConfig, out: str, started_at: str, clo
 
 def _empty_counts() -> dict[str, Any]:
     return {"read": 0, "kept": 0, "duplicate_exact": 0, "duplicate_near": 0, "filtered": {}, "rejected": {},
-            "documents_split": 0, "changed": {}, "pii": {}, "kept_validation": 0, "repeats": 0, "chars_kept": 0}
+            "documents_split": 0, "changed": {}, "pii": {}, "kept_validation": 0, "kept_test": 0, "repeats": 0,
+            "chars_kept": 0}
 
 
 def _consume_clean(table: pa.Table, corpus: _Corpus) -> None:
@@ -744,7 +769,8 @@ def summary(uri: str) -> str:
     """A short human summary of a data artifact (used by the job's last log line)."""
     m = read_manifest(uri, stage="data")
     c = m["counts"]
-    return (f"{uri}: {c['train_rows']} train + {c['validation_rows']} validation rows of {m['seq_len']} tokens, "
+    test = f" + {c['test_rows']} test" if c.get("test_rows") else ""
+    return (f"{uri}: {c['train_rows']} train + {c['validation_rows']} validation{test} rows of {m['seq_len']} tokens, "
             f"{c['kept']} documents kept of {c['read']} read")
 
 

@@ -6,7 +6,9 @@ A data artifact directory holds::
     tokenizer/                   AutoTokenizer.from_pretrained loads it
     train/shard-00000.parquet    rows of exactly `seq_len` token ids (column `input_ids`, list<int32>)
     validation/shard-00000.parquet
+    test/shard-00000.parquet     held out (``pack.test_fraction``; no shards when 0)
     rejects/                     malformed rows/files with source, position and reason
+    duplicates/                  every removed duplicate, what it matched and the document kept
 
 Rows are packed documents (each followed by EOS) cut into fixed-length sequences. Training reads
 sample ``i`` of a split as row ``i`` of the concatenated shards, in manifest order.
@@ -22,7 +24,7 @@ import pyarrow as pa
 from r1ray.artifacts import join, read_manifest
 
 SHARD_SCHEMA = pa.schema([pa.field("input_ids", pa.list_(pa.int32()), nullable=False)])
-SPLITS = ("train", "validation")
+SPLITS = ("train", "validation", "test")  # the split codes of the pack pass are indices into this
 
 
 @dataclass(frozen=True)

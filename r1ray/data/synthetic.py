@@ -84,3 +84,30 @@ def score(dropped: np.ndarray, truth: np.ndarray) -> dict[str, float]:
         "recall": tp / (tp + fn) if tp + fn else 1.0,
         "tp": tp, "fp": fp, "fn": fn,
     }
+
+
+def inject_near_duplicates(texts: list[str], *, seed: int = 0, copy_fraction: float = 0.1,
+                           edit_rates: tuple[float, ...] = (0.0, 0.005, 0.01, 0.02, 0.03, 0.04, 0.06),
+                           threshold: float = 0.8, shingle_size: int = 5) -> Labelled:
+    """A real corpus with copies injected: ``copy_fraction`` of the documents get one copy each, placed at a
+    random later position, with a share of whitespace-separated tokens (``edit_rates``, 0 = an exact copy)
+    replaced by tokens drawn from the corpus. The copies are labelled by their true shingle Jaccard with
+    their original; the originals are labelled False, so near-twins the corpus already holds must be told
+    apart by the caller (``benchmarks/data_pipeline.py`` checks every such drop on its true Jaccard)."""
+    rng = np.random.default_rng(seed)
+    pool = [t for text in texts[: max(1, len(texts) // 10)] for t in text.split()][:200_000]
+    chosen = np.sort(rng.choice(len(texts), size=int(len(texts) * copy_fraction), replace=False))
+    # (sort key, text, true Jaccard): a copy's key lies after its original's, so the original comes first in
+    # corpus order and is the one kept.
+    docs = [(float(i), t, 0.0) for i, t in enumerate(texts)]
+    for i in chosen.tolist():
+        tokens = texts[i].split(" ")  # keeps newlines and indentation inside tokens
+        rate = float(rng.choice(edit_rates))
+        for k in np.flatnonzero(rng.random(len(tokens)) < rate).tolist():
+            tokens[k] = pool[int(rng.integers(len(pool)))] if pool else tokens[k]
+        copy = " ".join(tokens)
+        j = jaccard(shingle_set(texts[i], shingle_size), shingle_set(copy, shingle_size))
+        docs.append((float(rng.uniform(i + 0.5, len(texts))), copy, j))
+    docs.sort(key=lambda d: d[0])
+    return Labelled(texts=[t for _, t, _ in docs], is_duplicate=np.array([j >= threshold for _, _, j in docs]),
+                    true_jaccard=np.array([j for _, _, j in docs]))

@@ -120,7 +120,7 @@ def _cfg(tmp_path, sources, evals, name, **over) -> PrepareDataConfig:
         "clean": {"max_chars": 5000, "max_line_bytes": 20_000, "quality": {"min_words": 5}},
         "decontam": {"eval_files": evals, "ngram": 13},
         "tokenizer": {"vocab_size": 512, "sample_chars": 200_000},
-        "pack": {"seq_len": 32, "validation_fraction": 0.2, "max_shard_bytes": 4096},
+        "pack": {"seq_len": 32, "validation_fraction": 0.2, "test_fraction": 0.15, "max_shard_bytes": 4096},
         "batch_size": 4, "ray": {"include_dashboard": False},
         **over,
     }
@@ -150,7 +150,8 @@ def test_counts_reconcile_per_source_with_exact_values(corrupted):
     assert per["web"]["pii"] == {"email": 1}
     c = m["counts"]
     assert c["read"] == sum(v["read"] for v in EXPECTED.values())
-    assert c["train_rows"] > 0 and c["validation_rows"] > 0
+    assert c["train_rows"] > 0 and c["validation_rows"] > 0 and c["test_rows"] > 0
+    assert c["kept_validation"] > 0 and c["kept_test"] > 0
     # input hashes: every file read is listed with its SHA-256
     web_files = m["sources"][0]["files"]
     assert [f["path"].rsplit("/", 1)[1] for f in web_files] == ["a.jsonl", "b.jsonl.gz", "c.jsonl.zst"]
@@ -210,7 +211,7 @@ def test_artifact_follows_the_shard_contract(corrupted):
     tok = load_tokenizer(art.tokenizer_dir)
     assert tok.convert_tokens_to_ids("<think>") != tok.unk_token_id and len(tok.tokenize("<answer>")) == 1
     total = 0
-    for split in ("train", "validation"):
+    for split in ("train", "validation", "test"):
         for info, shard_uri in zip(art.splits[split], art.shard_uris(split), strict=True):
             t = pq.read_table(shard_uri)
             assert t.schema.equals(SHARD_SCHEMA)
@@ -218,9 +219,9 @@ def test_artifact_follows_the_shard_contract(corrupted):
             assert ids.shape == (info.rows, 32)
             total += info.rows
         assert len(art.splits["train"]) >= 2  # max_shard_bytes bounds the shard size
-    assert total == art.rows("train") + art.rows("validation")
+    assert total == art.rows("train") + art.rows("validation") + art.rows("test") and art.rows("test") > 0
     # PII never reaches the shards; the placeholder does
-    text = "".join(tok.decode(pq.read_table(u)["input_ids"].to_pylist()[i]) for s in ("train", "validation")
+    text = "".join(tok.decode(pq.read_table(u)["input_ids"].to_pylist()[i]) for s in ("train", "validation", "test")
                    for u in art.shard_uris(s) for i in range(pq.read_table(u).num_rows))
     assert "jane@example.com" not in text and "<EMAIL>" in text
     assert "zebra" not in text  # the near-duplicate was dropped

@@ -77,3 +77,48 @@ def test_duplicate_ngram_rule():
     text = PROSE + " " + " ".join([block] * 4)
     q = QualityConfig(max_top_ngram_fraction={})
     assert quality_reason(text, q) == "duplicate_5gram"
+
+
+# ---- C4 line rules
+
+C4_PAGE = (
+    "Home | About | Contact\n"
+    "The committee met on Tuesday to review the proposal for the library.[1] Members raised concerns.\n"
+    "Please enable JavaScript in your browser to view this page properly.\n"
+    "Several members argued that the town needed a modern space for reading and study.\n"
+    "This site uses cookies to improve your experience, see our cookie policy.\n"
+    "Short line.\n"
+    "After a long discussion they agreed to ask the architects for a revised plan[citation needed].\n"
+    "Read more"
+)
+
+
+def test_c4_line_rules_remove_exactly_the_failing_lines():
+    from r1ray.data.clean import c4_lines
+    from r1ray.data.config import C4Config
+
+    out, reason, removed = c4_lines(C4_PAGE, C4Config(enabled=True))
+    assert reason is None and removed == 5
+    assert out == (
+        "The committee met on Tuesday to review the proposal for the library. Members raised concerns.\n"
+        "Several members argued that the town needed a modern space for reading and study.\n"
+        "After a long discussion they agreed to ask the architects for a revised plan."
+    )
+    # Each rule can be turned off on its own.
+    out, _, removed = c4_lines(C4_PAGE, C4Config(enabled=True, remove_javascript_lines=False))
+    assert removed == 4 and "JavaScript" in out
+
+
+@pytest.mark.parametrize("text, reason", [
+    (PROSE + " Lorem ipsum dolor sit amet.", "c4_lorem_ipsum"),
+    (PROSE + " function f() { return 1; }", "c4_curly_bracket"),
+    (PROSE + " What a frobnicating mess.", "c4_bad_words"),
+    ("One sentence that has more than five words.\nAnother sentence that is long enough here.",
+     "c4_too_few_sentences"),
+])
+def test_c4_page_rules_drop_with_their_reason(text, reason):
+    from r1ray.data.clean import c4_lines
+    from r1ray.data.config import C4Config
+
+    assert c4_lines(text, C4Config(enabled=True, bad_words=["frobnicating"]))[1] == reason
+    assert c4_lines(PROSE, C4Config(enabled=True, bad_words=["frobnicating"]))[1] is None

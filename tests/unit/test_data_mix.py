@@ -78,3 +78,30 @@ def test_validation_split_skips_documents_larger_than_the_share():
     u = np.array([0.0, 0.1, 0.2, 0.3, 0.4])  # the big document comes first in hash order
     is_val = validation_split(u, n_chars, src, np.ones(5, bool), 0.02)
     assert not is_val[0] and is_val[1:].all()
+
+
+def test_test_split_is_disjoint_and_holds_its_share_of_each_source():
+    from r1ray.data.config import PrepareDataConfig
+    from r1ray.data.pipeline import _Docs, _held_out_splits
+    from r1ray.data.shards import SPLITS
+
+    n = 6000
+    ids = np.arange(n, dtype=np.int64)
+    src = (ids % 3 == 0).astype(np.int64)
+    n_chars = np.where(src == 0, 100, 900).astype(np.int64)
+    docs = _Docs(source=src, file=np.zeros(n, np.int64), pos=ids, part=np.zeros(n, np.int64), n_chars=n_chars)
+    keep = ids % 50 != 7
+    cfg = PrepareDataConfig(pack={"validation_fraction": 0.05, "test_fraction": 0.1})
+    split = _held_out_splits(cfg, docs, keep)
+    assert set(np.unique(split).tolist()) == {0, 1, 2} and SPLITS[2] == "test"
+    assert (split[~keep] == 0).all()  # removed documents are never held out (and never packed)
+    for si in (0, 1):
+        m = keep & (src == si)
+        total = n_chars[m].sum()
+        assert n_chars[m & (split == 1)].sum() / total == pytest.approx(0.05, abs=0.005)
+        assert n_chars[m & (split == 2)].sum() / total == pytest.approx(0.1, abs=0.005)
+    # No test split by default: validation is exactly what it was before the test split existed.
+    plain = _held_out_splits(PrepareDataConfig(pack={"validation_fraction": 0.05}), docs, keep)
+    assert not (plain == 2).any() and ((plain == 1) == (split == 1)).all()
+    with pytest.raises(ValueError, match="validation_fraction \\+ pack.test_fraction must be < 1"):
+        PrepareDataConfig(pack={"validation_fraction": 0.5, "test_fraction": 0.5})
