@@ -60,6 +60,9 @@ class SourceConfig(R1Config):
     """Apply the Gopher/C4-style quality heuristics to this source (turn off for code and generated text)."""
     collapse_whitespace: bool = True
     """Collapse runs of spaces/tabs inside lines (turn off for code, where indentation is meaning)."""
+    c4_rules: bool = False
+    """Apply C4's line-level rules (``clean.c4``) to this source, before the quality heuristics: for web
+    pages; they would cut code, lists and hard-wrapped book lines."""
 
     @field_validator("name")
     @classmethod
@@ -103,11 +106,9 @@ class QualityConfig(R1Config):
 
 class C4Config(R1Config):
     """C4's line-level rules (Raffel et al. 2020, section 2.2; as datatrove's ``C4QualityFilter``), applied to
-    sources with ``quality_filters: true`` when enabled. Tuned for web pages: they remove code, lists and
-    tables, so they are off by default and meant for web-crawl sources."""
+    the sources with ``c4_rules: true``. Tuned for web pages: they remove code, lists, tables and hard-wrapped
+    lines, so no source has them by default."""
 
-    enabled: bool = False
-    """Apply the rules below."""
     terminal_punctuation: bool = True
     """Keep only lines ending in a terminal punctuation mark (``. ! ? "`` and closing quotes)."""
     min_words_per_line: int = Field(default=5, ge=0)
@@ -158,7 +159,7 @@ class CleanConfig(R1Config):
     quality: QualityConfig = QualityConfig()
     """Quality heuristics."""
     c4: C4Config = C4Config()
-    """C4's line-level rules (off by default; for web pages)."""
+    """C4's line-level rules, for the sources with ``c4_rules: true``."""
     pii: PIIConfig = PIIConfig()
     """PII scrubbing."""
 

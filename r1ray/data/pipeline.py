@@ -182,7 +182,7 @@ def _clean_file(batch: dict, *, cfg_json: str, eval_ref: Any) -> Any:
                     if len(piece) < clean_cfg.min_chars:
                         add(rec.pos, part_idx, STATUS_FILTERED, "too_short", edits=p_edits)
                         continue
-                    if src.quality_filters and clean_cfg.c4.enabled:
+                    if src.c4_rules:
                         piece, reason, lines_removed = C.c4_lines(piece, clean_cfg.c4)
                         p_edits |= C.EDIT_C4_LINES if lines_removed else 0
                         if reason is not None:

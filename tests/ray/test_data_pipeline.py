@@ -272,3 +272,28 @@ def test_missing_source_path_fails_clearly_before_work(ray_local, tmp_path):
     cfg = _cfg(tmp_path, [{"name": "gone", "path": str(tmp_path / "nope.jsonl")}], [], "missing")
     with pytest.raises(ValueError, match=r"sources\[0\] \(gone\): no files found"):
         run(cfg)
+
+
+def test_c4_rules_apply_to_the_sources_that_ask(ray_local, tmp_path, tiny_tokenizer_dir):
+    from r1ray.data.pipeline import run
+    from r1ray.model.tokenizer import load_tokenizer
+
+    page = "\n".join([prose(900 + i, 20) for i in range(4)] + ["Please enable JavaScript to view this page."])
+    code_page = prose(950) + " function f() { return 1; }"
+    for name in ("web", "plain"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "a.jsonl").write_text(
+            "\n".join(json.dumps({"text": t}) for t in (page, code_page)) + "\n")
+    sources = [{"name": "web", "path": str(tmp_path / "web"), "c4_rules": True},
+               {"name": "plain", "path": str(tmp_path / "plain")}]
+    cfg = _cfg(tmp_path, sources, [], "c4", tokenizer={"path": str(tiny_tokenizer_dir)},
+               dedup={"exact": False, "near": False})
+    uri = run(cfg)
+    per = read_manifest(uri)["counts"]["per_source"]
+    assert per["web"]["filtered"] == {"c4_curly_bracket": 1} and per["web"]["changed"].get("c4_lines") == 1
+    assert per["plain"]["filtered"] == {} and "c4_lines" not in per["plain"]["changed"]
+    art = DataArtifact.load(uri)
+    tok = load_tokenizer(art.tokenizer_dir)
+    text = "".join(tok.decode(r) for s in ("train", "validation", "test") for u in art.shard_uris(s)
+                   for r in pq.read_table(u)["input_ids"].to_pylist())
+    assert text.count("JavaScript") == 1 and text.count("return 1") == 1  # only the plain source's copies

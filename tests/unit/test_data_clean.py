@@ -97,7 +97,7 @@ def test_c4_line_rules_remove_exactly_the_failing_lines():
     from r1ray.data.clean import c4_lines
     from r1ray.data.config import C4Config
 
-    out, reason, removed = c4_lines(C4_PAGE, C4Config(enabled=True))
+    out, reason, removed = c4_lines(C4_PAGE, C4Config())
     assert reason is None and removed == 5
     assert out == (
         "The committee met on Tuesday to review the proposal for the library. Members raised concerns.\n"
@@ -105,7 +105,7 @@ def test_c4_line_rules_remove_exactly_the_failing_lines():
         "After a long discussion they agreed to ask the architects for a revised plan."
     )
     # Each rule can be turned off on its own.
-    out, _, removed = c4_lines(C4_PAGE, C4Config(enabled=True, remove_javascript_lines=False))
+    out, _, removed = c4_lines(C4_PAGE, C4Config(remove_javascript_lines=False))
     assert removed == 4 and "JavaScript" in out
 
 
@@ -120,5 +120,5 @@ def test_c4_page_rules_drop_with_their_reason(text, reason):
     from r1ray.data.clean import c4_lines
     from r1ray.data.config import C4Config
 
-    assert c4_lines(text, C4Config(enabled=True, bad_words=["frobnicating"]))[1] == reason
-    assert c4_lines(PROSE, C4Config(enabled=True, bad_words=["frobnicating"]))[1] is None
+    assert c4_lines(text, C4Config(bad_words=["frobnicating"]))[1] == reason
+    assert c4_lines(PROSE, C4Config(bad_words=["frobnicating"]))[1] is None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import pytest
 
@@ -130,3 +132,33 @@ def test_band_keys_need_matching_rows():
     keys = D.band_keys(sig, 2, 8, np.array([True, True]))
     assert keys[0, 0] == keys[1, 0] and keys[0, 1] != keys[1, 1]
     assert (D.band_keys(sig, 2, 8, np.array([True, False]))[1] == 0).all()
+
+
+def test_injected_copies_come_after_their_originals_with_true_labels():
+    from r1ray.data.synthetic import inject_near_duplicates
+
+    texts = [" ".join(f"t{i}w{k}" for k in range(200)) + "\n    indented line" for i in range(40)]
+    lab = inject_near_duplicates(texts, seed=1, copy_fraction=0.5, edit_rates=(0.0, 0.01, 0.2))
+    assert len(lab.texts) == 60 and lab.texts[: 1] == texts[:1]
+    copies = np.flatnonzero(lab.true_jaccard > 0)
+    assert len(copies) == 20
+    for i in copies:
+        # The original is the document whose words the copy mostly holds, and it comes earlier.
+        tag = Counter(w.split("w")[0] for w in lab.texts[i].split() if w.startswith("t")).most_common(1)[0][0]
+        orig = next(k for k, t in enumerate(lab.texts) if t.startswith(f"{tag}w0 ") and k != i)
+        assert orig < i
+        truth = D.jaccard(shingle_set(lab.texts[orig], 5), shingle_set(lab.texts[i], 5))
+        assert lab.true_jaccard[i] == pytest.approx(truth) and lab.is_duplicate[i] == (truth >= 0.8)
+    assert lab.is_duplicate.sum() > 0 and (~lab.is_duplicate[copies]).sum() > 0  # both sides of the threshold
+
+
+def test_kept_document_is_the_end_of_the_chain_of_matches():
+    from r1ray.data.duplicates import Dedup
+
+    nan = float("nan")
+    d = Dedup(exact=np.array([False, False, True, False, False]), near=np.array([False, True, False, True, False]),
+              match=np.array([-1, 0, 1, 2, -1]), estimated=np.array([nan, 0.9, 1.0, 0.85, nan], dtype=np.float32),
+              verified=np.array([nan, 0.9, 1.0, 0.86, nan], dtype=np.float32))
+    # 1 matched 0; 2 is an exact copy of 1 (removed); 3 matched 2: all of them are kept as 0.
+    assert d.kept_of().tolist() == [0, 0, 0, 0, 4]
+    assert d.removed.tolist() == [False, True, True, True, False]
