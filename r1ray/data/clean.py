@@ -193,6 +193,8 @@ PLACEHOLDERS = {"email": "<EMAIL>", "phone": "<PHONE>", "ip": "<IP_ADDRESS>", "c
                 "secret": "<SECRET>"}
 
 _EMAIL_RE = re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b")
+# A dotted quad right after "version", "release", "section", "chapter", "RFC" or "§" is a number, not an address.
+_IPV4_NOT_AFTER_RE = re.compile(r"(?i)(?:version|release|section|chapter|rfc|\u00a7)\w*[^\w\n]{0,3}$")
 _IPV4_RE = re.compile(r"(?<![\w.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![\w.])")
 # IPv6 candidates (full, compressed ``::``, IPv4-embedded, with a ``%zone``), validated by ``ipaddress``.
 # (The patterns here start with a character class and check what precedes a match in Python: a leading
@@ -393,6 +395,19 @@ def _scrub_cards(text: str) -> tuple[str, int]:
     return _CARD_PLAIN_RE.sub(plain, text), n
 
 
+def _scrub_ipv4(text: str) -> tuple[str, int]:
+    n = 0
+
+    def one(m: re.Match) -> str:
+        nonlocal n
+        if _IPV4_NOT_AFTER_RE.search(text, max(0, m.start() - 24), m.start()):
+            return m.group(0)
+        n += 1
+        return PLACEHOLDERS["ip"]
+
+    return _IPV4_RE.sub(one, text), n
+
+
 def _scrub_ipv6(text: str) -> tuple[str, int]:
     n = 0
 
@@ -440,7 +455,7 @@ def scrub_pii(text: str, cfg: PIIConfig) -> tuple[str, dict[str, int]]:
         n6 = 0
         if ":" in text:  # IPv6 first: "::ffff:192.0.2.1" is one address, not a prefix and an IPv4
             text, n6 = _scrub_ipv6(text)
-        text, n4 = _IPV4_RE.subn(PLACEHOLDERS["ip"], text)
+        text, n4 = _scrub_ipv4(text)
         counts["ip"] = n4 + n6
     if "phone" in kinds:
         text, counts["phone"] = _PHONE_RE.subn(PLACEHOLDERS["phone"], text)

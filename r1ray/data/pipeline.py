@@ -234,7 +234,8 @@ def _tokenize_file(batch: dict, *, tok_ref: Any, eos_id: int) -> Any:
         texts = table.column("text").take(pa.array(sel)).to_pylist()
         sources = table.column("source").to_numpy()[sel]
         for lo in range(0, len(texts), 1024):
-            encs = tok.encode_batch(texts[lo : lo + 1024], add_special_tokens=False)
+            # The fast path skips computing character offsets, which packing never reads (same ids).
+            encs = tok.encode_batch_fast(texts[lo : lo + 1024], add_special_tokens=False)
             ids = [np.append(np.asarray(e.ids, dtype=np.int32), np.int32(eos_id)) for e in encs]
             lengths = np.array([len(x) for x in ids], dtype=np.int32)
             offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
@@ -518,7 +519,7 @@ def _mix(cfg: PrepareDataConfig, names: list[str], tok: _Tokenizer, docs: _Docs,
     for si, name in enumerate(names):
         texts = [t for t, s in zip(tok.sample, tok.sample_source, strict=True) if s == si]
         chars = sum(len(t) for t in texts)
-        toks = sum(len(e.ids) for e in enc.encode_batch(texts, add_special_tokens=False)) if (enc and texts) else 0
+        toks = sum(len(e.ids) for e in enc.encode_batch_fast(texts, add_special_tokens=False)) if (enc and texts) else 0
         ratio[name] = (toks / chars) if chars else 0.25
     train_keep = keep & (split == 0)
     est_tokens = {

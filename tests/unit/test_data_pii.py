@@ -100,6 +100,8 @@ NUMERIC_TEXT = [
     "x[1::2], y[:, ::2], z[:, 1::2], s[::-1], a[b::2]",
     "std::vector<int> v; dead::beef; Foo::Bar; fn::<u8>()",
     "f :: Int -> Int",
+    "version 3.1.1.6, release 2.7.2.2 and sections \"8.2.4.44 Bogus comment\"",
+    "see https://tools.ietf.org/html/rfc7231#section-7.1.1.1 and RFC 1918 \u00a7 3.2.1.4",
 ]
 
 
