@@ -7,6 +7,7 @@ record with a ``reason`` instead of text, so nothing crashes and nothing valid i
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import gzip
 import hashlib
@@ -24,6 +25,7 @@ from r1ray.artifacts import filesystem
 from r1ray.data.config import SourceConfig
 
 SNIPPET = 200
+_ROWS_PER_BATCH = 256  # Parquet rows decoded at a time: bounds a task's memory on files of long documents
 _STDLIB_SKIP = ("test", "tests", "idlelib", "site-packages", "dist-packages", "lib2to3", "turtledemo", "__pycache__")
 
 
@@ -324,39 +326,44 @@ def read_records(task: FileTask, src: SourceConfig, max_line_bytes: int, seed: i
                             yield Record(pos, None, "invalid_utf8", line[:SNIPPET].decode("utf-8", "replace"))
         elif task.format in ("parquet", "hf_disk"):
             fs, p = filesystem(task.path)
-            with fs.open_input_file(p) as f:
-                data = f.read()
-            stats.sha.update(data)
-            stats.bytes += len(data)
-            if task.format == "parquet":
-                import pyarrow.parquet as pq
+            # The raw bytes are hashed in one streaming pass (the manifest's input hash); the rows are then
+            # read a row group (Parquet) or record batch (Arrow stream) at a time, so a big file never sits
+            # whole in a task's memory.
+            with fs.open_input_stream(p) as f:
+                while chunk := f.read(1 << 20):
+                    stats.sha.update(chunk)
+                    stats.bytes += len(chunk)
+            with contextlib.ExitStack() as stack:
+                if task.format == "parquet":
+                    import pyarrow.parquet as pq
 
-                pf = pq.ParquetFile(pa.BufferReader(data))
-                names = pf.schema_arrow.names
-                cols = [src.text_field] + ([src.id_field] if src.id_field in names else [])
-                batches = pf.iter_batches(columns=cols) if src.text_field in names else None
-            else:
-                reader = pa.ipc.open_stream(pa.BufferReader(data))
-                names = reader.schema.names
-                batches = iter(reader) if src.text_field in names else None
-            if batches is None:
-                yield Record(-1, None, "missing_text_column", f"columns: {names}"[:SNIPPET])
-                return
-            pos = 0
-            for batch in batches:
-                col = batch.column(batch.schema.get_field_index(src.text_field))
-                is_str = pa.types.is_string(col.type) or pa.types.is_large_string(col.type)
-                i_id = batch.schema.get_field_index(src.id_field) if src.id_field else -1
-                ids = batch.column(i_id).to_pylist() if i_id >= 0 else [None] * batch.num_rows
-                for v, doc_id in zip(col.to_pylist(), ids, strict=True):
-                    if v is None:
-                        yield Record(pos, None, "missing_text_field", "")
-                    elif not is_str or not isinstance(v, str):
-                        yield Record(pos, None, "non_string_text", repr(v)[:SNIPPET])
-                    else:
-                        yield Record(pos, v, doc_id=_id_str(doc_id))
-                    pos += 1
-                n_done = pos
+                    pf = pq.ParquetFile(stack.enter_context(fs.open_input_file(p)))
+                    names = pf.schema_arrow.names
+                    cols = [src.text_field] + ([src.id_field] if src.id_field in names else [])
+                    batches = pf.iter_batches(batch_size=_ROWS_PER_BATCH, columns=cols) \
+                        if src.text_field in names else None
+                else:
+                    reader = pa.ipc.open_stream(stack.enter_context(fs.open_input_stream(p)))
+                    names = reader.schema.names
+                    batches = iter(reader) if src.text_field in names else None
+                if batches is None:
+                    yield Record(-1, None, "missing_text_column", f"columns: {names}"[:SNIPPET])
+                    return
+                pos = 0
+                for batch in batches:
+                    col = batch.column(batch.schema.get_field_index(src.text_field))
+                    is_str = pa.types.is_string(col.type) or pa.types.is_large_string(col.type)
+                    i_id = batch.schema.get_field_index(src.id_field) if src.id_field else -1
+                    ids = batch.column(i_id).to_pylist() if i_id >= 0 else [None] * batch.num_rows
+                    for v, doc_id in zip(col.to_pylist(), ids, strict=True):
+                        if v is None:
+                            yield Record(pos, None, "missing_text_field", "")
+                        elif not is_str or not isinstance(v, str):
+                            yield Record(pos, None, "non_string_text", repr(v)[:SNIPPET])
+                        else:
+                            yield Record(pos, v, doc_id=_id_str(doc_id))
+                        pos += 1
+                    n_done = pos
         else:
             yield Record(-1, None, f"unknown_format:{task.format}", "")
     except (EOFError, gzip.BadGzipFile) as e:

@@ -106,3 +106,28 @@ def test_id_field_is_read_from_jsonl_and_parquet_rows(tmp_path):
     assert ids(SourceConfig(name="j", path=str(tmp_path / "j"), format="jsonl"))[0] == ("one", None)
     with pytest.raises(ValueError, match="id_field is for jsonl, parquet and hf_disk"):
         SourceConfig(name="t", path=str(tmp_path), format="text", id_field="id")
+
+
+def test_parquet_is_read_a_row_group_at_a_time(tmp_path):
+    """All rows in order across row groups, and the task never holds the file: peak Python memory while
+    reading stays far below the file's size (reading it whole would hold every byte at once)."""
+    import os
+    import tracemalloc
+
+    import pyarrow.parquet as pq
+
+    rows = [os.urandom(2000).hex() for _ in range(1500)]  # 6 MB of incompressible-ish text
+    pq.write_table(pa.table({"text": rows, "id": list(range(1500))}), tmp_path / "big.parquet", row_group_size=100)
+    size = (tmp_path / "big.parquet").stat().st_size
+    src = SourceConfig(name="p", path=str(tmp_path), format="parquet", id_field="id")
+    (task,), _ = plan([src])
+    stats = ReadStats()
+    tracemalloc.start()
+    n = 0
+    for r in read_records(task, src, 1 << 20, 0, stats):
+        assert (r.pos, r.text, r.doc_id) == (n, rows[n], str(n))
+        n += 1
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert n == 1500 and stats.bytes == size
+    assert peak < size / 2, (peak, size)
