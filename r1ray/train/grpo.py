@@ -220,7 +220,7 @@ class GRPOStage(Stage):
                 problems.append(f"grpo.rewards: {e}")
         if problems:
             raise ValueError("GRPO config cannot run:\n  - " + "\n  - ".join(problems))
-        return RunPlan(config=cfg, inputs=[cfg.model.init_from])
+        return RunPlan(config=cfg, inputs=_lineage_inputs(cfg.model.init_from))
 
     @classmethod
     @contextmanager
@@ -585,7 +585,15 @@ class GRPOStage(Stage):
         return m
 
     def export_inputs(self) -> list[str]:
-        return [self.cfg.model.init_from] if self.cfg.model.init_from else []
+        return _lineage_inputs(self.cfg.model.init_from)
+
+
+def _lineage_inputs(init_from: str | None) -> list[str]:
+    """The policy's start as a lineage input when it is an r1ray artifact (an SFT export has a manifest); a plain
+    Hugging Face directory has no lineage to record."""
+    from r1ray.artifacts import is_complete
+
+    return [init_from] if init_from and is_complete(init_from) else []
 
 
 def run(cfg: GRPOConfig, *, callbacks: Sequence[Any] = (), run_name: str | None = None,

@@ -19,10 +19,10 @@ from r1ray.train.grpo import GRPOConfig
 RAY_NUM_CPUS = 4  # 1 learner + 1 engine + reward tasks, with room to spare
 
 BASE = [
-    "train.max_steps=8", "train.global_batch_size=4", "train.micro_batch_size=2", "train.eval_every=0",
+    "train.max_steps=10", "train.global_batch_size=8", "train.micro_batch_size=4", "train.eval_every=0",
     "train.log_every=2", "checkpoint.every=2", "checkpoint.keep=2", "optim.lr=0.02", "optim.warmup_steps=0",
     "optim.schedule=constant", "deepspeed.zero_stage=2", "scaling.num_workers=1", "logging.wandb.mode=disabled",
-    "grpo.group_size=8", "grpo.rewards={tag_count: 1.0}", "grpo.max_completion_tokens=12", "grpo.eval_problems=8",
+    "grpo.group_size=8", "grpo.rewards={tag_count: 1.0}", "grpo.max_completion_tokens=24", "grpo.eval_problems=8",
     "grpo.temperature=1.0", "grpo.loss_type=dapo", "ray.include_dashboard=false",
 ]
 
@@ -117,19 +117,19 @@ def test_mean_reward_rises_and_learner_and_engine_sigkills_leave_the_export_bitw
     from r1ray.train.grpo import run
 
     ref = run(make_cfg(model_dir, tmp_path_factory.mktemp("ref"), "run_name=ref"))
-    assert ref.status == "completed" and ref.steps == 8 and ref.export_path
+    assert ref.status == "completed" and ref.steps == 10 and ref.export_path
     steps = rollouts(ref.run_dir)
     early = sum(steps[s]["reward_mean"] for s in (1, 2)) / 2
-    late = sum(steps[s]["reward_mean"] for s in (7, 8)) / 2
+    late = sum(steps[s]["reward_mean"] for s in (9, 10)) / 2
     assert late > early + 0.1, [steps[s]["reward_mean"] for s in sorted(steps)]
-    assert "accuracy" in ref.metrics and "kl" not in steps[8]  # beta = 0: no reference, no KL
+    assert "accuracy" in ref.metrics and "kl" not in steps[10]  # beta = 0: no reference, no KL
 
     faulted = run(make_cfg(model_dir, tmp_path_factory.mktemp("faulted"), "run_name=faulted", "faults.kill_at_step=3",
                            "grpo.kill_engine_at_step=6"))
     assert faulted.status == "completed" and faulted.restarts == 1
     fsteps = rollouts(faulted.run_dir)
-    assert fsteps[8]["engine_replacements"] >= 1
-    assert [fsteps[s]["completion_hash"] for s in range(1, 9)] == [steps[s]["completion_hash"] for s in range(1, 9)]
+    assert fsteps[10]["engine_replacements"] >= 1
+    assert [fsteps[s]["completion_hash"] for s in range(1, 11)] == [steps[s]["completion_hash"] for s in range(1, 11)]
     a = Path(ref.export_path, "model.safetensors").read_bytes()
     b = Path(faulted.export_path, "model.safetensors").read_bytes()
     assert a == b
