@@ -548,7 +548,8 @@ class GRPOStage(Stage):
         m.max("engine_replacements", float(stats["replacements"]))
         if self.cfg.grpo.log_rollouts and self.run_dir and "://" not in self.run_dir:
             first = groups[0]
-            line = {"step": step + 1, "rank": self.worker.rank, "attempt": self._attempt, **m.local(),
+            line = {"step": step + 1, "rank": self.worker.rank, "attempt": self._attempt, "time": time.time(),
+                    **m.local(),
                     "weights_version": self._version, "engine_replacements": stats["replacements"],
                     "sample": {"index": first.index, "question": first.problem.question,
                                "completion": first.completions[0].text, "reward": first.rewards[0]},

@@ -133,3 +133,38 @@ def test_mean_reward_rises_and_learner_and_engine_sigkills_leave_the_export_bitw
     a = Path(ref.export_path, "model.safetensors").read_bytes()
     b = Path(faulted.export_path, "model.safetensors").read_bytes()
     assert a == b
+
+
+def test_mu2_with_reference_and_zero3_sync(ray_local, model_dir, tmp_path):
+    """beta > 0 and mu = 2 in this process: two updates over the same micro-batches, old and reference
+    logprobs attached, KL 0 against an identical reference; then a real ZeRO-3 run of that config, whose
+    weight sync gathers the partitioned parameters on every rank (the engines get each step's weights)."""
+    import numpy as np
+    import torch
+
+    from r1ray.train.grpo import GRPOStage, run
+    from r1ray.train.stage import Metrics, WorkerInfo
+
+    extra = ("grpo.beta=0.1", "grpo.mu=2", "grpo.max_completion_tokens=8", "train.max_steps=2",
+             "grpo.loss_type=grpo")
+    cfg = make_cfg(model_dir, tmp_path, *extra)
+    with GRPOStage.resources(cfg, str(tmp_path / "local")) as res:
+        stage = GRPOStage(cfg)
+        stage.worker = WorkerInfo(0, 1, 0, False, torch.device("cpu"))
+        stage.setup(stage.worker, res)
+        model = stage.build_model()
+        stage.frozen = stage.frozen_models()
+        inputs = stage.step_inputs(0, [np.array([1, 2, 3, 4]), np.array([5, 6, 7, 8])], model)
+        assert len(inputs.updates) == 2 and inputs.updates[0] is inputs.updates[1]
+        b = inputs.updates[0][0]
+        assert "old_logp" in b and "ref_logp" in b
+        m = Metrics()
+        loss = stage.loss(model, b, m)
+        stats = m.local()
+        assert stats["kl"] == pytest.approx(0.0, abs=1e-6) and stats["clip_fraction"] == 0.0
+        assert stats["entropy"] > 0 and torch.isfinite(loss)
+
+    result = run(make_cfg(model_dir, tmp_path, *extra, "deepspeed.zero_stage=3", "run_name=zero3"))
+    assert result.status == "completed" and result.steps == 2
+    steps = rollouts(result.run_dir)
+    assert [steps[s]["weights_version"] for s in (1, 2)] == [0, 1]

@@ -1,0 +1,234 @@
+"""GRPO side by side: r1ray (Ray Train + DeepSpeed learner, pool of engine actors) against TRL's GRPOTrainer.
+
+    python benchmarks/grpo_step.py                       # 30 steps x {8, 64} completions per step, both sides
+    python benchmarks/grpo_step.py --steps 12 --sizes 8  # a shorter check
+    python benchmarks/grpo_step.py --json out.json
+
+Both sides, in the same run: the same tiny Llama (``tiny`` preset, ~1M parameters with this vocabulary), built
+here from nothing and warmed up with ``--sft-steps`` steps of supervised training on worked arithmetic
+solutions (plain PyTorch, so the policy writes the format and sometimes the answer); the same tokenizer
+(trained here), the same prompts (arithmetic level 1, the chat template), the same reward code
+(``r1ray.tasks.rewards.score`` with accuracy 1.0 + format 0.2), G = 8, the same max completion length,
+temperature 1, lr, beta 0, loss type DAPO, one update per rollout batch. Completions per step = 8 (1 prompt)
+and 64 (8 prompts).
+
+Throughput: completions/s of each step (G x prompts / the step's wall time) , median over steps 5-30 (the
+first steps hold warm-up). r1ray's step times are the intervals between its per-step rollout records
+(``<run_dir>/grpo/rollouts-rank0.jsonl``: each written at the same point of a step); TRL's come from a
+``TrainerCallback`` at each ``on_step_end``. Held-out accuracy: greedy on ``--eval-problems`` eval-split
+problems, on each side's final weights, through the same ``HFEngine``.
+
+Layout on a 2-core machine: r1ray runs 1 learner worker (1 CPU) and 1 engine (1 CPU) on an embedded Ray with
+4 logical CPUs (reward tasks take 0.25); TRL runs in one process with 2 torch threads. The machine may be
+shared: both sides run back to back, and the numbers are medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+G = 8
+REWARDS = {"accuracy": 1.0, "format": 0.2}
+
+
+def build_start(out: Path, sft_steps: int, seed: int) -> Path:
+    """Tokenizer + tiny Llama, warmed up on worked solutions (plain PyTorch); saved as an HF directory."""
+    import torch
+
+    from r1ray.model.build import ModelConfig, build_model, save_model
+    from r1ray.model.tokenizer import train_tokenizer
+    from r1ray.tasks.registry import sample_problems
+
+    probs = sample_problems({"arithmetic": 1.0}, 2000, seed=seed + 1, split="train", difficulty=1)
+    tok_dir = out / "tokenizer"
+    texts = [p.question + "\n" + p.completion for p in probs]
+    tok = train_tokenizer(texts, tok_dir, vocab_size=1024)
+    torch.manual_seed(seed)
+    model = build_model(ModelConfig(preset="tiny", max_position_embeddings=512), tok, seed=seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    rows = []
+    for p in probs:
+        prompt = tok.apply_chat_template(p.messages(), add_generation_prompt=True, tokenize=False)
+        ids = tok(prompt + p.completion + "<|im_end|>", add_special_tokens=False)["input_ids"]
+        n_prompt = len(tok(prompt, add_special_tokens=False)["input_ids"])
+        rows.append((ids, n_prompt))
+    model.train()
+    for step in range(sft_steps):
+        batch = [rows[(step * 16 + i) % len(rows)] for i in range(16)]
+        width = max(len(r) for r, _ in batch)
+        ids = torch.full((16, width), tok.pad_token_id)
+        labels = torch.full((16, width), -100)
+        for i, (r, n) in enumerate(batch):
+            ids[i, :len(r)] = torch.tensor(r)
+            labels[i, n:len(r)] = torch.tensor(r[n:])
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if step % 50 == 0:
+            print(f"  sft step {step}: loss {loss.item():.3f}", flush=True)
+    return save_model(model.eval(), tok, out / "start")
+
+
+def accuracy(model_dir: str, n: int, max_tokens: int, seed: int) -> float:
+    from r1ray.infer.hf import HFEngine
+    from r1ray.infer.types import SamplingParams
+    from r1ray.tasks.registry import sample_problems
+    from r1ray.tasks.rewards import score
+
+    probs = sample_problems({"arithmetic": 1.0}, n, seed=seed, split="eval", difficulty=1)
+    eng = HFEngine.from_dir(model_dir, device="cpu", dtype="float32", max_batch_size=64, max_queue=1024)
+    try:
+        prompts = [eng.tokenizer.apply_chat_template(p.messages(), add_generation_prompt=True, tokenize=False)
+                   for p in probs]
+        outs = eng.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0))
+    finally:
+        eng.shutdown()
+    return statistics.mean(score([o.text for o in outs], probs, {"accuracy": 1.0}).per_reward["accuracy"])
+
+
+def run_r1ray(start: Path, root: Path, prompts_per_step: int, steps: int, max_tokens: int, lr: float,
+              seed: int) -> dict[str, Any]:
+    from r1ray.config import load_config
+    from r1ray.train.grpo import GRPOConfig, run
+
+    micro = min(prompts_per_step, 4)
+    cfg = load_config(GRPOConfig, [
+        f"model.init_from={start}", f"storage.root={root}", f"run_name=r1ray-{prompts_per_step}", f"seed={seed}",
+        f"train.max_steps={steps}", f"train.global_batch_size={prompts_per_step}", f"train.micro_batch_size={micro}",
+        "train.eval_every=0", f"train.log_every={steps}", f"checkpoint.every={steps}", f"optim.lr={lr}",
+        "deepspeed.zero_stage=0", "scaling.num_workers=1", "scaling.cpus_per_worker=1", "train.torch_threads=1",
+        f"grpo.group_size={G}", f"grpo.rewards={json.dumps(REWARDS)}", f"grpo.max_completion_tokens={max_tokens}",
+        "grpo.loss_type=dapo", "grpo.beta=0", "grpo.eval_problems=8", "ray.num_cpus=4", "ray.include_dashboard=false",
+        "logging.wandb.mode=disabled",
+    ])
+    t0 = time.perf_counter()
+    result = run(cfg)
+    wall = time.perf_counter() - t0
+    recs: dict[int, dict] = {}
+    for line in Path(result.run_dir, "grpo", "rollouts-rank0.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        recs[r["step"]] = r
+    times = [recs[s]["time"] for s in sorted(recs)]
+    per_step = [prompts_per_step * G / (b - a) for a, b in zip(times, times[1:], strict=False)]
+    return {"per_step": per_step, "wall_s": wall, "export": result.export_path,
+            "zero_variance": statistics.mean(r["frac_zero_variance_groups"] for r in recs.values()),
+            "reward": [recs[s]["reward_mean"] for s in sorted(recs)]}
+
+
+def run_trl(start: Path, out: Path, prompts_per_step: int, steps: int, max_tokens: int, lr: float,
+            seed: int) -> dict[str, Any]:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig as TRLConfig
+    from trl import GRPOTrainer
+
+    from r1ray.tasks.base import Problem
+    from r1ray.tasks.registry import sample_problems
+    from r1ray.tasks.rewards import score
+
+    torch.set_num_threads(2)
+    tok = AutoTokenizer.from_pretrained(str(start))
+    tok.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(str(start), dtype=torch.float32)
+    probs = sample_problems({"arithmetic": 1.0}, prompts_per_step * steps, seed=seed, split="train", difficulty=1)
+    ds = Dataset.from_list([{
+        "prompt": tok.apply_chat_template(p.messages(), add_generation_prompt=True, tokenize=False),
+        "problem": json.dumps(p.to_dict())} for p in probs])
+    zero_var: list[float] = []
+
+    def reward(completions, problem, **_):
+        ps = [Problem.from_dict(json.loads(x)) for x in problem]
+        total = score(list(completions), ps, REWARDS).total
+        for i in range(0, len(total), G):
+            zero_var.append(float(max(total[i:i + G]) == min(total[i:i + G])))
+        return total
+
+    stamps: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            stamps.append(time.perf_counter())
+
+    args = TRLConfig(
+        output_dir=str(out), per_device_train_batch_size=prompts_per_step * G, num_generations=G,
+        max_completion_length=max_tokens, max_steps=steps, learning_rate=lr, lr_scheduler_type="constant",
+        weight_decay=0.0, warmup_steps=0, beta=0.0, loss_type="dapo", temperature=1.0, use_cpu=True, bf16=False,
+        report_to=[], logging_steps=steps, save_strategy="no", seed=seed, gradient_accumulation_steps=1,
+        num_iterations=1, shuffle_dataset=False,
+    )
+    trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=args, train_dataset=ds, processing_class=tok,
+                          callbacks=[Clock()])
+    t0 = time.perf_counter()
+    stamps.append(t0)
+    trainer.train()
+    wall = time.perf_counter() - t0
+    export = out / "final"
+    trainer.model.save_pretrained(str(export), safe_serialization=True)
+    tok.save_pretrained(str(export))
+    per_step = [prompts_per_step * G / (b - a) for a, b in zip(stamps, stamps[1:], strict=False)]
+    return {"per_step": per_step, "wall_s": wall, "export": str(export),
+            "zero_variance": statistics.mean(zero_var) if zero_var else None}
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[8, 64], help="completions per step (multiples of 8)")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--sft-steps", type=int, default=200)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--eval-problems", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--skip-trl", action="store_true")
+    ap.add_argument("--json", type=str, default=None)
+    a = ap.parse_args(argv)
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    root = Path(tempfile.mkdtemp(prefix="r1ray-grpo-bench-"))
+    print(f"building the start model in {root} ...", flush=True)
+    start = build_start(root, a.sft_steps, a.seed)
+    acc0 = accuracy(str(start), a.eval_problems, a.max_tokens, a.seed)
+    print(f"start: held-out accuracy {acc0:.3f}", flush=True)
+    first = min(4, a.steps - 2)  # steps 5..N: intervals from the 5th step on
+    rows = []
+    for size in a.sizes:
+        prompts = size // G
+        out: dict[str, Any] = {"completions_per_step": size}
+        r = run_r1ray(start, root / "r1ray", prompts, a.steps, a.max_tokens, a.lr, a.seed)
+        out["r1ray"] = {"completions_per_s": statistics.median(r["per_step"][first:]), "wall_s": r["wall_s"],
+                        "accuracy": accuracy(r["export"], a.eval_problems, a.max_tokens, a.seed),
+                        "zero_variance_groups": r["zero_variance"]}
+        print(f"r1ray {size}/step: {out['r1ray']}", flush=True)
+        if not a.skip_trl:
+            t = run_trl(start, root / f"trl-{size}", prompts, a.steps, a.max_tokens, a.lr, a.seed)
+            out["trl"] = {"completions_per_s": statistics.median(t["per_step"][first:]), "wall_s": t["wall_s"],
+                          "accuracy": accuracy(t["export"], a.eval_problems, a.max_tokens, a.seed),
+                          "zero_variance_groups": t["zero_variance"]}
+            out["ratio"] = out["r1ray"]["completions_per_s"] / out["trl"]["completions_per_s"]
+            print(f"trl   {size}/step: {out['trl']}", flush=True)
+        rows.append(out)
+    print(f"\nstart accuracy {acc0:.3f}; {a.steps} steps, G={G}, max {a.max_tokens} tokens (loaded shared machine?)")
+    print(f"{'per step':>9} | {'r1ray c/s':>9} {'acc':>6} | {'TRL c/s':>9} {'acc':>6} | ratio")
+    for o in rows:
+        t = o.get("trl", {})
+        print(f"{o['completions_per_step']:>9} | {o['r1ray']['completions_per_s']:>9.1f} {o['r1ray']['accuracy']:>6.3f}"
+              f" | {t.get('completions_per_s', float('nan')):>9.1f} {t.get('accuracy', float('nan')):>6.3f}"
+              f" | {o.get('ratio', float('nan')):.2f}")
+    if a.json:
+        Path(a.json).write_text(json.dumps({"start_accuracy": acc0, "rows": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
