@@ -4,7 +4,7 @@ Why a process: a thread cannot be stopped, and ``signal.setitimer``/``alarm`` (m
 only in the main thread (Ray runs tasks in other threads too) and cannot interrupt one long C call
 (``10**(10**10)`` inside sympy, a regex scan). Killing a process always works.
 
-How it stays cheap: the child (``python -m r1ray.tasks.sandbox``) is persistent and imports everything a
+How it stays cheap: the child (``python -m r1ray.tasks.sandbox_child``) is persistent and imports everything a
 verifier needs (sympy, math-verify) *before* it reports ready, so an import is never charged to a sample. A
 batch goes over a socket in one message and the child sends results back every few milliseconds. Progress is a
 heartbeat in shared memory (an mmap of an unlinked temporary file): ``(sample, reward, start time)``, written by the child around each
@@ -55,7 +55,7 @@ _READY = "ready"
 
 
 class _Child:
-    """One ``python -m r1ray.tasks.sandbox`` process, its socket and its heartbeat."""
+    """One ``python -m r1ray.tasks.sandbox_child`` process, its socket and its heartbeat."""
 
     def __init__(self, memory_limit: int | None):
         with tempfile.TemporaryFile() as f:  # unlinked at once; a memfd would be Linux-only
@@ -66,7 +66,7 @@ class _Child:
         env = dict(os.environ)
         root = str(Path(__file__).resolve().parents[2])  # the directory holding the r1ray package
         env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
-        args = [sys.executable, "-m", "r1ray.tasks.sandbox", str(theirs.fileno()), str(self.hb_fd),
+        args = [sys.executable, "-m", "r1ray.tasks.sandbox_child", str(theirs.fileno()), str(self.hb_fd),
                 str(memory_limit or 0)]
         self.proc = subprocess.Popen(args, pass_fds=(theirs.fileno(), self.hb_fd), env=env,
                                      stdin=subprocess.DEVNULL)
@@ -214,53 +214,3 @@ def default_sandbox() -> Sandbox:
         if _default is None:
             _default = Sandbox()
         return _default
-
-
-# --- the child --------------------------------------------------------------------------------------------
-def _child(sock_fd: int, hb_fd: int, memory_limit: int) -> None:
-    """``(items, names, skip)`` in; lists of ``(pos, values)`` out every few ms, then None."""
-    from r1ray.tasks import registry  # noqa: F401 - every built-in task, imported before we report ready
-    from r1ray.tasks.mathcheck import warm_up
-    from r1ray.tasks.rewards import run_reward
-
-    warm_up()
-
-    if memory_limit:
-        import resource
-
-        _soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-        resource.setrlimit(resource.RLIMIT_AS, (memory_limit if hard == resource.RLIM_INFINITY
-                                                else min(memory_limit, hard), hard))
-    hb = (ctypes.c_double * 3).from_buffer(mmap.mmap(hb_fd, 3 * 8))
-    conn = Connection(sock_fd)
-    try:
-        conn.send(_READY)
-    except OSError:  # the parent left while we were importing
-        return
-    while True:
-        try:
-            items, names, skip = conn.recv()
-        except (EOFError, OSError):  # the parent is gone
-            return
-        done: list[tuple[int, list[float | None]]] = []
-        sent = time.monotonic()
-        for pos, completion, problem, ctx in items:
-            values: list[float | None] = []
-            for ri, name in enumerate(names):
-                if (pos, ri) in skip:
-                    values.append(None)
-                    continue
-                hb[0], hb[1], hb[2] = pos, ri, time.monotonic()
-                values.append(run_reward(name, completion, problem, ctx))
-                hb[2] = _IDLE
-            done.append((pos, values))
-            if time.monotonic() - sent > _SEND_EVERY_S:  # a message per few ms, not per sample
-                conn.send(done)
-                done, sent = [], time.monotonic()
-        if done:
-            conn.send(done)
-        conn.send(None)
-
-
-if __name__ == "__main__":
-    _child(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))

@@ -270,11 +270,20 @@ class Loop:
     def _open_checkpoint(self) -> tuple[str | None, dict[str, Any], bool]:
         """(local checkpoint dir or None, its trainer state, whether Ray Train restarted us)."""
         import ray.train
+        from ray.train import Checkpoint
+
+        from r1ray.model.export import checkpoint_step, newest_checkpoint
 
         ckpt, from_ray = ray.train.get_checkpoint(), True
+        # Ray Train registers a reported checkpoint only when its controller next polls the workers (every
+        # 2 s): a worker killed within that window restarts from the checkpoint before, losing an interval.
+        # r1ray's own marker (written once every rank's files are stored) closes that gap.
+        newest = newest_checkpoint(self.run_dir)
+        if newest is not None and (ckpt is None or (checkpoint_step(newest.rstrip("/").rsplit("/", 1)[-1]) or 0)
+                                   > (checkpoint_step(ckpt.path.rstrip("/").rsplit("/", 1)[-1]) or 0)):
+            log.info("resuming from %s, newer than Ray Train's registered checkpoint", newest)
+            ckpt = Checkpoint(newest)
         if ckpt is None and self.cfg.checkpoint.resume_from:
-            from ray.train import Checkpoint
-
             ckpt, from_ray = Checkpoint(self.cfg.checkpoint.resume_from), False
         if ckpt is None:
             return None, {}, False
@@ -743,6 +752,9 @@ class Loop:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         uri = join(self.run_dir, name)
+        # every rank's files are in the run's storage once every rank is past its report (each uploads its
+        # part before returning): only then is the checkpoint marked complete
+        self._barrier()
         if w.rank == 0:
             write_json(join(uri, COMPLETE), {"step": step, "samples_consumed": rs.consumed})
         seconds = time.perf_counter() - t0
