@@ -141,71 +141,79 @@ def _fixed_lists(m: np.ndarray, typ: pa.DataType) -> pa.ListArray:
 
 def _clean_file(batch: dict, *, cfg_json: str, eval_ref: Any) -> Any:
     """Ray Data UDF: one FileTask in, a stream of CLEAN_SCHEMA tables out (generator)."""
-    from r1ray.data import clean as C
     from r1ray.data import dedup as D
-    from r1ray.data.decontam import contaminated
     from r1ray.data.sources import FileTask, ReadStats, read_records
 
     cfg = _CACHE.get(cfg_json) or _CACHE.setdefault(cfg_json, PrepareDataConfig.model_validate_json(cfg_json))
     eval_set = _cached_get(eval_ref)
     a, b = D.permutations(cfg.dedup.num_perm, cfg.dedup.seed)
-    clean_cfg, dd = cfg.clean, cfg.dedup
-    n_tasks = len(batch["source"])
-    for t in range(n_tasks):
+    for t in range(len(batch["source"])):
         task = FileTask(**{k: (v[t].item() if hasattr(v[t], "item") else v[t]) for k, v in batch.items()})
         src: SourceConfig = cfg.sources[task.source]
         stats = ReadStats()
-        out = _CleanBatch(task, a, b, dd)
-        add = out.add
-        for rec in read_records(task, src, clean_cfg.max_line_bytes, cfg.seed, stats):
+        out = _CleanBatch(task, a, b, cfg.dedup)
+        for rec in read_records(task, src, cfg.clean.max_line_bytes, cfg.seed, stats):
             if rec.reason is not None:
-                add(rec.pos, 0, STATUS_REJECTED, rec.reason, rec.raw)
+                out.add(rec.pos, 0, STATUS_REJECTED, rec.reason, rec.raw)
             else:
-                text, edits = C.normalize(rec.text, unicode_form=clean_cfg.unicode_form,
-                                          collapse_whitespace=src.collapse_whitespace)
-                if not text:
-                    add(rec.pos, 0, STATUS_REJECTED, "empty_document", rec.text[:200], edits=edits)
-                    parts: list[str] = []
-                elif len(text) > clean_cfg.max_chars:
-                    if clean_cfg.oversize == "reject":
-                        add(rec.pos, 0, STATUS_REJECTED, "oversize_document", text[:200], edits=edits)
-                        parts = []
-                    elif clean_cfg.oversize == "truncate":
-                        parts, edits = [text[: clean_cfg.max_chars]], edits | C.EDIT_TRUNCATED
-                    else:
-                        parts = C.split_oversize(text, clean_cfg.max_chars)
-                else:
-                    parts = [text]
-                for part_idx, piece in enumerate(parts):
-                    # A split document's extra pieces are counted as documents of their own (part > 0).
-                    p_edits = edits
-                    if len(piece) < clean_cfg.min_chars:
-                        add(rec.pos, part_idx, STATUS_FILTERED, "too_short", edits=p_edits)
-                        continue
-                    if src.c4_rules:
-                        piece, reason, lines_removed = C.c4_lines(piece, clean_cfg.c4)
-                        p_edits |= C.EDIT_C4_LINES if lines_removed else 0
-                        if reason is not None:
-                            add(rec.pos, part_idx, STATUS_FILTERED, reason, edits=p_edits)
-                            continue
-                    if src.quality_filters:
-                        reason = C.quality_reason(piece, clean_cfg.quality)
-                        if reason is not None:
-                            add(rec.pos, part_idx, STATUS_FILTERED, reason, edits=p_edits)
-                            continue
-                    piece, pii = C.scrub_pii(piece, clean_cfg.pii)
-                    wh = D.word_hashes(piece) if (dd.near or len(eval_set)) else None
-                    if wh is not None and contaminated(wh, eval_set, cfg.decontam.ngram):
-                        add(rec.pos, part_idx, STATUS_FILTERED, "decontaminated", edits=p_edits, pii=pii)
-                        continue
-                    sh = np.unique(D.ngram_hashes(wh, dd.shingle_size)) if dd.near else None
-                    add(rec.pos, part_idx, STATUS_OK, "", piece, exact=D.exact_hash(piece), n_chars=len(piece),
-                        edits=p_edits, pii=pii, sh=sh, doc_id=rec.doc_id)
+                for part_idx, piece, edits in _pieces(rec, src, cfg, out):
+                    _clean_piece(rec, part_idx, piece, edits, src, cfg, eval_set, out)
             if len(out) >= cfg.batch_size:
                 yield out.flush()
         # The file's own summary row: bytes read and their SHA-256 (the manifest's input hashes).
-        add(-2, 0, STATUS_FILE, stats.sha.hexdigest(), task.path, n_chars=stats.bytes)
+        out.add(-2, 0, STATUS_FILE, stats.sha.hexdigest(), task.path, n_chars=stats.bytes)
         yield out.flush()
+
+
+def _pieces(rec: Any, src: SourceConfig, cfg: PrepareDataConfig, out: _CleanBatch) -> list[tuple[int, str, int]]:
+    """Normalise a record; ``(part, text, edit flags)`` of its documents (a gigantic one split, truncated or
+    rejected per ``clean.oversize``; an empty one rejected)."""
+    from r1ray.data import clean as C
+
+    c = cfg.clean
+    text, edits = C.normalize(rec.text, unicode_form=c.unicode_form, collapse_whitespace=src.collapse_whitespace)
+    if not text:
+        out.add(rec.pos, 0, STATUS_REJECTED, "empty_document", rec.text[:200], edits=edits)
+        return []
+    if len(text) <= c.max_chars:
+        return [(0, text, edits)]
+    if c.oversize == "reject":
+        out.add(rec.pos, 0, STATUS_REJECTED, "oversize_document", text[:200], edits=edits)
+        return []
+    if c.oversize == "truncate":
+        return [(0, text[: c.max_chars], edits | C.EDIT_TRUNCATED)]
+    # A split document's extra pieces are counted as documents of their own (part > 0).
+    return [(i, piece, edits) for i, piece in enumerate(C.split_oversize(text, c.max_chars))]
+
+
+def _clean_piece(rec: Any, part: int, piece: str, edits: int, src: SourceConfig, cfg: PrepareDataConfig,
+                 eval_set: Any, out: _CleanBatch) -> None:
+    """One document through the filters (C4 lines, quality), PII, decontamination and hashing: one row."""
+    from r1ray.data import clean as C
+    from r1ray.data import dedup as D
+    from r1ray.data.decontam import contaminated
+
+    c, dd = cfg.clean, cfg.dedup
+    if len(piece) < c.min_chars:
+        out.add(rec.pos, part, STATUS_FILTERED, "too_short", edits=edits)
+        return
+    if src.c4_rules:
+        piece, reason, lines_removed = C.c4_lines(piece, c.c4)
+        edits |= C.EDIT_C4_LINES if lines_removed else 0
+        if reason is not None:
+            out.add(rec.pos, part, STATUS_FILTERED, reason, edits=edits)
+            return
+    if src.quality_filters and (reason := C.quality_reason(piece, c.quality)) is not None:
+        out.add(rec.pos, part, STATUS_FILTERED, reason, edits=edits)
+        return
+    piece, pii = C.scrub_pii(piece, c.pii)
+    wh = D.word_hashes(piece) if (dd.near or len(eval_set)) else None
+    if wh is not None and contaminated(wh, eval_set, cfg.decontam.ngram):
+        out.add(rec.pos, part, STATUS_FILTERED, "decontaminated", edits=edits, pii=pii)
+        return
+    sh = np.unique(D.ngram_hashes(wh, dd.shingle_size)) if dd.near else None
+    out.add(rec.pos, part, STATUS_OK, "", piece, exact=D.exact_hash(piece), n_chars=len(piece), edits=edits,
+            pii=pii, sh=sh, doc_id=rec.doc_id)
 
 
 # ---------------------------------------------------------------------------------------------------
