@@ -11,6 +11,7 @@ import math
 import re
 import unicodedata
 from collections import Counter
+from typing import Any
 
 from r1ray.data.config import C4Config, PIIConfig, QualityConfig
 
@@ -127,6 +128,36 @@ def quality_reason(text: str, q: QualityConfig) -> str | None:
         if _duplicate_ngram_fraction(lower, k, chars) > limit:
             return f"duplicate_{k}gram"
     return None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Language identification (py3langid: langid.py's naive Bayes over byte n-grams, 97 languages; the model
+# ships inside the package, so nothing is downloaded; ~3 ms per 10k characters)
+# ---------------------------------------------------------------------------------------------------
+
+LANGID_MAX_CHARS = 10_000  # the first characters decide: enough for a stable answer, bounded time per document
+_LANGID: list = []  # the identifier, loaded on first use in each process (about 2 s)
+
+
+def _identifier() -> Any:
+    if not _LANGID:
+        try:
+            from py3langid.langid import MODEL_FILE, LanguageIdentifier
+        except ImportError as e:
+            raise ImportError("sources[].languages needs py3langid: pip install py3langid") from e
+        _LANGID.append(LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True))
+    return _LANGID[0]
+
+
+def supported_languages() -> list[str]:
+    """The ISO 639-1 codes the identifier knows."""
+    return sorted(set(_identifier().nb_classes))
+
+
+def identify_language(text: str) -> tuple[str, float]:
+    """``(language code, probability)`` of ``text``'s first ``LANGID_MAX_CHARS`` characters."""
+    lang, prob = _identifier().classify(text[:LANGID_MAX_CHARS])
+    return str(lang), float(prob)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -60,6 +60,12 @@ class SourceConfig(R1Config):
     """Apply the Gopher/C4-style quality heuristics to this source (turn off for code and generated text)."""
     collapse_whitespace: bool = True
     """Collapse runs of spaces/tabs inside lines (turn off for code, where indentation is meaning)."""
+    languages: list[str] | None = None
+    """Keep only documents identified as one of these languages (ISO 639-1 codes such as ``en``, ``fr``; by
+    py3langid, whose 97-language model ships inside the package: nothing is downloaded) with probability
+    ``>= min_language_prob``; the others are filtered (reason ``language``). Unset: no identification."""
+    min_language_prob: float = Field(default=0.5, ge=0, le=1)
+    """Lowest identification probability a document of an accepted language needs."""
     c4_rules: bool = False
     """Apply C4's line-level rules (``clean.c4``) to this source, before the quality heuristics: for web
     pages; they would cut code, lists and hard-wrapped book lines."""
@@ -75,6 +81,10 @@ class SourceConfig(R1Config):
     def _path_needed(self) -> SourceConfig:
         if self.format not in ("python_stdlib", "reasoning") and not self.path:
             raise ValueError(f"source {self.name!r} needs a path (format {self.format!r} reads files)")
+        if self.languages is not None and (not self.languages or not all(
+                len(c) in (2, 3) and c.isalpha() and c.islower() for c in self.languages)):
+            raise ValueError(f"source {self.name!r}: languages must be lower-case ISO 639-1 codes such as "
+                             f"['en', 'fr'] (got {self.languages!r})")
         if self.id_field is not None and self.format in ("text", "python_stdlib", "reasoning"):
             raise ValueError(f"source {self.name!r}: id_field is for jsonl, parquet and hf_disk rows; format "
                              f"{self.format!r} has no fields (unset id_field)")

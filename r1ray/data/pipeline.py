@@ -206,6 +206,11 @@ def _clean_piece(rec: Any, part: int, piece: str, edits: int, src: SourceConfig,
     if src.quality_filters and (reason := C.quality_reason(piece, c.quality)) is not None:
         out.add(rec.pos, part, STATUS_FILTERED, reason, edits=edits)
         return
+    if src.languages is not None:
+        lang, prob = C.identify_language(piece)
+        if lang not in src.languages or prob < src.min_language_prob:
+            out.add(rec.pos, part, STATUS_FILTERED, "language", edits=edits)
+            return
     piece, pii = C.scrub_pii(piece, c.pii)
     wh = D.word_hashes(piece) if (dd.near or len(eval_set)) else None
     if wh is not None and contaminated(wh, eval_set, cfg.decontam.ngram):
@@ -338,6 +343,14 @@ def _plan_sources(cfg: PrepareDataConfig, out: str) -> list:
     from r1ray.data.sources import plan
 
     tasks, problems = plan(cfg.sources)
+    wanted = sorted({lang for s in cfg.sources for lang in (s.languages or [])})
+    if wanted:
+        from r1ray.data.clean import supported_languages
+
+        unknown = sorted(set(wanted) - set(supported_languages()))
+        if unknown:
+            problems.append(f"sources[].languages: {unknown} are not identified by py3langid; it knows "
+                            f"{supported_languages()}")
     if problems:
         raise ValueError("cannot read the sources:\n  - " + "\n  - ".join(problems))
     _prepare_output(out, cfg.overwrite)

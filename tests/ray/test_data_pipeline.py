@@ -274,7 +274,7 @@ def test_missing_source_path_fails_clearly_before_work(ray_local, tmp_path):
         run(cfg)
 
 
-def test_c4_rules_apply_to_the_sources_that_ask(ray_local, tmp_path, tiny_tokenizer_dir):
+def test_c4_rules_and_language_filter_apply_to_the_sources_that_ask(ray_local, tmp_path, tiny_tokenizer_dir):
     from r1ray.data.pipeline import run
     from r1ray.model.tokenizer import load_tokenizer
 
@@ -284,16 +284,24 @@ def test_c4_rules_apply_to_the_sources_that_ask(ray_local, tmp_path, tiny_tokeni
         (tmp_path / name).mkdir()
         (tmp_path / name / "a.jsonl").write_text(
             "\n".join(json.dumps({"text": t}) for t in (page, code_page)) + "\n")
+    (tmp_path / "multi").mkdir()
+    french = ("Le comité s'est réuni mardi pour examiner la proposition de nouvelle bibliothèque. Plusieurs "
+              "membres ont exprimé des inquiétudes au sujet du budget, tandis que d'autres ont défendu le projet.")
+    (tmp_path / "multi" / "a.jsonl").write_text(json.dumps({"text": prose(960, 60)}) + "\n" +
+                                                json.dumps({"text": french}) + "\n")
     sources = [{"name": "web", "path": str(tmp_path / "web"), "c4_rules": True},
-               {"name": "plain", "path": str(tmp_path / "plain")}]
+               {"name": "plain", "path": str(tmp_path / "plain")},
+               {"name": "multi", "path": str(tmp_path / "multi"), "languages": ["en"]}]
     cfg = _cfg(tmp_path, sources, [], "c4", tokenizer={"path": str(tiny_tokenizer_dir)},
                dedup={"exact": False, "near": False})
     uri = run(cfg)
     per = read_manifest(uri)["counts"]["per_source"]
     assert per["web"]["filtered"] == {"c4_curly_bracket": 1} and per["web"]["changed"].get("c4_lines") == 1
     assert per["plain"]["filtered"] == {} and "c4_lines" not in per["plain"]["changed"]
+    assert per["multi"]["filtered"] == {"language": 1} and per["multi"]["kept"] == 1
     art = DataArtifact.load(uri)
     tok = load_tokenizer(art.tokenizer_dir)
     text = "".join(tok.decode(r) for s in ("train", "validation", "test") for u in art.shard_uris(s)
                    for r in pq.read_table(u)["input_ids"].to_pylist())
     assert text.count("JavaScript") == 1 and text.count("return 1") == 1  # only the plain source's copies
+    assert "comité" not in text

@@ -122,3 +122,26 @@ def test_c4_page_rules_drop_with_their_reason(text, reason):
 
     assert c4_lines(text, C4Config(bad_words=["frobnicating"]))[1] == reason
     assert c4_lines(PROSE, C4Config(bad_words=["frobnicating"]))[1] is None
+
+
+# ---- language identification (py3langid's bundled model)
+
+def test_language_identification_with_the_bundled_model():
+    pytest.importorskip("py3langid")
+    from r1ray.data.clean import identify_language, supported_languages
+
+    assert identify_language(PROSE)[0] == "en" and identify_language(PROSE)[1] > 0.9
+    fr = "Le comité s'est réuni mardi pour examiner la proposition de nouvelle bibliothèque municipale."
+    de = "Der Ausschuss trat am Dienstag zusammen, um den Vorschlag für die neue Bibliothek zu prüfen."
+    assert identify_language(fr)[0] == "fr" and identify_language(de)[0] == "de"
+    assert {"en", "fr", "de", "zh"} <= set(supported_languages())
+
+
+def test_language_codes_are_checked_in_the_config():
+    from r1ray.data.config import SourceConfig
+
+    with pytest.raises(ValueError, match="lower-case ISO 639-1"):
+        SourceConfig(name="w", path="x", languages=["English"])
+    with pytest.raises(ValueError, match="lower-case ISO 639-1"):
+        SourceConfig(name="w", path="x", languages=[])
+    assert SourceConfig(name="w", path="x", languages=["en", "fr"]).min_language_prob == 0.5
