@@ -114,6 +114,9 @@ class SFTConfig(TrainJobConfig):
     """Fine-tune a causal LM on chat conversations (assistant tokens only) with Ray Train + DeepSpeed: the same
     exactly-once data order, fault tolerance and Hugging Face exports as pretraining."""
 
+    run_name: str = "sft"
+    """Run directory ``<storage.root>/runs/<run_name>``; rerunning the same name resumes it (SFT's default run is
+    ``sft``, apart from pretraining's ``default``)."""
     data: SFTDataConfig = SFTDataConfig()
     """Training and validation conversations."""
     eval: SFTEvalConfig = SFTEvalConfig()
