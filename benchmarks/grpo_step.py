@@ -19,7 +19,8 @@ first steps hold warm-up). r1ray's step times are the intervals between its per-
 problems, on each side's final weights, through the same ``HFEngine``.
 
 Layout on a 2-core machine: r1ray runs 1 learner worker (1 CPU) and 1 engine (1 CPU) on an embedded Ray with
-4 logical CPUs (reward tasks take 0.25); TRL runs in one process with 2 torch threads. The machine may be
+4 logical CPUs (reward tasks take 0.25); TRL runs in one process, once with 1 and once with 2 torch threads
+(``--trl-threads``), and its faster run is kept. The machine may be
 shared: both sides run back to back, and the numbers are medians.
 """
 
@@ -127,7 +128,7 @@ def run_r1ray(start: Path, root: Path, prompts_per_step: int, steps: int, max_to
 
 
 def run_trl(start: Path, out: Path, prompts_per_step: int, steps: int, max_tokens: int, lr: float,
-            seed: int) -> dict[str, Any]:
+            seed: int, threads: int) -> dict[str, Any]:
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -138,7 +139,7 @@ def run_trl(start: Path, out: Path, prompts_per_step: int, steps: int, max_token
     from r1ray.tasks.registry import sample_problems
     from r1ray.tasks.rewards import score
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     tok = AutoTokenizer.from_pretrained(str(start))
     tok.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(str(start), dtype=torch.float32)
@@ -192,6 +193,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--eval-problems", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-trl", action="store_true")
+    ap.add_argument("--trl-threads", type=int, nargs="+", default=[1, 2], help="TRL runs once per count; best kept")
     ap.add_argument("--json", type=str, default=None)
     a = ap.parse_args(argv)
     os.environ.setdefault("WANDB_MODE", "disabled")
@@ -211,8 +213,16 @@ def main(argv: list[str]) -> int:
                         "zero_variance_groups": r["zero_variance"]}
         print(f"r1ray {size}/step: {out['r1ray']}", flush=True)
         if not a.skip_trl:
-            t = run_trl(start, root / f"trl-{size}", prompts, a.steps, a.max_tokens, a.lr, a.seed)
-            out["trl"] = {"completions_per_s": statistics.median(t["per_step"][first:]), "wall_s": t["wall_s"],
+            best = None
+            for threads in a.trl_threads:  # oversubscribed OpenMP threads spin on a loaded machine: take the best
+                t = run_trl(start, root / f"trl-{size}-{threads}", prompts, a.steps, a.max_tokens, a.lr, a.seed,
+                            threads)
+                cps = statistics.median(t["per_step"][first:])
+                print(f"trl   {size}/step, {threads} thread(s): {cps:.1f} completions/s", flush=True)
+                if best is None or cps > best[0]:
+                    best = (cps, threads, t)
+            cps, threads, t = best
+            out["trl"] = {"completions_per_s": cps, "threads": threads, "wall_s": t["wall_s"],
                           "accuracy": accuracy(t["export"], a.eval_problems, a.max_tokens, a.seed),
                           "zero_variance_groups": t["zero_variance"]}
             out["ratio"] = out["r1ray"]["completions_per_s"] / out["trl"]["completions_per_s"]

@@ -137,8 +137,8 @@ def test_mean_reward_rises_and_learner_and_engine_sigkills_leave_the_export_bitw
 
 def test_mu2_with_reference_and_zero3_sync(ray_local, model_dir, tmp_path):
     """beta > 0 and mu = 2 in this process: two updates over the same micro-batches, old and reference
-    logprobs attached, KL 0 against an identical reference; then a real ZeRO-3 run of that config, whose
-    weight sync gathers the partitioned parameters on every rank (the engines get each step's weights)."""
+    logprobs attached, KL 0 against an identical reference; then a real 2-worker ZeRO-3 run of that config,
+    whose weight sync gathers the partitioned parameters on every rank (the engines get each step's weights)."""
     import numpy as np
     import torch
 
@@ -164,7 +164,9 @@ def test_mu2_with_reference_and_zero3_sync(ray_local, model_dir, tmp_path):
         assert stats["kl"] == pytest.approx(0.0, abs=1e-6) and stats["clip_fraction"] == 0.0
         assert stats["entropy"] > 0 and torch.isfinite(loss)
 
-    result = run(make_cfg(model_dir, tmp_path, *extra, "deepspeed.zero_stage=3", "run_name=zero3"))
-    assert result.status == "completed" and result.steps == 2
+    # two learner workers: ZeRO-3 partitions really are partial, both ranks generate concurrently
+    result = run(make_cfg(model_dir, tmp_path, *extra, "deepspeed.zero_stage=3", "run_name=zero3",
+                          "scaling.num_workers=2"))
+    assert result.status == "completed" and result.steps == 2 and result.world_size == 2
     steps = rollouts(result.run_dir)
     assert [steps[s]["weights_version"] for s in (1, 2)] == [0, 1]
