@@ -18,10 +18,15 @@ log = get_logger(__name__)
 PRESETS: dict[str, dict[str, int]] = {
     # ~0.3M non-embedding params: learns the default corpus in minutes on 2 CPUs.
     "debug": dict(hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+    # Distillation students of the presets above: about a quarter of the parameters or less (the
+    # embeddings shrink with the hidden size too); test_model checks the ratio at the default vocabulary.
+    "debug-student": dict(hidden_size=16, intermediate_size=44, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1),
     # ~3M non-embedding params.
     "tiny": dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=2),
+    "tiny-student": dict(hidden_size=48, intermediate_size=128, num_hidden_layers=2, num_attention_heads=3, num_key_value_heads=1),
     # GPT-2-small class.
     "125m": dict(hidden_size=768, intermediate_size=2560, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=12),
+    "125m-student": dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=6),
     "350m": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16),
     # TinyLlama-shaped.
     "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4),

@@ -21,7 +21,7 @@ from r1ray.observe.log import get_logger
 
 log = get_logger(__name__)
 
-__all__ = ["DEFAULT_RUNS", "default_export", "inputs_for", "prepare", "serve_model_path"]
+__all__ = ["DEFAULT_RUNS", "default_export", "inputs_for", "prepare", "prepare_evaluate", "serve_model_path"]
 
 DEFAULT_RUNS = {"pretrain": "default", "sft": "sft", "grpo": "grpo", "distill": "distill"}
 """Run name of each training stage's embedded default (``<storage.root>/runs/<name>``)."""
@@ -69,8 +69,10 @@ def inputs_for(stage: str, cfg: Any) -> dict[str, Any]:
         from r1ray.data.pipeline import ensure_default
 
         return {"data.path": ensure_default(cfg.storage, cfg.ray)}
-    if stage in ("sft", "distill"):
+    if stage == "sft":
         return {} if cfg.model.init_from else {"model.init_from": default_export("pretrain", cfg)}
+    if stage == "distill":
+        return {} if cfg.distill.teacher else {"distill.teacher": default_export("sft", cfg)}
     if stage == "grpo":
         return {} if cfg.model.init_from else {"model.init_from": default_export("sft", cfg)}
     raise ValueError(f"no upstream defaults for stage {stage!r}; choose one of {sorted(DEFAULT_RUNS)}")
@@ -121,6 +123,27 @@ def _grpo() -> tuple[type, Callable[[Any], Any]]:
     return GRPOConfig, run
 
 
+def _distill() -> tuple[type, Callable[[Any], Any]]:
+    from r1ray.train.distill import DistillConfig, run
+
+    return DistillConfig, run
+
+
 _STAGE_DEFAULTS: dict[str, Callable[[], tuple[type, Callable[[Any], Any]]]] = {
-    "pretrain": _pretrain, "sft": _sft, "grpo": _grpo,
+    "pretrain": _pretrain, "sft": _sft, "grpo": _grpo, "distill": _distill,
 }
+
+
+def prepare_evaluate(cfg: Any) -> Any:
+    """An EvaluateConfig ready for ``r1ray.eval.run.run``: with ``model`` unset, the default pretraining run's
+    newest export (trained first when missing) and, unless the perplexity suite has its own data or files, the
+    default data artifact (the corpus that model was trained on, so the tokenizers match). A config that names
+    its model is returned as it is."""
+    if cfg.model is not None:
+        return cfg
+    overrides: dict[str, Any] = {"model": {"path": default_export("pretrain", cfg)}}
+    if cfg.perplexity.enabled and not (cfg.perplexity.data or cfg.perplexity.files):
+        from r1ray.data.pipeline import ensure_default
+
+        overrides["perplexity.data"] = ensure_default(cfg.storage, cfg.ray)
+    return _with(cfg, overrides)

@@ -183,15 +183,16 @@ class Evaluator:
         if loop.cfg.deepspeed.zero_stage == 3:
             n = int(loop._allreduce([float(n)], op="max")[0])
         total, weight = 0.0, 0.0
+        stage_metrics = Metrics()
         with torch.no_grad():
             for i in range(n):
                 real = i < len(batches)
                 batch = batches[i] if real else loop._dummy_batch(batches)
-                s = stage.loss(loop.engine, batch, Metrics())
+                s = stage.loss(loop.engine, batch, stage_metrics if real else Metrics())
                 if real:
                     total += float(s)
                     weight += stage.batch_weight(batch)
-        m = Metrics()
+        m = stage_metrics.prefixed("val_")  # a stage's own loss metrics, measured on validation
         m.total("val_loss_sum", total)
         m.total("val_weight", weight)
         return m

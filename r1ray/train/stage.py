@@ -98,6 +98,14 @@ class Metrics:
             self._total[k] = self._total.get(k, 0.0) + v
         return self
 
+    def prefixed(self, prefix: str) -> Metrics:
+        """A copy with every name prefixed (``val_`` for the loss metrics of an evaluation)."""
+        out = Metrics()
+        out._mean = {prefix + k: list(v) for k, v in self._mean.items()}
+        out._max = {prefix + k: v for k, v in self._max.items()}
+        out._total = {prefix + k: v for k, v in self._total.items()}
+        return out
+
     def names(self) -> list[str]:
         return sorted({*self._mean, *self._max, *self._total})
 
@@ -246,7 +254,8 @@ class Stage(ABC):
 
     def evaluate(self, model: Any, evaluator: Any) -> Metrics:
         """Evaluation metrics (reduced over workers by the loop). Default: ``val_loss`` and
-        ``val_perplexity`` over ``eval_batches`` through ``loss``/``batch_weight``. ``evaluator`` offers
+        ``val_perplexity`` over ``eval_batches`` through ``loss``/``batch_weight``, plus the metrics ``loss``
+        records, prefixed ``val_``. ``evaluator`` offers
         ``evaluator.loss_over(batches)`` (the collective-safe default) to stages that extend it."""
         return evaluator.loss_over(self.eval_batches())
 

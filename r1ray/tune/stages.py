@@ -36,6 +36,7 @@ STAGES: dict[str, StageEntry] = {
     "pretrain": StageEntry("pretrain", "r1ray.train.config:PretrainConfig", "r1ray.train.pretrain:run"),
     "sft": StageEntry("sft", "r1ray.train.sft:SFTConfig", "r1ray.train.sft:run"),
     "grpo": StageEntry("grpo", "r1ray.train.grpo:GRPOConfig", "r1ray.train.grpo:run"),
+    "distill": StageEntry("distill", "r1ray.train.distill:DistillConfig", "r1ray.train.distill:run"),
 }
 
 
