@@ -51,7 +51,10 @@ class MetricSpec:
 
 
 _TRAIN_TAGS = ("run", "stage")
-_SERVE_TAGS = ("model",)
+# `variant`: the A/B variant that served the request (its name is also its model id); a one-model app is its
+# own single variant, named after the model. Requests the A/B router refuses before picking one carry
+# model=variant="unrouted".
+_SERVE_TAGS = ("model", "variant")
 
 SPECS: tuple[MetricSpec, ...] = (
     # ---- data stage (emitted by Ray Data tasks; `source` is the source tag)
@@ -123,6 +126,9 @@ SPECS: tuple[MetricSpec, ...] = (
     MetricSpec("r1ray_serve_tokens_per_second", "gauge", "Generation throughput of the last batch.", _SERVE_TAGS),
     MetricSpec("r1ray_serve_batch_size", "histogram", "Requests per generation batch.", _SERVE_TAGS, _BATCH_BUCKETS),
     MetricSpec("r1ray_serve_queue_depth", "gauge", "Requests waiting for a batch slot.", _SERVE_TAGS),
+    MetricSpec("r1ray_serve_ab_routed", "counter", "Requests the A/B router sent to a variant, by the model id the "
+               "client named (an alias, or the variant itself) and whether a user id made the choice sticky.",
+               ("alias", "variant", "sticky")),
 )
 
 BY_NAME: dict[str, MetricSpec] = {s.name: s for s in SPECS}

@@ -52,6 +52,12 @@ ROUTE_TOKENIZE = "/tokenize"
 ROUTE_DETOKENIZE = "/detokenize"
 ROUTE_TOKENIZER_INFO = "/tokenizer_info"
 INT64_MAX = 2**63 - 1
+ROUTE_HEALTH = "/health"
+# Routes the A/B router hands to a variant (method, path) -> OpenAIServer method; the router answers
+# /v1/models itself.
+_FORWARDED = {("POST", ROUTE_COMPLETIONS): "completions", ("POST", ROUTE_CHAT): "chat",
+              ("POST", ROUTE_TOKENIZE): "tokenize", ("POST", ROUTE_DETOKENIZE): "detokenize",
+              ("GET", ROUTE_TOKENIZER_INFO): "tokenizer_info", ("GET", ROUTE_HEALTH): "health"}
 
 
 class APIError(Exception):
@@ -139,6 +145,44 @@ def parse_json_body(body: bytes, max_depth: int) -> dict:
     return data
 
 
+def check_auth(api_key: str | None, headers: Any) -> None:
+    """401 unless ``headers`` carry ``Authorization: Bearer <api_key>`` (no-op when auth is off)."""
+    if not api_key:
+        return
+    header = headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+        raise APIError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                       type="authentication_error", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+
+async def read_body(request: Any, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it exceeds ``limit`` bytes (``limits.max_body_bytes``;
+    never buffered whole past the limit)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"request body of {declared} bytes exceeds limits.max_body_bytes ({limit} bytes)")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, f"request body exceeds limits.max_body_bytes ({limit} bytes)")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class ForwardedRequest:
+    """The parts of a request the route handlers read (headers, body stream), for a request the A/B router
+    hands to a variant through a deployment handle instead of over HTTP."""
+
+    def __init__(self, headers: dict[str, str], body: bytes):
+        self.headers = {k.lower(): v for k, v in headers.items()}
+        self._body = body
+
+    async def stream(self) -> AsyncIterator[bytes]:
+        yield self._body
+
+
 def _sse(obj: Any) -> bytes:
     data = obj.model_dump_json(exclude_none=True) if hasattr(obj, "model_dump_json") else json.dumps(obj)
     return f"data: {data}\n\n".encode()
@@ -166,23 +210,32 @@ fastapi_app = FastAPI(title="r1ray", description="OpenAI-compatible API over r1r
                       redoc_url=None)
 
 
-@serve.deployment(name="OpenAIServer")
-@serve.ingress(fastapi_app)
-class OpenAIServer:
-    """One replica: an engine plus the OpenAI HTTP layer."""
+class OpenAIModel:
+    """One replica: an engine plus the OpenAI HTTP layer. Deployed as the app's FastAPI ingress
+    (``OpenAIServer``), or, as a variant of an A/B app, as a plain deployment the router calls through ``forward``
+    (Serve allows one FastAPI ingress per application; the route methods are plain methods either way)."""
 
-    def __init__(self, cfg: dict[str, Any]):
+    def __init__(self, cfg: dict[str, Any], variant: bool = False):
         self.cfg = ServeConfig.model_validate(cfg)
         setup_logging(self.cfg.logging.level)
         self.model_path = str(self.cfg.model_path)
         self.model_name = self.cfg.model_name or Path(self.model_path).name
         self._tok_window = [time.perf_counter(), 0]
         self.api_key = self.cfg.auth.resolve()
-        self.tags = {"model": self.model_name}
+        # A one-model app is its own single variant, named after its model.
+        self.tags = {"model": self.model_name, "variant": self.model_name}
         self.engine: Any = None
         self.tokenizer: Any = None
         self.vocab_size = 0
         self._load_error: str | None = None
+        if variant:
+            # Behind the A/B router: load before __init__ returns, so Serve counts the replica as started only
+            # once it can answer. A redeploy (max_surge_percent) then keeps the old replica serving until the
+            # new one has its model: no request meets a loading replica. The router answers while it waits.
+            self._load()
+            if self._load_error is not None:
+                raise RuntimeError(f"variant {self.model_name!r}: model failed to load: {self._load_error}")
+            return
         # Load in the background: Serve routes requests to the replica once __init__ returns, and each route
         # answers 503 + Retry-After while the model loads instead of holding the request.
         self._loader = threading.Thread(target=self._load, name="r1ray-model-load", daemon=True)
@@ -244,29 +297,10 @@ class OpenAIServer:
         record("r1ray_serve_latency_seconds", time.perf_counter() - t0, route=route, **self.tags)
 
     def _auth(self, request: Request) -> None:
-        if not self.api_key:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
-            raise APIError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
-                           type="authentication_error", code="invalid_api_key",
-                           headers={"WWW-Authenticate": "Bearer"})
+        check_auth(self.api_key, request.headers)
 
     async def _body(self, request: Request) -> bytes:
-        """The request body, refused with 413 as soon as it exceeds ``limits.max_body_bytes`` (never buffered
-        whole past the limit)."""
-        limit = self.cfg.limits.max_body_bytes
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
-            raise APIError(413, f"request body of {declared} bytes exceeds limits.max_body_bytes ({limit} bytes)")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise APIError(413, f"request body exceeds limits.max_body_bytes ({limit} bytes)")
-            chunks.append(chunk)
-        return b"".join(chunks)
+        return await read_body(request, self.cfg.limits.max_body_bytes)
 
     async def _parse(self, request: Request, cls: type[S._Req]) -> Any:
         data = parse_json_body(await self._body(request), self.cfg.limits.max_json_depth)
@@ -289,8 +323,9 @@ class OpenAIServer:
         return req
 
     def _check_model(self, model: str | None) -> None:
-        if model is not None and model != self.model_name:
-            raise APIError(404, f"model {model!r} does not exist; this server serves {self.model_name!r}",
+        if model is not None and model != self.model_name and model not in self.cfg.aliases:
+            names = ", ".join(repr(n) for n in (self.model_name, *self.cfg.aliases))
+            raise APIError(404, f"model {model!r} does not exist; this server serves {names}",
                            param="model", code="model_not_found")
 
     def _check_context(self, prompt_len: int, max_tokens: int | None, default: int, *, echo: bool = False) -> int:
@@ -407,23 +442,58 @@ class OpenAIServer:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     # ------------------------------------------------------------------ routes
+    def status(self) -> dict[str, Any]:
+        """``/health``'s body: ``status`` ok / loading / error, the model, and the engine's load."""
+        if self.engine is None:
+            return {"status": "error" if self._load_error else "loading", "model": self.model_name,
+                    "error": self._load_error}
+        return {"status": "ok", "model": self.model_name, "engine": self.engine.backend, **self.engine.load()}
+
     @fastapi_app.get("/health")
     async def health(self) -> Response:
-        if self.engine is None:
-            status = "error" if self._load_error else "loading"
-            body = {"status": status, "model": self.model_name, "error": self._load_error}
+        body = self.status()
+        if body["status"] != "ok":
             return JSONResponse(body, status_code=503, headers={"Retry-After": str(self.cfg.limits.retry_after_s)})
-        return JSONResponse({"status": "ok", "model": self.model_name, "engine": self.engine.backend,
-                             **self.engine.load()})
+        return JSONResponse(body)
 
     def _card(self) -> S.ModelCard:
         return S.ModelCard(id=self.model_name, created=S.now(), root=self.model_path,
                            max_model_len=self.engine.max_model_len)
 
+    def card(self) -> dict[str, Any]:
+        """This variant's ``/v1/models`` entry (for the A/B router; the model is loaded by then)."""
+        return self._card().model_dump()
+
+    async def forward(self, method: str, path: str, headers: dict[str, str], body: bytes,
+                      ) -> AsyncIterator[dict[str, Any] | bytes]:
+        """Answer a request the A/B router forwards (a streaming handle call): first ``{"status", "headers",
+        "media_type"}`` (plus ``"body"`` for a whole response), then the chunks of a streamed one. The same
+        handlers, validation, metrics and errors as over HTTP; cancelling the call frees the engine slots."""
+        name = _FORWARDED.get((method, path))
+        if name is None:
+            raise ValueError(f"no forwarded route {method} {path}")
+        request = ForwardedRequest(headers, body)
+        resp = await (self.health() if name == "health" else getattr(self, name)(request))
+        head: dict[str, Any] = {"status": resp.status_code, "media_type": resp.media_type,
+                                "headers": {k: v for k, v in resp.headers.items() if k.lower() != "content-length"}}
+        if not isinstance(resp, StreamingResponse):
+            yield {**head, "body": bytes(resp.body)}
+            return
+        yield head
+        chunks = resp.body_iterator
+        try:
+            async for chunk in chunks:
+                yield chunk if isinstance(chunk, bytes) else str(chunk).encode()
+        finally:
+            await chunks.aclose()
+
     @fastapi_app.get(ROUTE_MODELS)
     async def models(self, request: Request) -> Response:
         async def fn(request: Request, t0: float) -> Response:
-            return JSONResponse(S.ModelList(data=[self._card()]).model_dump())
+            cards = [self._card()] + [S.ModelCard(id=a, created=S.now(), root=self.model_path,
+                                                  max_model_len=self.engine.max_model_len)
+                                      for a in self.cfg.aliases]
+            return JSONResponse(S.ModelList(data=cards).model_dump())
 
         return await self._handle(ROUTE_MODELS, request, fn)
 
@@ -431,7 +501,7 @@ class OpenAIServer:
     async def model(self, model_id: str, request: Request) -> Response:
         async def fn(request: Request, t0: float) -> Response:
             self._check_model(model_id)
-            return JSONResponse(self._card().model_dump())
+            return JSONResponse(self._card().model_copy(update={"id": model_id}).model_dump())
 
         return await self._handle(ROUTE_MODELS, request, fn)
 
@@ -683,6 +753,10 @@ class OpenAIServer:
                                            usage=usage).model_dump())
 
 
+OpenAIServer = serve.deployment(name="OpenAIServer")(serve.ingress(fastapi_app)(OpenAIModel))
+"""The one-model application's ingress deployment."""
+
+
 # ---------------------------------------------------------------------------------------------- building
 
 
@@ -741,9 +815,14 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     """Serve application builder (``import_path: r1ray.serve.app:build_app``); ``args`` are ServeConfig fields.
 
     Serve requires exactly one parameter here. It never trains: without ``model_path`` it serves the run's
-    newest export, or fails naming the run directory.
+    newest export, or fails naming the run directory. With ``variants`` it builds the A/B application
+    (``r1ray.serve.ab``): a router ingress in front of one deployment per variant.
     """
     cfg = args if isinstance(args, ServeConfig) else ServeConfig.model_validate(dict(args or {}))
+    if cfg.variants:
+        from r1ray.serve.ab import build_ab_app
+
+        return build_ab_app(cfg, {n: resolve_model_path(cfg.variant_config(n)) for n in cfg.variants})
     model_path = resolve_model_path(cfg)
     init = cfg.model_dump(mode="json")
     init["model_path"] = model_path

@@ -6,9 +6,10 @@ Import-light on purpose: pydantic only, so a typo in a serve YAML fails in well 
 from __future__ import annotations
 
 import os
-from typing import Literal
+import re
+from typing import Any, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 
 from r1ray.config import LoggingConfig, R1Config, RayConfig, StorageConfig
 
@@ -139,6 +140,43 @@ class AuthConfig(R1Config):
         return None
 
 
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+class VariantConfig(R1Config):
+    """One model of an A/B application: its own Serve deployment (replicas, engine), reachable by its name as
+    the model id, and a share ``weight`` of the traffic sent to a split alias."""
+
+    model_path: str | None = None
+    """Hugging Face model directory of this variant. Unset: the newest export of ``run_name``."""
+    run_name: str | None = None
+    """Run (under ``<storage.root>/runs``) whose newest export this variant serves when ``model_path`` is unset."""
+    weight: float = Field(default=1.0, ge=0)
+    """Share of the traffic sent to an alias (``aliases``), relative to the other variants' weights (90 and 10
+    is a 90/10 split). 0: reachable by name only."""
+    engine: dict[str, Any] = Field(default_factory=dict)
+    """Fields of ``engine`` that differ for this variant (e.g. ``{max_batch_size: 32}``); the rest come from the
+    top-level ``engine``."""
+    deployment: dict[str, Any] = Field(default_factory=dict)
+    """Fields of ``deployment`` that differ for this variant (e.g. ``{num_replicas: 3}``); the rest come from the
+    top-level ``deployment``."""
+
+
+class RouterConfig(R1Config):
+    """The thin ingress in front of the variants of an A/B application (used only when ``variants`` is set)."""
+
+    num_replicas: int = Field(default=1, ge=1)
+    """Router replicas (each holds no model; one is plenty below a few thousand requests/s)."""
+    num_cpus: float = Field(default=0.1, ge=0)
+    """Logical CPUs reserved per router replica."""
+    sticky_header: str = "X-User-Id"
+    """Request header naming the client; with it (or OpenAI's ``user`` field) a request sent to an alias always
+    lands on the same variant while the weights stay the same."""
+    forward_timeout_s: float = Field(default=600.0, gt=0)
+    """Longest a request may wait for its variant's answer to start (a variant being redeployed holds requests
+    until a replica is up); past it the router answers 503."""
+
+
 class ServeConfig(R1Config):
     """Serve a Hugging Face model directory over an OpenAI-compatible HTTP API with Ray Serve.
 
@@ -157,6 +195,16 @@ class ServeConfig(R1Config):
     """When ``model_path`` is unset and the run has no export yet, train the default pretraining run first."""
     model_name: str | None = None
     """Model id in ``/v1/models`` and in requests; unset: the model directory's name."""
+    variants: dict[str, VariantConfig] = Field(default_factory=dict)
+    """A/B serving: several models in one application, ``{name: {model_path, weight, engine, deployment}}``.
+    Each name is a model id that reaches its variant; an alias (``aliases``) splits traffic by weight. Unset:
+    one model (``model_path``). With variants, ``model_path``/``model_name`` stay unset."""
+    aliases: list[str] = Field(default_factory=list)
+    """Extra model ids. With ``variants``: each alias routes a request to a variant drawn by weight (sticky per
+    client that sends ``router.sticky_header`` or ``user``); a request without ``model`` goes to the first alias.
+    Without variants: other names of the one model."""
+    router: RouterConfig = RouterConfig()
+    """The A/B router (only with ``variants``)."""
     app_name: str = "r1ray"
     """Serve application name."""
     blocking: bool = True
@@ -191,7 +239,64 @@ class ServeConfig(R1Config):
                 f"limits.max_queue ({self.limits.max_queue}) < engine.max_batch_size ({self.engine.max_batch_size}): "
                 "a batch could never fill; raise limits.max_queue"
             )
+        names = [self.model_name] if self.model_name else []
+        for alias in self.aliases:
+            if not _NAME.fullmatch(alias):
+                raise ValueError(f"aliases: {alias!r} is not a valid model id (letters, digits, '.', '_', '-'; "
+                                 "at most 64 characters)")
+        if len(set(self.aliases)) != len(self.aliases):
+            raise ValueError(f"aliases: each alias once, got {self.aliases}")
+        if self.variants:
+            self._check_variants()
+        elif set(names) & set(self.aliases):
+            raise ValueError(f"aliases: {names[0]!r} is already the model_name")
         return self
+
+    def _check_variants(self) -> None:
+        problems = []
+        for field in ("model_path", "model_name"):
+            if getattr(self, field) is not None:
+                problems.append(f"{field}: leave it unset with variants (each variant names its own model_path; "
+                                "its model id is its name)")
+        for name, v in self.variants.items():
+            where = f"variants.{name}"
+            if not _NAME.fullmatch(name):
+                problems.append(f"{where}: {name!r} is not a valid model id (letters, digits, '.', '_', '-'; "
+                                "at most 64 characters)")
+            if v.model_path is None and v.run_name is None:
+                problems.append(f"{where}: set model_path (an export directory) or run_name (a run whose newest "
+                                "export it serves)")
+                continue
+            try:
+                self.variant_config(name)
+            except ValidationError as e:
+                for err in e.errors():
+                    loc = ".".join(str(p) for p in err["loc"])
+                    problems.append(f"{where}: {loc + ': ' if loc else ''}{err['msg'].removeprefix('Value error, ')}")
+        clash = set(self.aliases) & set(self.variants)
+        if clash:
+            problems.append(f"aliases: {sorted(clash)} already name variants; an alias needs its own name")
+        if self.aliases and not any(v.weight > 0 for v in self.variants.values()):
+            problems.append("variants: every weight is 0, so an alias has nowhere to send traffic; give at least "
+                            "one variant a weight > 0")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def variant_config(self, name: str) -> ServeConfig:
+        """The single-model config of variant ``name``: its model, its id (the name), the top-level settings
+        with its ``engine``/``deployment`` overrides, and the aliases (a variant answers to them too)."""
+        v = self.variants[name]
+        return ServeConfig.model_validate({
+            **self.model_dump(), "model_path": v.model_path, "model_name": name,
+            "run_name": v.run_name or self.run_name, "variants": {},
+            "engine": {**self.engine.model_dump(), **v.engine},
+            "deployment": {**self.deployment.model_dump(), **v.deployment},
+        })
+
+    def split(self) -> dict[str, float]:
+        """Variant -> share of an alias's traffic (weights normalised; variants of weight 0 left out)."""
+        total = sum(v.weight for v in self.variants.values())
+        return {n: v.weight / total for n, v in self.variants.items() if v.weight > 0} if total else {}
 
     def max_ongoing_requests(self) -> int:
         """Serve's per-replica cap: above our own queue bound, so r1ray (not Serve) answers 429 when full."""

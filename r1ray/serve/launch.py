@@ -60,13 +60,23 @@ def wait_ready(url: str, timeout_s: float) -> None:
 
 def deploy(cfg: ServeConfig, *, ready_timeout_s: float = 600.0) -> ServeInfo:
     """Start Serve's proxy on ``cfg.http`` in the current Ray and deploy the app; returns once its model is
-    loaded and it answers (replicas load in the background and answer 503 meanwhile)."""
+    loaded and it answers (replicas load in the background and answer 503 meanwhile). With ``variants``:
+    the A/B app, ready once every variant's model is loaded; ``model_name`` is then the first alias (or the
+    first variant) and ``model_path`` lists each variant's model."""
     from ray import serve
 
     from r1ray.serve.app import build_app, default_model_name, resolve_model_path
 
-    model_path = resolve_model_path(cfg)
-    cfg = cfg.model_copy(update={"model_path": model_path, "model_name": default_model_name(cfg, model_path)})
+    if cfg.variants:  # A/B: each variant's model; clients name an alias (or a variant)
+        paths = {n: resolve_model_path(cfg.variant_config(n)) for n in cfg.variants}
+        split = cfg.split()
+        model_path = ", ".join(f"{n}={p}" + (f" ({100 * split[n]:.0f}%)" if n in split else "")
+                               for n, p in paths.items())
+        name = cfg.aliases[0] if cfg.aliases else next(iter(cfg.variants))
+    else:
+        model_path = resolve_model_path(cfg)
+        cfg = cfg.model_copy(update={"model_path": model_path, "model_name": default_model_name(cfg, model_path)})
+        name = cfg.model_name
     serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
     t0 = time.perf_counter()
     serve.run(build_app(cfg), name=cfg.app_name, route_prefix=cfg.http.route_prefix, blocking=False)
@@ -75,7 +85,6 @@ def deploy(cfg: ServeConfig, *, ready_timeout_s: float = 600.0) -> ServeInfo:
     url = f"http://{host}:{cfg.http.port}{prefix}"
     wait_ready(url, ready_timeout_s)
     log.info("Serve app %r ready in %.1f s", cfg.app_name, time.perf_counter() - t0)
-    name = cfg.model_name
     return ServeInfo(url=url, model_name=name, model_path=model_path,
                      curl=curl_example(url, name, cfg.auth.api_key_env, cfg.auth.resolve() is not None))
 

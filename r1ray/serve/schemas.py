@@ -289,6 +289,8 @@ class ModelCard(BaseModel):
     owned_by: str = "r1ray"
     root: str | None = None
     max_model_len: int | None = None
+    split: dict[str, float] | None = None
+    """An A/B alias: the share of its traffic each variant gets."""
 
 
 class ModelList(BaseModel):
