@@ -150,6 +150,7 @@ class _RunState:
     last: dict[str, Any] = field(default_factory=dict)  # loss, grad_norm, lr of the newest good step
     val: dict[str, float] = field(default_factory=dict)  # newest evaluation
     history: list[list[Any]] = field(default_factory=list)  # [step, mean train loss since last report, val loss]
+    reports: list[dict[str, float]] = field(default_factory=list)  # every report's scalar metrics (report cards)
     resumed_fingerprint: float | None = None
     saved_fingerprint: float | None = None
     stage_state: dict[str, Any] = field(default_factory=dict)
@@ -463,6 +464,8 @@ class Loop:
                 metrics = self._metrics(rs, rs.val if do_eval else {}, win)
                 win = _Window()
                 rs.history.append([rs.step, metrics.get("train_loss"), metrics.get("val_loss")])
+                rs.reports.append({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))
+                                   and k not in ("time", "max_steps")})
                 if do_ckpt:
                     rs.last_ckpt, rs.saved_at = self._save(rs, metrics), rs.step
                     self._reported_at = time.monotonic()
@@ -513,6 +516,7 @@ class Loop:
             "val_loss": rs.val.get("val_loss"), "checkpoint": rs.last_ckpt,
             "resumed_fingerprint": rs.resumed_fingerprint, "saved_fingerprint": rs.saved_fingerprint,
             "final_fingerprint": self._optim_fingerprint(), "error": rs.error, "history": rs.history,
+            "reports": rs.reports,
             "param_checksum": self._param_checksum(),
         }
 

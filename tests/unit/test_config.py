@@ -208,4 +208,8 @@ def test_every_shipped_yaml_validates(path):
     spec = importlib.util.spec_from_file_location(f"job_{path.parent.name}", job)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    load_config(mod.CONFIG, ["--config", str(path)])
+    cfg = load_config(mod.CONFIG, ["--config", str(path)])
+    if path.parent.name == "pipeline":  # and every stage's own files and overrides
+        from r1ray.pipeline.run import check_stage_configs
+
+        assert check_stage_configs(cfg) == []
