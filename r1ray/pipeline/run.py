@@ -183,14 +183,13 @@ def resolve_stage(p: PipelineConfig, stage: str, upstream: dict[str, str]) -> An
         shared["run_name"] = f"{p.name}-{stage}"
     if stage == "serve":
         shared["run_name"] = f"{p.name}-serve"
-    values = {**{k: v for k, v in spec.overrides.items()}, **adapter.wire(p, upstream)}
+    # the pipeline's shared blocks and run names win over the stage's files; the stage's overrides come
+    # next; the wiring to the upstream artifacts is last (never set by hand)
+    values = {**{k: v for k, v in shared.items() if k in cls.model_fields}, **dict(spec.overrides),
+              **adapter.wire(p, upstream)}
     argv = [a for f in spec.config for a in ("--config", f)]
-    base: dict[str, Any] = {}
-    for k, v in shared.items():
-        if k in cls.model_fields:
-            base[k] = v
     try:
-        return load_config(cls, argv, base=base, values=values)
+        return load_config(cls, argv, values=values)
     except Exception as e:  # noqa: BLE001 - name the stage with the config error
         raise PipelineFailed(f"the {stage} stage's config is invalid: {e}") from e
 

@@ -1,0 +1,85 @@
+"""The pipeline's config, wiring and cache keys (no Ray): what decides which stage runs on what."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from r1ray.artifacts import write_manifest
+from r1ray.config import ConfigError, load_config
+from r1ray.pipeline.config import PipelineConfig
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _job():
+    spec = importlib.util.spec_from_file_location("job_pipeline", REPO / "jobs" / "pipeline.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_stage_flags_and_the_embedded_default():
+    job = _job()
+    argv = job.argv_with_stage_flags(["--from", "sft", "--until=evaluate", "name=x"])
+    assert argv[:2] == ["--config", str(REPO / "configs" / "pipeline" / "default.yaml")]
+    cfg = load_config(PipelineConfig, argv)
+    assert (cfg.from_stage, cfg.until_stage, cfg.name) == ("sft", "evaluate", "x")
+
+
+def test_bad_pipeline_configs_name_the_field():
+    with pytest.raises(ConfigError, match="stages must be distinct and in pipeline order"):
+        load_config(PipelineConfig, ["stages=[sft, data]"])
+    with pytest.raises(ConfigError, match="from_stage='distill' is not one of the pipeline's stages"):
+        load_config(PipelineConfig, ["from_stage=distill"])
+    with pytest.raises(ConfigError, match="unknown stage"):
+        load_config(PipelineConfig, ["stages=[data, finetune]"])
+
+
+def test_every_stage_config_is_checked_before_anything_runs():
+    from r1ray.pipeline.run import check_stage_configs
+
+    cfg = load_config(PipelineConfig, ["pretrain.overrides={optim.lrr: 0.1}", "sft.overrides={train.max_steps: 0}"])
+    problems = check_stage_configs(cfg)
+    assert any(p.startswith("pretrain: optim.lrr: unknown key; did you mean 'optim.lr'") for p in problems), problems
+    assert any(p.startswith("sft: train.max_steps") for p in problems), problems
+
+
+def test_wiring_shared_blocks_and_run_names(tmp_path):
+    from r1ray.pipeline.run import resolve_stage
+
+    cfg = load_config(PipelineConfig, ["name=demo", f"storage.root={tmp_path}", "seed=7",
+                                       "pretrain.config=[configs/pretrain/debug.yaml]",
+                                       "pretrain.overrides={train.max_steps: 5}"])
+    pre = resolve_stage(cfg, "pretrain", {"data": "/data/art"})
+    # the stage's file says run_name: debug; the pipeline names its runs, shares its storage and seed
+    assert pre.run_name == "demo-pretrain" and pre.seed == 7 and pre.storage.root == str(tmp_path)
+    assert pre.data.path == "/data/art" and pre.train.max_steps == 5
+    sft = resolve_stage(cfg, "sft", {"model": "/runs/demo-pretrain/final"})
+    assert sft.model.init_from == "/runs/demo-pretrain/final" and sft.run_name == "demo-sft"
+    serve = resolve_stage(cfg, "serve", {"model": "/m"})
+    assert serve.model_path == "/m" and serve.model_name == "r1ray-demo"
+    from r1ray.pipeline.run import PipelineFailed
+
+    with pytest.raises(PipelineFailed, match="needs the model of an earlier stage"):
+        resolve_stage(cfg, "sft", {})
+
+
+def test_the_key_changes_with_the_config_and_with_the_input_artifact(tmp_path):
+    from r1ray.pipeline.run import resolve_stage, stage_key
+
+    data = str(tmp_path / "data")
+    write_manifest(data, stage="data", config={"v": 1})
+    cfg = load_config(PipelineConfig, [f"storage.root={tmp_path}"])
+    up = {"data": data}
+    key = stage_key("pretrain", resolve_stage(cfg, "pretrain", up), up, ("data",))
+    assert key == stage_key("pretrain", resolve_stage(cfg, "pretrain", up), up, ("data",))
+    # ray and logging do not change results, so they do not change the key
+    quiet = load_config(PipelineConfig, [f"storage.root={tmp_path}", "logging.level=WARNING", "ray.num_cpus=5"])
+    assert stage_key("pretrain", resolve_stage(quiet, "pretrain", up), up, ("data",)) == key
+    other = load_config(PipelineConfig, [f"storage.root={tmp_path}", "pretrain.overrides={optim.lr: 0.001}"])
+    assert stage_key("pretrain", resolve_stage(other, "pretrain", up), up, ("data",)) != key
+    write_manifest(data, stage="data", config={"v": 2})  # the data stage reran: pretraining must too
+    assert stage_key("pretrain", resolve_stage(cfg, "pretrain", up), up, ("data",)) != key
