@@ -14,4 +14,14 @@ if ! python -c "import deepspeed.ops.op_builder" 2>/dev/null || ! python -c "imp
   DS_BUILD_SHM_COMM=1 DS_BUILD_CPU_ADAM=1 pip install -q --no-build-isolation -c scripts/constraints.txt "deepspeed>=0.16,<0.21"
 fi
 pip install -q -c scripts/constraints.txt -e ".[test]"
+# A real Prometheus for tests/ray/test_prometheus.py (every dashboard panel's query evaluated against a real
+# run). Debian's package; without root or apt the test fails and names this step.
+if ! command -v prometheus >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null) \
+      || echo "install.sh: apt-get install prometheus failed; tests/ray/test_prometheus.py will fail" >&2
+  else
+    echo "install.sh: prometheus is not installed (needs root + apt-get); tests/ray/test_prometheus.py will fail" >&2
+  fi
+fi
 python -c "import torch, deepspeed, ray, transformers; print(f'torch {torch.__version__}, deepspeed {deepspeed.__version__}, ray {ray.__version__}, transformers {transformers.__version__}')"
