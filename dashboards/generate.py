@@ -326,16 +326,25 @@ def data() -> Board:
     )
 
 
-_S = 'model=~"$model"'
+_S = 'model=~"$model", variant=~"$variant"'
+_A = 'alias=~"$alias"'
 
 
 def serving() -> Board:
     req = m("r1ray_serve_requests")
+    routed = m("r1ray_serve_ab_routed")
+
+    def by_variant(name: str) -> str:
+        return f"sum by (variant) (rate({m(name)}{{{_S}}}[$__rate_interval]))"
+
     return Board(
         uid="r1ray-serving",
         title="r1ray / serving",
-        description="The OpenAI-compatible Serve app (r1ray_serve_* metrics).",
-        variables=[("model", "Model", f"label_values({req}, model)")],
+        description="The OpenAI-compatible Serve app (r1ray_serve_* metrics); an A/B app's variants and aliases "
+                    "in the last rows (a one-model app is its own single variant).",
+        variables=[("model", "Model", f"label_values({req}, model)"),
+                   ("variant", "Variant", f"label_values({req}, variant)"),
+                   ("alias", "Alias", f"label_values({routed}, alias)")],
         rows=[
             Row("Traffic", [
                 Panel("Requests / s", [(f"sum by (route) (rate({req}{{{_S}}}[$__rate_interval]))", "{{route}}")],
@@ -369,6 +378,33 @@ def serving() -> Board:
                        (f"sum by (model) (rate({m('r1ray_serve_batch_size', 'sum')}{{{_S}}}[$__rate_interval])) / "
                         f"sum by (model) (rate({m('r1ray_serve_batch_size', 'count')}{{{_S}}}[$__rate_interval]))",
                         "mean {{model}}")]),
+            ]),
+            Row("A/B variants", [
+                Panel("Requests / s by variant", [(by_variant("r1ray_serve_requests"), "{{variant}}")], unit="reqps",
+                      width=6, description="Every route; 'unrouted': requests the A/B router refused before it "
+                                           "picked a variant (401, 404 unknown model, malformed body)."),
+                Panel("Error ratio by variant",
+                      [(f'sum by (variant) (rate({req}{{{_S}, status!~"2.."}}[$__rate_interval])) / '
+                        f"{by_variant('r1ray_serve_requests')}", "{{variant}}")],
+                      unit="percentunit", width=6),
+                Panel("Latency p50 / p99 by variant",
+                      [(quantile(0.5, "r1ray_serve_latency_seconds", "variant", _S), "p50 {{variant}}"),
+                       (quantile(0.99, "r1ray_serve_latency_seconds", "variant", _S), "p99 {{variant}}")],
+                      unit="s", width=6),
+                Panel("Tokens / s by variant", [(by_variant("r1ray_serve_tokens_generated"), "{{variant}}")],
+                      width=6),
+                Panel("Realised split by alias",
+                      [(f"sum by (alias, variant) (rate({routed}{{{_A}}}[$__rate_interval])) / ignoring (variant) "
+                        f"group_left sum by (alias) (rate({routed}{{{_A}}}[$__rate_interval]))",
+                        "{{alias}} -> {{variant}}")],
+                      unit="percentunit", width=12,
+                      description="Share of the requests sent to each name (an alias, or a variant named directly) "
+                                  "that each variant served; compare with the configured weights."),
+                Panel("Sticky share of routed requests",
+                      [(f'sum by (alias) (rate({routed}{{{_A}, sticky="true"}}[$__rate_interval])) / '
+                        f"sum by (alias) (rate({routed}{{{_A}}}[$__rate_interval]))", "{{alias}}")],
+                      unit="percentunit", width=12,
+                      description="Requests whose variant a user id chose (X-User-Id header or the 'user' field)."),
             ]),
             _cluster_row(),
         ],

@@ -138,10 +138,8 @@ class ABRouter:
     # ------------------------------------------------------------------ routing
     def choose(self, model: Any, user: str | None) -> tuple[str, str, bool]:
         """(variant, the name asked for, sticky) for a request's ``model``; APIError when it names nothing."""
-        if model is None:
-            if not self.aliases:
-                raise APIError(400, f"model: required; this server serves {self._ids()}", param="model")
-            model = self.aliases[0]
+        if model is None:  # the variant then answers as a one-model app does (400 where `model` is required)
+            model = self.aliases[0] if self.aliases else self.names[0]
         if not isinstance(model, str):
             raise APIError(400, "model: Input should be a valid string", param="model")
         if model in self.handles:

@@ -443,11 +443,13 @@ class OpenAIModel:
 
     # ------------------------------------------------------------------ routes
     def status(self) -> dict[str, Any]:
-        """``/health``'s body: ``status`` ok / loading / error, the model, and the engine's load."""
+        """``/health``'s body: ``status`` ok / loading / error, the model, the replica, and the engine's load."""
+        replica = serve.get_replica_context().replica_id.unique_id
         if self.engine is None:
             return {"status": "error" if self._load_error else "loading", "model": self.model_name,
-                    "error": self._load_error}
-        return {"status": "ok", "model": self.model_name, "engine": self.engine.backend, **self.engine.load()}
+                    "replica": replica, "error": self._load_error}
+        return {"status": "ok", "model": self.model_name, "replica": replica, "engine": self.engine.backend,
+                **self.engine.load()}
 
     @fastapi_app.get("/health")
     async def health(self) -> Response:

@@ -201,7 +201,8 @@ class ServeConfig(R1Config):
     one model (``model_path``). With variants, ``model_path``/``model_name`` stay unset."""
     aliases: list[str] = Field(default_factory=list)
     """Extra model ids. With ``variants``: each alias routes a request to a variant drawn by weight (sticky per
-    client that sends ``router.sticky_header`` or ``user``); a request without ``model`` goes to the first alias.
+    client that sends ``router.sticky_header`` or ``user``); a request without ``model`` (``/tokenize``) goes to the
+    first alias.
     Without variants: other names of the one model."""
     router: RouterConfig = RouterConfig()
     """The A/B router (only with ``variants``)."""

@@ -112,7 +112,8 @@ def test_issue_panels_are_present(boards):
         "data.json": {"r1ray_data_docs_read", "r1ray_data_docs_kept", "r1ray_data_docs_duplicate",
                       "r1ray_data_docs_filtered", "r1ray_data_docs_rejected"},
         "serving.json": {"r1ray_serve_requests", "r1ray_serve_latency_seconds", "r1ray_serve_ttft_seconds",
-                         "r1ray_serve_tokens_generated", "r1ray_serve_queue_depth", "r1ray_serve_batch_size"},
+                         "r1ray_serve_tokens_generated", "r1ray_serve_queue_depth", "r1ray_serve_batch_size",
+                         "r1ray_serve_ab_routed"},
     }
     for fname, metrics in need.items():
         missing = metrics - metrics_of(boards[fname])
@@ -122,6 +123,12 @@ def test_issue_panels_are_present(boards):
     assert any("histogram_quantile(0.5," in e and "latency" in e for e in serving)
     assert any("histogram_quantile(0.99," in e and "latency" in e for e in serving)
     assert any("sum by (status)" in e and 'status!~"2.."' in e for e in serving)
+    # Issue #16: per-variant requests, errors, latency and tokens, and the realised split of each alias
+    by_variant = [e for e in serving if "by (variant)" in e or "by (le, variant)" in e]
+    for metric in ("requests_total", "latency_seconds_bucket", "tokens_generated_total"):
+        assert any(metric in e for e in by_variant), metric
+    assert any('status!~"2.."' in e for e in by_variant)
+    assert any("by (alias, variant)" in e and "ab_routed" in e for e in serving)
 
 
 def test_dashboards_are_importable_grafana_json(boards):
