@@ -1,15 +1,14 @@
-"""Scrape Ray's Prometheus endpoint and prove that every series a Grafana panel in dashboards/ queries is
-exported, with the labels the panel filters and groups by.
+"""Scrape Ray's Prometheus endpoint and prove the export path: every declared metric, and every series a
+Grafana panel in dashboards/ queries, comes out with the labels the panels filter and group by.
 
 One local Ray with the dashboard (it writes Prometheus' service-discovery file) and a known metrics-export
 port serves the whole module. A background thread scrapes the endpoint every second and keeps every series
 it has seen, so series of workers that have already exited still count (Prometheus would have scraped them
 too). Export lags recording by ~5-10 s, so checks poll with a bounded timeout.
 
-1. The export path: each declared metric recorded through ``r1ray.observe.metrics.record`` from a task, an
-   actor and the driver comes out under ``MetricSpec.prometheus_series`` (tag values ``probe``).
-2. Real short runs of the stages (data, pretrain, serve debug configs) export the series their dashboard
-   panels query (tag values other than ``probe``).
+Each declared metric recorded through ``r1ray.observe.metrics.record`` from a task, an actor and the driver
+comes out under ``MetricSpec.prometheus_series`` (tag values ``probe``). Real short runs of the stages, scraped
+by a real Prometheus that then evaluates every panel's query, are tests/ray/test_prometheus.py.
 """
 
 from __future__ import annotations
@@ -52,8 +51,8 @@ gen = _generator()
 def panel_series() -> dict[str, set[str]]:
     """Every series any committed dashboard queries -> labels the queries need on it."""
     need: dict[str, set[str]] = defaultdict(set)
-    for f in ("training.json", "data.json", "serving.json"):
-        board = json.loads((ROOT / "dashboards" / f).read_text())
+    for f in sorted((ROOT / "dashboards").glob("*.json")):
+        board = json.loads(f.read_text())
         for _, expr in gen.queries(board):
             labels = gen.labels_in(expr)
             for s in gen.series_in(expr):
@@ -245,151 +244,3 @@ def test_every_panel_series_is_exported(ray_metrics):
     assert not problems, "\n".join(problems)
     for name, (_, labels) in gen.RAY_BUILTIN.items():
         assert any(set(labels) <= set(r) for r in scraper.series(name)), name
-
-
-# --------------------------------------------------------------------------------------------------
-# Real short runs of each stage (debug configs), scraped while they run
-# --------------------------------------------------------------------------------------------------
-
-# Panel metrics a short CPU run cannot produce, and why; the export test above proves their path instead.
-NOT_FROM_A_SHORT_CPU_RUN = {
-    "r1ray_train_mfu": "recorded only on GPU workers (needs the GPU's peak FLOP/s)",
-    "r1ray_train_restarts": "counted only when a worker group restarts from a checkpoint (a killed worker costs "
-    "~15-30 s more here; tests/ray/test_pretrain.py kills workers and checks the restart count)",
-}
-
-
-def panel_metrics(board_file: str) -> set[str]:
-    """Declared metrics (not series) a dashboard queries."""
-    owner = {series: spec.name for spec in SPECS for series in spec.prometheus_series}
-    board = json.loads((ROOT / "dashboards" / board_file).read_text())
-    return {owner[s] for _, e in gen.queries(board) for s in gen.series_in(e) if s in owner}
-
-
-def missing_from_real_run(scraper: Scraper, board_file: str, where: dict[str, str]) -> tuple[set[str], set[str]]:
-    """(the metrics ``board_file`` charts, those of them with no non-probe sample whose labels include
-    ``where`` after waiting up to EXPORT_TIMEOUT_S)."""
-    wanted = panel_metrics(board_file) - set(NOT_FROM_A_SHORT_CPU_RUN)
-    need = panel_series()
-
-    def ok(metric: str) -> bool:
-        spec = BY_NAME[metric]
-        for series in spec.prometheus_series:
-            if series not in need:
-                continue
-            rows = [r for r in scraper.series(series, probe=False) if where.items() <= r.items()]
-            if not any(need[series] <= set(r) for r in rows):
-                return False
-        return True
-
-    deadline = time.monotonic() + EXPORT_TIMEOUT_S
-    missing = {m for m in wanted if not ok(m)}
-    while missing and time.monotonic() < deadline:
-        time.sleep(1)
-        missing = {m for m in missing if not ok(m)}
-    return wanted, missing
-
-
-WEB_DOCS = [
-    "The committee met on Tuesday to review the annual budget and decided to fund three new projects in the "
-    "northern district, which had waited for support since last spring. Write to alice.smith@example.com "
-    "for the minutes of the meeting.",
-    "Rivers carry sediment from the mountains to the sea, and over thousands of years this slow process builds "
-    "wide fertile plains where farmers grow wheat, barley and many kinds of vegetables for the nearby towns.",
-]
-
-
-@pytest.fixture(scope="module")
-def data_artifact(ray_metrics, tmp_path_factory):
-    """The data stage's debug config plus a small web source with a duplicate, a short document (filtered),
-    malformed rows (rejected) and an e-mail address (PII), so every data panel has something to show."""
-    import yaml
-
-    from r1ray.data.config import PrepareDataConfig
-    from r1ray.data.pipeline import run
-
-    tmp = tmp_path_factory.mktemp("scrape")
-    web = tmp / "web.jsonl"
-    rows = [json.dumps({"text": WEB_DOCS[0]}), json.dumps({"text": WEB_DOCS[1]}), json.dumps({"text": WEB_DOCS[1]}),
-            json.dumps({"text": "too short"}), "{not json", json.dumps({"body": "no text field"})]
-    web.write_text("\n".join(rows) + "\n")
-    d = yaml.safe_load((ROOT / "configs" / "prepare_data" / "debug.yaml").read_text())
-    d["sources"].append({"name": "web", "path": str(web), "format": "jsonl"})
-    d["storage"] = {"root": str(tmp / "out")}
-    t0 = time.monotonic()
-    uri = run(PrepareDataConfig.model_validate(d))
-    print(f"data stage: {time.monotonic() - t0:.1f} s")
-    return {"uri": uri, "root": str(tmp / "out")}
-
-
-def test_data_stage_exports_its_panels(ray_metrics, data_artifact):
-    scraper: Scraper = ray_metrics["scraper"]
-    charted, missing = missing_from_real_run(scraper, "data.json", {})
-    assert charted and not missing, f"data.json: the real run never exported {sorted(missing)}"
-    web = {r["reason"] for r in scraper.series("ray_r1ray_data_docs_rejected_total", probe=False)
-           if r.get("source") == "web"}
-    assert web == {"malformed_json", "missing_text_field"}, web
-    assert any(r.get("source") == "web" for r in scraper.series("ray_r1ray_data_docs_duplicate_total", probe=False))
-    assert any(r.get("kind") == "email" for r in scraper.series("ray_r1ray_data_pii_replaced_total", probe=False))
-
-
-@pytest.fixture(scope="module")
-def pretrain_run(ray_metrics, data_artifact):
-    """The pretrain debug config on the artifact above, shortened, with one non-finite step injected."""
-    from r1ray.config import load_config
-    from r1ray.train.config import PretrainConfig
-    from r1ray.train.pretrain import run
-
-    cfg = load_config(PretrainConfig, [
-        "--config", str(ROOT / "configs" / "pretrain" / "debug.yaml"),
-        f"storage.root={data_artifact['root']}", f"data.path={data_artifact['uri']}", "run_name=scrape",
-        "train.max_steps=8", "train.log_every=2", "train.eval_every=4", "checkpoint.every=4",
-        "faults.nonfinite_at_steps=[3]", "data.validate_with_ray_data=false", "logging.wandb.mode=disabled",
-    ])
-    t0 = time.monotonic()
-    result = run(cfg)
-    print(f"pretrain: {time.monotonic() - t0:.1f} s")
-    return result
-
-
-def test_pretrain_exports_its_panels(ray_metrics, pretrain_run):
-    charted, missing = missing_from_real_run(ray_metrics["scraper"], "training.json",
-                                             {"run": "scrape", "stage": "pretrain"})
-    # every metric the training dashboard charts (less the GPU/restart ones a short CPU run cannot show)
-    # has a sample labelled run=scrape, stage=pretrain from the real run
-    assert {"r1ray_train_loss", "r1ray_train_tokens_per_second"} <= charted, charted
-    assert not missing, f"training.json: the real run never exported {sorted(missing)}"
-
-
-def test_serve_exports_its_panels(ray_metrics, pretrain_run, data_artifact):
-    import httpx
-    from ray import serve
-
-    from r1ray.serve.config import ServeConfig
-    from r1ray.serve.launch import deploy
-
-    cfg = ServeConfig.model_validate({
-        "run_name": "scrape", "train_if_missing": False, "model_name": "scrape",
-        "storage": {"root": data_artifact["root"]}, "http": {"port": _free_port()},
-        "deployment": {"num_cpus": 1}, "auth": {"api_key_env": None},
-        "engine": {"max_batch_size": 4, "batch_wait_timeout_s": 0.01},
-    })
-    t0 = time.monotonic()
-    info = deploy(cfg)
-    print(f"serve: ready in {time.monotonic() - t0:.1f} s")
-    try:
-        with httpx.Client(base_url=info.url, timeout=60) as http:
-            body = {"model": "scrape", "messages": [{"role": "user", "content": "What is 2 + 3?"}], "max_tokens": 8}
-            for _ in range(3):
-                assert http.post("/v1/chat/completions", json=body).status_code == 200
-            with http.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
-                assert r.status_code == 200
-                assert any(line.startswith("data:") for line in r.iter_lines())
-            bad = http.post("/v1/chat/completions", json={"model": "scrape", "messages": "not a list"})
-            assert 400 <= bad.status_code < 500, bad.text
-            charted, missing = missing_from_real_run(ray_metrics["scraper"], "serving.json", {"model": "scrape"})
-            assert charted and not missing, f"serving.json: the real run never exported {sorted(missing)}"
-            errors = {r["status"] for r in ray_metrics["scraper"].series("ray_r1ray_serve_requests_total", probe=False)}
-            assert "200" in errors and str(bad.status_code) in errors, errors
-    finally:
-        serve.shutdown()
