@@ -106,11 +106,15 @@ class _EngineActor:
         return int(self.engine.weights_version)
 
     def generate_unit(self, prompts: list[Any], params: list[SamplingParams]) -> tuple[list[Completion], int]:
-        """Generate one unit alone: the HF engine admits it as one batch (its batch limit set to the unit's
-        size, so the scheduler takes every sequence of it before the first step, and nothing else joins)."""
+        """Generate one unit alone: the HF engine admits it as one batch (its batch limit is the unit's size, so
+        the scheduler takes every sequence of it before the first step, and nothing else joins)."""
         with self._unit:
-            if hasattr(self.engine, "max_batch_size") and self.engine.backend == "hf":
-                self.engine.max_batch_size = max(1, len(prompts))
+            n = max(1, len(prompts))
+            if self.engine.backend == "hf" and self.engine.max_batch_size != n:
+                # An idle HF scheduler already computed its batch room from the old limit (while waiting for
+                # the next sequence): restart it so its first admission sees this unit's size.
+                self.engine.shutdown()
+                self.engine.max_batch_size = n
             out = self.engine.generate(prompts, params)
             return out, int(self.engine.weights_version)
 

@@ -66,6 +66,9 @@ def test_connect_by_name_and_results_independent_of_pool_size(pool, model_dir):
     finally:
         assert pool.resize(2) == 2
     assert tokens(pool.generate(PROMPTS, sampled(), unit_size=4)) == two
+    # units of another size in between (GRPO's refills, evaluation) leave a unit's result unchanged
+    pool.generate(PROMPTS[:2], sampled()[:2], unit_size=1)
+    assert tokens(pool.generate(PROMPTS, sampled(), unit_size=4)) == two
     with pytest.raises(ValueError, match="unit_size"):
         pool.generate(PROMPTS, sampled(), unit_size=0)
 
