@@ -134,8 +134,16 @@ def _job_module(script: Path):
 def test_rayjob_entrypoint_names_existing_files_and_a_valid_config():
     from r1ray.config import load_config
 
-    (job,) = by_kind("RayJob")
-    spec = job["spec"]
+    jobs = {j["metadata"]["name"]: j for j in by_kind("RayJob")}
+    assert set(jobs) == {"r1ray-pretrain", "r1ray-pipeline"}, sorted(jobs)
+    pipeline = jobs["r1ray-pipeline"]["spec"]
+    argv = shlex.split(pipeline["entrypoint"])
+    assert argv[:2] == ["python", "jobs/pipeline.py"], argv[:2]
+    module = _job_module(ROOT / argv[1])
+    cfg = load_config(module.CONFIG, module.argv_with_stage_flags(argv[2:]))
+    assert cfg.until_stage == "evaluate" and "serve" not in cfg.stages[: cfg.stages.index("evaluate") + 1]
+    assert cfg.storage.root.startswith("s3://")
+    spec = jobs["r1ray-pretrain"]["spec"]
     argv = shlex.split(spec["entrypoint"])
     assert argv[0] == "python" and argv[1] == "jobs/pretrain.py", argv[:2]
     script = ROOT / argv[1]
@@ -178,7 +186,7 @@ def test_rayservice_import_path_exists_and_args_are_a_valid_serve_config():
     cfg = ServeConfig.model_validate(app["args"])
     storage = yaml.safe_load((ROOT / "cluster" / "storage.yaml").read_text())["storage"]["root"]
     assert cfg.storage.root == storage, "serve reads the runs the RayJob writes"
-    (job,) = by_kind("RayJob")
+    (job,) = [j for j in by_kind("RayJob") if j["metadata"]["name"] == "r1ray-pretrain"]
     run_name = re.search(r"run_name=(\S+)", job["spec"]["entrypoint"]).group(1)
     assert cfg.run_name == run_name, "RayService serves the RayJob's run"
     if cfg.deployment.num_gpus:
