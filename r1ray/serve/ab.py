@@ -186,6 +186,11 @@ class ABRouter:
         except asyncio.CancelledError:  # the client went away: stop the variant's work too
             gen.cancel()
             raise
+        except Exception as e:  # e.g. the variant's replica died mid-request: answer, and the client may retry
+            log.warning("variant %r failed on %s: %s: %s", variant, route, type(e).__name__, e)
+            return APIError(503, f"variant {variant!r} failed on this request ({type(e).__name__}); retry after "
+                                 f"{self.cfg.limits.retry_after_s} s", type="server_error", code="variant_error",
+                            headers={"Retry-After": str(self.cfg.limits.retry_after_s)}).response()
         if "body" in head:
             return Response(content=head["body"], status_code=head["status"], headers=head["headers"])
 

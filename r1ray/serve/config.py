@@ -173,8 +173,8 @@ class RouterConfig(R1Config):
     """Request header naming the client; with it (or OpenAI's ``user`` field) a request sent to an alias always
     lands on the same variant while the weights stay the same."""
     forward_timeout_s: float = Field(default=600.0, gt=0)
-    """Longest a request may wait for its variant's answer to start (a variant being redeployed holds requests
-    until a replica is up); past it the router answers 503."""
+    """Longest a request may wait for its variant's answer to start (the whole answer, when not streamed; Serve
+    holds a request while a variant has no replica up); past it the router answers 503."""
 
 
 class ServeConfig(R1Config):
