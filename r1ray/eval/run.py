@@ -385,7 +385,8 @@ def _perplexity_suite(t: _Target, cfg: EvaluateConfig, plan: _PerplexityPlan) ->
             raise ValueError(f"perplexity.data: the tokenizer of {plan.data.uri} is not the model's ({t.export}); "
                              "score files instead (perplexity.files), which the model tokenizes itself")
     out = run_units(t.backend, plan.payloads, what=f"perplexity [{t.label}]", sizes=plan.sizes,
-                    concurrency=t.concurrency, progress_every_s=cfg.progress_every_s, unit="rows")
+                    concurrency=t.concurrency, progress_every_s=cfg.progress_every_s,
+                    unit="rows" if plan.data is not None else "chunks")
     recs = []
     for ids, res in zip(plan.ids, out, strict=True):
         for item, r in zip(ids, res, strict=True):
