@@ -60,6 +60,16 @@ def layout_speed(init: str, reps: int = 30, micro: int = 8) -> dict[str, float]:
     return out
 
 
+def stage_defaults(cls) -> dict:
+    """The sections a stage config redeclares with its own defaults (SFT's train/optim/checkpoint), as a base
+    for ``load_config``: ``load_config`` rebuilds a section from its class defaults when an override touches
+    it (``train.eval_every=0`` would reset SFT's 2000 steps to the loop's 200), reported to the lead."""
+    from r1ray.config import R1Config
+
+    return {name: f.default.model_dump(mode="json", exclude_unset=True) for name, f in cls.model_fields.items()
+            if isinstance(f.default, R1Config) and f.default.model_fields_set}
+
+
 def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--problems", type=int, default=200, help="held-out problems per difficulty level")
@@ -78,7 +88,8 @@ def main(argv: list[str]) -> None:
 
     setup_logging("INFO")
     torch.set_num_threads(2)
-    cfg = load_config(SFTConfig, overrides)
+    base = stage_defaults(SFTConfig)
+    cfg = load_config(SFTConfig, overrides, base=base)
     if args.layout_only:
         init = args.init or prepare("sft", cfg).model.init_from
         print(json.dumps(layout_speed(init), indent=1))
@@ -88,7 +99,7 @@ def main(argv: list[str]) -> None:
     cfg = load_config(SFTConfig, [*overrides, f"checkpoint.every={every}", "checkpoint.keep=100",
                                   "train.eval_every=0", "eval.before=false",
                                   f"eval.problems_per_difficulty={args.problems}",
-                                  f"eval.difficulties=[{','.join(map(str, levels))}]"])
+                                  f"eval.difficulties=[{','.join(map(str, levels))}]"], base=base)
     t0 = time.perf_counter()
     cfg = prepare("sft", cfg)
     prepare_s = time.perf_counter() - t0

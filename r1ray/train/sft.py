@@ -35,7 +35,7 @@ from pydantic import Field, field_validator, model_validator
 
 from r1ray.config import OptimConfig, R1Config
 from r1ray.observe.log import get_logger
-from r1ray.train.config import TrainJobConfig, TrainLoopConfig
+from r1ray.train.config import CheckpointConfig, TrainJobConfig, TrainLoopConfig
 from r1ray.train.driver import TrainResult, run_stage, summary  # noqa: F401 - summary: the job's closing text
 from r1ray.train.stage import Metrics, RunPlan, Stage, WorkerInfo
 
@@ -65,10 +65,12 @@ class SFTDataConfig(R1Config):
     """Generated training conversations (one epoch; the loop cycles through them in a seeded order)."""
     max_length: int = Field(default=512, ge=8)
     """Longest conversation in tokens; longer ones are cut (counted in the ``truncated_samples`` metric)."""
-    layout: Literal["pad", "pack"] = "pad"
-    """``pad``: one row per conversation, right-padded to the longest of the micro-batch; ``pack``: the
-    micro-batch's conversations in one row, attention and positions kept inside each (docs/sft.md measures both:
-    padding is faster for short conversations on CPU)."""
+    layout: Literal["pad", "pack"] = "pack"
+    """``pack``: the micro-batch's conversations in one row, attention and positions kept inside each (a
+    block-diagonal mask built from restarting position ids); ``pad``: one row per conversation, right-padded to the
+    longest of the micro-batch. Packing measured 10-18% faster per forward+backward on CPU for the debug preset
+    (benchmarks/sft_quality.py --layout-only, docs/sft.md): fewer positions and one large matmul per layer instead
+    of many small ones, while the attention it adds (quadratic in the packed row) is small next to the head."""
 
     @field_validator("tasks")
     @classmethod
@@ -97,7 +99,8 @@ class SFTEvalConfig(R1Config):
     problems_per_difficulty: int = Field(default=200, ge=0)
     """Held-out problems per difficulty level at each evaluation; 0 turns the generation evaluation off."""
     difficulties: list[int] | None = None
-    """Levels to evaluate. Unset: the levels of ``data.difficulty``."""
+    """Levels to evaluate (each reported as ``accuracy_d<level>``). Unset: every level that all the evaluated
+    tasks have (arithmetic: 1, 2, 3), whatever levels the training data holds."""
     tasks: dict[str, float] | None = None
     """Task mix of the held-out problems. Unset: ``data.tasks`` when the data is generated from tasks; none
     (no accuracy) when the data is ``data.path``."""
@@ -121,13 +124,15 @@ class SFTConfig(TrainJobConfig):
     """Training and validation conversations."""
     eval: SFTEvalConfig = SFTEvalConfig()
     """Generation-based evaluation."""
-    train: TrainLoopConfig = TrainLoopConfig(max_steps=300, global_batch_size=16, micro_batch_size=8, eval_every=100,
-                                             eval_samples=64, log_every=10)
-    """The training loop (SFT's defaults: 300 steps of 16 conversations, held-out evaluation every 100 steps on
-    64 validation conversations)."""
-    optim: OptimConfig = OptimConfig(lr=3e-3, warmup_steps=10, weight_decay=0.0)
-    """Optimizer and schedule (SFT's defaults suit the ``debug`` preset: lr 3e-3, 10 warmup steps, no weight
-    decay; use ~1e-5..2e-5 for models of a billion parameters)."""
+    train: TrainLoopConfig = TrainLoopConfig(max_steps=2000, global_batch_size=16, micro_batch_size=8,
+                                             eval_every=500, eval_samples=64, log_every=50)
+    """The training loop (SFT's defaults, the recipe of docs/sft.md: 2000 steps of 16 conversations, held-out
+    evaluation every 500 steps on 64 validation conversations)."""
+    checkpoint: CheckpointConfig = CheckpointConfig(every=500)
+    """Checkpoints and exports (SFT's default: every 500 steps)."""
+    optim: OptimConfig = OptimConfig(lr=3e-3, warmup_steps=30, weight_decay=0.0)
+    """Optimizer and schedule (SFT's defaults suit the ``debug`` preset: lr 3e-3, 30 warmup steps, no weight
+    decay (0.1 and 1.0 learned slower, docs/sft.md); use ~1e-5..2e-5 for models of a billion parameters)."""
 
     @model_validator(mode="after")
     def _check_sft(self) -> SFTConfig:
@@ -153,7 +158,16 @@ class SFTConfig(TrainJobConfig):
 
     @property
     def eval_levels(self) -> list[int]:
-        return list(self.eval.difficulties) if self.eval.difficulties else list(self.data.levels)
+        """``eval.difficulties``, or every level that all the evaluated tasks have."""
+        if self.eval.difficulties:
+            return list(self.eval.difficulties)
+        from r1ray.tasks.registry import get_task
+
+        common: set[int] | None = None
+        for name in self.eval_tasks:
+            levels = set(get_task(name, **self.data.task_options.get(name, {})).difficulties)
+            common = levels if common is None else common & levels
+        return sorted(common or ())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -427,8 +441,17 @@ def plan_problems(cfg: SFTConfig) -> list[str]:
                             f"{positions}")
     mixes = {"data.tasks": (cfg.data.tasks, list(cfg.data.levels))} if cfg.data.path is None else {}
     if cfg.eval_tasks:
-        mixes["eval.tasks" if cfg.eval.tasks is not None else "data.tasks (evaluation)"] = (cfg.eval_tasks,
-                                                                                             cfg.eval_levels)
+        try:
+            levels = cfg.eval_levels
+        except ValueError as e:  # an unknown task (data.tasks' own are named below)
+            levels = []
+            if cfg.eval.tasks is not None:
+                problems.append(f"eval.tasks: {e}")
+        else:
+            if not levels:
+                problems.append("eval: the evaluated tasks share no difficulty level; set eval.difficulties")
+            mixes["eval.tasks" if cfg.eval.tasks is not None else "data.tasks (evaluation)"] = (cfg.eval_tasks,
+                                                                                                 levels)
     for field_name, (mix, levels) in mixes.items():
         for name in mix:
             try:

@@ -23,7 +23,7 @@ assistant token), so no target ever crosses from one conversation into the next:
   each, and no attention mask: transformers then builds a block-diagonal causal mask from the position ids
   (``masking_utils.find_packed_sequence_indices``), so attention and positions never cross a boundary.
 
-Which is faster on CPU is measured in docs/sft.md; the default is there.
+Packing measured faster on CPU for short conversations (docs/sft.md), so it is the default (``data.layout``).
 """
 
 from __future__ import annotations

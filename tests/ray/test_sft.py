@@ -21,7 +21,7 @@ BASE = [
     "faults.record_samples=true", "data.train_examples=96", "data.max_length=160",
     # 5 held-out problems over 2 workers in batches of 2: 3 vs 2 problems, so rank 1 decodes a dummy batch
     # in the second generate call (ZeRO-3 forwards are collectives: a mismatch would hang, not fail)
-    "eval.problems_per_difficulty=5", "eval.batch_size=2", "eval.max_new_tokens=12", "eval.before=false",
+    "eval.difficulties=[1]", "eval.problems_per_difficulty=5", "eval.batch_size=2", "eval.max_new_tokens=12", "eval.before=false",
 ]
 
 

@@ -234,7 +234,7 @@ def test_generated_lists_are_seeded_disjoint_and_split_by_difficulty_weight():
     assert [p.difficulty for p in train].count(1) == 30 and [p.difficulty for p in train].count(2) == 10
     assert [p.uid() for p in train] == [p.uid() for p in task_problems(cfg, 40, "train")]  # a pure function
     held = eval_problems(cfg)
-    assert sorted(held) == [1, 2] and all(len(v) == 5 for v in held.values())
+    assert sorted(held) == [1, 2, 3] and all(len(v) == 5 for v in held.values())  # every arithmetic level
     assert not {p.uid() for p in train} & {p.uid() for v in held.values() for p in v}
     tr, val = conversations(cfg)
     assert len(tr) == 40 and len(val) == 8
