@@ -104,8 +104,11 @@ class PerplexitySuite(R1Config):
     """Field of each jsonl line holding the document."""
     chunk_chars: int = Field(default=2000, ge=16)
     """Longest chunk of a file's document, in characters (keep chunk tokens below the model's context)."""
-    max_rows: int | None = Field(default=64, ge=1)
-    """Rows (data) or chunks (files) scored at most, the first ones in order. Unset: all."""
+    max_rows: int | None = Field(default=None, ge=1)
+    """Rows (data) or chunks (files) scored at most, the first ones in order. Unset: all. A data artifact's
+    split is ordered by source, so a cap scores a biased subset: on the default corpus the first 64 validation
+    rows (mostly Python source) give 5.49 nats/token for the default export, all 127 give 3.37, the
+    ``val_loss`` its training reported."""
     batch_rows: int = Field(default=8, ge=1)
     """Rows per engine batch (memory: the engine keeps batch x tokens x vocab logits)."""
 
