@@ -108,6 +108,8 @@ def run_r1ray(start: Path, root: Path, prompts_per_step: int, steps: int, max_to
         f"model.init_from={start}", f"storage.root={root}", f"run_name=r1ray-{prompts_per_step}", f"seed={seed}",
         f"train.max_steps={steps}", f"train.global_batch_size={prompts_per_step}", f"train.micro_batch_size={micro}",
         "train.eval_every=0", f"train.log_every={steps}", f"checkpoint.every={steps}", f"optim.lr={lr}",
+        # the whole block: a dotted override of one optim field resets the others to OptimConfig's defaults
+        "optim.schedule=constant", "optim.warmup_steps=0", "optim.weight_decay=0.0",
         "deepspeed.zero_stage=0", "scaling.num_workers=1", "scaling.cpus_per_worker=1", "train.torch_threads=1",
         f"grpo.group_size={G}", f"grpo.rewards={json.dumps(REWARDS)}", f"grpo.max_completion_tokens={max_tokens}",
         "grpo.loss_type=dapo", "grpo.beta=0", "grpo.eval_problems=8", "ray.num_cpus=4", "ray.include_dashboard=false",
