@@ -60,3 +60,23 @@ def test_reasoning_tokens_are_single_and_survive_decode(tiny_tokenizer_dir):
     assert tok.decode(ids + [tok.eos_token_id], skip_special_tokens=True) == f"{THINK}the{END_THINK}"
     text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
     assert text.endswith("<|im_start|>assistant\n")
+
+
+def test_init_from_is_loaded_in_the_training_precision(tiny_tokenizer_dir, tmp_path):
+    """transformers 5 keeps a bf16 export's dtype on load; an fp32 run must still train in fp32 (and a bf16
+    run in bf16), whatever the export was saved in."""
+    import torch
+
+    from r1ray.model import ModelConfig, build_model, save_model
+    from r1ray.model.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    bf16_export = tmp_path / "bf16"
+    save_model(build_model(ModelConfig(preset="debug"), tok, seed=0).to(torch.bfloat16), tok, bf16_export)
+    cfg = ModelConfig(init_from=str(bf16_export))
+    assert {p.dtype for p in build_model(cfg, tok, precision="fp32").parameters()} == {torch.float32}
+    assert {p.dtype for p in build_model(cfg, tok, precision="bf16").parameters()} == {torch.bfloat16}
+    import pytest
+
+    with pytest.raises(ValueError, match="precision must be one of"):
+        build_model(cfg, tok, precision="fp8")
