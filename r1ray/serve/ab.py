@@ -22,8 +22,11 @@ counts, engines and GPUs (a 10 % canary should not take a slot in every replica 
 use), and the router hop is needed either way (multiplexing routes on a header, and OpenAI clients name the model in
 the body). ``benchmarks/ab_load.py`` measures what the hop costs against a one-model app.
 
+``r1ray.serve.app.build_app`` assembles the application (the router, and the variants as ``OpenAIModel``
+deployments).
+
 Zero-drop weight changes: the weights are the router's ``user_config``. ``serve.run`` of the same app with new
-weights redeploys only the router (``build_ab_app`` gives each variant a version derived from its config, so an
+weights redeploys only the router (``app.build_app`` gives each variant a version derived from its config, so an
 unchanged variant keeps its replicas and its loaded model), with ``max_surge_percent=100``: the new router replica
 starts before the old one drains its in-flight requests. A variant whose config changed is replaced the same way,
 and its replica counts as started only once its model is loaded (``OpenAIModel(variant=True)``), so no request
@@ -34,7 +37,6 @@ meets a loading replica. A Serve config file (or a KubeRay RayService) can chang
 
 import asyncio
 import hashlib
-import json
 import random
 from typing import Any
 
@@ -45,7 +47,8 @@ from ray import serve
 from r1ray.observe.log import get_logger, setup_logging
 from r1ray.observe.metrics import record
 from r1ray.serve import schemas as S
-from r1ray.serve.app import (
+from r1ray.serve.config import ServeConfig
+from r1ray.serve.protocol import (
     ROUTE_CHAT,
     ROUTE_COMPLETIONS,
     ROUTE_DETOKENIZE,
@@ -55,13 +58,10 @@ from r1ray.serve.app import (
     ROUTE_TOKENIZE,
     ROUTE_TOKENIZER_INFO,
     APIError,
-    OpenAIModel,
     check_auth,
-    deployment_options,
     parse_json_body,
     read_body,
 )
-from r1ray.serve.config import ServeConfig
 
 log = get_logger(__name__)
 
@@ -70,10 +70,6 @@ UNROUTED = "unrouted"
 ROUTER_DEPLOYMENT = "ABRouter"
 ROUTER_MAX_ONGOING = 4096
 """Requests one router replica holds at once; the variants' own queues (``limits.max_queue``) bound the work."""
-
-
-def variant_deployment_name(name: str) -> str:
-    return f"OpenAIServer-{name}"
 
 
 def unit_hash(alias: str, user: str) -> float:
@@ -130,7 +126,7 @@ class ABRouter:
         self._cards: dict[str, dict[str, Any]] = {}
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """``user_config: {weights: {variant: weight}}`` (set by ``build_ab_app``; a Serve config file may change
+        """``user_config: {weights: {variant: weight}}`` (set by ``app.build_app``; a Serve config file may change
         it in place)."""
         self.weights = check_weights(user_config.get("weights"), self.names, need_positive=bool(self.aliases))
         log.info("A/B weights: %s", self.weights)
@@ -289,44 +285,5 @@ class ABRouter:
         return JSONResponse(card.model_dump())
 
 
-def _version(init: dict[str, Any]) -> str:
-    """A deployment version from its init args: ``serve.run`` keeps the replicas of a deployment whose version
-    and options are unchanged (its default is a random version, which restarts every replica)."""
-    return hashlib.sha256(json.dumps(init, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def build_ab_app(cfg: ServeConfig, model_paths: dict[str, str]) -> serve.Application:
-    """The A/B application: one ``OpenAIModel`` deployment per variant (``model_paths``: variant -> resolved
-    model directory) behind the ``ABRouter`` ingress, which gets the weights as its ``user_config``."""
-    handles = {}
-    drain = cfg.deployment.graceful_shutdown_timeout_s
-    for name in cfg.variants:
-        vcfg = cfg.variant_config(name)
-        init = vcfg.model_dump(mode="json")
-        init["model_path"] = model_paths[name]
-        if vcfg.auth.api_key is not None:
-            init["auth"]["api_key"] = vcfg.auth.api_key.get_secret_value()
-        opts = {**deployment_options(vcfg), "name": variant_deployment_name(name), "max_surge_percent": 100}
-        drain = max(drain, vcfg.deployment.graceful_shutdown_timeout_s)
-        dep = serve.deployment(OpenAIModel).options(**opts)
-        # Serve's public API no longer takes a version; its internal option is the only way to keep an unchanged
-        # variant's replicas (and loaded model) across serve.run. Without it they would be replaced, still with
-        # no dropped request (surge + load-before-ready), only slower.
-        dep = dep.options(version=_version(init), _internal=True)
-        handles[name] = dep.bind(init, True)
-    init = cfg.model_dump(mode="json")
-    if cfg.auth.api_key is not None:
-        init["auth"]["api_key"] = cfg.auth.api_key.get_secret_value()
-    # The weights travel in user_config alone, so a weight change leaves the router's version as it is and Serve
-    # reconfigures the running router in place (no replica restarted, nothing in flight touched).
-    init["variants"] = {n: {**v, "weight": 1.0} for n, v in init["variants"].items()}
-    router = ABRouter.options(
-        num_replicas=cfg.router.num_replicas, ray_actor_options={"num_cpus": cfg.router.num_cpus},
-        max_ongoing_requests=ROUTER_MAX_ONGOING, graceful_shutdown_timeout_s=drain, max_surge_percent=100,
-        user_config={"weights": {n: v.weight for n, v in cfg.variants.items()}},
-    )
-    router = router.options(version=_version(init), _internal=True)
-    return router.bind(init, handles)
-
-
-__all__ = ["ABRouter", "UNROUTED", "build_ab_app", "check_weights", "pick", "unit_hash", "variant_deployment_name"]
+__all__ = ["ABRouter", "ROUTER_DEPLOYMENT", "ROUTER_MAX_ONGOING", "UNROUTED", "check_weights", "pick",
+           "unit_hash"]

@@ -21,9 +21,8 @@ for that request alone.
 
 
 import asyncio
-import hmac
+import hashlib
 import json
-import math
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -40,39 +39,32 @@ from r1ray.infer.text import ReasoningStream, prompt_opens_think, split_reasonin
 from r1ray.observe.log import get_logger, setup_logging
 from r1ray.observe.metrics import record
 from r1ray.serve import schemas as S
+from r1ray.serve.ab import ROUTER_MAX_ONGOING, ABRouter
 from r1ray.serve.config import ServeConfig
+from r1ray.serve.protocol import (  # noqa: F401 - re-exported: tests and users import them from here
+    INT64_MAX,
+    ROUTE_CHAT,
+    ROUTE_COMPLETIONS,
+    ROUTE_DETOKENIZE,
+    ROUTE_HEALTH,
+    ROUTE_MODEL,
+    ROUTE_MODELS,
+    ROUTE_TOKENIZE,
+    ROUTE_TOKENIZER_INFO,
+    APIError,
+    ForwardedRequest,
+    check_auth,
+    parse_json_body,
+    read_body,
+)
 
 log = get_logger(__name__)
 
-ROUTE_COMPLETIONS = "/v1/completions"
-ROUTE_CHAT = "/v1/chat/completions"
-ROUTE_MODELS = "/v1/models"
-ROUTE_MODEL = "/v1/models/{model_id:path}"
-ROUTE_TOKENIZE = "/tokenize"
-ROUTE_DETOKENIZE = "/detokenize"
-ROUTE_TOKENIZER_INFO = "/tokenizer_info"
-INT64_MAX = 2**63 - 1
-ROUTE_HEALTH = "/health"
 # Routes the A/B router hands to a variant (method, path) -> OpenAIServer method; the router answers
 # /v1/models itself.
 _FORWARDED = {("POST", ROUTE_COMPLETIONS): "completions", ("POST", ROUTE_CHAT): "chat",
               ("POST", ROUTE_TOKENIZE): "tokenize", ("POST", ROUTE_DETOKENIZE): "detokenize",
               ("GET", ROUTE_TOKENIZER_INFO): "tokenizer_info", ("GET", ROUTE_HEALTH): "health"}
-
-
-class APIError(Exception):
-    """An error answered with OpenAI's error shape."""
-
-    def __init__(self, status: int, message: str, *, param: str | None = None, type: str = "invalid_request_error",
-                 code: str | None = None, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.type, self.code = status, message, param, type, code
-        self.headers = headers or {}
-
-    def response(self) -> JSONResponse:
-        body = S.ErrorResponse(error=S.ErrorBody(message=self.message, type=self.type, param=self.param,
-                                                 code=self.code or str(self.status)))
-        return JSONResponse(body.model_dump(), status_code=self.status, headers=self.headers)
 
 
 def _describe_validation(e: ValidationError) -> tuple[str, str | None]:
@@ -93,94 +85,6 @@ def _describe_validation(e: ValidationError) -> tuple[str, str | None]:
         if line not in parts:
             parts.append(line)
     return "invalid request: " + "; ".join(parts[:6]), first
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON (numbers must be finite)")
-
-
-def _finite_float(text: str) -> float:
-    x = float(text)
-    if not math.isfinite(x):
-        raise ValueError(f"number {text[:32]} is out of range (numbers must be finite)")
-    return x
-
-
-def _json_depth_exceeds(data: Any, limit: int) -> bool:
-    """Whether ``data`` nests deeper than ``limit`` (iterative: a deep body must not exhaust the stack)."""
-    stack = [(data, 1)]
-    while stack:
-        x, d = stack.pop()
-        if isinstance(x, dict | list):
-            if d > limit:
-                return True
-            stack.extend((v, d + 1) for v in (x.values() if isinstance(x, dict) else x))
-    return False
-
-
-def parse_json_body(body: bytes, max_depth: int) -> dict:
-    """The JSON object in ``body``, or an ``APIError`` 400 naming what is wrong: invalid UTF-8, invalid JSON,
-    ``NaN``/``Infinity`` or out-of-range numbers, integers too long to convert, nesting deeper than
-    ``max_depth`` (``limits.max_json_depth``), a non-object, or an unpaired surrogate escape."""
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise APIError(400, f"request body is not valid UTF-8 (invalid byte at position {e.start})") from None
-    try:
-        data = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
-    except json.JSONDecodeError as e:
-        raise APIError(400, f"request body is not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})") from None
-    except RecursionError:
-        raise APIError(400, f"request body nests too deeply (limits.max_json_depth is {max_depth})") from None
-    except ValueError as e:  # NaN/Infinity, 1e999, or an integer beyond Python's digit limit
-        raise APIError(400, f"request body has an invalid number: {e}") from None
-    if not isinstance(data, dict):
-        raise APIError(400, f"request body must be a JSON object, got {type(data).__name__}")
-    if _json_depth_exceeds(data, max_depth):
-        raise APIError(400, f"request body nests deeper than {max_depth} levels (limits.max_json_depth)")
-    try:
-        json.dumps(data, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:
-        raise APIError(400, "request contains invalid Unicode (an unpaired surrogate escape)") from None
-    return data
-
-
-def check_auth(api_key: str | None, headers: Any) -> None:
-    """401 unless ``headers`` carry ``Authorization: Bearer <api_key>`` (no-op when auth is off)."""
-    if not api_key:
-        return
-    header = headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
-        raise APIError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
-                       type="authentication_error", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-
-
-async def read_body(request: Any, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it exceeds ``limit`` bytes (``limits.max_body_bytes``;
-    never buffered whole past the limit)."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise APIError(413, f"request body of {declared} bytes exceeds limits.max_body_bytes ({limit} bytes)")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise APIError(413, f"request body exceeds limits.max_body_bytes ({limit} bytes)")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-class ForwardedRequest:
-    """The parts of a request the route handlers read (headers, body stream), for a request the A/B router
-    hands to a variant through a deployment handle instead of over HTTP."""
-
-    def __init__(self, headers: dict[str, str], body: bytes):
-        self.headers = {k.lower(): v for k, v in headers.items()}
-        self._body = body
-
-    async def stream(self) -> AsyncIterator[bytes]:
-        yield self._body
 
 
 def _sse(obj: Any) -> bytes:
@@ -822,9 +726,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     """
     cfg = args if isinstance(args, ServeConfig) else ServeConfig.model_validate(dict(args or {}))
     if cfg.variants:
-        from r1ray.serve.ab import build_ab_app
-
-        return build_ab_app(cfg, {n: resolve_model_path(cfg.variant_config(n)) for n in cfg.variants})
+        return _build_ab_app(cfg, {n: resolve_model_path(cfg.variant_config(n)) for n in cfg.variants})
     model_path = resolve_model_path(cfg)
     init = cfg.model_dump(mode="json")
     init["model_path"] = model_path
@@ -832,3 +734,43 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     if cfg.auth.api_key is not None:
         init["auth"]["api_key"] = cfg.auth.api_key.get_secret_value()
     return OpenAIServer.options(**deployment_options(cfg)).bind(init)
+
+
+def _version(init: dict[str, Any]) -> str:
+    """A deployment version from its init args: ``serve.run`` keeps the replicas of a deployment whose version
+    and options are unchanged (its default is a random version, which restarts every replica)."""
+    return hashlib.sha256(json.dumps(init, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _build_ab_app(cfg: ServeConfig, model_paths: dict[str, str]) -> serve.Application:
+    """The A/B application: one ``OpenAIModel`` deployment per variant (``model_paths``: variant -> resolved
+    model directory) behind the ``ABRouter`` ingress, which gets the weights as its ``user_config``."""
+    handles = {}
+    drain = cfg.deployment.graceful_shutdown_timeout_s
+    for name in cfg.variants:
+        vcfg = cfg.variant_config(name)
+        init = vcfg.model_dump(mode="json")
+        init["model_path"] = model_paths[name]
+        if vcfg.auth.api_key is not None:
+            init["auth"]["api_key"] = vcfg.auth.api_key.get_secret_value()
+        opts = {**deployment_options(vcfg), "name": f"OpenAIServer-{name}", "max_surge_percent": 100}
+        drain = max(drain, vcfg.deployment.graceful_shutdown_timeout_s)
+        dep = serve.deployment(OpenAIModel).options(**opts)
+        # Serve's public API no longer takes a version; its internal option is the only way to keep an unchanged
+        # variant's replicas (and loaded model) across serve.run. Without it they would be replaced, still with
+        # no dropped request (surge + load-before-ready), only slower.
+        dep = dep.options(version=_version(init), _internal=True)
+        handles[name] = dep.bind(init, True)
+    init = cfg.model_dump(mode="json")
+    if cfg.auth.api_key is not None:
+        init["auth"]["api_key"] = cfg.auth.api_key.get_secret_value()
+    # The weights travel in user_config alone, so a weight change leaves the router's version as it is and Serve
+    # reconfigures the running router in place (no replica restarted, nothing in flight touched).
+    init["variants"] = {n: {**v, "weight": 1.0} for n, v in init["variants"].items()}
+    router = ABRouter.options(
+        num_replicas=cfg.router.num_replicas, ray_actor_options={"num_cpus": cfg.router.num_cpus},
+        max_ongoing_requests=ROUTER_MAX_ONGOING, graceful_shutdown_timeout_s=drain, max_surge_percent=100,
+        user_config={"weights": {n: v.weight for n, v in cfg.variants.items()}},
+    )
+    router = router.options(version=_version(init), _internal=True)
+    return router.bind(init, handles)
