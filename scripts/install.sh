@@ -18,7 +18,7 @@ pip install -q -c scripts/constraints.txt -e ".[test]"
 # run). Debian's package; without root or apt the test fails and names this step.
 if ! command -v prometheus >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null) \
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null) \
       || echo "install.sh: apt-get install prometheus failed; tests/ray/test_prometheus.py will fail" >&2
   else
     echo "install.sh: prometheus is not installed (needs root + apt-get); tests/ray/test_prometheus.py will fail" >&2

@@ -86,7 +86,7 @@ def prepare(stage: str, cfg: Any) -> Any:
 def serve_model_path(cfg: Any) -> Any:
     """A ServeConfig whose ``model_path`` is set: the run's newest export, trained first when missing and
     ``train_if_missing`` is set (for the default run name, through the default pretraining run)."""
-    if cfg.model_path:
+    if cfg.model_path or getattr(cfg, "variants", None):  # A/B variants name their own models
         return cfg
     from r1ray.model.export import newest_export
 
