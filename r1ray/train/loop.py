@@ -456,6 +456,7 @@ class Loop:
             do_eval = rs.step == end or bool(tcfg.eval_every and rs.step % tcfg.eval_every == 0)
             if do_eval:
                 rs.val = self._evaluate()
+                self.stage.after_evaluation(rs.step, rs.val)
             do_ckpt = stop or rs.step == end or bool(self.cfg.checkpoint.every
                                                      and rs.step % self.cfg.checkpoint.every == 0)
             if rs.step % tcfg.log_every == 0 or do_ckpt or do_eval:

@@ -259,6 +259,11 @@ class Stage(ABC):
         ``evaluator.loss_over(batches)`` (the collective-safe default) to stages that extend it."""
         return evaluator.loss_over(self.eval_batches())
 
+    def after_evaluation(self, step: int, metrics: dict[str, float]) -> None:
+        """Called on every worker with the evaluation's metrics reduced over all workers (the same values
+        everywhere), e.g. a curriculum that advances on held-out accuracy. Default: nothing."""
+        return None
+
     # ------------------------------------------------------------------ worker side: state and lineage
     def state_dict(self) -> dict[str, Any]:
         """Stage state to restore on resume (JSON-able; e.g. a curriculum's position). Default: none."""
