@@ -21,7 +21,7 @@ from r1ray.observe.log import get_logger
 
 log = get_logger(__name__)
 
-__all__ = ["DEFAULT_RUNS", "default_export", "inputs_for", "prepare", "prepare_evaluate", "serve_model_path"]
+__all__ = ["DEFAULT_RUNS", "default_export", "inputs_for", "prepare", "prepare_compress", "prepare_evaluate", "serve_model_path"]
 
 DEFAULT_RUNS = {"pretrain": "default", "sft": "sft", "grpo": "grpo", "distill": "distill"}
 """Run name of each training stage's embedded default (``<storage.root>/runs/<name>``)."""
@@ -132,6 +132,22 @@ def _distill() -> tuple[type, Callable[[Any], Any]]:
 _STAGE_DEFAULTS: dict[str, Callable[[], tuple[type, Callable[[Any], Any]]]] = {
     "pretrain": _pretrain, "sft": _sft, "grpo": _grpo, "distill": _distill,
 }
+
+
+def prepare_compress(cfg: Any) -> Any:
+    """A CompressConfig ready for ``r1ray.compress.run.run``: with ``model`` unset, the default SFT run's newest
+    export (trained first, through the default pretraining run, when missing); with no perplexity data or files,
+    the default data artifact (the corpus of the pretraining run under that SFT model, so the tokenizers match).
+    Inputs the config names are kept."""
+    overrides: dict[str, Any] = {}
+    if cfg.model is None:
+        overrides["model"] = default_export("sft", cfg)
+    ppl = cfg.eval.perplexity
+    if ppl.enabled and not (ppl.data or ppl.files):
+        from r1ray.data.pipeline import ensure_default
+
+        overrides["eval.perplexity.data"] = ensure_default(cfg.storage, cfg.ray)
+    return _with(cfg, overrides)
 
 
 def prepare_evaluate(cfg: Any) -> Any:
