@@ -377,6 +377,21 @@ def suggest_path(cls: type[R1Config], path: str) -> str | None:
     return close[0] if close else None
 
 
+def section_defaults(cls: type[R1Config]) -> dict:
+    """The values a config class sets in its sections' defaults (``optim: OptimConfig = OptimConfig(lr=3e-3)``),
+    as a nested mapping. Loading starts from it, so a YAML key or override inside such a section changes that key
+    only: without it, ``optim.warmup_steps=3`` would rebuild ``optim`` from OptimConfig's own defaults and lose
+    the job's lr."""
+    out: dict = {}
+    for name, field in cls.model_fields.items():
+        default = field.default
+        if isinstance(default, R1Config):
+            sub = _deep_merge(section_defaults(type(default)), default.model_dump(mode="json", exclude_unset=True))
+            if sub:
+                out[name] = sub
+    return out
+
+
 def load_config(
     cls: type[C],
     argv: Sequence[str] | None = None,
@@ -393,7 +408,7 @@ def load_config(
     here they are ignored so the resolved config can still be built.
     """
     files, overrides, _ = parse_args([] if argv is None else argv)
-    data: dict = copy.deepcopy(base or {})
+    data: dict = _deep_merge(section_defaults(cls), copy.deepcopy(base or {}))
     problems: list[str] = []
     for f in files:
         path = Path(f)
