@@ -47,10 +47,12 @@ class CurriculumConfig(R1Config):
     """``ramp``: the step the ramp starts at (all first level before)."""
     ramp_end: int = Field(default=1000, ge=1)
     """``ramp``: the step the ramp ends at (all last level after)."""
-    threshold: float = Field(default=0.9, gt=0, le=1)
-    """``advance``: held-out accuracy on the current level that moves the curriculum on."""
+    threshold: float = 0.9
+    """``advance``: the value of ``metric`` that moves the curriculum on."""
     metric: str = "accuracy_d{level}"
     """``advance``: the evaluation metric compared with ``threshold`` (``{level}`` is the current level)."""
+    mode: Literal["max", "min"] = "max"
+    """``advance``: move on when ``metric >= threshold`` (``max``, e.g. accuracy) or ``<=`` (``min``, a loss)."""
     min_steps: int = Field(default=0, ge=0)
     """``advance``: steps spent on a level before it can be left."""
     mix_previous: float = Field(default=0.0, ge=0, lt=1)
@@ -141,7 +143,7 @@ class Curriculum:
         if i >= len(c.levels) - 1 or step - since < c.min_steps:
             return state
         value = metrics.get(c.metric.format(level=c.levels[i]))
-        if value is not None and value >= c.threshold:
+        if value is not None and (value >= c.threshold if c.mode == "max" else value <= c.threshold):
             return {"index": i + 1, "since": step}
         return state
 

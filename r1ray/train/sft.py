@@ -36,8 +36,9 @@ from pydantic import Field, field_validator, model_validator
 from r1ray.config import OptimConfig, R1Config
 from r1ray.observe.log import get_logger
 from r1ray.train.config import CheckpointConfig, TrainJobConfig, TrainLoopConfig
+from r1ray.train.curriculum import Curriculum, CurriculumConfig
 from r1ray.train.driver import TrainResult, run_stage, summary  # noqa: F401 - summary: the job's closing text
-from r1ray.train.stage import Metrics, RunPlan, Stage, WorkerInfo
+from r1ray.train.stage import Metrics, RunPlan, Stage, StepInputs, WorkerInfo
 
 log = get_logger(__name__)
 
@@ -124,6 +125,11 @@ class SFTConfig(TrainJobConfig):
     """Training and validation conversations."""
     eval: SFTEvalConfig = SFTEvalConfig()
     """Generation-based evaluation."""
+    curriculum: CurriculumConfig | None = None
+    """A difficulty schedule over generated task data (``r1ray.train.curriculum``: stages, a ramp, or advance
+    when held-out accuracy on a level passes a threshold): the level of each sample is a pure function of the
+    step, its index and the schedule's state, which every checkpoint keeps. Unset: ``data.difficulty`` for
+    every sample."""
     train: TrainLoopConfig = TrainLoopConfig(max_steps=2000, global_batch_size=16, micro_batch_size=8,
                                              eval_every=500, eval_samples=64, log_every=50)
     """The training loop (SFT's defaults, the recipe of docs/sft.md: 2000 steps of 16 conversations, held-out
@@ -140,6 +146,9 @@ class SFTConfig(TrainJobConfig):
         if self.data.eval_path and not self.data.path:
             problems.append("data.eval_path is set without data.path: held-out conversations of a jsonl need the "
                             "jsonl (generated data takes its validation from the tasks' eval split)")
+        if self.curriculum is not None and self.data.path:
+            problems.append("curriculum needs generated task data: unset data.path (a jsonl has no difficulty "
+                            "levels) or unset curriculum")
         if self.data.path is None and self.data.train_examples < self.train.global_batch_size:
             problems.append(f"data.train_examples={self.data.train_examples} < train.global_batch_size="
                             f"{self.train.global_batch_size}: one step would repeat examples")
@@ -350,6 +359,8 @@ class SFTStage(Stage):
             else self.tokenizer.eos_token_id
         self.train, self.val = conversations(cfg)
         self.problems = eval_problems(cfg)
+        self.curriculum = Curriculum(cfg.curriculum, cfg.seed) if cfg.curriculum is not None else None
+        self.curriculum_state = self.curriculum.initial_state() if self.curriculum else {}
 
     def build_model(self) -> Any:
         from r1ray.model import build_model
@@ -372,7 +383,50 @@ class SFTStage(Stage):
         return batch
 
     def make_batch(self, rows: np.ndarray, device: Any) -> dict[str, Any]:
+        if self.curriculum is not None:
+            return self._batch([self._curriculum_conversation(0, int(r)) for r in rows], device)
         return self._batch([self.train[int(r)] for r in rows], device)
+
+    def step_inputs(self, step: int, rows: list[np.ndarray], model: Any) -> StepInputs:
+        """With a curriculum, each sample's conversation is drawn at its step's difficulty: (step, sample row,
+        schedule state) decide it, so a resumed run, on any number of workers, trains on the same ones."""
+        if self.curriculum is None:
+            return super().step_inputs(step, rows, model)
+        m = Metrics()
+        updates = []
+        for r in rows:
+            convs = []
+            for row in r:
+                level = self.curriculum.level_of(step, int(row), self.curriculum_state)
+                m.mean("curriculum_level", float(level))
+                convs.append(self._curriculum_conversation(step, int(row), level))
+            updates.append(self._batch(convs, self.worker.device))
+        return StepInputs(updates=[updates], metrics=m)
+
+    def _curriculum_conversation(self, step: int, row: int, level: int | None = None) -> list[dict[str, Any]]:
+        from r1ray.tasks.registry import sample_problems
+        from r1ray.train.sft_data import task_conversation
+
+        cfg = self.cfg
+        level = self.curriculum.level_of(step, row, self.curriculum_state) if level is None else level
+        (problem,) = sample_problems(cfg.data.tasks, 1, seed=cfg.seed, split="train", difficulty=level, start=row,
+                                     options=cfg.data.task_options)
+        return task_conversation(problem)
+
+    def after_evaluation(self, step: int, metrics: dict[str, float]) -> None:
+        if self.curriculum is not None:
+            before = self.curriculum_state
+            self.curriculum_state = self.curriculum.after_evaluation(step, metrics, before)
+            if self.curriculum_state != before and self.worker.rank == 0:
+                log.info("curriculum: level %s from step %d", self.curriculum.current_level(self.curriculum_state),
+                         step)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"curriculum": self.curriculum_state} if self.curriculum is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.curriculum is not None and "curriculum" in state:
+            self.curriculum_state = dict(state["curriculum"])
 
     def batch_weight(self, batch: dict[str, Any]) -> float:
         return float(batch["n_targets"])
@@ -439,7 +493,8 @@ def plan_problems(cfg: SFTConfig) -> list[str]:
         if positions and cfg.data.max_length > positions:
             problems.append(f"data.max_length={cfg.data.max_length} > the model's max_position_embeddings "
                             f"{positions}")
-    mixes = {"data.tasks": (cfg.data.tasks, list(cfg.data.levels))} if cfg.data.path is None else {}
+    train_levels = cfg.curriculum.all_levels if cfg.curriculum is not None else list(cfg.data.levels)
+    mixes = {"data.tasks": (cfg.data.tasks, train_levels)} if cfg.data.path is None else {}
     if cfg.eval_tasks:
         try:
             levels = cfg.eval_levels

@@ -74,6 +74,19 @@ def _tensors(export: str) -> dict:
     return out
 
 
+def trained_samples(run_dir: str) -> dict[int, list[int]]:
+    """step -> global sample indices of the newest attempt that ran it (``faults.record_samples``)."""
+    lines: dict[str, dict[int, list[int]]] = {}
+    for f in sorted(Path(run_dir, "samples").glob("*.txt"), key=lambda f: f.stat().st_mtime):
+        for line in f.read_text().splitlines():
+            step, _world, *idx = (int(x) for x in line.split())
+            lines.setdefault(f.name.split("-")[0], {}).setdefault(step, []).extend(idx)
+    merged: dict[int, list[int]] = {}
+    for attempt in lines.values():
+        merged.update(attempt)
+    return merged
+
+
 def test_sigkill_mid_run_resumes_to_a_bitwise_equal_export(reference, init_model, tmp_path):
     import torch
 
@@ -83,14 +96,7 @@ def test_sigkill_mid_run_resumes_to_a_bitwise_equal_export(reference, init_model
                      "train.max_failures=2"))
     assert r.status == "completed" and r.restarts == 1
     # every sample of the 8 steps trained exactly once (the resumed attempt replays steps 4-5 only)
-    lines = {}
-    for f in sorted(Path(r.run_dir, "samples").glob("*.txt"), key=lambda f: f.stat().st_mtime):
-        for line in f.read_text().splitlines():
-            step, _world, *idx = (int(x) for x in line.split())
-            lines.setdefault(f.name.split("-")[0], {}).setdefault(step, []).extend(idx)
-    merged: dict[int, list[int]] = {}
-    for attempt in lines.values():
-        merged.update(attempt)
+    merged = trained_samples(r.run_dir)
     assert sorted(i for v in merged.values() for i in v) == list(range(64))
     ref, got = _tensors(reference.export_path), _tensors(r.export_path)
     assert sorted(ref) == sorted(got)
@@ -98,3 +104,31 @@ def test_sigkill_mid_run_resumes_to_a_bitwise_equal_export(reference, init_model
         assert torch.equal(ref[name], got[name]), f"{name} differs after the SIGKILL resume"
     assert r.metrics["accuracy"] == reference.metrics["accuracy"]
     assert r.val_loss == reference.val_loss
+
+
+def test_curriculum_resume_across_a_schedule_change_is_exact(ray_local, init_model, tmp_path):
+    """An advance-on-evaluation curriculum moves from level 1 to level 2 at the step-2 evaluation; a worker
+    SIGKILLed at step 3 restarts from the step-2 checkpoint, whose state already holds the move, and the run ends
+    with the uninterrupted run's export, tensor for tensor, having trained every sample once."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    from r1ray.train.sft import run
+
+    common = ["scaling.num_workers=1", "deepspeed.zero_stage=2", "train.max_steps=6", "train.eval_every=2",
+              "checkpoint.every=2", "checkpoint.keep=4", "eval.problems_per_difficulty=0",
+              "curriculum={kind: advance, levels: [1, 2], metric: val_loss, mode: min, threshold: 1000000.0}"]
+    ref = run(make_cfg(init_model, tmp_path, *common, "run_name=cur-ref"))
+    killed = run(make_cfg(init_model, tmp_path, *common, "run_name=cur-kill", "faults.kill_at_step=3",
+                          "train.max_failures=2"))
+    assert ref.status == killed.status == "completed" and killed.restarts == 1
+    for r in (ref, killed):
+        state = json.loads((Path(r.checkpoint) / "trainer_state.json").read_text())
+        assert state["stage_state"] == {"curriculum": {"index": 1, "since": 2}}
+        assert state["metrics"]["curriculum_level"] == 2.0  # every sample after the move is level 2
+    a, b = (load_file(str(Path(r.export_path) / "model.safetensors")) for r in (ref, killed))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    steps = trained_samples(killed.run_dir)
+    assert sorted(steps) == list(range(1, 7)) and sorted(i for v in steps.values() for i in v) == list(range(48))
