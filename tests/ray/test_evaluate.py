@@ -11,33 +11,20 @@ from __future__ import annotations
 
 import json
 import math
-import socket
 
 import pytest
+
+from tests.helpers import free_port, save_tiny_model
 
 RAY_NUM_CPUS = 3
 SEQ_LEN = 32
 
 
-def _free_port(start: int = 19100) -> int:
-    for port in range(start, start + 900):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port")
 
 
 @pytest.fixture(scope="module")
 def model_dir(tiny_tokenizer_dir, tmp_path_factory):
-    from r1ray.model.build import ModelConfig, build_model, save_model
-    from r1ray.model.tokenizer import load_tokenizer
-
-    tok = load_tokenizer(tiny_tokenizer_dir)
-    model = build_model(ModelConfig(preset="debug", max_position_embeddings=1024), tok, seed=0)
-    return str(save_model(model, tok, tmp_path_factory.mktemp("eval") / "tiny-llama"))
+    return save_tiny_model(tiny_tokenizer_dir, tmp_path_factory.mktemp("eval") / "tiny-llama", max_positions=1024)
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +64,7 @@ def endpoint(ray_local, model_dir):
     from r1ray.serve.launch import deploy
 
     cfg = ServeConfig.model_validate({
-        "model_path": model_dir, "model_name": "tiny", "http": {"port": _free_port()},
+        "model_path": model_dir, "model_name": "tiny", "http": {"port": free_port(19100)},
         "deployment": {"num_cpus": 1}, "engine": {"max_batch_size": 8, "device": "cpu", "dtype": "float32"},
     })
     info = deploy(cfg)

@@ -13,10 +13,7 @@ by a real Prometheus that then evaluates every panel's query, are tests/ray/test
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import socket
-import sys
 import threading
 import time
 import urllib.request
@@ -27,6 +24,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from r1ray.observe.metrics import BY_NAME, SPECS
+from tests.helpers import dashboards_generator, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 PROBE = "probe"
@@ -35,17 +33,7 @@ EXPORT_TIMEOUT_S = 60
 pytestmark = pytest.mark.slow
 
 
-def _generator():
-    name = "r1ray_dashboards_generate"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "dashboards" / "generate.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
-
-
-gen = _generator()
+gen = dashboards_generator()
 
 
 def panel_series() -> dict[str, set[str]]:
@@ -60,10 +48,6 @@ def panel_series() -> dict[str, set[str]]:
     return dict(need)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def scrape(url: str) -> dict[str, list[dict[str, str]]]:
@@ -136,14 +120,14 @@ def ray_metrics():
     if ray.is_initialized():
         ray.shutdown()
     for attempt in (1, 2):
-        port = _free_port()
+        port = free_port()
         try:
             ctx = ray.init(
                 address="local",
                 num_cpus=3,
                 include_dashboard=True,
                 dashboard_host="127.0.0.1",
-                dashboard_port=_free_port(),
+                dashboard_port=free_port(),
                 _metrics_export_port=port,
                 logging_level="WARNING",
                 configure_logging=False,

@@ -19,14 +19,11 @@ export path for every declared metric) with "the panel a user opens shows someth
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import re
 import shutil
-import socket
 import subprocess
-import sys
 import time
 import urllib.parse
 import urllib.request
@@ -34,6 +31,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.helpers import dashboards_generator, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 INSTALL = "apt-get install -y --no-install-recommends prometheus"
@@ -51,23 +50,9 @@ NOT_FROM_A_SHORT_CPU_RUN = {
 }
 
 
-def _generator():
-    name = "r1ray_dashboards_generate"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "dashboards" / "generate.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
+gen = dashboards_generator()
 
 
-gen = _generator()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _get(url: str, timeout: float = 30) -> dict:
@@ -87,10 +72,10 @@ def ray_metrics():
     if ray.is_initialized():
         ray.shutdown()
     for attempt in (1, 2):
-        port = _free_port()
+        port = free_port()
         try:
             ray.init(address="local", num_cpus=3, include_dashboard=True, dashboard_host="127.0.0.1",
-                     dashboard_port=_free_port(), _metrics_export_port=port, logging_level="WARNING",
+                     dashboard_port=free_port(), _metrics_export_port=port, logging_level="WARNING",
                      configure_logging=False)
             break
         except Exception as e:  # noqa: BLE001 - Ray's own "node timed out during startup" is a bare Exception
@@ -128,7 +113,7 @@ def prometheus(ray_metrics, tmp_path_factory):
     cfg_file = tmp / "prometheus.yml"
     sd_file = str(Path(ray_metrics["session_dir"]) / PROMETHEUS_SERVICE_DISCOVERY_FILE)
     cfg_file.write_text(yaml.safe_dump(prometheus_config(sd_file)))
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = open(tmp / "prometheus.log", "w")  # noqa: SIM115 - closed at teardown
     proc = subprocess.Popen(
@@ -221,7 +206,7 @@ def runs(ray_metrics, prometheus, tmp_path_factory):
     scfg = ServeConfig.model_validate({
         "variants": {"a": {"run_name": "prom", "weight": 3}, "b": {"run_name": "prom", "weight": 1}},
         "aliases": ["r1ray"], "train_if_missing": False, "storage": {"root": str(tmp / "out")},
-        "http": {"port": _free_port()}, "deployment": {"num_cpus": 0.5}, "auth": {"api_key_env": None},
+        "http": {"port": free_port()}, "deployment": {"num_cpus": 0.5}, "auth": {"api_key_env": None},
         "engine": {"max_batch_size": 4, "batch_wait_timeout_s": 0.01},
     })
     t0 = time.monotonic()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import socket
 import threading
 import time
 from collections import Counter
@@ -18,25 +17,18 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
+from tests.helpers import free_port, save_tiny_model
+
 RAY_NUM_CPUS = 3  # two variants of 0.5 CPU, a surge replica during the redeploy, the router, the proxy
 ALIAS = "r1ray"
 WEIGHTS = {"a": 90, "b": 10}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def model_dir(tiny_tokenizer_dir, tmp_path_factory):
-    from r1ray.model.build import ModelConfig, build_model, save_model
-    from r1ray.model.tokenizer import load_tokenizer
-
-    tok = load_tokenizer(tiny_tokenizer_dir)
-    model = build_model(ModelConfig(preset="debug", max_position_embeddings=1024), tok, seed=0)
-    return str(save_model(model, tok, tmp_path_factory.mktemp("ab") / "debug-llama"))
+    return save_tiny_model(tiny_tokenizer_dir, tmp_path_factory.mktemp("ab") / "debug-llama", max_positions=1024)
 
 
 def ab_config(model_dir: str, port: int, weights: dict[str, float], b_engine: dict | None = None):
@@ -57,7 +49,7 @@ def app(ray_local, model_dir):
 
     from r1ray.serve.launch import deploy
 
-    cfg = ab_config(model_dir, _free_port(), WEIGHTS)
+    cfg = ab_config(model_dir, free_port(), WEIGHTS)
     t0 = time.monotonic()
     info = deploy(cfg)
     print(f"A/B app ready in {time.monotonic() - t0:.1f} s")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.helpers import free_port
+
 RAY_NUM_CPUS = 3
 API_KEY = "sk-test-r1ray"
 QUESTION = "What is 2 + 3?"
@@ -32,15 +33,6 @@ REASONING, ANSWER = "the of and it", "she is 5"
 REPLY = f"<think>{REASONING}</think>{ANSWER}"
 
 
-def _free_port(start: int = 18000) -> int:
-    for port in range(start, start + 1000):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port in 18000-19000")
 
 
 def build_chain_model(tokenizer_dir, out_dir) -> str:
@@ -88,7 +80,7 @@ def server(ray_local, model_dir):
     from r1ray.serve.config import ServeConfig
     from r1ray.serve.launch import run
 
-    port = _free_port()
+    port = free_port(18000)
     cfg = ServeConfig.model_validate({
         "model_path": model_dir, "model_name": "chain", "http": {"port": port},
         "auth": {"api_key": API_KEY}, "deployment": {"num_cpus": 1},

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,32 +18,20 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.helpers import free_port, save_tiny_model
+
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _free_port(start: int = 19000) -> int:
-    for port in range(start, start + 1000):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port in 19000-20000")
 
 
 @pytest.fixture(scope="module")
 def model_dir(tiny_tokenizer_dir, tmp_path_factory):
-    from r1ray.model.build import ModelConfig, build_model, save_model
-    from r1ray.model.tokenizer import load_tokenizer
-
-    tok = load_tokenizer(tiny_tokenizer_dir)
-    model = build_model(ModelConfig(preset="debug", max_position_embeddings=2048), tok, seed=0)
-    return str(save_model(model, tok, tmp_path_factory.mktemp("serve-job") / "debug-llama"))
+    return save_tiny_model(tiny_tokenizer_dir, tmp_path_factory.mktemp("serve-job") / "debug-llama")
 
 
 def test_loading_503_then_sigterm_drains_and_exits_cleanly(model_dir, tmp_path):
-    port = _free_port()
+    port = free_port(19000)
     url = f"http://127.0.0.1:{port}"
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "R1RAY_API_KEY")}
     cmd = [sys.executable, str(REPO / "jobs" / "serve.py"), f"model_path={model_dir}", "model_name=m",
