@@ -51,14 +51,15 @@ def decide(base: Scores, compressed: Scores, gate: GateConfig, *, metric: str | 
     drop = 100.0 * (base.accuracy - compressed.accuracy)
     rise = 100.0 * (compressed.perplexity / base.perplexity - 1.0) if base.perplexity > 0 else math.inf
     reasons = []
+    eps = 1e-9  # a value exactly at a limit passes, whatever the float rounding of the subtraction
     if not (math.isfinite(compressed.accuracy) and math.isfinite(compressed.perplexity)):
         reasons.append(f"the compressed model's scores are not finite (accuracy {compressed.accuracy}, "
                        f"perplexity {compressed.perplexity})")
-    if drop > gate.max_accuracy_drop_points:
+    if drop > gate.max_accuracy_drop_points + eps:
         reasons.append(f"{metric} fell {drop:.2f} points ({100 * base.accuracy:.2f} -> "
                        f"{100 * compressed.accuracy:.2f}), more than gate.max_accuracy_drop_points="
                        f"{gate.max_accuracy_drop_points:g}")
-    if not rise <= gate.max_perplexity_increase_pct:
+    if not rise <= gate.max_perplexity_increase_pct + eps:
         reasons.append(f"perplexity rose {rise:.2f}% ({base.perplexity:.4g} -> {compressed.perplexity:.4g}), more "
                        f"than gate.max_perplexity_increase_pct={gate.max_perplexity_increase_pct:g}")
     return GateResult(not reasons, reasons, base, compressed, drop, rise)
