@@ -423,7 +423,59 @@ def _cluster_row() -> Row:
     ])
 
 
-BOARDS = {"training": training, "data": data, "serving": serving}
+def grpo() -> Board:
+    def gauge(name: str) -> str:
+        return f"max by ({_BY_T}) ({m(name)}{{{_T}}})"
+
+    leg = "{{run}}"
+    rewards = ["accuracy", "format", "tag_count", "length", "language"]
+    return Board(
+        uid="r1ray-grpo",
+        title="r1ray / GRPO",
+        description="GRPO runs: rewards per function, group statistics, completions, the policy's drift and the "
+                    "step's time split (r1ray_grpo_* metrics, recorded by rank 0 at every report).",
+        variables=[
+            ("run", "Run", f"label_values({m('r1ray_grpo_reward_mean')}, run)"),
+            ("stage", "Stage", f"label_values({m('r1ray_grpo_reward_mean')}, stage)"),
+        ],
+        rows=[
+            Row("Rewards", [
+                Panel("Reward (weighted total)", [(gauge("r1ray_grpo_reward_mean"), f"mean {leg}"),
+                                                  (gauge("r1ray_grpo_reward_std"), f"std {leg}")]),
+                Panel("Reward per function", [(gauge(f"r1ray_grpo_reward_{r}"), f"{r} {leg}") for r in rewards],
+                      description="Mean of each reward function over the step's rollouts (before weighting)."),
+                Panel("Held-out accuracy", [(gauge("r1ray_grpo_accuracy"), leg)], unit="percentunit",
+                      description="Greedy accuracy on the tasks' eval split, through the rollout engines.",
+                      extra_defaults={"min": 0, "max": 1}),
+            ]),
+            Row("Groups", [
+                Panel("Zero-variance groups", [(gauge("r1ray_grpo_frac_zero_variance_groups"), leg)],
+                      unit="percentunit", description="Groups whose rewards all agree carry no gradient.",
+                      extra_defaults={"min": 0, "max": 1}),
+                Panel("Dropped groups (dynamic sampling)", [(gauge("r1ray_grpo_dropped_groups"), leg)]),
+                Panel("Reward failures (timeouts, errors)", [(gauge("r1ray_grpo_reward_failures"), leg)]),
+            ]),
+            Row("Completions and policy", [
+                Panel("Completion length", [(gauge("r1ray_grpo_completion_length_mean"), f"mean {leg}"),
+                                            (gauge("r1ray_grpo_completion_length_max"), f"max {leg}")]),
+                Panel("Clipped at max length", [(gauge("r1ray_grpo_completion_clipped_fraction"), leg)],
+                      unit="percentunit", extra_defaults={"min": 0, "max": 1}),
+                Panel("KL to the reference, entropy, clip fraction",
+                      [(gauge("r1ray_grpo_kl"), f"kl {leg}"), (gauge("r1ray_grpo_entropy"), f"entropy {leg}"),
+                       (gauge("r1ray_grpo_clip_fraction"), f"clip {leg}")],
+                      description="KL only when grpo.beta > 0."),
+            ]),
+            Row("Time split", [
+                Panel("Seconds per step", [(gauge(f"r1ray_grpo_{k}_seconds"), f"{k} {leg}")
+                                           for k in ("generate", "score", "reward", "learn", "sync")], unit="s"),
+                Panel("Rollout tokens / s", [(gauge("r1ray_grpo_rollout_tokens_per_second"), leg)]),
+                Panel("Engines replaced", [(gauge("r1ray_grpo_engine_replacements"), leg)], kind="stat"),
+            ]),
+        ],
+    )
+
+
+BOARDS = {"training": training, "data": data, "serving": serving, "grpo": grpo}
 
 # --------------------------------------------------------------------------------------------------
 # Reading dashboards back: which series and labels each PromQL expression uses

@@ -16,7 +16,7 @@ from r1ray.observe.metrics import SPECS
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARDS = ROOT / "dashboards"
-BOARD_FILES = ("training.json", "data.json", "serving.json")
+BOARD_FILES = ("training.json", "data.json", "serving.json", "grpo.json")
 # Labels Ray puts on every series, and the ones Prometheus adds when it scrapes.
 RAY_LABELS = {"SessionName", "Version", "Component", "NodeAddress", "WorkerId", "instance", "job"}
 
@@ -114,6 +114,8 @@ def test_issue_panels_are_present(boards):
         "serving.json": {"r1ray_serve_requests", "r1ray_serve_latency_seconds", "r1ray_serve_ttft_seconds",
                          "r1ray_serve_tokens_generated", "r1ray_serve_queue_depth", "r1ray_serve_batch_size",
                          "r1ray_serve_ab_routed"},
+        # issue #13 item 5: every GRPO metric has a panel
+        "grpo.json": {s.name for s in SPECS if s.name.startswith("r1ray_grpo_")},
     }
     for fname, metrics in need.items():
         missing = metrics - metrics_of(boards[fname])
