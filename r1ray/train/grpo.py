@@ -42,6 +42,7 @@ from pydantic import Field, model_validator
 from r1ray.config import OptimConfig, R1Config, ScalingConfig
 from r1ray.observe.log import get_logger
 from r1ray.train.config import TrainJobConfig, TrainLoopConfig
+from r1ray.train.curriculum import Curriculum, CurriculumConfig
 from r1ray.train.driver import TrainResult, run_stage, summary  # noqa: F401 - summary: the job's closing text
 from r1ray.train.stage import Metrics, RunPlan, Stage, StepInputs, WorkerInfo
 
@@ -135,6 +136,11 @@ class GRPOConfig(TrainJobConfig):
     """Learner workers (the rollout engines hold their own CPUs: ``grpo.num_engines x grpo.cpus_per_engine``)."""
     grpo: GRPOSection = GRPOSection()
     """GRPO."""
+    curriculum: CurriculumConfig | None = None
+    """A difficulty schedule for the training prompts (``r1ray.train.curriculum``): each prompt's level is a pure
+    function of the step, its problem index and the schedule's state (saved in every checkpoint). GRPO's
+    evaluation reports ``accuracy`` at ``grpo.difficulty``: an ``advance`` schedule reads it with
+    ``metric: accuracy``. Unset: ``grpo.difficulty`` for every prompt."""
 
     @model_validator(mode="after")
     def _check_grpo(self) -> GRPOConfig:
@@ -254,6 +260,7 @@ class GRPOStage(Stage):
         self._t_learn = 0.0
         self._metrics_sink: Metrics | None = None
         self._eval_problems: list[Any] | None = None
+        self._curriculum_setup()
         self._attempt = uuid.uuid4().hex[:8]
 
     def build_model(self) -> Any:
@@ -278,8 +285,29 @@ class GRPOStage(Stage):
         from r1ray.tasks.registry import sample_problems
 
         g = self.cfg.grpo
-        return sample_problems(g.tasks, 1, seed=self.cfg.seed, split=split, difficulty=g.difficulty, start=int(index),
+        difficulty = g.difficulty
+        curriculum = getattr(self, "curriculum", None)
+        if curriculum is not None and split == "train":
+            difficulty = curriculum.level_of(self._curriculum_step, int(index), self.curriculum_state)
+        return sample_problems(g.tasks, 1, seed=self.cfg.seed, split=split, difficulty=difficulty, start=int(index),
                                options=g.task_options)[0]
+
+    # ------------------------------------------------------------------ curriculum (stage state)
+    def _curriculum_setup(self) -> None:
+        self.curriculum = Curriculum(self.cfg.curriculum, self.cfg.seed) if self.cfg.curriculum else None
+        self.curriculum_state = self.curriculum.initial_state() if self.curriculum else {}
+        self._curriculum_step = 0
+
+    def after_evaluation(self, step: int, metrics: dict[str, float]) -> None:
+        if self.curriculum is not None:
+            self.curriculum_state = self.curriculum.after_evaluation(step, metrics, self.curriculum_state)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"curriculum": self.curriculum_state} if self.curriculum is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.curriculum is not None and "curriculum" in state:
+            self.curriculum_state = dict(state["curriculum"])
 
     def _prompt_ids(self, problem: Any) -> list[int]:
         text = self.tokenizer.apply_chat_template(problem.messages(), add_generation_prompt=True, tokenize=False)
@@ -359,6 +387,11 @@ class GRPOStage(Stage):
 
         cfg, g, w = self.cfg, self.cfg.grpo, self.worker
         m = Metrics()
+        self._curriculum_step = step
+        if self.curriculum is not None:
+            for r in rows:
+                for index in r:
+                    m.mean("curriculum_level", float(self.curriculum.level_of(step, int(index), self.curriculum_state)))
         if self._version is None:  # first step of this attempt: the engines get exactly our weights
             self._sync(model, version=step, metrics=m)
         times = {"generate": 0.0, "score": 0.0, "gen_tokens": 0.0}

@@ -46,3 +46,25 @@ def test_bad_schedules_name_the_field():
         load_config(CurriculumConfig, ["kind=ramp", "ramp_start=20", "ramp_end=10"])
     with pytest.raises(ConfigError, match="weights: one non-negative weight per level"):
         load_config(CurriculumConfig, ["levels=[1, 2]", "weights=[1]"])
+
+
+def test_grpo_prompts_follow_the_schedule_and_its_checkpointed_state():
+    from r1ray.train.grpo import GRPOConfig, GRPOStage
+
+    cfg = load_config(GRPOConfig, ["curriculum={kind: stages, stages: [[0, {1: 1.0}], [10, {3: 1.0}]]}"])
+    stage = GRPOStage(cfg)
+    stage._curriculum_setup()
+    stage._curriculum_step = 9
+    assert stage._problem(4).difficulty == 1
+    stage._curriculum_step = 10
+    assert stage._problem(4).difficulty == 3
+    assert stage._problem(4, split="eval").difficulty == cfg.grpo.difficulty  # evaluation stays put
+    adv = GRPOStage(load_config(GRPOConfig, ["curriculum={kind: advance, levels: [1, 2], metric: accuracy}"]))
+    adv._curriculum_setup()
+    adv.after_evaluation(20, {"accuracy": 0.95})
+    assert adv.state_dict() == {"curriculum": {"index": 1, "since": 20}}
+    resumed = GRPOStage(adv.cfg)
+    resumed._curriculum_setup()
+    resumed.load_state_dict(adv.state_dict())
+    resumed._curriculum_step = 21
+    assert resumed._problem(0).difficulty == 2
