@@ -215,6 +215,8 @@ class GGUFCheck:
     """Share of prompts whose greedy tokens equal the Hugging Face model's."""
     decode_tokens_per_s: float
     """llama.cpp's greedy decode speed at batch 1 (tokens after the prompt)."""
+    logits_rel_err: float = 0.0
+    """Largest |llama.cpp logit - HF logit| over every prompt position, over the largest |HF logit|."""
     mismatches: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -240,11 +242,14 @@ def hf_greedy(model: Any, prompt_ids: list[list[int]], max_tokens: int, stop: se
     return out
 
 
-def _llama_greedy(llm: Any, ids: list[int], max_tokens: int, stop: set[int]) -> tuple[list[int], float, int]:
+def _llama_greedy(llm: Any, ids: list[int], max_tokens: int, stop: set[int]
+                  ) -> tuple[list[int], float, int, Any]:
+    """(greedy tokens, decode seconds, tokens decoded, the prompt positions' logits)."""
     import numpy as np
 
     llm.reset()
     llm.eval(ids)
+    prompt_logits = np.array(llm.scores[:len(ids)], dtype=np.float32)
     out: list[int] = []
     t0 = time.perf_counter()
     decoded = 0
@@ -255,7 +260,7 @@ def _llama_greedy(llm: Any, ids: list[int], max_tokens: int, stop: set[int]) -> 
             break
         llm.eval([nxt])
         decoded += 1
-    return out, time.perf_counter() - t0, decoded
+    return out, time.perf_counter() - t0, decoded, prompt_logits
 
 
 def verify_gguf(gguf_path: str | Path, hf_dir: str | Path, prompts: list[str], *, max_tokens: int = 16,
@@ -280,21 +285,26 @@ def verify_gguf(gguf_path: str | Path, hf_dir: str | Path, prompts: list[str], *
     model = load_model(hf_dir, dtype=torch.float32).eval()
     ref = hf_greedy(model, hf_ids, max_tokens, stop)
     longest = max(len(i) for i in hf_ids) + max_tokens + 8
+    # logits_all: llama-cpp-python 0.3 keeps no logits in `scores` without it (its sampler reads them in C)
     llm = Llama(model_path=str(gguf_path), n_ctx=max(64, longest), n_batch=max(64, longest), verbose=False,
+                logits_all=True,
                 n_threads=n_threads or torch.get_num_threads(), seed=0)
     tok_ok, greedy_ok, mismatches = 0, 0, []
-    secs, decoded = 0.0, 0
+    secs, decoded, err = 0.0, 0, 0.0
     for prompt, ids, want in zip(prompts, hf_ids, ref, strict=True):
         ll_ids = llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
         tok_ok += ll_ids == ids
-        got, s, n = _llama_greedy(llm, ids, max_tokens, stop)
+        got, s, n, ll_logits = _llama_greedy(llm, ids, max_tokens, stop)
         secs, decoded = secs + s, decoded + n
+        with torch.no_grad():
+            hf_logits = model(torch.tensor([ids])).logits[0].numpy()
+        err = max(err, float(abs(ll_logits - hf_logits).max() / abs(hf_logits).max()))
         if got == want:
             greedy_ok += 1
         else:
             mismatches.append({"prompt": prompt, "hf": want, "llama_cpp": got, "llama_cpp_prompt_ids": ll_ids})
     check = GGUFCheck(str(gguf_path), qtype, Path(gguf_path).stat().st_size, tok_ok / len(prompts),
-                      greedy_ok / len(prompts), decoded / secs if secs > 0 else 0.0, mismatches)
-    log.info("llama.cpp %s: tokenizer match %.2f, greedy match %.2f, %.1f tokens/s", Path(gguf_path).name,
-             check.tokenizer_match, check.greedy_match, check.decode_tokens_per_s)
+                      greedy_ok / len(prompts), decoded / secs if secs > 0 else 0.0, err, mismatches)
+    log.info("llama.cpp %s: tokenizer match %.2f, greedy match %.2f, logits rel. error %.2g, %.1f tokens/s",
+             Path(gguf_path).name, check.tokenizer_match, check.greedy_match, err, check.decode_tokens_per_s)
     return check

@@ -89,7 +89,8 @@ def report_markdown(report: dict[str, Any]) -> str:
             lines.append(f"- GGUF {c['qtype']}: llama.cpp check skipped: {c['skipped']}")
         else:
             lines.append(f"- GGUF {c['qtype']}: llama.cpp tokenizer match {c['tokenizer_match']:.2f}, greedy match "
-                         f"{c['greedy_match']:.2f} on {len(report['gguf_prompts'])} prompts")
+                         f"{c['greedy_match']:.2f} on {len(report['gguf_prompts'])} prompts, logits relative error "
+                         f"{c['logits_rel_err']:.2g}")
     if report.get("prune"):
         p = report["prune"]
         lines.append(f"- pruned: heads {p['heads_before']} -> {p['heads_after']}, KV heads {p['kv_heads_before']} -> "
@@ -192,7 +193,8 @@ def _check_gguf(cfg: CompressConfig, fp_dir: str, out_dir: Path) -> list[dict[st
             c = verify_gguf(path, fp_dir, cfg.gguf.prompts, max_tokens=cfg.gguf.max_tokens, qtype=qtype,
                             n_threads=cfg.report.torch_threads)
             entry.update(tokenizer_match=c.tokenizer_match, greedy_match=c.greedy_match,
-                         decode_tokens_per_s=c.decode_tokens_per_s, mismatches=c.mismatches)
+                         logits_rel_err=c.logits_rel_err, decode_tokens_per_s=c.decode_tokens_per_s,
+                         mismatches=c.mismatches)
         checks.append(entry)
     return checks
 

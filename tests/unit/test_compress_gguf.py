@@ -56,11 +56,13 @@ def test_quantized_export_is_refused(trained, tmp_path):
 
 @needs_llama
 def test_llama_cpp_matches_hf_greedy(trained, tmp_path):
-    for qtype, least in (("f16", 1.0), ("q8_0", 0.8)):
+    # measured: F16 8e-4, Q8_0 1.4e-2; Q/K left in HF's rotate-half layout (no permutation) gives 0.29
+    for qtype, least, err in (("f16", 1.0, 0.01), ("q8_0", 0.8, 0.05)):
         path = export_gguf(trained, tmp_path / f"m-{qtype}.gguf", qtype)
         check = verify_gguf(path, trained, PROMPTS, max_tokens=12, qtype=qtype)
         assert check.tokenizer_match == 1.0, check.mismatches
         assert check.greedy_match >= least, check.mismatches
+        assert check.logits_rel_err < err
         assert check.decode_tokens_per_s > 0
 
 
@@ -75,3 +77,4 @@ def test_llama_cpp_runs_a_pruned_model(trained, tmp_path):
     path = export_gguf(tmp_path / "pruned", tmp_path / "pruned.gguf", "f16")
     check = verify_gguf(path, tmp_path / "pruned", PROMPTS, max_tokens=12, qtype="f16")
     assert check.tokenizer_match == 1.0 and check.greedy_match == 1.0, check.mismatches
+    assert check.logits_rel_err < 0.01
