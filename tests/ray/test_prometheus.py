@@ -5,7 +5,7 @@ Debian's ``prometheus`` binary (2.42 in bookworm) runs on loopback with a temp s
 Ray's metrics endpoints through the file Ray's dashboard writes, as it would on a cluster. Real short runs
 feed it: the data stage's debug config (plus a small source with a duplicate, a filtered document,
 malformed rows and an e-mail address), a pretrain debug run of 8 steps with one non-finite step injected,
-and an A/B Serve app (two variants of that run's export behind an alias) answering a few requests, streamed,
+a 4-step GRPO run on its export, and an A/B Serve app (two variants of that run's export behind an alias) answering a few requests, streamed,
 sticky, malformed and for an unknown model. Then each PromQL target of each panel (and each template
 variable) of every ``dashboards/*.json`` is evaluated through Prometheus' HTTP API, as Grafana would:
 ``/api/v1/query_range`` over the test's time range with every variable at Grafana's "All" (``.*``) and
@@ -200,8 +200,24 @@ def runs(ray_metrics, prometheus, tmp_path_factory):
         "faults.nonfinite_at_steps=[3]", "data.validate_with_ray_data=false", "logging.wandb.mode=disabled",
     ])
     t0 = time.monotonic()
-    run_pretrain(cfg)
+    pre = run_pretrain(cfg)
     print(f"pretrain: {time.monotonic() - t0:.1f} s")
+
+    # a short GRPO run on that export fills grpo.json: beta > 0 (kl), dynamic sampling (dropped groups),
+    # every reward function named (each exports reward_<fn>), an evaluation (accuracy)
+    from r1ray.train.grpo import GRPOConfig
+    from r1ray.train.grpo import run as run_grpo
+
+    gcfg = load_config(GRPOConfig, [
+        "--config", str(ROOT / "configs" / "grpo" / "debug.yaml"), f"storage.root={tmp / 'out'}",
+        f"model.init_from={pre.export_path}", "run_name=prom-grpo", "train.max_steps=4", "train.log_every=2",
+        "train.eval_every=4", "checkpoint.every=4", "grpo.beta=0.04", "grpo.dynamic_sampling=true",
+        "grpo.group_size=4", "grpo.max_completion_tokens=16", "grpo.eval_problems=4", "logging.wandb.mode=disabled",
+        "grpo.rewards={accuracy: 1.0, format: 0.2, tag_count: 0.1, length: 0.1, language: 0.1}",
+    ])
+    t0 = time.monotonic()
+    run_grpo(gcfg)
+    print(f"grpo: {time.monotonic() - t0:.1f} s")
 
     scfg = ServeConfig.model_validate({
         "variants": {"a": {"run_name": "prom", "weight": 3}, "b": {"run_name": "prom", "weight": 1}},
