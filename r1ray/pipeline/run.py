@@ -126,9 +126,11 @@ def _compress(cfg: Any) -> tuple[str | None, dict[str, Any]]:
     from r1ray.compress.run import run
 
     result = run(cfg)
-    if not getattr(result, "published", True):
-        raise PipelineFailed(f"the compression gate refused the model: {getattr(result, 'reason', 'see the report')}")
-    return result.export_path, {"table": getattr(result, "report_markdown", "")}
+    report = Path(result.report_dir) / "report.md"
+    if not result.passed:
+        raise PipelineFailed("the compression gate refused the model (nothing published): "
+                             + "; ".join(result.reasons) + f"\n  report: {report}")
+    return result.export_path, {"table": report.read_text() if report.exists() else ""}
 
 
 def _serve(cfg: Any) -> tuple[str | None, dict[str, Any]]:
@@ -156,7 +158,7 @@ ADAPTERS: dict[str, _Adapter] = {
                                         **({"perplexity.data": up["data"]} if "data" in up else {})},
                          _evaluate, ("model",)),
     "compress": _Adapter("r1ray.compress.config:CompressConfig",
-                         lambda p, up: {"model": up["model"], "name": f"{p.name}-compress"}, _compress, ("model",)),
+                         lambda p, up: {"model": up["model"]}, _compress, ("model",)),
     "serve": _Adapter("r1ray.serve.config:ServeConfig",
                       lambda p, up: {"model_path": up["model"], "model_name": f"r1ray-{p.name}"}, _serve, ("model",)),
 }
@@ -179,7 +181,7 @@ def resolve_stage(p: PipelineConfig, stage: str, upstream: dict[str, str]) -> An
     shared: dict[str, Any] = {"seed": p.seed, "ray": p.ray.model_dump(mode="json"),
                               "storage": p.storage.model_dump(mode="json"),
                               "logging": p.logging.model_dump(mode="json")}
-    if stage in TRAIN_STAGES:
+    if stage in (*TRAIN_STAGES, "compress"):
         shared["run_name"] = f"{p.name}-{stage}"
     if stage == "serve":
         shared["run_name"] = f"{p.name}-serve"
