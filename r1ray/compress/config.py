@@ -14,9 +14,10 @@ from r1ray.eval.config import EngineSettings, PerplexitySuite, ReferenceSuite, T
 __all__ = ["CompressConfig", "CompressEvalConfig", "GateConfig", "GGUFConfig", "PruneConfig", "QuantizeConfig",
            "RecoveryConfig", "ReportConfig", "QUANT_METHODS"]
 
-QUANT_METHODS = ("none", "int8", "int8_dynamic", "fp8")
-"""``int8``: torchao INT8 weight-only, per output channel (the fastest CPU decode measured here, see
-docs/compress.md); ``int8_dynamic``: torchao INT8 weights with per-token dynamic INT8 activations; ``fp8``: torchao
+QUANT_METHODS = ("none", "int8", "int8_torchao", "fp8")
+"""``int8``: INT8 weights per output channel with dynamic INT8 activations (torch's x86/fbgemm kernels; the
+fastest CPU decode measured here, see docs/compress.md), r1ray's safetensors format; ``int8_torchao``: torchao
+INT8 weight-only, a transformers-native directory (slower than fp32 on CPU with torchao 0.18); ``fp8``: torchao
 FP8 (e4m3) weight-only, CUDA GPUs of compute capability >= 8.9 only; ``none``: no quantization."""
 
 
@@ -61,12 +62,12 @@ class PruneConfig(R1Config):
 class QuantizeConfig(R1Config):
     """Weight quantization of the (pruned) model, saved as safetensors that ``from_pretrained`` reloads."""
 
-    method: Literal["none", "int8", "int8_dynamic", "fp8"] = "int8"
-    """See ``QUANT_METHODS``: int8 (CPU serving default), int8_dynamic, fp8 (GPU >= sm89), none."""
+    method: Literal["none", "int8", "int8_torchao", "fp8"] = "int8"
+    """See ``QUANT_METHODS``: int8 (CPU serving default), int8_torchao, fp8 (GPU >= sm89), none."""
     output_head: bool = True
     """Also quantize the output head (``lm_head``, vocabulary x hidden: a large share of a small model's decode
-    work). A head tied to the input embedding is untied first (the embedding stays fp32; the head gets an INT8
-    copy), so the file holds vocabulary x hidden bytes more than with the head left tied and unquantized."""
+    work). A head tied to the input embedding gets its own INT8 copy (the embedding stays fp32), so the file
+    holds vocabulary x hidden bytes more than with the head left tied and unquantized."""
 
 
 class GGUFConfig(R1Config):
@@ -181,6 +182,9 @@ class CompressConfig(JobConfig):
         elif not enabled[suite]:
             problems.append(f"gate.accuracy_metric={self.gate.accuracy_metric!r} but the {suite} suite is off "
                             f"(enable eval.{suite}{'.path' if suite == 'reference' else '.enabled'})")
+        if self.quantize.method == "int8" and self.device != "cpu":
+            problems.append("quantize.method=int8 (dynamic INT8, x86 kernels) runs on CPU: set device=cpu, or "
+                            "use quantize.method=fp8 on a GPU")
         if self.quantize.method == "fp8" and self.device != "cuda":
             problems.append("quantize.method=fp8 needs device=cuda (FP8 weight-only runs on GPUs of compute "
                             "capability >= 8.9); use quantize.method=int8 on CPU")

@@ -1,14 +1,17 @@
-"""Weight quantization of a Hugging Face model directory with torchao, through transformers' ``TorchAoConfig``.
+"""Weight quantization of a Hugging Face model directory; every export is safetensors (never pickle).
 
-The output is a plain Hugging Face directory: ``model.safetensors`` holds the INT8 (or FP8) weights and their
-scales as flattened tensors (torchao's safetensors support, no pickle), ``config.json`` carries the
-``quantization_config``, so ``AutoModelForCausalLM.from_pretrained`` (and so ``r1ray.model.load_model``,
-``HFEngine.from_dir`` and the Serve app) rebuild the quantized modules with no r1ray-specific loader.
+- ``int8`` (the default, for CPU serving): INT8 weights per output channel with dynamic INT8 activations,
+  torch's x86/fbgemm kernels (``torch.ao.quantization.quantize_dynamic``), saved by ``r1ray.model.quantized``
+  (safetensors + ``r1ray_quantization.json``) and rebuilt by ``r1ray.model.load_model``, so ``HFEngine`` and the
+  Serve app load it unchanged. It was the fastest here: 2.8x fp32's decode at batch 1 and 16 on the 125m
+  preset (docs/compress.md, ``benchmarks/compress.py``).
+- ``int8_torchao``: torchao INT8 weight-only through transformers' ``TorchAoConfig``: a transformers-native
+  directory (``from_pretrained`` reloads it anywhere torchao is installed), 2.5x smaller, but torchao 0.18's CPU
+  path converts the INT8 weight to fp32 on every call, so it decodes slower than fp32 here.
+- ``fp8``: torchao FP8 (e4m3) weight-only through ``TorchAoConfig``, on CUDA GPUs of compute capability >= 8.9.
 
-Why torchao and not ``torch.ao.quantization.quantize_dynamic``: both run INT8 matmuls on CPU, but the latter is
-deprecated in torch 2.13 (to be removed), has no safetensors format, and measured no faster here
-(``benchmarks/compress.py``, docs/compress.md); torchao's weight-only INT8 (``_weight_int8pack_mm``) was the
-fastest batch-1 decode.
+``torch.ao.quantization`` is flagged deprecated in torch 2.13 (torchao is its successor), but torchao has no
+CPU INT8 kernel as fast yet; ``int8_torchao`` is the switch when it does.
 
     from r1ray.compress.quantize import quantize_dir
     quantize_dir("outputs/runs/sft/final", "/tmp/int8", method="int8")
@@ -23,7 +26,9 @@ from r1ray.observe.log import get_logger
 
 log = get_logger(__name__)
 
-__all__ = ["fp8_supported", "quant_config", "quantize_dir"]
+__all__ = ["METHODS", "fp8_supported", "quant_config", "quantize_dir"]
+
+METHODS = ("int8", "int8_torchao", "fp8")
 
 
 def fp8_supported() -> tuple[bool, str]:
@@ -40,15 +45,16 @@ def fp8_supported() -> tuple[bool, str]:
 
 
 def quant_config(method: str, *, output_head: bool = True) -> Any:
-    """The transformers ``TorchAoConfig`` of ``method`` (int8, int8_dynamic, fp8); ``output_head`` includes the
-    output projection (``lm_head``), which must not be tied to the input embedding (see ``quantize_dir``)."""
+    """The transformers ``TorchAoConfig`` of a torchao ``method`` (int8_torchao, int8_torchao_dynamic, fp8);
+    ``output_head`` includes the output projection (``lm_head``), which must not be tied to the input embedding
+    (see ``quantize_dir``)."""
     from transformers import TorchAoConfig
 
-    if method == "int8":
+    if method == "int8_torchao":
         from torchao.quantization import Int8WeightOnlyConfig
 
         qt = Int8WeightOnlyConfig()
-    elif method == "int8_dynamic":
+    elif method == "int8_torchao_dynamic":  # measured in benchmarks/compress.py only (slowest here)
         from torchao.quantization import Int8DynamicActivationInt8WeightConfig
 
         qt = Int8DynamicActivationInt8WeightConfig()
@@ -60,7 +66,7 @@ def quant_config(method: str, *, output_head: bool = True) -> Any:
 
         qt = Float8WeightOnlyConfig()
     else:
-        raise ValueError(f"quantize.method must be one of int8, int8_dynamic, fp8, got {method!r}")
+        raise ValueError(f"quantize.method must be one of {', '.join(METHODS)}, got {method!r}")
     # include_input_output_embeddings lets the quantizer take lm_head (an nn.Linear); the input embedding stays
     # fp32 (transformers 5.24 + torchao 0.18 save it unquantized, and a lookup reads one row per token anyway).
     return TorchAoConfig(qt, include_input_output_embeddings=output_head)
@@ -79,14 +85,29 @@ def _untied_copy(src: str | Path, tmp: Path) -> Path:
     return tmp
 
 
+def _quantize_int8(src: str | Path, out: Path, output_head: bool) -> Path:
+    import torch
+
+    from r1ray.model.build import load_model
+    from r1ray.model.quantized import quantize_dynamic_int8, save_quantized
+    from r1ray.model.tokenizer import load_tokenizer
+
+    model = load_model(src, dtype=torch.float32).eval()
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+             and (output_head or m is not model.get_output_embeddings())]
+    quantize_dynamic_int8(model, names)
+    return save_quantized(model, load_tokenizer(src), out)
+
+
 def quantize_dir(src: str | Path, out: str | Path, *, method: str = "int8", output_head: bool = True,
                  device: str = "cpu") -> Path:
     """Quantize the HF model in ``src`` and save it (safetensors, tokenizer included) to ``out``.
 
-    Loads with the quantization config applied by transformers (the same code path a user of
-    ``from_pretrained(..., quantization_config=...)`` takes), then ``save_pretrained``. With ``output_head`` a
-    tied output head is untied first: transformers 5.24 drops a tied head it was asked to quantize from the
-    saved file (it then reloads as random weights), while an untied one round-trips. Returns ``out``."""
+    ``int8``: torch dynamic INT8 saved by ``r1ray.model.quantized`` (a quantized output head gets its own INT8
+    matrix; a tied input embedding stays fp32). torchao methods: loaded with the quantization config applied by
+    transformers (the path of ``from_pretrained(..., quantization_config=...)``), then ``save_pretrained``; with
+    ``output_head`` a tied head is untied first, because transformers 5.24 drops a tied head it was asked to
+    quantize from the saved file (it then reloads as random weights), while an untied one round-trips."""
     import json
     import tempfile
 
@@ -95,6 +116,13 @@ def quantize_dir(src: str | Path, out: str | Path, *, method: str = "int8", outp
 
     from r1ray.model.tokenizer import load_tokenizer
 
+    out = Path(out)
+    if method == "int8":
+        if device != "cpu":
+            raise ValueError("quantize.method=int8 (torch dynamic INT8) runs on CPU; use fp8 on GPUs")
+        _quantize_int8(src, out, output_head)
+        log.info("quantized %s -> %s (int8 dynamic, output head %s)", src, out, "INT8" if output_head else "fp32")
+        return out
     qc = quant_config(method, output_head=output_head)
     dtype = torch.bfloat16 if method == "fp8" else torch.float32
     with tempfile.TemporaryDirectory(prefix="r1ray-untied-") as tmp:
@@ -102,11 +130,8 @@ def quantize_dir(src: str | Path, out: str | Path, *, method: str = "int8", outp
         load_from = _untied_copy(src, Path(tmp)) if output_head and tied else Path(src)
         model = AutoModelForCausalLM.from_pretrained(str(load_from), quantization_config=qc, dtype=dtype,
                                                      use_safetensors=True, device_map=device)
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out), safe_serialization=True)
     load_tokenizer(src).save_pretrained(str(out))
-    n = sum(1 for m in model.modules() if type(getattr(m, "weight", None)).__name__ not in ("Parameter", "NoneType"))
-    log.info("quantized %s -> %s (%s, %d modules, output head %s)", src, out, method, n,
-             "quantized" if output_head else "kept")
+    log.info("quantized %s -> %s (%s, output head %s)", src, out, method, "quantized" if output_head else "kept")
     return out

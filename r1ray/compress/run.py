@@ -339,7 +339,7 @@ def run(cfg: CompressConfig) -> CompressResult:
                          device=cfg.device)
             if cfg.prune.enabled:
                 speed_models.append(("pruned", "fp32 safetensors", fp_dir))
-            fmt = {"int8": "INT8 weight-only (torchao)", "int8_dynamic": "INT8 dyn. act. (torchao)",
+            fmt = {"int8": "INT8 dynamic (torch x86)", "int8_torchao": "INT8 weight-only (torchao)",
                    "fp8": "FP8 weight-only (torchao)"}[cfg.quantize.method]
         else:
             shutil.copytree(fp_dir, candidate, ignore=shutil.ignore_patterns(MANIFEST, REPORT_MD, REPORT_JSON))

@@ -130,8 +130,14 @@ def save_model(model: Any, tokenizer: Any | None, out_dir: str | Path) -> Path:
 
 
 def load_model(path: str | Path, *, dtype: Any = None, attn_implementation: str = "sdpa"):
-    """Load a Hugging Face directory (safetensors only: never unpickle weights)."""
+    """Load a Hugging Face directory (safetensors only: never unpickle weights), including r1ray's INT8
+    dynamic-quantized exports (``r1ray.model.quantized``)."""
     from transformers import AutoModelForCausalLM
+
+    from r1ray.model.quantized import is_quantized_export, load_quantized
+
+    if is_quantized_export(path):
+        return load_quantized(path, dtype=dtype, attn_implementation=attn_implementation)
 
     kwargs: dict[str, Any] = dict(use_safetensors=True, attn_implementation=attn_implementation)
     if dtype is not None:
