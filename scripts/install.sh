@@ -14,6 +14,15 @@ if ! python -c "import deepspeed.ops.op_builder" 2>/dev/null || ! python -c "imp
   DS_BUILD_SHM_COMM=1 DS_BUILD_CPU_ADAM=1 pip install -q --no-build-isolation -c scripts/constraints.txt "deepspeed>=0.16,<0.21"
 fi
 pip install -q -c scripts/constraints.txt -e ".[test]"
+# llama-cpp-python (real llama.cpp, to verify GGUF exports) builds llama.cpp from source: ~50 minutes on a loaded
+# 2-core machine. Installed from a wheel cached on this machine when one is there (2.8 s); otherwise the GGUF parity
+# tests skip, naming this step. Build the cache once with:
+#   CMAKE_ARGS="-DLLAVA_BUILD=OFF" .venv/bin/pip wheel --no-deps -w ~/.cache/r1ray/wheels llama-cpp-python==0.3.36
+WHEELS="${R1RAY_WHEELS:-$HOME/.cache/r1ray/wheels}"
+if ls "$WHEELS"/llama_cpp_python-*.whl >/dev/null 2>&1 && ! python -c "import llama_cpp" 2>/dev/null; then
+  pip install -q -c scripts/constraints.txt --only-binary llama-cpp-python --find-links "$WHEELS" llama-cpp-python \
+    || echo "install.sh: the cached llama-cpp-python wheel did not install; GGUF parity tests will skip" >&2
+fi
 # A real Prometheus for tests/ray/test_prometheus.py (every dashboard panel's query evaluated against a real
 # run). Debian's package; without root or apt the test fails and names this step.
 if ! command -v prometheus >/dev/null 2>&1; then
