@@ -124,11 +124,11 @@ def _calibration_texts(cfg: CompressConfig, model_dir: str) -> list[str]:
     n = cfg.prune.calibration_texts
     pc = cfg.eval.perplexity
     if pc.files:
-        from r1ray.eval.run import _file_documents
+        from r1ray.eval.run import file_documents
 
         texts = []
         for path in pc.files:
-            for _, text in _file_documents(path, pc.text_field):
+            for _, text in file_documents(path, pc.text_field):
                 texts.append(text)
                 if len(texts) >= n:
                     return texts

@@ -119,7 +119,7 @@ def _chunks(text: str, max_chars: int) -> list[str]:
     return out
 
 
-def _file_documents(path: str, text_field: str) -> Iterator[tuple[str, str]]:
+def file_documents(path: str, text_field: str) -> Iterator[tuple[str, str]]:
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"perplexity.files: {path} is not a file")
@@ -190,7 +190,7 @@ def plan_perplexity(cfg: EvaluateConfig, unit_size: int) -> _PerplexityPlan | No
     reqs: list[tuple[str, dict[str, Any]]] = []
     for path in pc.files:
         plan.files[path] = sha256_file(path)
-        for doc_id, text in _file_documents(path, pc.text_field):
+        for doc_id, text in file_documents(path, pc.text_field):
             for c, piece in enumerate(_chunks(text, pc.chunk_chars)):
                 if len(reqs) >= limit:
                     break
