@@ -196,7 +196,7 @@ def runs(ray_metrics, prometheus, tmp_path_factory):
     cfg = load_config(PretrainConfig, [
         "--config", str(ROOT / "configs" / "pretrain" / "debug.yaml"),
         f"storage.root={tmp / 'out'}", f"data.path={uri}", "run_name=prom",
-        "train.max_steps=8", "train.log_every=2", "train.eval_every=4", "checkpoint.every=4",
+        "train.max_steps=8", "train.log_every=2", "train.eval_every=4", "checkpoint.every=2",
         "faults.nonfinite_at_steps=[3]", "data.validate_with_ray_data=false", "logging.wandb.mode=disabled",
     ])
     t0 = time.monotonic()
