@@ -46,3 +46,11 @@ def dashboards_generator():
         sys.modules[name] = mod
         spec.loader.exec_module(mod)
     return sys.modules[name]
+
+
+def load_job(name: str):
+    """``jobs/<name>.py`` as a module (jobs are scripts, not part of the package), as the tests call them."""
+    spec = importlib.util.spec_from_file_location(f"job_{name}", ROOT / "jobs" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

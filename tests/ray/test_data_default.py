@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import time
 from pathlib import Path
 
@@ -12,15 +11,11 @@ import pytest
 from r1ray.artifacts import read_manifest
 from r1ray.config import StorageConfig, load_config
 from r1ray.data.shards import DataArtifact
+from tests.helpers import load_job
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _job():
-    spec = importlib.util.spec_from_file_location("prepare_data_job", REPO / "jobs" / "prepare_data.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _decoded(art: DataArtifact, split: str) -> str:
@@ -32,7 +27,7 @@ def _decoded(art: DataArtifact, split: str) -> str:
 
 
 def test_debug_recipe_through_the_job(ray_local, tmp_path):
-    job = _job()
+    job = load_job("prepare_data")
     cfg = load_config(job.CONFIG, ["--config", str(REPO / "configs/prepare_data/debug.yaml"),
                                    f"storage.root={tmp_path}"])
     uri = job.run(cfg)

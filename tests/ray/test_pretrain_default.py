@@ -4,12 +4,12 @@ beats the unigram baseline on the same data, and the summary names the export an
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 
 from r1ray.config import load_config
+from tests.helpers import load_job
 
 REPO = Path(__file__).resolve().parents[2]
 RAY_NUM_CPUS = 3
@@ -17,17 +17,12 @@ RAY_NUM_CPUS = 3
 pytestmark = pytest.mark.slow
 
 
-def _job(name: str):
-    spec = importlib.util.spec_from_file_location(f"job_{name}", REPO / "jobs" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_debug_recipe_on_the_default_corpus(ray_local, tmp_path, capsys):
     from r1ray.data.pipeline import run as prepare
 
-    data_job, job = _job("prepare_data"), _job("pretrain")
+    data_job, job = load_job("prepare_data"), load_job("pretrain")
     data = prepare(load_config(data_job.CONFIG, ["--config", str(REPO / "configs/prepare_data/debug.yaml"),
                                                  f"storage.root={tmp_path}"]))
     cfg = load_config(job.CONFIG, ["--config", str(REPO / "configs/pretrain/debug.yaml"), f"data.path={data}",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import shlex
 from pathlib import Path
 
@@ -10,20 +9,16 @@ import pytest
 
 from r1ray.config import load_config
 from r1ray.train.config import PretrainConfig
+from tests.helpers import load_job
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _job():
-    spec = importlib.util.spec_from_file_location("prepare_data_job", REPO / "jobs" / "prepare_data.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.mark.parametrize("uri", ["/tmp/out/data/debug", "s3://bucket/r1ray/data/my corpus", "outputs/data/a=b"])
 def test_next_command_loads_as_a_pretrain_config(uri):
-    cmd = shlex.split(_job().next_command(uri))
+    cmd = shlex.split(load_job("prepare_data").next_command(uri))
     assert cmd[:2] == ["python", "jobs/pretrain.py"] and (REPO / cmd[1]).is_file()
     cfg = load_config(PretrainConfig, cmd[2:])
     assert cfg.data.path == uri

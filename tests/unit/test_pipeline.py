@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -10,19 +9,15 @@ import pytest
 from r1ray.artifacts import write_manifest
 from r1ray.config import ConfigError, load_config
 from r1ray.pipeline.config import PipelineConfig
+from tests.helpers import load_job
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _job():
-    spec = importlib.util.spec_from_file_location("job_pipeline", REPO / "jobs" / "pipeline.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_stage_flags_and_the_embedded_default():
-    job = _job()
+    job = load_job("pipeline")
     argv = job.argv_with_stage_flags(["--from", "sft", "--until=evaluate", "name=x"])
     assert argv[:2] == ["--config", str(REPO / "configs" / "pipeline" / "default.yaml")]
     cfg = load_config(PipelineConfig, argv)
