@@ -98,7 +98,7 @@ def r1ray_throughput(args, data: str, work: Path, workers: int, threads: int, ta
         f"train.torch_threads={threads}", "checkpoint.every=0", "checkpoint.export_hf=false",
         f"deepspeed.zero_stage={args.zero}", f"scaling.num_workers={workers}", "optim.lr=1e-3",
         "optim.warmup_steps=2", "logging.wandb.mode=disabled", "logging.level=WARNING",
-        "ray.include_dashboard=false", f"ray.num_cpus={max(workers, threads * workers) + 1}",
+        f"ray.include_dashboard={str(args.dashboard).lower()}", f"ray.num_cpus={max(workers, threads * workers) + 1}",
     ])
     t0 = time.perf_counter()
     result = retry_ray_start(lambda: run(cfg, callbacks=[_collector(str(metrics_path))]))
@@ -448,6 +448,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="throughput configurations WxT (workers x threads each), comma-separated (default 1x2,2x1)")
     ap.add_argument("--mem-preset", default="125m", help="model preset of the memory table (default 125m)")
     ap.add_argument("--zero-stages", default="0,1,2,3", help="ZeRO stages of the memory table (default 0,1,2,3)")
+    ap.add_argument("--dashboard", action=argparse.BooleanOptionalAction, default=True,
+                    help="start the Ray dashboard with the r1ray runs (default on, as jobs do: without it Ray Train's "
+                         "placement-group cleaner polls a State API that is not there)")
     ap.add_argument("--skip-throughput", action="store_true")
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--quick", action="store_true",
