@@ -280,12 +280,16 @@ def test_generation_needs_no_network(monkeypatch):
         raise AssertionError("a task tried to open a network connection")
 
     monkeypatch.setattr(socket.socket, "connect", refuse)
+    with pytest.raises(AssertionError, match="network connection"):  # the guard is live
+        socket.create_connection(("127.0.0.1", 9))
+    made = {}
     for name in BUILTIN + ["rg:basic_arithmetic", "rg:knights_knaves", "rg:countdown", "rg:gsm_symbolic"]:
         if name.startswith("rg:"):
             pytest.importorskip("reasoning_gym")
         task = get_task(name)
-        for i in range(5):
-            task.problem(i, seed=0, split="eval")
+        made[name] = [task.problem(i, seed=0, split="eval") for i in range(5)]
+    # every task produced real problems with the network refused
+    assert all(len(ps) == 5 and all(p.question and p.answer for p in ps) for ps in made.values()), made
 
 
 def test_reasoning_gym_adapter():
