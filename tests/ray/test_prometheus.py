@@ -71,12 +71,15 @@ def ray_metrics():
 
     if ray.is_initialized():
         ray.shutdown()
+    # Ray's workers export their metric values every metrics_report_interval_ms (10 s by default) and do not
+    # flush when they exit: a debug run's last ~10 s of records (here its checkpoint saves) could be lost.
+    # 1 s (Ray's floor) keeps every record of these short runs; docs/observability.md says so for users.
     for attempt in (1, 2):
         port = free_port()
         try:
             ray.init(address="local", num_cpus=3, include_dashboard=True, dashboard_host="127.0.0.1",
                      dashboard_port=free_port(), _metrics_export_port=port, logging_level="WARNING",
-                     configure_logging=False)
+                     configure_logging=False, _system_config={"metrics_report_interval_ms": 1000})
             break
         except Exception as e:  # noqa: BLE001 - Ray's own "node timed out during startup" is a bare Exception
             ray.shutdown()  # on an overloaded machine the dashboard agent can miss the raylet's 30 s window
