@@ -10,7 +10,8 @@
    reports every ``--log-every`` steps. The first window (engine warm-up) and the last one (it holds the
    final evaluation) are dropped. The baseline, in the same run: a bare single-process loop with the same
    model (``r1ray.model.build_model``, same seed), the same batches (same global order, same micro-batches
-   and accumulation), the same thread count, ``torch.optim.AdamW`` with the same groups, the same LR
+   and accumulation), the same thread count, ``torch.optim.AdamW(fused=True)`` (what r1ray's config gives
+   DeepSpeed) with the same groups, the same LR
    schedule and gradient clipping, timed over the same number of steps after the same warm-up. The
    baseline runs before and after r1ray (the machine is shared; the mean of both is used) and the ratio is
    r1ray / bare (target >= 0.95). Configurations: ``WxT`` = W workers x T threads each; "1x2" compares like
@@ -173,8 +174,9 @@ def bare_throughput(args, data: str, threads: int) -> dict[str, Any]:
         model = build_model(ModelConfig(preset=args.preset), tok, seed=0)
         model.train()
         optim = OptimConfig(lr=1e-3, warmup_steps=2)
+        # the optimizer r1ray's config gives DeepSpeed (torch's fused AdamW kernel)
         opt = torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr, betas=optim.betas,
-                                eps=optim.eps, weight_decay=optim.weight_decay)
+                                eps=optim.eps, weight_decay=optim.weight_decay, fused=True)
         warm = args.log_every
         measure = args.log_every * max(1, args.steps // args.log_every - 2)
         total = warm + measure

@@ -9,15 +9,17 @@ The optimizer rules (``choose_optimizer``), for DeepSpeed 0.19.8:
 
 | optim.name | offload_optimizer | device | optimizer                          | DeepSpeed op built |
 |------------|-------------------|--------|------------------------------------|--------------------|
-| adamw      | no                | GPU    | torch.optim.AdamW(fused=True)      | none               |
-| adamw      | no                | CPU    | torch.optim.AdamW (foreach)        | none               |
+| adamw      | no                | any    | torch.optim.AdamW(fused=True)      | none               |
 | adamw      | yes               | any    | DeepSpeedCPUAdam                   | cpu_adam (C++)     |
 | lion       | no                | any    | r1ray.train.optim.Lion (torch)     | none               |
 | lion       | yes               | any    | DeepSpeedCPULion                   | cpu_lion (C++)     |
 
 DeepSpeed takes torch's AdamW through ``optimizer.params.torch_adam: true`` and passes the remaining params to
 its constructor, ``fused`` included (deepspeed/runtime/engine.py, ``get_optimizer_configuration``): torch's
-fused kernel ships compiled, so the default GPU path builds nothing. In 0.19.8 the CPU-side optimizers
+fused kernel ships compiled (CUDA and CPU), so the default paths build nothing. On CPU the fused kernel is
+3-6x faster than torch's default single-tensor loop (125M fp32 parameters on 2 cores: 80 ms against 256 ms
+for 50 tensors and 470 ms for ZeRO's one flat partition; ``benchmarks/train_step.py`` shows the effect on a
+step) and, being elementwise, as deterministic. In 0.19.8 the CPU-side optimizers
 (CPUAdam, CPULion) are C++ ops on every accelerator (cuda_accelerator.py maps them to the CPU builders): they
 need a C++ compiler and ninja, not nvcc. CUDA ops (``fused_adam``, ``fused_lion``) are only built when a
 DeepSpeed config asks for DeepSpeed's own GPU optimizer; they need nvcc and a ``TORCH_CUDA_ARCH_LIST`` that
@@ -56,7 +58,7 @@ class OptimizerChoice:
     """What DeepSpeed will run as the optimizer, and what it builds for it."""
 
     name: str
-    """torch_fused_adamw, torch_adamw, deepspeed_cpu_adam, r1ray_lion or deepspeed_cpu_lion."""
+    """torch_fused_adamw, deepspeed_cpu_adam, r1ray_lion or deepspeed_cpu_lion."""
     section: dict[str, Any] | None
     """DeepSpeed's ``optimizer`` config section; None when r1ray passes its own optimizer object."""
     ops: tuple[str, ...] = field(default_factory=tuple)
@@ -74,14 +76,9 @@ def choose_optimizer(ds: Any, optim: Any, *, use_gpu: bool) -> OptimizerChoice:
         if ds.offload_optimizer:
             return OptimizerChoice("deepspeed_cpu_adam", {"type": "AdamW", "params": params}, ("cpu_adam",),
                                    "optimizer offload steps on the CPU: DeepSpeedCPUAdam (a C++ op)")
-        params["torch_adam"] = True
-        if use_gpu:
-            params["fused"] = True
-            return OptimizerChoice("torch_fused_adamw", {"type": "AdamW", "params": params}, (),
-                                   "torch's fused AdamW kernel: no DeepSpeed op to compile")
-        # the foreach implementation: deterministic on CPU, as every CPU test and resume check was run with
-        return OptimizerChoice("torch_adamw", {"type": "AdamW", "params": params}, (),
-                               "torch's AdamW on CPU: no DeepSpeed op to compile")
+        params.update(torch_adam=True, fused=True)
+        return OptimizerChoice("torch_fused_adamw", {"type": "AdamW", "params": params}, (),
+                               "torch's fused AdamW kernel (CUDA and CPU): no DeepSpeed op to compile")
     if optim.name == "lion":
         if ds.offload_optimizer:
             return OptimizerChoice(

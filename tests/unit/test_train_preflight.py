@@ -27,7 +27,7 @@ from r1ray.train.preflight import (
 
 @pytest.mark.parametrize("name, offload, gpu, choice, ops", [
     ("adamw", False, True, "torch_fused_adamw", ()),
-    ("adamw", False, False, "torch_adamw", ()),
+    ("adamw", False, False, "torch_fused_adamw", ()),
     ("adamw", True, True, "deepspeed_cpu_adam", ("cpu_adam",)),
     ("adamw", True, False, "deepspeed_cpu_adam", ("cpu_adam",)),
     ("lion", False, True, "r1ray_lion", ()),
