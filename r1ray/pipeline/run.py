@@ -383,6 +383,8 @@ def serve_forever(p: PipelineConfig) -> None:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C does not cut the shutdown short
         log.info("pipeline %s: stopping the server", p.name)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import signal
 import sys
 import time
 from multiprocessing.connection import Connection
@@ -16,6 +17,9 @@ from r1ray.tasks.sandbox import _IDLE, _READY, _SEND_EVERY_S
 
 def _child(sock_fd: int, hb_fd: int, memory_limit: int) -> None:
     """``(items, names, skip)`` in; lists of ``(pos, values)`` out every few ms, then None."""
+    # Ctrl-C in a terminal signals the whole process group: the parent decides when this child ends (it
+    # exits when the parent's end of the connection closes), without a traceback of its own
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     from r1ray.tasks import registry  # noqa: F401 - every built-in task, imported before we report ready
     from r1ray.tasks.mathcheck import warm_up
     from r1ray.tasks.rewards import run_reward

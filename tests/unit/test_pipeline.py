@@ -78,3 +78,35 @@ def test_the_key_changes_with_the_config_and_with_the_input_artifact(tmp_path):
     assert stage_key("pretrain", resolve_stage(other, "pretrain", up), up, ("data",)) != key
     write_manifest(data, stage="data", config={"v": 2})  # the data stage reran: pretraining must too
     assert stage_key("pretrain", resolve_stage(cfg, "pretrain", up), up, ("data",)) != key
+
+
+def test_ctrl_c_stops_serving_cleanly_even_when_pressed_twice():
+    """``serve_forever`` (what ``python jobs/pipeline.py`` does after deploying) ends on SIGINT with exit code
+    0 and no traceback, and a second SIGINT during the shutdown does not cut it short."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = (
+        "import time\n"
+        "from r1ray.pipeline.config import PipelineConfig\n"
+        "from r1ray.pipeline.run import serve_forever\n"
+        "import r1ray.pipeline.run as run\n"
+        "orig = run.log.info\n"
+        "def slow(*a, **k):\n"
+        "    orig(*a, **k); time.sleep(1.0)  # the shutdown takes a while: room for a second Ctrl-C\n"
+        "run.log.info = slow\n"
+        "print('serving', flush=True)\n"
+        "serve_forever(PipelineConfig())\n"
+        "print('stopped', flush=True)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "serving"
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "stopped" in out and "Traceback" not in err, err

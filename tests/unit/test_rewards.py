@@ -190,6 +190,21 @@ def test_a_call_past_the_timeout_is_killed_counted_and_the_batch_goes_on(problem
     assert score([p.completion], [p], {"accuracy": 1.0}, sandbox=sandbox).total == [1.0]
 
 
+def test_a_ctrl_c_in_the_terminal_does_not_kill_the_sandbox_child(problems, sandbox):
+    """Ctrl-C signals the whole process group: the child ignores SIGINT (no traceback, no lost scoring); its
+    parent decides when it ends."""
+    import signal
+
+    p = problems[0]
+    assert score([p.completion], [p], {"accuracy": 1.0}, sandbox=sandbox).total == [1.0]
+    child, restarts = sandbox._child, sandbox.restarts
+    child.proc.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    assert child.alive()
+    assert score([p.completion], [p], {"accuracy": 1.0}, sandbox=sandbox).total == [1.0]
+    assert sandbox.restarts == restarts and sandbox._child is child
+
+
 def test_a_failing_verifier_scores_zero_and_is_counted(problems, sandbox):
     p = problems[0]
     broken = {**p.to_dict(), "task": "no_such_task"}  # get_task raises inside the accuracy reward
