@@ -15,7 +15,11 @@
    schedule and gradient clipping, timed over the same number of steps after the same warm-up. The
    baseline runs before and after r1ray (the machine is shared; the mean of both is used) and the ratio is
    r1ray / bare (target >= 0.95). Configurations: ``WxT`` = W workers x T threads each; "1x2" compares like
-   with like (one process, 2 threads); "2x1" is data parallel over the same 2 threads.
+   with like (one process, 2 threads); "2x1" is data parallel over the same 2 threads; "1x1" leaves one
+   core to Ray's own processes. Third measurement (``--bare-in-ray``, on by default): the same bare loop
+   inside a Ray Train worker with the same CPUs on a local Ray started like r1ray's, so that the table
+   separates what running in a Ray worker costs any code (Ray's controller, raylet, GCS, dashboard and
+   Train's helper actors share the cores) from what r1ray's loop and DeepSpeed cost.
 
 2. Memory of model states per worker for ZeRO 0/1/2/3 with 2 workers: each worker builds its engine with
    r1ray's own ``ds_config`` + ``build_engine`` (what the loop runs), takes one optimizer step, runs the next
@@ -210,6 +214,34 @@ def bare_throughput(args, data: str, threads: int) -> dict[str, Any]:
         torch.set_num_threads(prev_threads)
     return {"threads": threads, "tokens_per_second": measure * tokens_per_step(args) / seconds,
             "measured_steps": measure, "windows": windows}
+
+
+def bare_in_ray_throughput(args, data: str, work: Path, threads: int) -> dict[str, Any]:
+    """The bare loop of ``bare_throughput``, unchanged, inside a Ray Train worker holding ``threads`` CPUs on a
+    local Ray started as r1ray's runs start it (same CPU count, dashboard on or off). r1ray / this ratio is the
+    cost of r1ray's loop and DeepSpeed alone; this / bare is what running in a Ray worker costs the same code
+    (Ray's own processes share the cores)."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    def fn(config):
+        ray.train.report({"result": json.dumps(bare_throughput(config["args"], config["data"], config["threads"]))})
+
+    retry_ray_start(lambda: ray.init(num_cpus=threads + 1, include_dashboard=args.dashboard,
+                                     logging_level="WARNING", configure_logging=False))
+    try:
+        trainer = TorchTrainer(
+            fn, train_loop_config={"args": args, "data": data, "threads": threads},
+            scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": threads}),
+            run_config=ray.train.RunConfig(name="bare-in-ray", storage_path=str(work / "bare-in-ray")),
+        )
+        res = trainer.fit()
+        if res.error is not None:
+            raise res.error
+        return json.loads(res.metrics["result"])
+    finally:
+        ray.shutdown()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -410,6 +442,16 @@ def print_report(res: dict[str, Any]) -> None:
               f"({b['before']:,.0f} / {b['after']:,.0f}) | {row['ratio']:.3f} | "
               f"{row['median_window_tokens_per_second']:,.0f} | {b['median_window']:,.0f} | "
               f"**{row['ratio_median_windows']:.3f}** |")
+    inside = [row for row in res["throughput"] if "bare_in_ray" in row]
+    if inside:
+        print()
+        print("| config | bare in a plain process | the same bare loop in a Ray Train worker | Ray worker / plain | "
+              "r1ray | r1ray / bare-in-Ray-worker |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for row in inside:
+            print(f"| {row['config']} | {row['bare']['mean']:,.0f} | {row['bare_in_ray']['tokens_per_second']:,.0f} | "
+                  f"{row['bare_in_ray_vs_bare']:.3f} | {row['tokens_per_second']:,.0f} | "
+                  f"**{row['ratio_vs_bare_in_ray']:.3f}** |")
     if res.get("memory"):
         mem = res["memory"]
         base = max(r["total"] for r in mem[0]["per_rank"]) if mem[0]["zero_stage"] == 0 else None
@@ -453,6 +495,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dashboard", action=argparse.BooleanOptionalAction, default=True,
                     help="start the Ray dashboard with the r1ray runs (default on, as jobs do: without it Ray Train's "
                          "placement-group cleaner polls a State API that is not there)")
+    ap.add_argument("--bare-in-ray", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time the bare loop inside a Ray Train worker (separates Ray's cost from r1ray's)")
     ap.add_argument("--skip-throughput", action="store_true")
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--quick", action="store_true",
@@ -508,11 +552,21 @@ def main(argv: list[str] | None = None) -> int:
                          "after": after["tokens_per_second"], "mean": mean, "measured_steps": before["measured_steps"],
                          "median_window": median, "windows": before["windows"] + after["windows"]}
             r["ratio"] = r["tokens_per_second"] / mean
+            if args.bare_in_ray:
+                print(f"[{tag}] bare PyTorch inside a Ray Train worker, {threads} thread(s) ...", flush=True)
+                inside = bare_in_ray_throughput(args, data, work, threads)
+                r["bare_in_ray"] = inside
+                r["ratio_vs_bare_in_ray"] = r["tokens_per_second"] / inside["tokens_per_second"]
+                r["bare_in_ray_vs_bare"] = inside["tokens_per_second"] / mean
             # the machine is shared: a median over report windows shrugs off windows hit by other work
             r["ratio_median_windows"] = r["median_window_tokens_per_second"] / median
             res["throughput"].append(r)
             print(f"[{tag}] r1ray {r['tokens_per_second']:,.0f} tok/s vs bare {mean:,.0f} tok/s: ratio {r['ratio']:.3f}",
                   flush=True)
+            if args.bare_in_ray:
+                print(f"[{tag}] bare inside a Ray Train worker {r['bare_in_ray']['tokens_per_second']:,.0f} tok/s "
+                      f"({r['bare_in_ray_vs_bare']:.3f} of bare); r1ray / bare-in-Ray {r['ratio_vs_bare_in_ray']:.3f}",
+                      flush=True)
     if not args.skip_memory:
         print(f"memory: ZeRO {args.zero_stages}, 2 workers, preset {args.mem_preset} ...", flush=True)
         res["memory"] = zero_memory(args, tokenizer, work)
