@@ -225,21 +225,23 @@ def bare_in_ray_throughput(args, data: str, work: Path, threads: int) -> dict[st
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    out = work / f"bare-in-ray-{threads}.json"  # one machine: the worker writes, the driver reads
+
     def fn(config):
-        ray.train.report({"result": json.dumps(bare_throughput(config["args"], config["data"], config["threads"]))})
+        Path(config["out"]).write_text(json.dumps(bare_throughput(config["args"], config["data"], config["threads"])))
 
     retry_ray_start(lambda: ray.init(num_cpus=threads + 1, include_dashboard=args.dashboard,
                                      logging_level="WARNING", configure_logging=False))
     try:
         trainer = TorchTrainer(
-            fn, train_loop_config={"args": args, "data": data, "threads": threads},
+            fn, train_loop_config={"args": args, "data": data, "threads": threads, "out": str(out)},
             scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": threads}),
             run_config=ray.train.RunConfig(name="bare-in-ray", storage_path=str(work / "bare-in-ray")),
         )
         res = trainer.fit()
         if res.error is not None:
             raise res.error
-        return json.loads(res.metrics["result"])
+        return json.loads(out.read_text())
     finally:
         ray.shutdown()
 
