@@ -158,7 +158,9 @@ ADAPTERS: dict[str, _Adapter] = {
                                         **({"perplexity.data": up["data"]} if "data" in up else {})},
                          _evaluate, ("model",)),
     "compress": _Adapter("r1ray.compress.config:CompressConfig",
-                         lambda p, up: {"model": up["model"]}, _compress, ("model",)),
+                         lambda p, up: {"model": up["model"],
+                                        **({"eval.perplexity.data": up["data"]} if "data" in up else {})},
+                         _compress, ("model",)),
     "serve": _Adapter("r1ray.serve.config:ServeConfig",
                       lambda p, up: {"model_path": up["model"], "model_name": f"r1ray-{p.name}"}, _serve, ("model",)),
 }

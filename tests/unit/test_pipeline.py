@@ -56,6 +56,9 @@ def test_wiring_shared_blocks_and_run_names(tmp_path):
     assert sft.model.init_from == "/runs/demo-pretrain/final" and sft.run_name == "demo-sft"
     serve = resolve_stage(cfg, "serve", {"model": "/m"})
     assert serve.model_path == "/m" and serve.model_name == "r1ray-demo"
+    # the compression gate's perplexity reads the pipeline's data artifact (a default compress config has none)
+    comp = resolve_stage(cfg, "compress", {"model": "/m", "data": "/data/art"})
+    assert comp.model == "/m" and comp.eval.perplexity.data == "/data/art" and comp.run_name == "demo-compress"
     from r1ray.pipeline.run import PipelineFailed
 
     with pytest.raises(PipelineFailed, match="needs the model of an earlier stage"):
