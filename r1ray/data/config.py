@@ -283,6 +283,10 @@ class PrepareDataConfig(R1Config):
     """Sequence packing and shards."""
     batch_size: int = Field(default=512, ge=1)
     """Documents per Ray Data batch in the cleaning and tokenizing tasks."""
+    read_chunk_bytes: int = Field(default=4 << 20, ge=4096)
+    """An uncompressed local jsonl or line-text file bigger than this is read as several tasks of about this
+    many bytes, cut at line ends, so one big file is cleaned on every CPU (compressed and remote files are
+    read whole, one task per file)."""
     keep_work_dir: bool = False
     """Keep ``<output>/_work`` (the cleaned, staged text) after the run, for inspection."""
     ray: RayConfig = RayConfig()

@@ -160,8 +160,12 @@ def _clean_file(batch: dict, *, cfg_json: str, eval_ref: Any) -> Any:
                     _clean_piece(rec, part_idx, piece, edits, src, cfg, eval_set, out)
             if len(out) >= cfg.batch_size:
                 yield out.flush()
-        # The file's own summary row: bytes read and their SHA-256 (the manifest's input hashes).
-        out.add(-2, 0, STATUS_FILE, stats.sha.hexdigest(), task.path, n_chars=stats.bytes)
+        # The file's own summary row: bytes read and their SHA-256 (the manifest's input hashes); a file cut
+        # into ranges was hashed whole when it was cut, and its first range reports that.
+        if task.length < 0:
+            out.add(-2, 0, STATUS_FILE, stats.sha.hexdigest(), task.path, n_chars=stats.bytes)
+        elif task.offset == 0:
+            out.add(-2, 0, STATUS_FILE, task.sha256, task.path, n_chars=task.size)
         yield out.flush()
 
 
@@ -266,7 +270,7 @@ def _tokenize_file(batch: dict, *, tok_ref: Any, eos_id: int) -> Any:
 
 def _num_blocks(tasks: list) -> int:
     """Blocks of read tasks: small files share a block (a Ray task each block), big files get their own."""
-    total = sum(t.size for t in tasks) + sum(t.count for t in tasks) * 300
+    total = sum(t.size if t.length < 0 else t.length for t in tasks) + sum(t.count for t in tasks) * 300
     return max(1, min(len(tasks), 8 + total // (8 << 20)))
 
 
@@ -342,7 +346,7 @@ def _plan_sources(cfg: PrepareDataConfig, out: str) -> list:
     """The read tasks of every source (problems fail here, before any work), and an empty output."""
     from r1ray.data.sources import plan
 
-    tasks, problems = plan(cfg.sources)
+    tasks, problems = plan(cfg.sources, chunk_bytes=cfg.read_chunk_bytes)
     wanted = sorted({lang for s in cfg.sources for lang in (s.languages or [])})
     if wanted:
         from r1ray.data.clean import supported_languages

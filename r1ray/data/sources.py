@@ -44,15 +44,26 @@ class Record:
 
 @dataclass(frozen=True)
 class FileTask:
-    """One unit of reading work: one file (or, for ``reasoning``, one range of sample indices)."""
+    """One unit of reading work: one file, one line-aligned byte range of a big line-delimited file, or (for
+    ``reasoning``) one range of sample indices."""
 
     source: int
     file: int
     path: str
     format: str
     size: int = 0
+    """The whole file's size in bytes."""
     start: int = 0
+    """``reasoning``: first sample index; a byte range: the line number of its first line in the file."""
     count: int = 0
+    """``reasoning``: samples."""
+    offset: int = 0
+    """A byte range: its first byte (always the start of a line)."""
+    length: int = -1
+    """A byte range: its bytes (always whole lines); -1: the whole file."""
+    sha256: str = ""
+    """A byte range: the whole file's SHA-256, computed when the file was cut (the range at offset 0 reports
+    it as the file's input hash)."""
 
 
 class ReadStats:
@@ -152,8 +163,46 @@ def stdlib_dir() -> str:
     return sysconfig.get_paths()["stdlib"]
 
 
-def plan(sources: list[SourceConfig], reasoning_chunk: int = 2000) -> tuple[list[FileTask], list[str]]:
-    """Every source's reading tasks, in source then file order, and a list of problems (missing paths)."""
+def _splittable(path: str, fmt: str, src: SourceConfig) -> bool:
+    """Uncompressed line-delimited local files can be cut at line boundaries (compressed streams cannot be
+    entered mid-way; a remote file would be downloaded twice: once to cut it, once to read it)."""
+    if fmt not in ("jsonl", "text") or (fmt == "text" and src.text_unit != "line"):
+        return False
+    if path.lower().endswith((".gz", ".zst", ".zstd")):
+        return False
+    fs, _ = filesystem(path)
+    return isinstance(fs, pafs.LocalFileSystem)
+
+
+def line_ranges(path: str, chunk_bytes: int) -> tuple[list[tuple[int, int, int]], str, int]:
+    """Cut a file into ``(offset, length, first line number)`` ranges of about ``chunk_bytes`` that end at
+    line ends, in one streaming pass that also hashes the file; returns the ranges, the SHA-256 and the size."""
+    sha, ranges = hashlib.sha256(), []
+    start = start_line = lines = pos = 0  # the open range's first byte and line; newlines and bytes seen
+    fs, p = filesystem(path)
+    with fs.open_input_stream(p) as f:
+        while block := f.read(max(chunk_bytes, 1 << 20)):
+            sha.update(block)
+            i = 0  # newlines before block[i] are counted in ``lines``
+            while (want := max(i, start + chunk_bytes - pos)) < len(block):
+                j = block.find(b"\n", want)
+                if j < 0:
+                    break  # cut at the first newline of a later block
+                lines += block.count(b"\n", i, j + 1)
+                ranges.append((start, pos + j + 1 - start, start_line))
+                start, start_line, i = pos + j + 1, lines, j + 1
+            lines += block.count(b"\n", i)
+            pos += len(block)
+    if pos > start or not ranges:
+        ranges.append((start, pos - start, start_line))
+    return ranges, sha.hexdigest(), pos
+
+
+def plan(sources: list[SourceConfig], reasoning_chunk: int = 2000,
+         chunk_bytes: int | None = None) -> tuple[list[FileTask], list[str]]:
+    """Every source's reading tasks, in source then file order, and a list of problems (missing paths).
+    With ``chunk_bytes``, an uncompressed local jsonl or line-text file bigger than that becomes several tasks
+    (line-aligned byte ranges, numbered by their line in the file), so one big file is read in parallel."""
     tasks: list[FileTask] = []
     problems: list[str] = []
     for si, src in enumerate(sources):
@@ -188,7 +237,13 @@ def plan(sources: list[SourceConfig], reasoning_chunk: int = 2000) -> tuple[list
                 total += size
             files = kept
         for fi, (f, size) in enumerate(files):
-            tasks.append(FileTask(si, fi, f, _detect_format(f) if fmt == "auto" else fmt, size))
+            ffmt = _detect_format(f) if fmt == "auto" else fmt
+            if chunk_bytes is not None and size > chunk_bytes and _splittable(f, ffmt, src):
+                ranges, sha, size = line_ranges(f, chunk_bytes)
+                tasks.extend(FileTask(si, fi, f, ffmt, size, start=line, offset=off, length=n, sha256=sha)
+                             for off, n, line in ranges)
+            else:
+                tasks.append(FileTask(si, fi, f, ffmt, size))
     return tasks, problems
 
 
@@ -197,8 +252,32 @@ def plan(sources: list[SourceConfig], reasoning_chunk: int = 2000) -> tuple[list
 # ---------------------------------------------------------------------------------------------------
 
 
-def _open_stream(path: str, stats: ReadStats):
+class _RangeReader(io.RawIOBase):
+    """``length`` bytes of a random-access file from ``offset``."""
+
+    def __init__(self, f, offset: int, length: int):
+        f.seek(offset)
+        self._f, self._left = f, length
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        data = self._f.read(min(len(b), self._left))
+        n = len(data)
+        b[:n] = data
+        self._left -= n
+        return n
+
+    def close(self) -> None:
+        self._f.close()
+        super().close()
+
+
+def _open_stream(path: str, stats: ReadStats, offset: int = 0, length: int = -1):
     fs, p = filesystem(path)
+    if length >= 0:  # a line-aligned range of an uncompressed file (hashed whole when it was cut)
+        return io.BufferedReader(_RangeReader(fs.open_input_file(p), offset, length), buffer_size=1 << 20)
     raw = io.BufferedReader(_HashingReader(fs.open_input_stream(p, compression=None), stats), buffer_size=1 << 20)
     low = p.lower()
     if low.endswith(".gz"):
@@ -247,9 +326,10 @@ class _ZstdReader(io.RawIOBase):
         return n
 
 
-def _lines(f, max_line_bytes: int) -> Iterator[tuple[int, bytes | None]]:
-    """(line number, bytes without the newline) or (line number, None) for a line over the limit."""
-    n = 0
+def _lines(f, max_line_bytes: int, first: int = 0) -> Iterator[tuple[int, bytes | None]]:
+    """(line number, bytes without the newline) or (line number, None) for a line over the limit; lines are
+    numbered from ``first``."""
+    n = first
     while True:
         line = f.readline(max_line_bytes + 1)
         if not line:
@@ -302,7 +382,7 @@ def read_records(task: FileTask, src: SourceConfig, max_line_bytes: int, seed: i
     n_done = 0
     try:
         if task.format in ("jsonl", "text"):
-            with _open_stream(task.path, stats) as f:
+            with _open_stream(task.path, stats, task.offset, task.length) as f:
                 if task.format == "text" and src.text_unit == "file":
                     data = f.read()
                     try:
@@ -311,7 +391,8 @@ def read_records(task: FileTask, src: SourceConfig, max_line_bytes: int, seed: i
                         yield Record(0, None, "invalid_utf8", f"{e}"[:SNIPPET])
                     n_done = 1
                     return
-                for pos, line in _lines(f, max_line_bytes):
+                first = task.start if task.length >= 0 else 0  # a range's lines are numbered in the file
+                for pos, line in _lines(f, max_line_bytes, first):
                     n_done = pos + 1
                     if line is None:
                         yield Record(pos, None, "line_too_long", "")

@@ -243,6 +243,29 @@ def test_same_input_and_seed_give_byte_identical_shards(corrupted, tmp_path):
     assert read_manifest(other)["splits"] != a["splits"]  # the seed moves the split
 
 
+def test_a_file_read_in_line_ranges_gives_the_same_artifact(corrupted):
+    """a.jsonl (~60 KB, bad rows, duplicates, a giant row) cut into ~4 KB ranges read by parallel tasks: the
+    same shards, counts, input hashes, rejects and duplicates (positions are lines of the file) as read whole."""
+    from r1ray.data.pipeline import run
+    from r1ray.data.sources import plan
+
+    tmp, sources, evals, uri = corrupted
+    cfg = _cfg(tmp, sources, evals, "corrupted-ranges", read_chunk_bytes=4096)
+    tasks, _ = plan(cfg.sources, chunk_bytes=cfg.read_chunk_bytes)
+    assert sum(t.path.endswith("a.jsonl") for t in tasks) >= 4
+    ranged = run(cfg)
+    a, b = read_manifest(uri), read_manifest(ranged)
+    assert a["splits"] == b["splits"] and a["counts"] == b["counts"] and a["sources"] == b["sources"]
+
+    def rows(u, part):
+        m = read_manifest(u)
+        t = pa.concat_tables([pq.read_table(f"{u}/{f['path']}") for f in m[part]["files"]])
+        return sorted(map(str, t.to_pylist()))
+
+    assert rows(uri, "rejects") == rows(ranged, "rejects")
+    assert rows(uri, "duplicates") == rows(ranged, "duplicates")
+
+
 def test_mixing_weights_reach_their_token_share(ray_local, tmp_path, tiny_tokenizer_dir):
     from r1ray.data.pipeline import run
 

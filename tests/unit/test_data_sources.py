@@ -131,3 +131,47 @@ def test_parquet_is_read_a_row_group_at_a_time(tmp_path):
     tracemalloc.stop()
     assert n == 1500 and stats.bytes == size
     assert peak < size / 2, (peak, size)
+
+
+def test_a_big_file_cut_into_line_ranges_reads_exactly_like_the_whole_file(tmp_path):
+    """Every record once, numbered by its line in the file, whatever the cut; the file hashed whole."""
+    import hashlib
+    import random
+
+    from r1ray.data.sources import line_ranges
+
+    r = random.Random(1)
+    lines = []
+    for i in range(3000):
+        kind = r.random()
+        if kind < 0.02:
+            lines.append(b"")  # blank lines are not records but count as lines
+        elif kind < 0.04:
+            lines.append(b"{not json")
+        elif kind < 0.05:
+            lines.append(json.dumps({"text": "x" * 5000}).encode())  # longer than the tiniest cut
+        else:
+            lines.append(json.dumps({"text": f"doc {i} " + "w " * r.randrange(1, 60), "id": i}).encode())
+    body = b"\n".join(lines)  # no newline after the last line
+    f = tmp_path / "big.jsonl"
+    f.write_bytes(body)
+    src = SourceConfig(name="j", path=str(f), format="jsonl", id_field="id")
+    whole = [(r.pos, r.text, r.reason, r.doc_id) for r in
+             read_records(plan([src])[0][0], src, 1 << 20, 0, ReadStats())]
+    assert len(whole) == 3000 - lines.count(b"")
+    for chunk in (64, 1000, 4096, 50_000, len(body) // 2):
+        ranges, sha, size = line_ranges(str(f), chunk)
+        assert sha == hashlib.sha256(body).hexdigest() and size == len(body)
+        assert [o for o, _, _ in ranges] == sorted({o for o, _, _ in ranges})
+        assert sum(n for _, n, _ in ranges) == len(body) and ranges[0][0] == 0
+        assert all(o == 0 or body[o - 1:o] == b"\n" for o, _, _ in ranges)  # every cut is at a line end
+        assert all(body[:o].count(b"\n") == line for o, _, line in ranges)
+        tasks, _ = plan([src], chunk_bytes=chunk)
+        assert len(tasks) == len(ranges) > 1 and all(t.sha256 == sha for t in tasks)
+        got = [(r.pos, r.text, r.reason, r.doc_id) for t in tasks
+               for r in read_records(t, src, 1 << 20, 0, ReadStats())]
+        assert got == whole, chunk
+    # Compressed and whole-file-text sources are never cut.
+    (tmp_path / "c.jsonl.gz").write_bytes(gzip.compress(body))
+    assert len(plan([SourceConfig(name="g", path=str(tmp_path / "c.jsonl.gz"))], chunk_bytes=64)[0]) == 1
+    assert len(plan([SourceConfig(name="t", path=str(f), format="text")], chunk_bytes=64)[0]) == 1
