@@ -17,7 +17,7 @@ from r1ray.artifacts import filesystem, join, write_bytes_atomic
 
 # A staged file holds at most this many documents or bytes of text: the unit of tokenizing work, and a
 # bound on what the driver buffers.
-STAGE_ROWS, STAGE_BYTES = 4096, 8 << 20
+STAGE_ROWS, STAGE_BYTES = 4096, 2 << 20
 
 
 class Staging:

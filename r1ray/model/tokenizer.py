@@ -63,14 +63,19 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | Path, *, vocab_size: in
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(str(out))
-    return load_tokenizer(out)
+    # Loaded back from the files, by the class AutoTokenizer resolves them to (tokenizer_config.json names it;
+    # tests load these directories with AutoTokenizer), without AutoTokenizer's 1.2 s import of torch.
+    return _checked(PreTrainedTokenizerFast.from_pretrained(str(out)), out)
 
 
 def load_tokenizer(path: str | Path):
     """Load a tokenizer directory with the real loading code; fail clearly if reasoning tokens are missing."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(path))
+    return _checked(AutoTokenizer.from_pretrained(str(path)), path)
+
+
+def _checked(tok, path: str | Path):
     if tok.eos_token_id is None:
         raise ValueError(f"tokenizer at {path} has no EOS token; r1ray packs documents with EOS separators")
     return tok
