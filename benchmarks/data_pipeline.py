@@ -168,17 +168,37 @@ def bench_datatrove(corpus_dir: Path, n: int, work: Path):
     return dropped, elapsed
 
 
+def _stage_config(corpus_dir: Path, out: Path, name: str) -> dict:
+    return {
+        "name": name, "storage": {"root": str(out)},
+        "sources": [{"name": "labelled", "path": str(corpus_dir), "quality_filters": False,
+                     "collapse_whitespace": False, "id_field": "id"}],
+        "tokenizer": {"vocab_size": 8192, "sample_chars": 2_000_000},
+    }
+
+
+def bench_process(corpus_dir: Path, out: Path) -> float:
+    """Seconds of ``python jobs/prepare_data.py --config ...`` as a user runs it: interpreter start, imports,
+    the embedded Ray's start (dashboard included) and shutdown, and the stage on cold workers."""
+    import subprocess
+    import sys
+
+    cfg = out / "process.yaml"
+    out.mkdir(parents=True, exist_ok=True)
+    cfg.write_text(json.dumps(_stage_config(corpus_dir, out, "process")))  # JSON is YAML
+    job = Path(__file__).resolve().parent.parent / "jobs" / "prepare_data.py"
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, str(job), "--config", str(cfg)], check=True, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
+    return time.perf_counter() - t0
+
+
 def bench_pipeline(corpus_dir: Path, out: Path, texts: list[str]):
     from r1ray.data.config import PrepareDataConfig
     from r1ray.data.pipeline import run
 
-    cfg = PrepareDataConfig.model_validate({
-        "name": "bench", "storage": {"root": str(out)},
-        "sources": [{"name": "labelled", "path": str(corpus_dir), "quality_filters": False,
-                     "collapse_whitespace": False, "id_field": "id"}],
-        "tokenizer": {"vocab_size": 8192, "sample_chars": 2_000_000},
-        "ray": {"include_dashboard": False},
-    })
+    cfg = PrepareDataConfig.model_validate({**_stage_config(corpus_dir, out, "bench"),
+                                            "ray": {"include_dashboard": False}})
     import ray
 
     ray.init(address="local", num_cpus=(os.cpu_count() or 1) + 1, include_dashboard=False, logging_level="WARNING")
@@ -260,18 +280,18 @@ def main() -> None:
         write_corpus(texts, corpus_dir)
         print(f"corpus {args.corpus}: {len(texts)} documents, {mb:.1f} MB, {int((lab.true_jaccard > 0).sum())} "
               f"injected copies of which {int(lab.is_duplicate.sum())} at 5-gram Jaccard >= {args.threshold}; "
-              f"{os.cpu_count()} CPUs (timings on a shared, loaded machine)")
-        dt_seconds = None
+              f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the start")
+        dt_seconds = truth = None
         if not args.skip_dedup:
-            dt_seconds = dedup_report(texts, lab, corpus_dir, work, args.threshold)
+            dt_seconds, truth = dedup_report(texts, lab, corpus_dir, work, args.threshold)
         if not args.skip_pipeline:
-            pipeline_report(corpus_dir, work, texts, lab, mb, dt_seconds)
+            pipeline_report(corpus_dir, work, texts, lab, mb, dt_seconds, truth)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def dedup_report(texts, lab, corpus_dir: Path, work: Path, threshold: float) -> float | None:
-    """Prints the comparison; returns datatrove's seconds (None when it is not installed)."""
+def dedup_report(texts, lab, corpus_dir: Path, work: Path, threshold: float) -> tuple[float | None, np.ndarray]:
+    """Prints the comparison; returns datatrove's seconds (None when it is not installed) and the truth."""
     mh = R1rayMinHash(texts)
     ref, _ = mh.match(64, 2, threshold, verify=True)
     truth = lab.is_duplicate | ref.dropped  # ref's drops are verified pairs: genuine near-twins count as duplicates
@@ -301,15 +321,17 @@ def dedup_report(texts, lab, corpus_dir: Path, work: Path, threshold: float) -> 
         import datatrove  # noqa: F401
     except ImportError:
         print("datatrove not installed: skipping it (pip install 'r1ray[bench]')")
-        return None
+        return None, truth
     dropped, s = bench_datatrove(corpus_dir, len(texts), work / "datatrove")
     row(f"datatrove MinHash 4 steps ({os.cpu_count()} workers)", dropped, s)
     print("  (copies: recall over the injected copies alone; r1ray's rows time the matching only, after its "
           f"{mh.seconds:.1f}s of signatures)")
-    return s
+    return s, truth
 
 
-def pipeline_report(corpus_dir: Path, work: Path, texts, lab, mb: float, dt_seconds: float | None) -> None:
+def pipeline_report(corpus_dir: Path, work: Path, texts, lab, mb: float, dt_seconds: float | None,
+                    truth: np.ndarray | None) -> None:
+    process_s = bench_process(corpus_dir, work / "process")  # first: no Ray of this process is still exiting
     m, wall, tokens, tok_s, n_tok = bench_pipeline(corpus_dir, work / "out", texts)
     stage = m["timings_s"]
     print("\nr1ray data stage end to end on Ray Data (second run, warm workers):")
@@ -321,9 +343,29 @@ def pipeline_report(corpus_dir: Path, work: Path, texts, lab, mb: float, dt_seco
     if dt_seconds:
         print(f"  datatrove MinHash alone (4 steps, no tokenizing): {dt_seconds:.1f}s = {mb / dt_seconds:.2f} MB/s; "
               f"stage / datatrove: {dt_seconds / wall:.2f}")
+    print(f"  whole process (python jobs/prepare_data.py --config ..., Ray start-up and cold workers included): "
+          f"{process_s:.1f}s = {mb / process_s:.2f} MB/s")
     print(f"  dedup in the stage: {m['counts']['duplicate_exact']} exact + {m['counts']['duplicate_near']} near "
           f"removed (injected copies at Jaccard >= threshold: {int(lab.is_duplicate.sum())}; exact copies count "
           "as exact)")
+    if truth is not None:
+        removed = stage_removed(work / "out" / "data" / "bench", len(texts))
+        sc, rc = score(removed, truth), score(removed[lab.is_duplicate], lab.is_duplicate[lab.is_duplicate])
+        print(f"  the stage's removals (its duplicates/ dataset) against the truth above: precision "
+              f"{sc['precision']:.3f}, recall {sc['recall']:.3f} (injected copies: recall {rc['recall']:.3f})")
+
+
+def stage_removed(uri: Path, n: int) -> np.ndarray:
+    """Which documents the stage removed as exact or near duplicates, by the corpus id in its audit trail."""
+    import pyarrow.parquet as pq
+
+    from r1ray.artifacts import read_manifest
+
+    m = read_manifest(str(uri))
+    removed = np.zeros(n, dtype=bool)
+    for f in m["duplicates"]["files"]:
+        removed[[int(i) for i in pq.read_table(uri / f["path"], columns=["id"])["id"].to_pylist()]] = True
+    return removed
 
 
 if __name__ == "__main__":

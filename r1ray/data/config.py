@@ -199,6 +199,10 @@ class DedupConfig(R1Config):
     accept on the signatures' estimate, which loses or adds pairs near the threshold to estimator noise."""
     seed: int = 1
     """Seed of the MinHash permutations (fixed so the same corpus always dedups the same way)."""
+    cluster_above: int = Field(default=2_000_000, ge=0)
+    """Past this many documents (after exact dedup), near-duplicates are matched by Ray tasks across the
+    cluster (band keys shuffled by hash, pairs scored where they land) instead of on the driver, which then
+    holds no band keys or signatures (768 bytes a document at 32 x 4); the decisions are the same. 0: always."""
 
     @model_validator(mode="after")
     def _check(self) -> DedupConfig:

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from r1ray.artifacts import join, write_bytes_atomic
+from r1ray.artifacts import filesystem, join, write_bytes_atomic
 from r1ray.data import dedup as D
 from r1ray.data.config import DedupConfig
 from r1ray.data.staging import Staging, read_staged
@@ -57,22 +57,42 @@ class Dedup:
     def removed(self) -> np.ndarray:
         return self.exact | self.near
 
+    mode: str = "driver"
+    """Where near-duplicates were matched: ``driver`` or ``cluster`` (``r1ray.data.dedup_cluster``)."""
+    cluster: dict | None = None
+    """Tasks, nodes and shuffle rounds of the cluster path."""
+
     def kept_of(self) -> np.ndarray:
-        """For each duplicate, the kept document at the end of its chain of matches (itself otherwise)."""
+        """For each duplicate, the kept document at the end of its chain of matches (itself otherwise):
+        pointer jumping, a few vectorised passes (a chain of length L takes log2 L)."""
         kept = np.arange(len(self.match))
-        for i in np.flatnonzero(self.removed).tolist():  # increasing: a match is always earlier, already resolved
-            kept[i] = kept[self.match[i]]
-        return kept
+        rem = self.removed
+        kept[rem] = self.match[rem]
+        while True:
+            nxt = kept[kept]
+            if np.array_equal(nxt, kept):
+                return kept
+            kept = nxt
 
 
-def deduplicate(dd: DedupConfig, keys: dict[str, list], staging: Staging) -> Dedup:
+def _staged_matrix(staging: Staging, column: str, width: int, dtype) -> np.ndarray:
+    parts = []
+    for uri, _ in staging.files:
+        fs, p = filesystem(uri)
+        with fs.open_input_file(p) as f:
+            col = pq.read_table(f, columns=[column]).column(column).combine_chunks()
+        parts.append(col.flatten().to_numpy().astype(dtype, copy=False).reshape(-1, width))
+    return np.concatenate(parts) if parts else np.zeros((0, width), dtype=dtype)
+
+
+def deduplicate(dd: DedupConfig, exact_hashes: np.ndarray, staging: Staging) -> Dedup:
     """Exact duplicates by content hash, then near-duplicates among the rest (MinHash LSH, verified).
 
-    ``keys`` are the clean pass's per-document columns (``source``, ``exact``, ``bands``, ``sig``), in the
-    order of the staged documents.
+    ``exact_hashes`` are the staged documents' content hashes, in their order; their band keys and signatures
+    are read from the staged files (the driver's memory), or by Ray tasks past ``dd.cluster_above`` documents.
     """
-    n = len(keys["source"])
-    first = D.first_occurrence(np.asarray(keys["exact"], dtype=np.int64)) if dd.exact else np.arange(n)
+    n = len(exact_hashes)
+    first = D.first_occurrence(np.asarray(exact_hashes, dtype=np.int64)) if dd.exact else np.arange(n)
     exact = first != np.arange(n)
     res = Dedup(exact=exact, near=np.zeros(n, dtype=bool), match=np.where(exact, first, -1),
                  estimated=np.where(exact, 1.0, np.nan).astype(np.float32),
@@ -80,8 +100,20 @@ def deduplicate(dd: DedupConfig, keys: dict[str, list], staging: Staging) -> Ded
     if not dd.near:
         return res
     alive = np.flatnonzero(~exact)
-    bands = np.concatenate(keys["bands"]).reshape(n, dd.bands)[alive]
-    sigs = np.concatenate(keys["sig"]).reshape(n, dd.num_perm)[alive]
+    if len(alive) > dd.cluster_above:
+        from r1ray.data.dedup_cluster import near_duplicates_on_cluster
+
+        near, stats = near_duplicates_on_cluster(staging.files, ~exact, dd)
+        hit = np.flatnonzero(near.dropped)
+        res.near[hit] = True
+        res.match[hit] = near.match[hit]
+        res.estimated[hit] = near.estimated[hit]
+        res.verified[hit] = near.verified[hit]
+        res.candidates, res.verified_pairs = near.candidates, near.verified_pairs
+        res.mode, res.cluster = "cluster", {"tasks": stats.tasks, "nodes": stats.nodes, "rounds": stats.rounds}
+        return res
+    bands = _staged_matrix(staging, "bands", dd.bands, np.int64)[alive]
+    sigs = _staged_matrix(staging, "sig", dd.num_perm, np.uint32)[alive]
 
     def verify(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         # Re-read and shingle only the documents of pairs near the threshold (the text is scrubbed and

@@ -317,8 +317,8 @@ def _run(cfg: PrepareDataConfig) -> str:
         corpus = _clean_pass(cfg, tasks, out)
         clock["clean"] = time.perf_counter()
         docs = _staged_docs(corpus)
-        dups = deduplicate(cfg.dedup, corpus.keys, corpus.staging)
-        corpus.keys.clear()  # the signatures and band keys are no longer needed: free them before packing
+        dups = deduplicate(cfg.dedup, np.concatenate(corpus.keys["exact"]), corpus.staging)
+        corpus.keys.clear()
         duplicates = write_duplicates(out, dups, corpus.staging, docs.coords(), corpus.names, corpus.paths)
         clock["dedup"] = time.perf_counter()
         keep = ~dups.removed
@@ -386,7 +386,7 @@ class _Corpus:
     staging: Staging
     rejects: Rejects
     keys: dict[str, list]
-    """Per staged document: source, file, pos, part, exact, n_chars, and chunks of bands and sig."""
+    """Per staged document, in chunks of int64 arrays: source, file, pos, part, exact, n_chars."""
     per: dict[str, dict[str, Any]]
     """The manifest's per-source counts, filled as the phases go."""
     files_meta: dict[tuple[int, int], dict]
@@ -441,12 +441,12 @@ class _Docs:
 
 def _staged_docs(corpus: _Corpus) -> _Docs:
     keys = corpus.keys
-    if not keys["source"]:
+    if not any(len(k) for k in keys["source"]):
         raise ValueError(
             "no document survived reading and cleaning; see the rejects/ dataset and the filter counts "
             f"in the log ({json.dumps({k: v['rejected'] for k, v in corpus.per.items()})})"
         )
-    return _Docs(*(np.asarray(keys[k], dtype=np.int64) for k in ("source", "file", "pos", "part", "n_chars")))
+    return _Docs(*(np.concatenate(keys[k]) for k in ("source", "file", "pos", "part", "n_chars")))
 
 
 def _held_out_splits(cfg: PrepareDataConfig, docs: _Docs, keep: np.ndarray) -> np.ndarray:
@@ -696,7 +696,8 @@ def _write_stage_manifest(cfg: PrepareDataConfig, out: str, started_at: str, clo
         rejects={"files": corpus.rejects.files, "rows": sum(f["rows"] for f in corpus.rejects.files)},
         sources=sources_meta, mixing=mixing,
         dedup={"exact": cfg.dedup.exact, "near": cfg.dedup.near, "candidates": int(dups.candidates),
-               "verified_pairs": dups.verified_pairs},
+               "verified_pairs": dups.verified_pairs, "near_matched_on": dups.mode,
+               **({"cluster": dups.cluster} if dups.cluster else {})},
         duplicates=duplicates,
         timings_s=timings,
     )
@@ -769,12 +770,11 @@ def _consume_clean(table: pa.Table, corpus: _Corpus) -> None:
     ok = np.flatnonzero(status == STATUS_OK)
     if len(ok):
         sel = table.take(pa.array(ok))
-        staging.add(sel.select(["text", "source", "doc_id"]))
+        # Band keys and signatures go to the staged files with the text (dedup reads them from there, on the
+        # driver or in Ray tasks); the driver keeps 6 numbers a document.
+        staging.add(sel.select(["text", "source", "doc_id", "bands", "sig"]))
         for col in ("source", "file", "pos", "part", "exact", "n_chars"):
-            keys[col].extend(sel.column(col).to_numpy().tolist())
-        for col in ("bands", "sig"):
-            arr = sel.column(col).combine_chunks()
-            keys[col].append(arr.flatten().to_numpy())
+            keys[col].append(sel.column(col).to_numpy().astype(np.int64))
 
 
 def ensure_default(storage: StorageConfig, ray_cfg: RayConfig | None = None) -> str:

@@ -266,6 +266,27 @@ def test_a_file_read_in_line_ranges_gives_the_same_artifact(corrupted):
     assert rows(uri, "duplicates") == rows(ranged, "duplicates")
 
 
+def test_near_dedup_on_the_cluster_decides_as_the_driver_does(corrupted):
+    """dedup.cluster_above=0: band keys shuffled and pairs scored in Ray tasks; the same artifact (shards,
+    counts, duplicates with their similarities) as matching on the driver."""
+    from r1ray.data.pipeline import run
+
+    tmp, sources, evals, uri = corrupted
+    on_cluster = run(_cfg(tmp, sources, evals, "corrupted-cluster", dedup={"cluster_above": 0}))
+    a, b = read_manifest(uri), read_manifest(on_cluster)
+    assert a["dedup"]["near_matched_on"] == "driver" and b["dedup"]["near_matched_on"] == "cluster"
+    assert b["dedup"]["cluster"]["tasks"] > 3 and a["counts"]["duplicate_near"] >= 1
+    assert a["splits"] == b["splits"] and a["counts"] == b["counts"]
+    for key in ("candidates", "verified_pairs"):
+        assert a["dedup"][key] == b["dedup"][key]
+
+    def rows(u):
+        m = read_manifest(u)
+        return pa.concat_tables([pq.read_table(f"{u}/{f['path']}") for f in m["duplicates"]["files"]]).to_pylist()
+
+    assert rows(uri) == rows(on_cluster)
+
+
 def test_mixing_weights_reach_their_token_share(ray_local, tmp_path, tiny_tokenizer_dir):
     from r1ray.data.pipeline import run
 
