@@ -99,18 +99,19 @@ def accuracy(model_dir: str, n: int, max_tokens: int, seed: int) -> float:
 
 
 def run_r1ray(start: Path, root: Path, prompts_per_step: int, steps: int, max_tokens: int, lr: float,
-              seed: int) -> dict[str, Any]:
+              seed: int, threads: int = 1) -> dict[str, Any]:
     from r1ray.config import load_config
     from r1ray.train.grpo import GRPOConfig, run
 
     micro = min(prompts_per_step, 4)
     cfg = load_config(GRPOConfig, [
-        f"model.init_from={start}", f"storage.root={root}", f"run_name=r1ray-{prompts_per_step}", f"seed={seed}",
+        f"model.init_from={start}", f"storage.root={root}", f"run_name=r1ray-{prompts_per_step}-{threads}", f"seed={seed}",
         f"train.max_steps={steps}", f"train.global_batch_size={prompts_per_step}", f"train.micro_batch_size={micro}",
         "train.eval_every=0", f"train.log_every={steps}", f"checkpoint.every={steps}", f"optim.lr={lr}",
         # the whole block: a dotted override of one optim field resets the others to OptimConfig's defaults
         "optim.schedule=constant", "optim.warmup_steps=0", "optim.weight_decay=0.0",
-        "deepspeed.zero_stage=0", "scaling.num_workers=1", "scaling.cpus_per_worker=1", "train.torch_threads=1",
+        "deepspeed.zero_stage=0", "scaling.num_workers=1", "scaling.cpus_per_worker=1", f"train.torch_threads={threads}",
+        "grpo.engine_torch_threads=1",
         f"grpo.group_size={G}", f"grpo.rewards={json.dumps(REWARDS)}", f"grpo.max_completion_tokens={max_tokens}",
         "grpo.loss_type=dapo", "grpo.beta=0", "grpo.eval_problems=8", "ray.num_cpus=4", "ray.include_dashboard=false",
         "logging.wandb.mode=disabled",
@@ -196,6 +197,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-trl", action="store_true")
     ap.add_argument("--trl-threads", type=int, nargs="+", default=[1, 2], help="TRL runs once per count; best kept")
+    ap.add_argument("--r1ray-threads", type=int, nargs="+", default=[1, 2],
+                    help="r1ray runs once per count of learner torch threads (the engine keeps 1); best kept")
     ap.add_argument("--json", type=str, default=None)
     a = ap.parse_args(argv)
     os.environ.setdefault("WANDB_MODE", "disabled")
@@ -209,8 +212,15 @@ def main(argv: list[str]) -> int:
     for size in a.sizes:
         prompts = size // G
         out: dict[str, Any] = {"completions_per_step": size}
-        r = run_r1ray(start, root / "r1ray", prompts, a.steps, a.max_tokens, a.lr, a.seed)
-        out["r1ray"] = {"completions_per_s": statistics.median(r["per_step"][first:]), "wall_s": r["wall_s"],
+        best_r = None
+        for threads in a.r1ray_threads:  # learner threads: the learner and the engine take turns
+            r = run_r1ray(start, root / "r1ray", prompts, a.steps, a.max_tokens, a.lr, a.seed, threads)
+            cps = statistics.median(r["per_step"][first:])
+            print(f"r1ray {size}/step, {threads} thread(s): {cps:.1f} completions/s", flush=True)
+            if best_r is None or cps > best_r[0]:
+                best_r = (cps, threads, r)
+        cps, threads, r = best_r
+        out["r1ray"] = {"completions_per_s": cps, "threads": threads, "wall_s": r["wall_s"],
                         "accuracy": accuracy(r["export"], a.eval_problems, a.max_tokens, a.seed),
                         "zero_variance_groups": r["zero_variance"]}
         print(f"r1ray {size}/step: {out['r1ray']}", flush=True)

@@ -109,7 +109,11 @@ class GRPOSection(R1Config):
     num_engines: int = Field(default=1, ge=1)
     """Rollout engine actors (each in its own placement group, apart from the learner's)."""
     cpus_per_engine: float = Field(default=1.0, gt=0)
-    """Logical CPUs per engine (and its torch threads on CPU)."""
+    """Logical CPUs per engine (and its torch threads on CPU, unless ``engine_torch_threads``)."""
+    engine_torch_threads: int | None = Field(default=None, ge=1)
+    """Torch threads of each engine on CPU (default: ``cpus_per_engine``). The learner and the engines take
+    turns (generate, then learn), so on a small machine each may use every core while the other waits:
+    ``train.torch_threads`` and this set to the core count (docs/grpo.md measures it)."""
     gpus_per_engine: float = Field(default=0.0, ge=0)
     """GPUs per engine (a GPU cluster: 1 with the vLLM backend)."""
     engine_backend: Literal["hf", "vllm", "auto"] = "hf"
@@ -239,6 +243,7 @@ class GRPOStage(Stage):
         name = f"r1ray-grpo-{cfg.run_name}-{uuid.uuid4().hex[:8]}"
         pool = EnginePool.start(name, cfg.model.init_from, n=g.num_engines, cpus_per_engine=g.cpus_per_engine,
                                 gpus_per_engine=g.gpus_per_engine, backend=g.engine_backend,
+                                torch_threads=g.engine_torch_threads,
                                 dtype="float32" if cfg.deepspeed.precision == "fp32" and not g.gpus_per_engine
                                 else "auto", seed=cfg.seed)
         try:
