@@ -186,6 +186,23 @@ def run_trl(start: Path, out: Path, prompts_per_step: int, steps: int, max_token
             "zero_variance": statistics.mean(zero_var) if zero_var else None}
 
 
+def fastest(name: str, size: int, counts: list[int], one_run, first: int, a: argparse.Namespace) -> dict[str, Any]:
+    """Run once per thread count; the fastest run's figures (completions/s, held-out accuracy)."""
+    best = None
+    for threads in counts:
+        res = one_run(threads)
+        cps = statistics.median(res["per_step"][first:])
+        print(f"{name:5s} {size}/step, {threads} thread(s): {cps:.1f} completions/s", flush=True)
+        if best is None or cps > best[0]:
+            best = (cps, threads, res)
+    cps, threads, res = best
+    summary = {"completions_per_s": cps, "threads": threads, "wall_s": res["wall_s"],
+               "accuracy": accuracy(res["export"], a.eval_problems, a.max_tokens, a.seed),
+               "zero_variance_groups": res["zero_variance"]}
+    print(f"{name:5s} {size}/step: {summary}", flush=True)
+    return summary
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=30)
@@ -212,35 +229,16 @@ def main(argv: list[str]) -> int:
     for size in a.sizes:
         prompts = size // G
         out: dict[str, Any] = {"completions_per_step": size}
-        best_r = None
-        for threads in a.r1ray_threads:  # learner threads: the learner and the engine take turns
-            r = run_r1ray(start, root / "r1ray", prompts, a.steps, a.max_tokens, a.lr, a.seed, threads)
-            cps = statistics.median(r["per_step"][first:])
-            print(f"r1ray {size}/step, {threads} thread(s): {cps:.1f} completions/s", flush=True)
-            if best_r is None or cps > best_r[0]:
-                best_r = (cps, threads, r)
-        cps, threads, r = best_r
-        out["r1ray"] = {"completions_per_s": cps, "threads": threads, "wall_s": r["wall_s"],
-                        "accuracy": accuracy(r["export"], a.eval_problems, a.max_tokens, a.seed),
-                        "zero_variance_groups": r["zero_variance"]}
-        print(f"r1ray {size}/step: {out['r1ray']}", flush=True)
+        # r1ray: learner threads (the learner and the engine take turns); TRL: oversubscribed OpenMP threads
+        # spin on a loaded machine. Both: the faster run is kept.
+        out["r1ray"] = fastest("r1ray", size, a.r1ray_threads, lambda th, p=prompts: run_r1ray(
+            start, root / "r1ray", p, a.steps, a.max_tokens, a.lr, a.seed, th), first, a)
         if not a.skip_trl:
-            best = None
-            for threads in a.trl_threads:  # oversubscribed OpenMP threads spin on a loaded machine: take the best
-                t = run_trl(start, root / f"trl-{size}-{threads}", prompts, a.steps, a.max_tokens, a.lr, a.seed,
-                            threads)
-                cps = statistics.median(t["per_step"][first:])
-                print(f"trl   {size}/step, {threads} thread(s): {cps:.1f} completions/s", flush=True)
-                if best is None or cps > best[0]:
-                    best = (cps, threads, t)
-            cps, threads, t = best
-            out["trl"] = {"completions_per_s": cps, "threads": threads, "wall_s": t["wall_s"],
-                          "accuracy": accuracy(t["export"], a.eval_problems, a.max_tokens, a.seed),
-                          "zero_variance_groups": t["zero_variance"]}
+            out["trl"] = fastest("trl", size, a.trl_threads, lambda th, p=prompts, sz=size: run_trl(
+                start, root / f"trl-{sz}-{th}", p, a.steps, a.max_tokens, a.lr, a.seed, th), first, a)
             out["ratio"] = out["r1ray"]["completions_per_s"] / out["trl"]["completions_per_s"]
-            print(f"trl   {size}/step: {out['trl']}", flush=True)
         rows.append(out)
-    print(f"\nstart accuracy {acc0:.3f}; {a.steps} steps, G={G}, max {a.max_tokens} tokens (loaded shared machine?)")
+    print(f"\nstart accuracy {acc0:.3f}; {a.steps} steps, G={G}, max {a.max_tokens} tokens")
     print(f"{'per step':>9} | {'r1ray c/s':>9} {'acc':>6} | {'TRL c/s':>9} {'acc':>6} | ratio")
     for o in rows:
         t = o.get("trl", {})

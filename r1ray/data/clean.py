@@ -11,6 +11,7 @@ import math
 import re
 import unicodedata
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from r1ray.data.config import C4Config, PIIConfig, QualityConfig
@@ -451,36 +452,41 @@ def _scrub_cards(text: str) -> tuple[str, int]:
     return _CARD_PLAIN_RE.sub(plain, text), n
 
 
-def _scrub_ipv4(text: str) -> tuple[str, int]:
-    """``_IPV4_RE``'s matches (not after "version" and the like), found with ``_IPV4_SCAN_RE``."""
+def _sub_counted(pattern: re.Pattern, text: str, accept: Callable[[re.Match], bool], kind: str) -> tuple[str, int]:
+    """``pattern.sub`` with ``kind``'s placeholder where ``accept(match)``; returns the text and the count."""
     n = 0
 
     def one(m: re.Match) -> str:
         nonlocal n
-        s = m.start()
-        if (s and _NOT_BEFORE_IPV4_RE.match(text, s - 1)) or \
-                not all(_IPV4_OCTET_RE.fullmatch(o) for o in m.group(0).split(".")) or \
-                _IPV4_NOT_AFTER_RE.search(text, max(0, s - 24), s):
+        if not accept(m):
             return m.group(0)
         n += 1
-        return PLACEHOLDERS["ip"]
+        return PLACEHOLDERS[kind]
 
-    return _IPV4_SCAN_RE.sub(one, text), n
+    return pattern.sub(one, text), n
+
+
+def _scrub_ipv4(text: str) -> tuple[str, int]:
+    """``_IPV4_RE``'s matches (not after "version" and the like), found with ``_IPV4_SCAN_RE``."""
+
+    def accept(m: re.Match) -> bool:
+        s = m.start()
+        return not ((s and _NOT_BEFORE_IPV4_RE.match(text, s - 1))
+                    or not all(_IPV4_OCTET_RE.fullmatch(o) for o in m.group(0).split("."))
+                    or _IPV4_NOT_AFTER_RE.search(text, max(0, s - 24), s))
+
+    return _sub_counted(_IPV4_SCAN_RE, text, accept, "ip")
 
 
 def _scrub_phones(text: str) -> tuple[str, int]:
     """``_PHONE_RE``'s matches, found with ``_PHONE_SCAN_RE`` and its look-behinds checked here."""
-    n = 0
 
-    def one(m: re.Match) -> str:
-        nonlocal n
+    def accept(m: re.Match) -> bool:
         s = m.start()
-        if (s and _NOT_BEFORE_PHONE_RE.match(text, s - 1, s)) or (s > 1 and _NOT_BEFORE_PHONE_RE.fullmatch(text, s - 2, s)):
-            return m.group(0)
-        n += 1
-        return PLACEHOLDERS["phone"]
+        return not ((s and _NOT_BEFORE_PHONE_RE.match(text, s - 1, s))
+                    or (s > 1 and _NOT_BEFORE_PHONE_RE.fullmatch(text, s - 2, s)))
 
-    return _PHONE_SCAN_RE.sub(one, text), n
+    return _sub_counted(_PHONE_SCAN_RE, text, accept, "phone")
 
 
 def _scrub_emails(text: str) -> tuple[str, int]:
