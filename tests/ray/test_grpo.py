@@ -2,13 +2,16 @@
 
 The policy is a tiny random Llama (debug preset) and the reward is ``tag_count`` (0.25 per reasoning tag
 present once): learnable in a few steps from nothing, so the mean reward must rise. The fault test SIGKILLs
-the learner after a step AND a rollout engine in the middle of another step's rollouts, and the final export
-must equal the uninterrupted run's, byte for byte.
+the learner after a step AND a rollout engine in the middle of another step's rollouts, and grows and shrinks
+the rollout pool while the learner keeps going; the final export must equal the uninterrupted run's, byte
+for byte.
 """
 
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -124,8 +127,17 @@ def test_mean_reward_rises_and_learner_and_engine_sigkills_leave_the_export_bitw
     assert late > early + 0.1, [steps[s]["reward_mean"] for s in sorted(steps)]
     assert "accuracy" in ref.metrics and "kl" not in steps[10]  # beta = 0: no reference, no KL
 
-    faulted = run(make_cfg(model_dir, tmp_path_factory.mktemp("faulted"), "run_name=faulted", "faults.kill_at_step=3",
+    # The faulted run also has its rollout pool grown to 2 engines after step 1 and shrunk back to 1 after
+    # step 7, from another thread, while the learner keeps going.
+    root = tmp_path_factory.mktemp("faulted")
+    resizer = PoolResizer(root / "runs" / "faulted", "r1ray-grpo-faulted-", [(1, 2), (7, 1)])
+    resizer.start()
+    faulted = run(make_cfg(model_dir, root, "run_name=faulted", "faults.kill_at_step=3",
                            "grpo.kill_engine_at_step=6"))
+    resizer.join(timeout=60)
+    assert not resizer.errors, resizer.errors
+    assert [(n, got) for n, got, _ in resizer.done] == [(2, 2), (1, 1)]
+    assert all(at < 10 for _, _, at in resizer.done)  # resized during the run, at a step before the last
     assert faulted.status == "completed" and faulted.restarts == 1
     fsteps = rollouts(faulted.run_dir)
     assert fsteps[10]["engine_replacements"] >= 1
@@ -133,6 +145,39 @@ def test_mean_reward_rises_and_learner_and_engine_sigkills_leave_the_export_bitw
     a = Path(ref.export_path, "model.safetensors").read_bytes()
     b = Path(faulted.export_path, "model.safetensors").read_bytes()
     assert a == b
+
+
+class PoolResizer(threading.Thread):
+    """Resizes the run's engine pool (found by its name prefix) to ``n`` once the run has logged ``step``."""
+
+    def __init__(self, run_dir: Path, prefix: str, plan: list[tuple[int, int]]):
+        super().__init__(daemon=True)
+        self.run_dir, self.prefix, self.plan = run_dir, prefix, plan
+        self.done: list[tuple[int, int, int]] = []  # (asked, size returned, last logged step at the time)
+        self.errors: list[str] = []
+
+    def last_step(self) -> int:
+        f = self.run_dir / "grpo" / "rollouts-rank0.jsonl"
+        lines = f.read_text().splitlines() if f.exists() else []
+        return max((json.loads(line)["step"] for line in lines), default=0)
+
+    def run(self) -> None:
+        import ray
+
+        from r1ray.infer.pool import NAMESPACE, EnginePool
+
+        try:
+            for step, n in self.plan:
+                deadline = time.monotonic() + 300
+                while self.last_step() < step:
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"step {step} never logged")
+                    time.sleep(0.2)
+                names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                         if a["namespace"] == NAMESPACE and a["name"].startswith(self.prefix)]
+                self.done.append((n, EnginePool.connect(names[0]).resize(n), self.last_step()))
+        except Exception as e:  # noqa: BLE001 - reported by the test
+            self.errors.append(repr(e))
 
 
 def test_mu2_with_reference_and_zero3_sync(ray_local, model_dir, tmp_path):
