@@ -44,6 +44,7 @@ def score_remote(
     Arguments are checked here (bad weights, lengths or options raise ``ValueError`` now, not at ``ray.get``).
     """
     import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     from r1ray.tasks.rewards import get_reward
 
@@ -58,7 +59,12 @@ def score_remote(
     if _remote_fn is None:
         _remote_fn = ray.remote(_score_task)
     dicts = [p.to_dict() if isinstance(p, Problem) else dict(p) for p in problems]
-    return _remote_fn.options(num_cpus=num_cpus, max_retries=2).remote(list(completions), dicts, dict(weights), kw)
+    # Outside any placement group: called from a learner worker, Ray would otherwise schedule the task inside the
+    # worker's own group when that group captures child tasks (Ray Train under Ray Tune does), whose one CPU the
+    # worker holds: the task would wait forever.
+    outside = PlacementGroupSchedulingStrategy(placement_group=None)
+    return _remote_fn.options(num_cpus=num_cpus, max_retries=2, scheduling_strategy=outside).remote(
+        list(completions), dicts, dict(weights), kw)
 
 
 _SCORE_OPTIONS = {"timeout_s", "prefilled_think", "max_completion_chars", "max_completion_tokens",

@@ -142,6 +142,11 @@ class TrainJobConfig(JobConfig):
     def run_dir(self) -> str:
         return self.storage.uri("runs", self.run_name)
 
+    def resources_beside_workers(self) -> dict[str, float]:
+        """CPUs and GPUs a run holds for its whole length besides its worker group (GRPO: its rollout engines
+        and reward tasks); Ray Tune sizes the trials it runs at once with it."""
+        return {}
+
 
 class PretrainConfig(TrainJobConfig):
     """Pretrain a causal LM on packed shards with Ray Train + DeepSpeed: elastic, fault tolerant, with

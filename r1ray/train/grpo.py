@@ -66,7 +66,8 @@ class GRPOSection(R1Config):
     train_problems: int = Field(default=100_000, ge=1)
     """Problems in one epoch of the cursor (problem indices ``[0, train_problems)`` of the train split)."""
     eval_problems: int = Field(default=64, ge=1)
-    """Held-out (eval split) problems for the greedy accuracy of each evaluation."""
+    """Held-out (eval split) problems of each evaluation: greedy ``accuracy``, and ``eval_reward`` (the weighted
+    ``rewards`` on the same completions)."""
     rewards: dict[str, float] = Field(default_factory=lambda: {"accuracy": 1.0, "format": 0.2})
     """Reward weights ``{name: weight}`` (``r1ray.tasks.rewards``); a sample's reward is the weighted sum.
     ``length`` is DAPO's soft overlong penalty, measured in tokens against ``max_completion_tokens``."""
@@ -145,6 +146,12 @@ class GRPOConfig(TrainJobConfig):
     function of the step, its problem index and the schedule's state (saved in every checkpoint). GRPO's
     evaluation reports ``accuracy`` at ``grpo.difficulty``: an ``advance`` schedule reads it with
     ``metric: accuracy``. Unset: ``grpo.difficulty`` for every prompt."""
+
+    def resources_beside_workers(self) -> dict[str, float]:
+        from r1ray.tasks.remote import NUM_CPUS as reward_task_cpus
+
+        g = self.grpo
+        return {"CPU": g.num_engines * g.cpus_per_engine + reward_task_cpus, "GPU": g.num_engines * g.gpus_per_engine}
 
     @model_validator(mode="after")
     def _check_grpo(self) -> GRPOConfig:
@@ -618,9 +625,13 @@ class GRPOStage(Stage):
         probs = self._eval_problems
         params = SamplingParams(max_tokens=g.max_completion_tokens, temperature=0.0)
         outs = self.pool.generate([self._prompt_ids(p) for p in probs], params, version=self._version)
-        res = ray.get(score_remote([o.text for o in outs], probs, {"accuracy": 1.0}, timeout_s=g.reward_timeout_s,
+        # Accuracy, and the run's own weighted reward on the same greedy completions (``eval_reward``: what the
+        # policy is optimised for, a Tune metric when accuracy stays flat, as on a tiny model).
+        weights = {**g.rewards, "accuracy": g.rewards.get("accuracy", 0.0)}
+        res = ray.get(score_remote([o.text for o in outs], probs, weights, timeout_s=g.reward_timeout_s,
                                    prefilled_think=g.prefill_think))
         m.mean("accuracy", float(np.mean(res.per_reward["accuracy"])), len(probs))
+        m.mean("eval_reward", float(np.mean(res.total)), len(probs))
         return m
 
     def export_inputs(self) -> list[str]:

@@ -283,13 +283,16 @@ def _max_concurrent(cfg: TuneConfig, base_cfg: R1Config) -> int:
         return cfg.search.max_concurrent_trials
     sc = _get_path(base_cfg, "scaling")
     workers = sc.num_workers if isinstance(sc.num_workers, int) else max(sc.num_workers)
+    beside = base_cfg.resources_beside_workers() if hasattr(base_cfg, "resources_beside_workers") else {}
     total = ray.cluster_resources()
-    fits = int(max(total.get("CPU", 1.0) - 1.0, 0.0) // max(workers * sc.cpus_per_worker, 1e-9))
-    if sc.use_gpu:
-        fits = min(fits, int(total.get("GPU", 0.0) // workers))
+    cpus = workers * sc.cpus_per_worker + beside.get("CPU", 0.0)
+    fits = int(max(total.get("CPU", 1.0) - 1.0, 0.0) // max(cpus, 1e-9))
+    gpus = (workers if sc.use_gpu else 0) + beside.get("GPU", 0.0)
+    if gpus:
+        fits = min(fits, int(total.get("GPU", 0.0) // gpus))
     n = max(1, fits)
-    log.info("running up to %d trials at once (%s workers each; cluster %s)", n, workers,
-             {k: total.get(k) for k in ("CPU", "GPU") if k in total})
+    log.info("running up to %d trials at once (%s workers and %s beside them each; cluster %s)", n, workers,
+             beside or "nothing", {k: total.get(k) for k in ("CPU", "GPU") if k in total})
     return n
 
 

@@ -170,3 +170,49 @@ def test_pbt_copies_the_good_trials_state_into_the_bad_one(ray_local, tmp_path, 
     # lr 1e-6 alone stays at ~6.02 (the ASHA test's bad trials); both trials end near the good one.
     assert max(float(r["val_loss"]) for r in rows) < 5.0, rows
     assert wait_no_live_placement_groups() == [], "a stopped trial's workers kept their placement group"
+
+
+@pytest.mark.timeout(400)  # a reward task stuck in a placement group hangs: fail in minutes, not at 900 s
+def test_grpo_trials_under_asha_with_their_engine_pools(ray_local, tmp_path, tiny_tokenizer_dir):
+    """GRPO as a Tune stage: each trial brings its rollout engine pool (Tune runs as many at once as fit with
+    the engines: one here), its learner's reward tasks run outside the trial's placement groups (inside them
+    they waited forever: the regression this test caught), every held-out evaluation reaches ASHA, every
+    placement group (learner and engines) is freed, and best.yaml feeds jobs/grpo.py. The debug policy's
+    greedy held-out reward stays 0 in 8 steps for any learning rate, so ASHA has no trial to stop here; the
+    pretraining test above proves the stopping."""
+    from r1ray.model.build import ModelConfig, build_model, save_model
+    from r1ray.model.tokenizer import load_tokenizer
+    from r1ray.tune.study import run
+
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    policy = str(save_model(build_model(ModelConfig(preset="debug", max_position_embeddings=512), tok, seed=3),
+                            tok, tmp_path / "policy"))
+    grpo_base = {
+        "model.init_from": policy, "train.max_steps": 8, "train.eval_every": 2, "train.log_every": 2,
+        "train.global_batch_size": 8, "train.micro_batch_size": 4, "train.max_failures": 0,
+        "checkpoint.every": 4, "checkpoint.keep": 1, "optim.warmup_steps": 0, "optim.schedule": "constant",
+        "deepspeed.zero_stage": 0, "scaling.num_workers": 1, "logging.wandb.mode": "disabled",
+        "grpo.group_size": 8, "grpo.rewards": {"tag_count": 1.0}, "grpo.max_completion_tokens": 24,
+        "grpo.eval_problems": 8, "grpo.temperature": 1.0, "grpo.loss_type": "dapo",
+    }
+    cfg = load_config(TuneConfig, [], base={"base": grpo_base}, values={
+        "name": "grpo-study", "stage": "grpo", "storage.root": str(tmp_path), "logging.wandb.mode": "disabled",
+        "search.metric": "eval_reward", "search.mode": "max", "search.algorithm": "grid",
+        "space": {"optim.lr": "grid([0.02, 1e-07])"},
+        "scheduler.name": "asha", "scheduler.grace_period": 1, "scheduler.reduction_factor": 2,
+    })
+    result = run(cfg)
+    rows = {float(r["config.optim.lr"]): r for r in csv.DictReader(open(Path(result.study_dir) / "trials.csv"))}
+    assert len(rows) == 2 and result.num_errored == 0, rows
+    for r in rows.values():  # the 4 evaluations and the final report reached Tune
+        assert r["status"] == "DONE" and int(r["iterations"]) == 8 // 2 + 1 and r["eval_reward"] != "", r
+    for trial in Path(result.study_dir).glob("*/result.json"):
+        reports = [json.loads(line) for line in trial.read_text().splitlines()]
+        assert all("accuracy" in x and "eval_reward" in x for x in reports)
+        assert any(x.get("reward_mean", 0) > 0 for x in reports)  # sampled rollouts were scored
+    assert result.best_params["optim.lr"] in (0.02, 1e-07)
+    assert wait_no_live_placement_groups() == [], "a trial's learner or engines kept their placement group"
+    out = subprocess.run([sys.executable, str(REPO / "jobs/grpo.py"), "--config", result.best_config_path,
+                          "--print-config"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert yaml.safe_load(out.stdout)["optim"]["lr"] == result.best_params["optim.lr"]

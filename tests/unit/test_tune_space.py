@@ -111,3 +111,22 @@ def test_search_algorithms_enforce_the_trial_concurrency(algorithm):
         pytest.importorskip("optuna")
     cfg = load_config(TuneConfig, [], values={"search.algorithm": algorithm})
     assert _searcher(cfg, [], 2).max_concurrent == 2
+
+
+def test_trials_at_once_count_grpo_engines_and_reward_tasks(monkeypatch):
+    """A GRPO trial holds its rollout engines and reward tasks besides its learner: Tune must not start more
+    trials than the cluster fits, or their engine placement groups wait forever."""
+    import ray
+
+    from r1ray.train.config import PretrainConfig
+    from r1ray.train.grpo import GRPOConfig
+    from r1ray.tune.config import TuneConfig
+    from r1ray.tune.study import _max_concurrent
+
+    tune = TuneConfig()
+    for cpus, pretrain, grpo in ((3.0, 2, 1), (8.0, 7, 3), (12.0, 11, 4)):
+        monkeypatch.setattr(ray, "cluster_resources", lambda c=cpus: {"CPU": c})
+        assert _max_concurrent(tune, PretrainConfig.model_validate({"scaling": {"num_workers": 1}})) == pretrain
+        assert _max_concurrent(tune, GRPOConfig()) == grpo  # 1 learner + 1 engine + 0.25 for rewards each
+    two_engines = GRPOConfig.model_validate({"grpo": {"num_engines": 2}})
+    assert _max_concurrent(tune, two_engines) == int(11 // 3.25)
