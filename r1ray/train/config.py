@@ -37,6 +37,12 @@ class TrainLoopConfig(R1Config):
     or the same run_name). Unset: run to ``max_steps``."""
     global_batch_size: int = Field(default=16, ge=1)
     """Samples per optimizer step across all workers (constant when the worker count changes)."""
+    curriculum_epochs: int = Field(default=0, ge=0)
+    """Epochs ordered from easy to hard by the stage's difficulty score of each sample (pretraining: the mean
+    unigram surprisal of its tokens), in ``curriculum_buckets`` shuffled runs; later epochs are shuffled. 0: every
+    epoch shuffled. SFT and GRPO schedule task difficulty with their ``curriculum`` block instead."""
+    curriculum_buckets: int = Field(default=16, ge=1)
+    """Runs of equal size the difficulty order is cut into (each shuffled): 1 = one shuffle, no order."""
     micro_batch_size: int = Field(default=8, ge=1)
     """Samples per forward/backward on one worker; gradient accumulation = global / (micro x workers)."""
     eval_every: int = Field(default=50, ge=0)

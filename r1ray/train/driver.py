@@ -98,6 +98,12 @@ def run_stage(
     # deterministic setup problems (an optimizer op that cannot be built here, an unparsable
     # TORCH_CUDA_ARCH_LIST) fail now, naming the cause, instead of being retried by Ray Train
     raise_on_problems(preflight(cfg.deepspeed, cfg.optim, use_gpu=cfg.scaling.use_gpu))
+    from r1ray.train.stage import Stage
+
+    if cfg.train.curriculum_epochs and stage_cls.sample_difficulty is Stage.sample_difficulty:
+        raise ValueError(f"train.curriculum_epochs={cfg.train.curriculum_epochs}: the {stage_cls.name} stage has no "
+                         "difficulty score per sample; set it to 0 (SFT and GRPO order task difficulty with their "
+                         "curriculum block)")
     with ray_session(cfg.ray):
         plan = stage_cls.plan(cfg)
         name = run_name or cfg.run_name

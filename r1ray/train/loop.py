@@ -418,7 +418,12 @@ class Loop:
         self._setup_worker()
         w = self.worker
         self.stage.setup(w, self.payload.get("resources") or {})
-        self.order = GlobalOrder(self.stage.num_samples(), cfg.seed)
+        difficulty = self.stage.sample_difficulty() if cfg.train.curriculum_epochs else None
+        if cfg.train.curriculum_epochs and difficulty is None:
+            raise ValueError(f"train.curriculum_epochs: the {self.stage.name} stage has no difficulty score per "
+                             "sample; set it to 0 (SFT and GRPO order task difficulty with their curriculum block)")
+        self.order = GlobalOrder(self.stage.num_samples(), cfg.seed, difficulty, cfg.train.curriculum_epochs,
+                                 cfg.train.curriculum_buckets)
         local, state, from_ray = self._open_checkpoint()
         universal = bool(local) and state["world_size"] != w.world_size and state["zero_stage"] > 0
         self._build_engine(load_universal=universal)

@@ -66,6 +66,12 @@ class PretrainStage(Stage):
     def num_samples(self) -> int:
         return len(self.train_rows)
 
+    def sample_difficulty(self) -> np.ndarray:
+        """Mean unigram surprisal of each training row (``train.curriculum_epochs``: rows of common tokens first)."""
+        from r1ray.train.sampler import unigram_surprisal
+
+        return unigram_surprisal(self.train_rows, len(self.tokenizer))
+
     def make_batch(self, rows: np.ndarray, device: Any) -> dict[str, Any]:
         return self._batch(self.train_rows[rows], device)
 

@@ -27,17 +27,34 @@ from r1ray.data.shards import DataArtifact
 
 
 class GlobalOrder:
-    """The permutation of ``n`` rows for each epoch, cached for the current epoch."""
+    """The permutation of ``n`` rows for each epoch, cached for the current epoch.
 
-    def __init__(self, n: int, seed: int):
+    With ``difficulty`` (a score per row, higher = harder), the first ``curriculum_epochs`` epochs go from easy
+    to hard: the rows sorted by score are cut into ``buckets`` equal runs, each shuffled by (seed, epoch), the
+    easiest run first; later epochs are plain shuffles. Still a pure function of (seed, epoch, index) and of the
+    data, so resume stays exactly-once.
+    """
+
+    def __init__(self, n: int, seed: int, difficulty: np.ndarray | None = None, curriculum_epochs: int = 0,
+                 buckets: int = 16):
         if n <= 0:
             raise ValueError("the training split is empty: nothing to train on")
+        if difficulty is not None and len(difficulty) != n:
+            raise ValueError(f"difficulty: {len(difficulty)} scores for {n} samples")
         self.n, self.seed = n, seed
+        self.curriculum_epochs = curriculum_epochs if difficulty is not None else 0
+        self._by_difficulty = (np.argsort(difficulty, kind="stable") if self.curriculum_epochs else None)
+        self.buckets = max(1, min(buckets, n))
         self._epoch, self._perm = -1, np.empty(0, dtype=np.int64)
 
     def perm(self, epoch: int) -> np.ndarray:
         if epoch != self._epoch:
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+            rng = np.random.default_rng([self.seed, epoch])
+            if epoch < self.curriculum_epochs:
+                runs = np.array_split(self._by_difficulty, self.buckets)
+                self._perm = np.concatenate([rng.permutation(r) for r in runs])
+            else:
+                self._perm = rng.permutation(self.n)
             self._epoch = epoch
         return self._perm
 
@@ -49,6 +66,20 @@ class GlobalOrder:
             sel = epochs == e
             out[sel] = self.perm(int(e))[global_indices[sel] % self.n]
         return out
+
+
+def unigram_surprisal(rows: np.ndarray, vocab: int, chunk: int = 65536) -> np.ndarray:
+    """Mean -log p(token) of each row under the rows' own unigram distribution (add-one smoothed): a row of
+    common tokens scores low (easy), one of rare tokens high (hard). A pure function of the data."""
+    counts = np.zeros(vocab, dtype=np.int64)
+    for lo in range(0, len(rows), chunk):
+        c = np.bincount(np.asarray(rows[lo : lo + chunk]).reshape(-1), minlength=len(counts))
+        if len(c) > len(counts):  # an id past the tokenizer's size (a padded embedding)
+            counts = np.pad(counts, (0, len(c) - len(counts)))
+        counts += c
+    surprisal = -np.log((counts + 1.0) / (counts.sum() + len(counts)))
+    return np.concatenate([surprisal[np.asarray(rows[lo : lo + chunk])].mean(axis=1)
+                           for lo in range(0, len(rows), chunk)]) if len(rows) else np.zeros(0)
 
 
 def step_micro_batches(

@@ -220,6 +220,11 @@ class Stage(ABC):
         """Samples of one epoch. The loop orders them by (seed, epoch, index) and hands each worker its
         share of each step's ``train.global_batch_size`` samples, exactly once across restarts."""
 
+    def sample_difficulty(self) -> np.ndarray | None:
+        """A score per sample (higher = harder) for ``train.curriculum_epochs`` (epochs ordered easy to hard);
+        computed the same on every worker. Default: none (the stage cannot be ordered by difficulty)."""
+        return None
+
     # ------------------------------------------------------------------ worker side: one step
     def make_batch(self, rows: np.ndarray, device: Any) -> dict[str, Any]:
         """One micro-batch from these sample rows (the default ``step_inputs`` calls it per micro-batch)."""

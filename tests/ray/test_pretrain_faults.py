@@ -63,8 +63,10 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(ray_local, data_dir, tmp_
 def test_sigterm_checkpoints_then_resumes_on_fewer_workers_exactly(ray_local, data_dir, tmp_path):
     from r1ray.train.pretrain import run
 
+    # (with the easy-to-hard order of the first epoch: the order is a pure function of the data, so the
+    # resumed run continues it exactly)
     common = ["run_name=elastic", "train.max_steps=6", "checkpoint.every=100", "deepspeed.zero_stage=2",
-              "faults.record_samples=true"]
+              "faults.record_samples=true", "train.curriculum_epochs=1", "train.curriculum_buckets=4"]
     first = run(make_cfg(data_dir, tmp_path, *common, "scaling.num_workers=2", "faults.sigterm_at_step=3"))
     # the driver gets SIGTERM after step 3 and writes the stop request; the workers stop at the first step
     # boundary that sees it (how many steps later depends on the load)

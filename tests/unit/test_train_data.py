@@ -22,6 +22,44 @@ def test_order_is_a_pure_function_of_seed_epoch_index():
     assert not np.array_equal(rows[:50], GlobalOrder(50, seed=4).rows(np.arange(50)))
 
 
+def test_difficulty_curriculum_goes_easy_to_hard_then_shuffles_and_stays_a_pure_function():
+    from r1ray.train.sampler import unigram_surprisal
+
+    rng = np.random.default_rng(0)
+    # 200 rows of 16 tokens: row i draws from the i-th slice of a Zipf-ordered vocabulary, so rows differ in
+    # how common their tokens are.
+    vocab = 400
+    rows = np.stack([rng.integers(i, i + 200, size=16) for i in range(200)]).astype(np.int32)
+    score = unigram_surprisal(rows, vocab)
+    counts = np.bincount(rows.reshape(-1), minlength=vocab)
+    expect = -np.log((counts + 1.0) / (counts.sum() + vocab))[rows].mean(axis=1)
+    assert np.allclose(score, expect)  # mean -log p of each row's tokens, add-one smoothed
+    a, b = GlobalOrder(200, 7, score, curriculum_epochs=1, buckets=4), GlobalOrder(200, 7, score, 1, 4)
+    idx = np.arange(0, 600)
+    got = a.rows(idx)
+    assert np.array_equal(got, b.rows(idx[::-1])[::-1])  # a pure function: resume is exactly-once
+    first = got[:200]
+    assert sorted(first) == list(range(200))  # epoch 0 is still a permutation
+    quarters = [score[first[q * 50 : (q + 1) * 50]] for q in range(4)]
+    assert all(quarters[q].max() <= quarters[q + 1].min() for q in range(3))  # easy runs first
+    assert not np.array_equal(first[:50], np.sort(first[:50]))  # each run shuffled
+    plain = GlobalOrder(200, 7).rows(idx)
+    assert np.array_equal(got[200:], plain[200:])  # epoch 1 on: the plain shuffle
+    assert np.array_equal(GlobalOrder(200, 7, score, curriculum_epochs=0).rows(idx), plain)
+    # ids past the given vocabulary (a padded embedding) are counted, not an error
+    assert unigram_surprisal(np.array([[1, 2, 500]]), 10).shape == (1,)
+
+
+def test_curriculum_epochs_on_a_stage_without_scores_fails_before_any_compute():
+    from r1ray.config import load_config
+    from r1ray.train.driver import run_stage
+    from r1ray.train.sft import SFTConfig, SFTStage
+
+    cfg = load_config(SFTConfig, ["train.curriculum_epochs=1"])
+    with pytest.raises(ValueError, match="train.curriculum_epochs=1: the sft stage has no difficulty score"):
+        run_stage(SFTStage, cfg)
+
+
 @pytest.mark.parametrize("world", [1, 2, 4])
 def test_every_world_size_trains_the_same_samples_per_step(world):
     gbs, micro = 16, 2
