@@ -362,11 +362,7 @@ class GRPOStage(Stage):
                 grp.completions = comps[i * g.group_size:(i + 1) * g.group_size]
             texts = [c.text for c in comps]
             probs = [grp.problem for grp in unit for _ in range(g.group_size)]
-            kw: dict[str, Any] = dict(timeout_s=g.reward_timeout_s, prefilled_think=g.prefill_think)
-            if "length" in g.rewards:
-                kw.update(max_completion_tokens=g.max_completion_tokens, overlong_buffer=g.overlong_buffer,
-                          completion_tokens=[len(c.token_ids) for c in comps])
-            refs.append(score_remote(texts, probs, g.rewards, **kw))
+            refs.append(score_remote(texts, probs, g.rewards, **self._score_options(comps)))
         for unit, res in zip(units, ray.get(refs), strict=True):
             for i, grp in enumerate(unit):
                 sl = slice(i * g.group_size, (i + 1) * g.group_size)
@@ -628,11 +624,19 @@ class GRPOStage(Stage):
         # Accuracy, and the run's own weighted reward on the same greedy completions (``eval_reward``: what the
         # policy is optimised for, a Tune metric when accuracy stays flat, as on a tiny model).
         weights = {**g.rewards, "accuracy": g.rewards.get("accuracy", 0.0)}
-        res = ray.get(score_remote([o.text for o in outs], probs, weights, timeout_s=g.reward_timeout_s,
-                                   prefilled_think=g.prefill_think))
+        res = ray.get(score_remote([o.text for o in outs], probs, weights, **self._score_options(outs)))
         m.mean("accuracy", float(np.mean(res.per_reward["accuracy"])), len(probs))
         m.mean("eval_reward", float(np.mean(res.total)), len(probs))
         return m
+
+    def _score_options(self, completions: Sequence[Any]) -> dict[str, Any]:
+        """``score_remote``'s options for these completions (the ``length`` reward needs their token counts)."""
+        g = self.cfg.grpo
+        kw: dict[str, Any] = dict(timeout_s=g.reward_timeout_s, prefilled_think=g.prefill_think)
+        if "length" in g.rewards:
+            kw.update(max_completion_tokens=g.max_completion_tokens, overlong_buffer=g.overlong_buffer,
+                      completion_tokens=[len(c.token_ids) for c in completions])
+        return kw
 
     def export_inputs(self) -> list[str]:
         return _lineage_inputs(self.cfg.model.init_from)
