@@ -99,13 +99,13 @@ def accuracy(model_dir: str, n: int, max_tokens: int, seed: int) -> float:
 
 
 def run_r1ray(start: Path, root: Path, prompts_per_step: int, steps: int, max_tokens: int, lr: float,
-              seed: int, threads: int = 1) -> dict[str, Any]:
+              seed: int, threads: int = 1, mode: str = "sync") -> dict[str, Any]:
     from r1ray.config import load_config
     from r1ray.train.grpo import GRPOConfig, run
 
     micro = min(prompts_per_step, 4)
     cfg = load_config(GRPOConfig, [
-        f"model.init_from={start}", f"storage.root={root}", f"run_name=r1ray-{prompts_per_step}-{threads}", f"seed={seed}",
+        f"model.init_from={start}", f"storage.root={root}", f"run_name=r1ray-{mode}-{prompts_per_step}-{threads}", f"seed={seed}",
         f"train.max_steps={steps}", f"train.global_batch_size={prompts_per_step}", f"train.micro_batch_size={micro}",
         "train.eval_every=0", f"train.log_every={steps}", f"checkpoint.every={steps}", f"optim.lr={lr}",
         # the whole block: a dotted override of one optim field resets the others to OptimConfig's defaults
@@ -114,7 +114,7 @@ def run_r1ray(start: Path, root: Path, prompts_per_step: int, steps: int, max_to
         "grpo.engine_torch_threads=1",
         f"grpo.group_size={G}", f"grpo.rewards={json.dumps(REWARDS)}", f"grpo.max_completion_tokens={max_tokens}",
         "grpo.loss_type=dapo", "grpo.beta=0", "grpo.eval_problems=8", "ray.num_cpus=4", "ray.include_dashboard=false",
-        "logging.wandb.mode=disabled",
+        "logging.wandb.mode=disabled", f"grpo.async_rollouts={mode == 'async'}",
     ])
     t0 = time.perf_counter()
     result = run(cfg)
@@ -215,7 +215,10 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--skip-trl", action="store_true")
     ap.add_argument("--trl-threads", type=int, nargs="+", default=[1, 2], help="TRL runs once per count; best kept")
     ap.add_argument("--r1ray-threads", type=int, nargs="+", default=[1, 2],
-                    help="r1ray runs once per count of learner torch threads (the engine keeps 1); best kept")
+                    help="on-policy r1ray runs once per count of learner torch threads (the engine keeps 1); best "
+                         "kept (async runs use 1: the learner and the engine then run at once, one core each)")
+    ap.add_argument("--r1ray-modes", nargs="+", default=["sync", "async"], choices=["sync", "async"],
+                    help="sync: on-policy (generate, then learn); async: grpo.async_rollouts (one step off-policy)")
     ap.add_argument("--json", type=str, default=None)
     a = ap.parse_args(argv)
     os.environ.setdefault("WANDB_MODE", "disabled")
@@ -231,20 +234,28 @@ def main(argv: list[str]) -> int:
         out: dict[str, Any] = {"completions_per_step": size}
         # r1ray: learner threads (the learner and the engine take turns); TRL: oversubscribed OpenMP threads
         # spin on a loaded machine. Both: the faster run is kept.
-        out["r1ray"] = fastest("r1ray", size, a.r1ray_threads, lambda th, p=prompts: run_r1ray(
-            start, root / "r1ray", p, a.steps, a.max_tokens, a.lr, a.seed, th), first, a)
+        for mode in a.r1ray_modes:
+            key = "r1ray" if mode == "sync" else "r1ray_async"
+            out[key] = fastest(key, size, a.r1ray_threads if mode == "sync" else [1],
+                               lambda th, p=prompts, md=mode: run_r1ray(start, root / "r1ray", p, a.steps, a.max_tokens,
+                                                                       a.lr, a.seed, th, md), first, a)
         if not a.skip_trl:
             out["trl"] = fastest("trl", size, a.trl_threads, lambda th, p=prompts, sz=size: run_trl(
                 start, root / f"trl-{sz}-{th}", p, a.steps, a.max_tokens, a.lr, a.seed, th), first, a)
-            out["ratio"] = out["r1ray"]["completions_per_s"] / out["trl"]["completions_per_s"]
+            for key in ("r1ray", "r1ray_async"):
+                if key in out:
+                    out[f"ratio_{key}"] = out[key]["completions_per_s"] / out["trl"]["completions_per_s"]
         rows.append(out)
     print(f"\nstart accuracy {acc0:.3f}; {a.steps} steps, G={G}, max {a.max_tokens} tokens")
-    print(f"{'per step':>9} | {'r1ray c/s':>9} {'acc':>6} | {'TRL c/s':>9} {'acc':>6} | ratio")
+    nan = float("nan")
+    print(f"{'per step':>9} | {'r1ray c/s':>9} {'acc':>6} | {'async c/s':>9} {'acc':>6} | {'TRL c/s':>9} {'acc':>6} | "
+          f"{'ratio':>5} {'async':>6}")
     for o in rows:
-        t = o.get("trl", {})
-        print(f"{o['completions_per_step']:>9} | {o['r1ray']['completions_per_s']:>9.1f} {o['r1ray']['accuracy']:>6.3f}"
-              f" | {t.get('completions_per_s', float('nan')):>9.1f} {t.get('accuracy', float('nan')):>6.3f}"
-              f" | {o.get('ratio', float('nan')):.2f}")
+        r, ra, t = o.get("r1ray", {}), o.get("r1ray_async", {}), o.get("trl", {})
+        print(f"{o['completions_per_step']:>9} | {r.get('completions_per_s', nan):>9.1f} {r.get('accuracy', nan):>6.3f}"
+              f" | {ra.get('completions_per_s', nan):>9.1f} {ra.get('accuracy', nan):>6.3f}"
+              f" | {t.get('completions_per_s', nan):>9.1f} {t.get('accuracy', nan):>6.3f}"
+              f" | {o.get('ratio_r1ray', nan):>5.2f} {o.get('ratio_r1ray_async', nan):>6.2f}")
     if a.json:
         Path(a.json).write_text(json.dumps({"start_accuracy": acc0, "rows": rows}, indent=2))
     return 0

@@ -41,15 +41,17 @@ def _timed_decode(model: Any, ids: Any, n: int) -> tuple[float, float]:
     """(prefill seconds, seconds of ``n`` greedy single-token steps)."""
     import torch
 
+    from r1ray.model.build import cache_kwargs, output_cache
+
     with torch.no_grad():
         t0 = time.perf_counter()
         out = model(input_ids=ids, use_cache=True)
         nxt = out.logits[:, -1:].argmax(-1)
         t1 = time.perf_counter()
-        past = out.past_key_values
+        past = output_cache(out)
         for _ in range(n):
-            out = model(input_ids=nxt, past_key_values=past, use_cache=True)
-            past = out.past_key_values
+            out = model(input_ids=nxt, use_cache=True, **cache_kwargs(model, past))
+            past = output_cache(out)
             nxt = out.logits[:, -1:].argmax(-1)
         return t1 - t0, time.perf_counter() - t1
 

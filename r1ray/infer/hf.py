@@ -484,6 +484,8 @@ class HFEngine:
         torch = self._torch
         from transformers import DynamicCache
 
+        from r1ray.model.build import cache_kwargs, output_cache
+
         plen = max(len(s.prompt_ids) for s in seqs)
         ids = torch.full((len(seqs), plen), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(seqs), plen), dtype=torch.long)
@@ -494,7 +496,7 @@ class HFEngine:
         want_prompt = any(s.params.prompt_logprobs for s in seqs)
         out = self.model(
             input_ids=ids.to(self.device), attention_mask=mask.to(self.device), position_ids=pos.to(self.device),
-            past_key_values=DynamicCache(), use_cache=True, logits_to_keep=0 if want_prompt else 1,
+            use_cache=True, logits_to_keep=0 if want_prompt else 1, **cache_kwargs(self.model, DynamicCache()),
         )
         logits = out.logits[:, -1, :].float()
         if want_prompt:
@@ -506,21 +508,23 @@ class HFEngine:
                     s.prompt_lp = [TokenLogprob(s.prompt_ids[0], self._tok(s.prompt_ids[0]), None)]
                     for j in range(1, n):
                         s.prompt_lp.append(self._logprob_entry(rows[j - 1], s.prompt_ids[j], s.params.logprobs or 0))
-        kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        kv = [(layer.keys, layer.values) for layer in output_cache(out).layers]
         return kv, mask.to(self.device), logits
 
     def _decode(self, seqs: list[_Seq], kv, mask):
         torch = self._torch
         from transformers import DynamicCache
 
+        from r1ray.model.build import cache_kwargs, output_cache
+
         ids = torch.tensor([[s.out_ids[-1]] for s in seqs], dtype=torch.long, device=self.device)
         mask = torch.cat([mask, torch.ones((len(seqs), 1), dtype=mask.dtype, device=mask.device)], dim=1)
         pos = mask.sum(1, keepdim=True) - 1
         out = self.model(
-            input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=DynamicCache(kv),
-            use_cache=True, logits_to_keep=1,
+            input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
+            **cache_kwargs(self.model, DynamicCache(kv)),
         )
-        kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        kv = [(layer.keys, layer.values) for layer in output_cache(out).layers]
         return out.logits[:, -1, :].float(), kv, mask
 
     def _merge(self, kv_a, mask_a, kv_b, mask_b):

@@ -157,6 +157,8 @@ class _PoolController:
         self._cond: asyncio.Condition | None = None
         self._writer = False
         self._initial = n
+        self._tickets = 0
+        self._running: dict[int, asyncio.Future] = {}  # begin_units tickets not yet collected by result
 
     # ---- startup (async: the actor's event loop exists only inside methods)
     async def start(self) -> int:
@@ -253,6 +255,22 @@ class _PoolController:
     async def generate_units(self, units: list[list[Any]], params: list[list[SamplingParams]],
                              version: int | None = None) -> list[list[Completion]]:
         await self._enter(writer=False)
+        return await self._entered_units(units, params, version)
+
+    async def begin_units(self, units: list[list[Any]], params: list[list[SamplingParams]],
+                          version: int | None = None) -> int:
+        """Admit the units now (a later weight push waits for them) and generate them in the background;
+        returns a ticket for ``result``."""
+        await self._enter(writer=False)
+        self._tickets += 1
+        self._running[self._tickets] = asyncio.ensure_future(self._entered_units(units, params, version))
+        return self._tickets
+
+    async def result(self, ticket: int) -> list[list[Completion]]:
+        return await self._running.pop(ticket)
+
+    async def _entered_units(self, units: list[list[Any]], params: list[list[SamplingParams]],
+                             version: int | None) -> list[list[Completion]]:
         try:
             results = await asyncio.gather(*(self._run_unit(u, p) for u, p in zip(units, params, strict=True)))
         finally:
@@ -406,14 +424,23 @@ class EnginePool:
         """Each unit generated alone on one engine (its completions a function of its contents only)."""
         import ray
 
-        units = [[list(p) if not isinstance(p, str) else p for p in u] for u in units]
-        params = [list(p) for p in params]
-        for i, (u, p) in enumerate(zip(units, params, strict=True)):
-            if len(u) != len(p):
-                raise ValueError(f"unit {i}: {len(u)} prompts but {len(p)} sampling params")
+        units, params = _checked_units(units, params)
         if not units:
             return []
         return ray.get(self._controller.generate_units.remote(units, params, version))
+
+    def submit_units(self, units: Sequence[Sequence[Any]], params: Sequence[Sequence[SamplingParams]], *,
+                     version: int | None = None) -> Any:
+        """``generate_units`` without waiting: the ``ObjectRef`` of its result (None for no units). The units
+        are in flight once this returns: a later ``update_weights`` from this process waits for them (the
+        controller starts one caller's calls in order), so they run on the weights in place now."""
+        units, params = _checked_units(units, params)
+        if not units:
+            return None
+        import ray
+
+        ticket = ray.get(self._controller.begin_units.remote(units, params, version))
+        return self._controller.result.remote(ticket)
 
     # ---- weights, size, health
     def update_weights(self, state_dict: Mapping[str, Any], version: int) -> float:
@@ -461,3 +488,12 @@ class EnginePool:
             ray.get(self._controller.stop.remote())
         finally:
             ray.kill(self._controller, no_restart=True)
+
+
+def _checked_units(units: Sequence[Sequence[Any]], params: Sequence[Sequence[SamplingParams]]):
+    units = [[list(p) if not isinstance(p, str) else p for p in u] for u in units]
+    params = [list(p) for p in params]
+    for i, (u, p) in enumerate(zip(units, params, strict=True)):
+        if len(u) != len(p):
+            raise ValueError(f"unit {i}: {len(u)} prompts but {len(p)} sampling params")
+    return units, params

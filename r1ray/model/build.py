@@ -143,3 +143,18 @@ def load_model(path: str | Path, *, dtype: Any = None, attn_implementation: str 
     if dtype is not None:
         kwargs["dtype"] = dtype
     return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+
+
+def cache_kwargs(model: Any, cache: Any) -> dict[str, Any]:
+    """The keyword that hands a KV cache to ``model``'s forward: ``cache`` from transformers 5.x on (where
+    ``past_key_values`` is deprecated), ``past_key_values`` before."""
+    import inspect
+
+    params = inspect.signature(type(model).forward).parameters
+    return {"cache": cache} if "cache" in params else {"past_key_values": cache}
+
+
+def output_cache(out: Any) -> Any:
+    """The KV cache a forward returned (``cache`` in transformers 5.x, ``past_key_values`` before)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values

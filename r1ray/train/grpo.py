@@ -105,6 +105,20 @@ class GRPOSection(R1Config):
     """Mask the loss of completions cut at ``max_completion_tokens`` (DAPO's overlong filtering)."""
     overlong_buffer: int | None = Field(default=None, ge=1)
     """Tokens before the maximum where the ``length`` reward starts to fall (default: 20% of the maximum)."""
+    async_rollouts: bool = False
+    """One step off-policy (verl's one-step-off-policy recipe, PipelineRL): the engines generate step s + 1's
+    rollouts while the learner trains on step s's, so generation and learning overlap instead of taking turns.
+    Step s's rollouts (s >= 1) then come from the policy after s - 1 updates, not s; the ratio's "old" policy is
+    the learner's own at the step (at mu = 1 the ratio is 1), so the one-step lag is not importance-corrected.
+    Still exactly reproducible: the rollouts in flight are saved in each checkpoint, and a run resumed on any
+    number of workers equals an uninterrupted one. Refills (``dynamic_sampling``) are generated on-policy."""
+    share_prompt: bool = True
+    """Learner layout: each group's prompt runs once, its completions as branches behind a block mask
+    (``r1ray.train.group_pack``), instead of one padded row per completion. Same logprobs (to float rounding),
+    fewer positions when prompts are long next to completions; a micro-batch whose row would pass
+    ``share_prompt_max_row`` positions uses the padded layout (attention is quadratic in the row)."""
+    share_prompt_max_row: int = Field(default=2048, ge=2)
+    """Longest shared row (prompt + every completion of a group) before a micro-batch falls back to padding."""
     logprob_chunk_tokens: int | None = Field(default=None, ge=1)
     """Tokens per chunk of the chunked logprob/entropy head (``r1ray.train.losses``); None: by vocabulary."""
     num_engines: int = Field(default=1, ge=1)
@@ -274,6 +288,10 @@ class GRPOStage(Stage):
         self._eval_problems: list[Any] | None = None
         self._curriculum_setup()
         self._attempt = uuid.uuid4().hex[:8]
+        self._next_rows: tuple[int, list[list[int]]] | None = None  # prefetch(): the following step's rows
+        self._pending: dict[str, Any] | None = None  # async rollouts: the following step's, in flight or restored
+        self._rollout_version: int | None = None  # the weights version that generated this step's rollouts
+        self._executor = None
 
     def build_model(self) -> Any:
         from r1ray.model import build_model
@@ -315,11 +333,18 @@ class GRPOStage(Stage):
             self.curriculum_state = self.curriculum.after_evaluation(step, metrics, self.curriculum_state)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"curriculum": self.curriculum_state} if self.curriculum is not None else {}
+        state: dict[str, Any] = {"curriculum": self.curriculum_state} if self.curriculum is not None else {}
+        if self.cfg.grpo.async_rollouts:
+            state["pending_rollouts"] = self._pending_state()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.curriculum is not None and "curriculum" in state:
             self.curriculum_state = dict(state["curriculum"])
+        pending = state.get("pending_rollouts")
+        if self.cfg.grpo.async_rollouts and pending and pending.get("groups"):
+            self._pending = {"step": int(pending["step"]), "version": pending.get("version"),
+                             "by_index": {int(d["index"]): self._group_from_state(d) for d in pending["groups"]}}
 
     def _prompt_ids(self, problem: Any) -> list[int]:
         text = self.tokenizer.apply_chat_template(problem.messages(), add_generation_prompt=True, tokenize=False)
@@ -336,15 +361,16 @@ class GRPOStage(Stage):
     # ------------------------------------------------------------------ rollouts
     def _rollout(self, step: int, units: list[list[_Group]], times: dict[str, float]) -> None:
         """Generate and score every group of ``units`` (one pool unit each), in place."""
-        import ray
+        self._collect(*self._submit(step, units), times)
 
+    def _submit(self, step: int, units: list[list[_Group]]) -> tuple[list[list[_Group]], Any, float]:
+        """Put ``units`` in flight on the pool (on the weights it holds now); ``_collect`` finishes them."""
         from r1ray.infer.types import SamplingParams
-        from r1ray.tasks.remote import score_remote
 
         g = self.cfg.grpo
         units = [u for u in units if u]
         if not units:
-            return
+            return units, None, 0.0
         prompts, params = [], []
         for unit in units:
             prompts.append([grp.prompt_ids for grp in unit for _ in range(g.group_size)])
@@ -352,7 +378,18 @@ class GRPOStage(Stage):
                                           seed=sampling_seed(self.cfg.seed, step, grp.index, k))
                            for grp in unit for k in range(g.group_size)])
         t0 = time.perf_counter()
-        outs = self.pool.generate_units(prompts, params, version=self._version)
+        return units, self.pool.submit_units(prompts, params, version=self._version), t0
+
+    def _collect(self, units: list[list[_Group]], ref: Any, t0: float, times: dict[str, float]) -> None:
+        """Wait for ``_submit``'s completions and score them (reward tasks), into the groups."""
+        import ray
+
+        from r1ray.tasks.remote import score_remote
+
+        if ref is None:
+            return
+        g = self.cfg.grpo
+        outs = ray.get(ref)
         times["generate"] += time.perf_counter() - t0
         times["gen_tokens"] += sum(len(c.token_ids) for unit in outs for c in unit)
         t0 = time.perf_counter()
@@ -372,6 +409,106 @@ class GRPOStage(Stage):
             unit[0].failures = sum(res.failures.values())
             unit[0].reward_seconds = res.seconds
         times["score"] += time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ async rollouts (one step off-policy)
+    def prefetch(self, step: int, rows: list[np.ndarray]) -> None:
+        if self.cfg.grpo.async_rollouts:
+            self._next_rows = (step, [[int(i) for i in r] for r in rows])
+
+    def _launch_following(self, step: int) -> None:
+        """Put step ``step + 1``'s rollouts in flight on the weights the pool holds now (the policy of step
+        ``step``); scored in a background thread while the learner trains."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        if self._next_rows is None or self._next_rows[0] != step + 1:
+            return
+        _, rows = self._next_rows
+        self._next_rows = None
+        self._curriculum_step = step + 1  # the problems at their own step's difficulty
+        try:
+            micro = [[self._group(i) for i in r] for r in rows]
+        finally:
+            self._curriculum_step = step
+        times = {"generate": 0.0, "score": 0.0, "gen_tokens": 0.0}
+        units, ref, t0 = self._submit(step + 1, micro)
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="r1ray-grpo-rollouts")
+        self._pending = {"step": step + 1, "micro": micro, "times": times, "version": self._version,
+                         "future": self._executor.submit(self._collect, units, ref, t0, times)}
+
+    def _take_prefetched(self, step: int, rows: list[np.ndarray], times: dict[str, float],
+                         m: Metrics) -> list[list[_Group]] | None:
+        """Step ``step``'s rollouts, started during the previous step (or restored from the checkpoint); None
+        if there are none (the run's first step)."""
+        p, self._pending = self._pending, None
+        if p is None:
+            return None
+        self._rollout_version = p["version"]
+        if p["step"] != step:
+            raise RuntimeError(f"grpo.async_rollouts: the rollouts in flight are step {p['step']}'s, the loop asks "
+                               f"for step {step}'s")
+        want = [[int(i) for i in r] for r in rows]
+        if "by_index" in p:  # restored from a checkpoint (saved on any number of workers)
+            missing = sorted(i for r in want for i in r if i not in p["by_index"])
+            if missing:
+                raise RuntimeError(f"grpo.async_rollouts: the checkpoint's in-flight rollouts of step {step} lack "
+                                   f"problems {missing[:5]}")
+            return [[p["by_index"][i] for i in r] for r in want]
+        t0 = time.perf_counter()
+        p["future"].result()
+        m.mean("rollout_wait_seconds", time.perf_counter() - t0)
+        if [[grp.index for grp in unit] for unit in p["micro"]] != want:
+            raise RuntimeError(f"grpo.async_rollouts: step {step}'s rollouts were started for other problems")
+        for k, v in p["times"].items():
+            times[k] += v
+        return p["micro"]
+
+    def _pending_state(self) -> dict[str, Any]:
+        """The following step's rollouts (every worker's), as the checkpoint keeps them."""
+        import torch.distributed as dist
+
+        p = self._pending
+        groups: list[dict[str, Any]] = []
+        step = version = None
+        if p is not None:
+            step, version = p["step"], p["version"]
+            if "future" in p:
+                p["future"].result()
+                groups = [self._group_state(grp) for unit in p["micro"] for grp in unit]
+            else:
+                groups = [self._group_state(grp) for grp in p["by_index"].values()]
+        if dist.is_initialized() and self.worker.world_size > 1:
+            every: list[Any] = [None] * self.worker.world_size
+            dist.all_gather_object(every, {"step": step, "version": version, "groups": groups})
+            steps = {e["step"] for e in every if e["step"] is not None}
+            if len(steps) > 1:
+                raise RuntimeError(f"grpo.async_rollouts: workers hold rollouts of different steps {sorted(steps)}")
+            step = steps.pop() if steps else None
+            version = next((e["version"] for e in every if e["step"] is not None), None)
+            groups = [d for e in every for d in e["groups"]]
+        return {"step": step, "version": version, "groups": groups}
+
+    @staticmethod
+    def _group_state(grp: _Group) -> dict[str, Any]:
+        return {"index": grp.index, "problem": grp.problem.to_dict(), "prompt_ids": list(grp.prompt_ids),
+                "completions": [{"text": c.text, "token_ids": list(c.token_ids), "finish_reason": c.finish_reason}
+                                for c in grp.completions],
+                "rewards": list(grp.rewards), "per_reward": grp.per_reward, "failures": grp.failures,
+                "reward_seconds": grp.reward_seconds}
+
+    @staticmethod
+    def _group_from_state(d: dict[str, Any]) -> _Group:
+        from r1ray.infer.types import Completion
+        from r1ray.tasks.base import Problem
+
+        prompt = [int(t) for t in d["prompt_ids"]]
+        comps = [Completion(text=c["text"], token_ids=[int(t) for t in c["token_ids"]], prompt_token_ids=prompt,
+                            finish_reason=c["finish_reason"], logprobs=[], prompt_logprobs=None, ttft_s=0.0,
+                            latency_s=0.0) for c in d["completions"]]
+        return _Group(problem=Problem.from_dict(d["problem"]), index=int(d["index"]), prompt_ids=prompt,
+                      completions=comps, rewards=[float(r) for r in d["rewards"]],
+                      per_reward={k: [float(x) for x in v] for k, v in d["per_reward"].items()},
+                      failures=int(d["failures"]), reward_seconds=float(d["reward_seconds"]))
 
     def _kill_an_engine_soon(self) -> None:
         """Fault injection: SIGKILL engine 0 once it is generating (a thread; the rollout goes on meanwhile)."""
@@ -406,8 +543,11 @@ class GRPOStage(Stage):
         if (g.kill_engine_at_step == step + 1 and w.rank == 0 and self.run_dir
                 and _fire_once(self.run_dir, f"kill-engine-{step + 1}")):
             self._kill_an_engine_soon()
-        micro = [[self._group(i) for i in r] for r in rows]
-        self._rollout(step, micro, times)
+        micro = self._take_prefetched(step, rows, times, m) if g.async_rollouts else None
+        if micro is None:
+            micro = [[self._group(i) for i in r] for r in rows]
+            self._rollout_version = self._version
+            self._rollout(step, micro, times)
         zero_first = [grp.zero_variance for unit in micro for grp in unit]
         dropped = refilled = 0
         if g.dynamic_sampling:
@@ -428,6 +568,8 @@ class GRPOStage(Stage):
                             micro[j][k] = cand
                             refilled += 1
             dropped = sum(grp.zero_variance for unit in micro for grp in unit)
+        if g.async_rollouts:
+            self._launch_following(step)  # generated while this step learns
         batches = [self._batch(unit, drop_zero=g.dynamic_sampling) for unit in micro]
         self._logprobs(model, batches)
         self._step_metrics(step, m, micro, zero_first, dropped, refilled, times)
@@ -435,47 +577,42 @@ class GRPOStage(Stage):
         return StepInputs(updates=[batches] * g.mu, metrics=m)
 
     def _batch(self, unit: list[_Group], *, drop_zero: bool) -> dict[str, Any]:
-        """One micro-batch: prompt + completion rows (right-padded), completion-token mask, advantages."""
+        """One micro-batch: the forward's input in the shared-prompt or padded layout (``group_pack``), the index
+        back to a [completions, completion tokens] grid, the loss mask on that grid, and the advantages."""
         import torch
 
+        from r1ray.train.group_pack import padded_batch, shared_batch, shared_row_length
         from r1ray.train.grpo_loss import group_advantages, loss_weight
 
         g = self.cfg.grpo
         adv, zero = group_advantages(torch.tensor([grp.rewards for grp in unit], dtype=torch.float64),
                                      scale=g.scale_rewards)
-        seqs, keep, advs = [], [], []
+        keep, advs = [], []
         for gi, grp in enumerate(unit):
             for k, c in enumerate(grp.completions):
-                seqs.append((grp.prompt_ids, list(c.token_ids)))
                 ok = not (drop_zero and bool(zero[gi])) and c.finish_reason != "error" and len(c.token_ids) > 0
                 if g.overlong_filter and c.finish_reason == "length":
                     ok = False
                 keep.append(ok)
                 advs.append(float(adv[gi, k]))
-        width = max(len(p) + len(c) for p, c in seqs) - 1
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-        targets = torch.full((len(seqs), width), -100, dtype=torch.long)
-        attn = torch.zeros((len(seqs), width), dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.float32)
-        for i, (p, c) in enumerate(seqs):
-            full = p + c
-            n = len(full) - 1
-            ids[i, :n] = torch.tensor(full[:-1])
-            attn[i, :n] = 1
-            targets[i, len(p) - 1:n] = torch.tensor(c)
-            if keep[i]:
-                mask[i, len(p) - 1:n] = 1.0
-        self.seq_len = max(self.seq_len, width)
+        groups = [(grp.prompt_ids, [list(c.token_ids) for c in grp.completions]) for grp in unit]
+        if g.share_prompt and max(shared_row_length(p, cs) for p, cs in groups) <= g.share_prompt_max_row:
+            fwd = shared_batch(groups, pad)
+        else:
+            fwd = padded_batch([(p, c) for p, cs in groups for c in cs], pad)
+        mask = fwd["valid"] * torch.tensor(keep, dtype=torch.float32).unsqueeze(1)
+        self.seq_len = max(self.seq_len, int(fwd["input_ids"].shape[1]))
         dev = self.worker.device if self.worker else "cpu"
-        return {
-            "input_ids": ids.to(dev), "attention_mask": attn.to(dev), "targets": targets.to(dev),
-            "mask": mask.to(dev), "advantages": torch.tensor(advs, dtype=torch.float32, device=dev),
-            "weight": loss_weight(mask, g.loss_type), "n_tokens": int(attn.sum()),
-        }
+        out = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in fwd.items() if k != "valid"}
+        out.update(mask=mask.to(dev), advantages=torch.tensor(advs, dtype=torch.float32, device=dev),
+                   weight=loss_weight(mask, g.loss_type))
+        return out
 
     def _forward_logprobs(self, model: Any, batch: dict[str, Any], *, with_entropy: bool = False):
-        from r1ray.train.losses import causal_lm_apply, entropy, token_logprobs
+        """Per-token logprobs of the completions (and their entropies), [completions, completion tokens]."""
+        from r1ray.train.group_pack import attention_mask_for
+        from r1ray.train.losses import causal_lm_apply, entropy, token_logprobs, unwrap
 
         g = self.cfg.grpo
         ent: list[Any] = []
@@ -488,8 +625,11 @@ class GRPOStage(Stage):
                     ent.append(entropy(h.detach(), w.detach(), g.logprob_chunk_tokens, temperature=g.temperature))
             return token_logprobs(h, w, batch["targets"], g.logprob_chunk_tokens, temperature=g.temperature)
 
-        logp = causal_lm_apply(model, head, batch["input_ids"], batch["attention_mask"])
-        return logp, (ent[0] if ent else None)
+        m = unwrap(model)
+        attn = attention_mask_for(m, batch["attention_mask"], next(m.parameters()).dtype)
+        logp = causal_lm_apply(model, head, batch["input_ids"], attn, batch["position_ids"])
+        idx = batch["gather"]
+        return logp.reshape(-1)[idx], (ent[0].reshape(-1)[idx] if ent else None)
 
     def _logprobs(self, model: Any, batches: list[dict[str, Any]]) -> None:
         """Old logprobs (the policy at rollout time; with mu == 1 the ratio is exactly 1, so the loss uses the
@@ -591,7 +731,8 @@ class GRPOStage(Stage):
             first = groups[0]
             line = {"step": step + 1, "rank": self.worker.rank, "attempt": self._attempt, "time": time.time(),
                     **m.local(),
-                    "weights_version": self._version, "engine_replacements": stats["replacements"],
+                    "weights_version": self._version, "rollout_version": self._rollout_version,
+                    "engine_replacements": stats["replacements"],
                     "sample": {"index": first.index, "question": first.problem.question,
                                "completion": first.completions[0].text, "reward": first.rewards[0]},
                     "completion_hash": hashlib.sha256(json.dumps(

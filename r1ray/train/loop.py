@@ -549,6 +549,10 @@ class Loop:
         lr = lr_at(cfg.optim, step, tcfg.max_steps)
         set_lr(engine, lr)
         engine.train()
+        if step + 1 < tcfg.max_steps:
+            following = step_micro_batches(step + 1, tcfg.global_batch_size, tcfg.micro_batch_size, w.rank,
+                                           w.world_size)
+            self.stage.prefetch(step + 1, [self.order.rows(idx) for idx in following])
         inputs = self.stage.step_inputs(step, [self.order.rows(idx) for idx in micro], engine)
         self._check_inputs(inputs)
         window_metrics.merge(inputs.metrics)
@@ -740,6 +744,7 @@ class Loop:
             if cfg.checkpoint.export_hf:
                 export_hf(self.engine, self.stage.tokenizer, os.path.join(tmp, HF_DIR),
                           zero_stage=cfg.deepspeed.zero_stage, is_rank0=w.rank == 0)
+            stage_state = self.stage.state_dict()  # every rank: a stage may gather its workers' state
             if w.rank == 0:
                 if cfg.checkpoint.export_hf:
                     write_export_manifest(
@@ -753,7 +758,7 @@ class Loop:
                     "seed": cfg.seed, "nonfinite_total": rs.nonfinite_total, "restarts": rs.restarts,
                     "attempt": self.attempt, "checkpoint": join(self.run_dir, name),
                     "optim_fingerprint": fingerprint, "stage": self.stage.name,
-                    "stage_state": self.stage.state_dict(),
+                    "stage_state": stage_state,
                     "rng": "torch.manual_seed((seed * 1000003 + step) * 1009 + rank) before every step",
                     "lr_schedule": "r1ray.train.optim.lr_at(optim, step, train.max_steps)",
                     "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},

@@ -19,6 +19,7 @@ Adding a stage
 One optimizer step, as the loop runs it on every worker::
 
     rows   = this worker's share of global samples [step*B, (step+1)*B)    (exactly once, any world size)
+    stage.prefetch(step + 1, next rows)                   # (before the last step) e.g. GRPO's async rollouts
     inputs = stage.step_inputs(step, rows, model)        # once per step: batches, rollouts, rewards ...
     for update in inputs.updates:                         # mu >= 1 optimizer updates per step
         for batch in update:                              # exactly `accumulation` micro-batches each
@@ -230,6 +231,13 @@ class Stage(ABC):
         """One micro-batch from these sample rows (the default ``step_inputs`` calls it per micro-batch)."""
         raise NotImplementedError(f"{type(self).__name__} must implement make_batch or step_inputs")
 
+    def prefetch(self, step: int, rows: list[np.ndarray]) -> None:
+        """The rows of step ``step`` (as ``step_inputs`` will get them), told to the stage just before
+        ``step_inputs(step - 1, ...)``, for every step below ``train.max_steps``: a stage may start preparing
+        them while step ``step - 1`` trains (GRPO's ``async_rollouts``). Work started here that a restart would
+        lose belongs in ``state_dict``. Default: nothing."""
+        return None
+
     def step_inputs(self, step: int, rows: list[np.ndarray], model: Any) -> StepInputs:
         """The inputs of optimizer step ``step`` on this worker. ``rows[j]`` are the sample rows of this
         worker's micro-batch ``j`` (``len(rows)`` is the accumulation count). Default: one update, one
@@ -271,7 +279,9 @@ class Stage(ABC):
 
     # ------------------------------------------------------------------ worker side: state and lineage
     def state_dict(self) -> dict[str, Any]:
-        """Stage state to restore on resume (JSON-able; e.g. a curriculum's position). Default: none."""
+        """Stage state to restore on resume (JSON-able; e.g. a curriculum's position). Called on every worker
+        at each checkpoint (collectives allowed); worker 0's return value is saved, and every worker gets it
+        back in ``load_state_dict``, at any world size. Default: none."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
