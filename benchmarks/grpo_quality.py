@@ -5,9 +5,9 @@
     python benchmarks/grpo_quality.py --init-from /path/to/sft/export --json out.json
 
 1. The start: the default pretraining export (``r1ray.pipeline.upstream``: data + pretraining, prepared under
-   ``--root`` when missing), fine-tuned for only ``--sft-steps`` SFT steps on arithmetic traces (the SFT stage's
-   own schedule over that many steps): the policy writes the format and gets some answers right. Or
-   ``--init-from`` any export.
+   ``--root`` when missing) and the default SFT run on arithmetic traces (``--sft-of`` 2000 steps) stopped
+   halfway (``--sft-steps`` 1000): the policy writes the format and gets some answers right, and the same SFT
+   run would still gain ~16 points by its end. Or ``--init-from`` any export.
 2. Held-out greedy accuracy of the start on ``--eval-problems`` eval-split problems of GRPO's task mix (the
    problems GRPO's own evaluation uses: same seed, split, level and count), through ``HFEngine``.
 3. GRPO with ``configs/grpo/quality.yaml`` (plus any ``key=value`` overrides), its wall time measured from the
@@ -33,8 +33,9 @@ sys.path.insert(0, str(ROOT))
 RECIPE = ROOT / "configs" / "grpo" / "quality.yaml"
 
 
-def weak_sft(root: Path, steps: int, seed: int) -> str:
-    """The default pretraining export (prepared if missing) fine-tuned for ``steps`` SFT steps."""
+def weak_sft(root: Path, steps: int, of: int, seed: int) -> str:
+    """The default pretraining export (prepared if missing) fine-tuned for the first ``steps`` steps of an
+    ``of``-step SFT run (its learning-rate schedule), stopped there: the export of that checkpoint."""
     from r1ray.config import load_config
     from r1ray.pipeline.upstream import default_export
     from r1ray.train.sft import SFTConfig
@@ -43,13 +44,14 @@ def weak_sft(root: Path, steps: int, seed: int) -> str:
     base = [f"storage.root={root}", f"seed={seed}", "ray.include_dashboard=false", "logging.wandb.mode=disabled"]
     cfg = load_config(SFTConfig, [*base, "run_name=weak-sft"])
     init = default_export("pretrain", cfg)
-    cfg = load_config(SFTConfig, [*base, f"run_name=weak-sft-{steps}", f"model.init_from={init}",
-                                  f"train.max_steps={steps}", f"checkpoint.every={steps}", "train.eval_every=0",
-                                  "eval.before=false"])
+    cfg = load_config(SFTConfig, [*base, f"run_name=weak-sft-{steps}-of-{of}", f"model.init_from={init}",
+                                  f"train.max_steps={of}", f"train.stop_after_steps={steps}",
+                                  f"checkpoint.every={steps}", "train.eval_every=0", "eval.before=false"])
     result = sft(cfg)
-    if result.export_path is None:
+    export = result.export_path or (str(Path(result.checkpoint) / "hf") if result.checkpoint else None)
+    if export is None or not Path(export, "config.json").is_file():
         raise RuntimeError(f"the weak SFT run ended {result.status} without an export")
-    return result.export_path
+    return export
 
 
 def greedy_accuracy(model_dir: str, cfg: Any) -> float:
@@ -76,7 +78,9 @@ def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--root", type=str, default=None, help="storage root (default: a new temporary directory)")
     ap.add_argument("--init-from", type=str, default=None, help="start from this export instead of a weak SFT")
-    ap.add_argument("--sft-steps", type=int, default=600)
+    ap.add_argument("--sft-steps", type=int, default=1000, help="SFT steps before GRPO starts")
+    ap.add_argument("--sft-of", type=int, default=2000,
+                    help="the SFT run's length (its schedule): the start is that run stopped at --sft-steps")
     ap.add_argument("--minutes", type=float, default=15.0, help="GRPO's time budget")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=str, default=None)
@@ -87,7 +91,7 @@ def main(argv: list[str]) -> int:
 
     root = Path(a.root or tempfile.mkdtemp(prefix="r1ray-grpo-quality-"))
     t0 = time.perf_counter()
-    start = a.init_from or weak_sft(root, a.sft_steps, a.seed)
+    start = a.init_from or weak_sft(root, a.sft_steps, a.sft_of, a.seed)
     sft_s = time.perf_counter() - t0
     cfg = load_config(GRPOConfig, [f"--config={RECIPE}", f"model.init_from={start}", f"storage.root={root}",
                                    f"seed={a.seed}", *overrides])

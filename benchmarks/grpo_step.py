@@ -103,7 +103,7 @@ def run_r1ray(start: Path, root: Path, prompts_per_step: int, steps: int, max_to
     from r1ray.config import load_config
     from r1ray.train.grpo import GRPOConfig, run
 
-    micro = min(prompts_per_step, 4)
+    micro = min(prompts_per_step, 8)  # one micro-batch (one pool unit) of <= 64 completions, as TRL's one batch
     cfg = load_config(GRPOConfig, [
         f"model.init_from={start}", f"storage.root={root}", f"run_name=r1ray-{mode}-{prompts_per_step}-{threads}", f"seed={seed}",
         f"train.max_steps={steps}", f"train.global_batch_size={prompts_per_step}", f"train.micro_batch_size={micro}",
@@ -146,6 +146,11 @@ def run_trl(start: Path, out: Path, prompts_per_step: int, steps: int, max_token
     tok = AutoTokenizer.from_pretrained(str(start))
     tok.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(str(start), dtype=torch.float32)
+    # stop where r1ray's engine stops: at the end of the assistant turn (<|im_end|>) as well as at EOS. TRL stops
+    # at the generation config's EOS ids only, and this tokenizer's EOS never follows an assistant turn: without
+    # this every TRL completion runs to the maximum length (2.3x r1ray's tokens; found in this session's run)
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    model.generation_config.eos_token_id = [tok.eos_token_id, im_end]
     probs = sample_problems({"arithmetic": 1.0}, prompts_per_step * steps, seed=seed, split="train", difficulty=1)
     ds = Dataset.from_list([{
         "prompt": tok.apply_chat_template(p.messages(), add_generation_prompt=True, tokenize=False),
