@@ -432,8 +432,8 @@ class EnginePool:
     def submit_units(self, units: Sequence[Sequence[Any]], params: Sequence[Sequence[SamplingParams]], *,
                      version: int | None = None) -> Any:
         """``generate_units`` without waiting: the ``ObjectRef`` of its result (None for no units). The units
-        are in flight once this returns: a later ``update_weights`` from this process waits for them (the
-        controller starts one caller's calls in order), so they run on the weights in place now."""
+        are in flight once this returns (the controller admits them in ``begin_units`` before answering), so a
+        later ``update_weights`` waits for them and they run on the weights in place now."""
         units, params = _checked_units(units, params)
         if not units:
             return None

@@ -100,6 +100,9 @@ def run_stage(
     raise_on_problems(preflight(cfg.deepspeed, cfg.optim, use_gpu=cfg.scaling.use_gpu))
     from r1ray.train.stage import Stage
 
+    if stage_cls.make_batch is Stage.make_batch and stage_cls.step_inputs is Stage.step_inputs:
+        raise TypeError(f"{stage_cls.__name__} implements neither make_batch nor step_inputs: the loop has no way "
+                        "to build its batches")
     if cfg.train.curriculum_epochs and stage_cls.sample_difficulty is Stage.sample_difficulty:
         raise ValueError(f"train.curriculum_epochs={cfg.train.curriculum_epochs}: the {stage_cls.name} stage has no "
                          "difficulty score per sample; set it to 0 (SFT and GRPO order task difficulty with their "

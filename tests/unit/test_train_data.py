@@ -142,3 +142,26 @@ def test_newest_export_prefers_final_then_newest_complete_checkpoint(tmp_path):
     publish_final(str(run), str(run / "checkpoint_00000004-abcd1234" / "hf"), stage="pretrain", config={},
                   inputs=[])
     assert sorted(p.name for p in run.iterdir() if p.name.startswith("final")) == ["final"]
+
+
+def test_a_stage_that_cannot_build_batches_fails_before_any_compute():
+    from r1ray.config import load_config
+    from r1ray.train.driver import run_stage
+    from r1ray.train.sft import SFTConfig
+    from r1ray.train.stage import Stage
+
+    class NoBatches(Stage):
+        name = "nobatches"
+        config_class = SFTConfig
+
+        def build_model(self):
+            raise AssertionError("never reached")
+
+        def num_samples(self):
+            return 1
+
+        def loss(self, model, batch, metrics):
+            raise AssertionError("never reached")
+
+    with pytest.raises(TypeError, match="NoBatches implements neither make_batch nor step_inputs"):
+        run_stage(NoBatches, load_config(SFTConfig, []))
