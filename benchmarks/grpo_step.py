@@ -19,9 +19,11 @@ first steps hold warm-up). r1ray's step times are the intervals between its per-
 problems, on each side's final weights, through the same ``HFEngine``.
 
 Layout on a 2-core machine: r1ray runs 1 learner worker (1 CPU) and 1 engine (1 CPU) on an embedded Ray with
-4 logical CPUs (reward tasks take 0.25); TRL runs in one process, once with 1 and once with 2 torch threads
-(``--trl-threads``), and its faster run is kept. The machine may be
-shared: both sides run back to back, and the numbers are medians.
+4 logical CPUs (reward tasks take 0.25), a step's completions as one micro-batch (one pool unit), on-policy with
+1 and 2 learner threads (faster kept) and with ``grpo.async_rollouts`` (``--r1ray-modes``); TRL runs in one
+process, once with 1 and once with 2 torch threads (``--trl-threads``), and its faster run is kept. Both sides
+stop a completion at ``<|im_end|>`` or EOS. The machine may be shared: both sides run back to back, and the
+numbers are medians.
 """
 
 from __future__ import annotations
