@@ -181,9 +181,10 @@ def near_duplicates_on_cluster(files: list[tuple[str, int]], alive: np.ndarray, 
     range_starts = starts[cut[:-1]]
     per_round = max(1, min(dd.bands, _SHUFFLE_BYTES_PER_ROUND // max(1, 24 * int(alive.sum()))))
     rounds = [list(range(b, min(b + per_round, dd.bands))) for b in range(0, dd.bands, per_round)]
-    map_task = ray.remote(num_cpus=1, num_returns=parts + 1)(_map)
-    reduce_task = ray.remote(num_cpus=1, num_returns=n_ranges + 1)(_reduce)
-    score_task = ray.remote(num_cpus=1)(_score)
+    # SPREAD: a shuffle's tasks across the nodes, not piled on the first raylet with a free CPU
+    map_task = ray.remote(num_cpus=1, num_returns=parts + 1, scheduling_strategy="SPREAD")(_map)
+    reduce_task = ray.remote(num_cpus=1, num_returns=n_ranges + 1, scheduling_strategy="SPREAD")(_reduce)
+    score_task = ray.remote(num_cpus=1, scheduling_strategy="SPREAD")(_score)
     node_refs: list = []
     pair_refs: list[list] = [[] for _ in range(n_ranges)]
     tasks = 0
