@@ -1,14 +1,20 @@
 """GRPO quality: from a deliberately weak SFT start, how much held-out greedy accuracy GRPO adds in a time budget.
 
     python benchmarks/grpo_quality.py                           # the recipe (configs/grpo/quality.yaml), 2 CPUs
-    python benchmarks/grpo_quality.py --sft-steps 600 --minutes 15 grpo.temperature=0.8   # GRPO overrides
+    python benchmarks/grpo_quality.py --start half-sft          # the other start (below)
+    python benchmarks/grpo_quality.py --minutes 15 grpo.temperature=0.8   # GRPO overrides
     python benchmarks/grpo_quality.py --init-from /path/to/sft/export --json out.json
 
-1. The start: the default pretraining export (``r1ray.pipeline.upstream``: data + pretraining, prepared under
-   ``--root`` when missing) and the default SFT run on arithmetic traces (``--sft-of`` 2000 steps) stopped
-   halfway (``--sft-steps`` 1000): the policy writes the format and gets some answers right, and the same SFT
-   run would still gain ~16 points by its end. Or ``--init-from`` any export.
-2. Held-out greedy accuracy of the start on ``--eval-problems`` eval-split problems of GRPO's task mix (the
+1. The start, on the default pretraining export (``r1ray.pipeline.upstream``: data + pretraining, prepared under
+   ``--root`` when missing):
+   - ``flawed-teacher`` (default): the default SFT recipe (``--sft-steps`` 2000) on cold-start traces of
+     level-1 arithmetic where ``--flaw`` (0.6) of them keep the correct working but answer with the question's
+     first number. Imitation makes that shortcut the greedy answer while sampling still finds the right one
+     (pass@k > pass@1): the weakness a verifiable reward can correct.
+   - ``half-sft``: the default SFT run on gold traces (``--sft-of`` 2000 steps) stopped at step 1000: the policy
+     writes the format and gets some answers right; its errors are arithmetic facts it does not know.
+   - or ``--init-from`` any export.
+2. Held-out greedy accuracy of the start on ``grpo.eval_problems`` (200) eval-split problems of GRPO's task mix (the
    problems GRPO's own evaluation uses: same seed, split, level and count), through ``HFEngine``.
 3. GRPO with ``configs/grpo/quality.yaml`` (plus any ``key=value`` overrides), its wall time measured from the
    call to its return (engine pool start, every step, evaluations, checkpoints, the export).
@@ -54,6 +60,52 @@ def weak_sft(root: Path, steps: int, of: int, seed: int) -> str:
     return export
 
 
+def flawed_teacher_sft(root: Path, steps: int, flaw: float, examples: int, seed: int) -> str:
+    """The default pretraining export fine-tuned for ``steps`` steps (the default SFT recipe) on cold-start traces
+    from a flawed teacher: ``examples`` level-1 problems of the arithmetic task's *train* split, each with its
+    worked solution, where a seeded ``flaw`` fraction of them keep the correct working but end with the first
+    number of the question (``So the answer is <it>.`` and ``<answer><it></answer>``), a shortcut a weak teacher
+    takes. Imitation makes the shortcut the greedy answer while the policy still samples the right one: the
+    pass@k > pass@1 start that a verifiable reward can correct. Returns the export of that run."""
+    import random
+    import re
+
+    from r1ray.config import load_config
+    from r1ray.pipeline.upstream import default_export
+    from r1ray.tasks.registry import get_task
+    from r1ray.train.sft import SFTConfig
+    from r1ray.train.sft import run as sft
+    from r1ray.train.sft_data import task_conversation
+
+    base = [f"storage.root={root}", f"seed={seed}", "ray.include_dashboard=false", "logging.wandb.mode=disabled"]
+    init = default_export("pretrain", load_config(SFTConfig, [*base, "run_name=flawed-sft"]))
+    data = root / f"flawed-teacher-{flaw}-{examples}-{seed}.jsonl"
+    task, rng, flawed = get_task("arithmetic"), random.Random(f"flawed-teacher:{seed}"), 0
+    with data.open("w") as f:
+        for i in range(examples):
+            p = task.problem(i, seed=seed, split="train", difficulty=1)
+            conv = task_conversation(p)
+            if rng.random() < flaw:
+                first = re.search(r"\d+", p.messages()[-1]["content"]).group(0)
+                body = conv[-1]["content"]
+                bad = body.replace(f"So the answer is {p.answer}.", f"So the answer is {first}.").replace(
+                    f"<answer>{p.answer}</answer>", f"<answer>{first}</answer>")
+                if bad == body and first != p.answer:
+                    raise RuntimeError(f"the flaw did not apply to train problem {i}: {body!r}")
+                conv[-1] = {"role": "assistant", "content": bad}
+                flawed += first != p.answer
+            f.write(json.dumps({"messages": conv}) + "\n")
+    print(f"flawed teacher: {flawed} of {examples} traces answer with the question's first number ({data})",
+          flush=True)
+    cfg = load_config(SFTConfig, [*base, f"run_name=flawed-sft-{steps}", f"model.init_from={init}",
+                                  f"data.path={data}", f"train.max_steps={steps}", f"checkpoint.every={steps}",
+                                  "train.eval_every=0", "eval.before=false"])
+    result = sft(cfg)
+    if result.export_path is None or not Path(result.export_path, "config.json").is_file():
+        raise RuntimeError(f"the flawed-teacher SFT run ended {result.status} without an export")
+    return result.export_path
+
+
 def greedy_accuracy(model_dir: str, cfg: Any) -> float:
     """Greedy exact-match accuracy on GRPO's evaluation problems (its seed, split, levels and count)."""
     from r1ray.infer.hf import HFEngine
@@ -78,9 +130,15 @@ def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--root", type=str, default=None, help="storage root (default: a new temporary directory)")
     ap.add_argument("--init-from", type=str, default=None, help="start from this export instead of a weak SFT")
-    ap.add_argument("--sft-steps", type=int, default=1000, help="SFT steps before GRPO starts")
+    ap.add_argument("--start", choices=("flawed-teacher", "half-sft"), default="flawed-teacher",
+                    help="flawed-teacher: SFT on traces of which --flaw end with the question's first number; "
+                         "half-sft: the default SFT run stopped at --sft-steps of --sft-of")
+    ap.add_argument("--flaw", type=float, default=0.6, help="flawed-teacher: the fraction of flawed traces")
+    ap.add_argument("--flaw-examples", type=int, default=20_000, help="flawed-teacher: SFT traces")
+    ap.add_argument("--sft-steps", type=int, default=None,
+                    help="SFT steps before GRPO starts (default: 2000 for flawed-teacher, 1000 for half-sft)")
     ap.add_argument("--sft-of", type=int, default=2000,
-                    help="the SFT run's length (its schedule): the start is that run stopped at --sft-steps")
+                    help="half-sft: the SFT run's length (its schedule): the start is that run stopped at --sft-steps")
     ap.add_argument("--minutes", type=float, default=15.0, help="GRPO's time budget")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=str, default=None)
@@ -91,7 +149,12 @@ def main(argv: list[str]) -> int:
 
     root = Path(a.root or tempfile.mkdtemp(prefix="r1ray-grpo-quality-"))
     t0 = time.perf_counter()
-    start = a.init_from or weak_sft(root, a.sft_steps, a.sft_of, a.seed)
+    if a.init_from:
+        start = a.init_from
+    elif a.start == "flawed-teacher":
+        start = flawed_teacher_sft(root, a.sft_steps or 2000, a.flaw, a.flaw_examples, a.seed)
+    else:
+        start = weak_sft(root, a.sft_steps or 1000, a.sft_of, a.seed)
     sft_s = time.perf_counter() - t0
     cfg = load_config(GRPOConfig, [f"--config={RECIPE}", f"model.init_from={start}", f"storage.root={root}",
                                    f"seed={a.seed}", *overrides])
