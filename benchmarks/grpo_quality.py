@@ -86,7 +86,7 @@ def flawed_teacher_sft(root: Path, steps: int, flaw: float, examples: int, seed:
             p = task.problem(i, seed=seed, split="train", difficulty=1)
             conv = task_conversation(p)
             if rng.random() < flaw:
-                first = re.search(r"\d+", p.messages()[-1]["content"]).group(0)
+                first = re.search(r"\d+", p.question).group(0)
                 body = conv[-1]["content"]
                 bad = body.replace(f"So the answer is {p.answer}.", f"So the answer is {first}.").replace(
                     f"<answer>{p.answer}</answer>", f"<answer>{first}</answer>")
@@ -106,10 +106,15 @@ def flawed_teacher_sft(root: Path, steps: int, flaw: float, examples: int, seed:
     return result.export_path
 
 
-def greedy_accuracy(model_dir: str, cfg: Any) -> float:
-    """Greedy exact-match accuracy on GRPO's evaluation problems (its seed, split, levels and count)."""
+def greedy_accuracy(model_dir: str, cfg: Any) -> tuple[float, float, dict[str, float]]:
+    """Greedy exact-match accuracy on GRPO's evaluation problems (its seed, split, levels and count); the
+    fraction of wrong answers that are the question's first number (the flawed teacher's shortcut); and the
+    accuracy per operation of the gold solution's first step (``+ - * /``; ``other`` for a task without one)."""
+    import re
+
     from r1ray.infer.hf import HFEngine
     from r1ray.infer.types import SamplingParams
+    from r1ray.tasks.base import extract_answer
     from r1ray.tasks.registry import sample_problems
     from r1ray.tasks.rewards import score
 
@@ -123,7 +128,20 @@ def greedy_accuracy(model_dir: str, cfg: Any) -> float:
         outs = eng.generate(prompts, SamplingParams(max_tokens=g.max_completion_tokens, temperature=0.0))
     finally:
         eng.shutdown()
-    return statistics.mean(score([o.text for o in outs], probs, {"accuracy": 1.0}).per_reward["accuracy"])
+    acc = score([o.text for o in outs], probs, {"accuracy": 1.0}).per_reward["accuracy"]
+    wrong = [(p, o) for p, o, a in zip(probs, outs, acc, strict=True) if a < 1.0]
+    first = [re.search(r"\d+", p.question) for p, _ in wrong]
+    shortcut = sum(1 for (_, o), m in zip(wrong, first, strict=True) if m and extract_answer(o.text) == m.group(0))
+    by_op: dict[str, list[float]] = {}
+    for p, a in zip(probs, acc, strict=True):
+        op = re.search(r" ([-+*/]) ", p.solution)
+        by_op.setdefault(op.group(1) if op else "other", []).append(a)
+    return (statistics.mean(acc), (shortcut / len(wrong) if wrong else 0.0),
+            {k: statistics.mean(v) for k, v in sorted(by_op.items())})
+
+
+def _ops(by_op: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.2f}" for k, v in by_op.items())
 
 
 def main(argv: list[str]) -> int:
@@ -156,23 +174,31 @@ def main(argv: list[str]) -> int:
     else:
         start = weak_sft(root, a.sft_steps or 1000, a.sft_of, a.seed)
     sft_s = time.perf_counter() - t0
+    # A fresh run name each time: the same name under the same root would resume the finished run and return
+    # at once (a run_name=... override still wins).
+    run_name = f"grpo-quality-{'init' if a.init_from else a.start}-{time.strftime('%Y%m%d-%H%M%S')}"
     cfg = load_config(GRPOConfig, [f"--config={RECIPE}", f"model.init_from={start}", f"storage.root={root}",
-                                   f"seed={a.seed}", *overrides])
-    acc0 = greedy_accuracy(start, cfg)
-    print(f"start {start}: held-out greedy accuracy {acc0:.3f} ({cfg.grpo.eval_problems} problems)", flush=True)
+                                   f"seed={a.seed}", f"run_name={run_name}", *overrides])
+    acc0, short0, ops0 = greedy_accuracy(start, cfg)
+    print(f"start {start}: held-out greedy accuracy {acc0:.3f} ({cfg.grpo.eval_problems} problems; by operation "
+          f"{_ops(ops0)}); {short0:.2f} of its wrong answers are the question's first number", flush=True)
     t0 = time.perf_counter()
     result = grpo(cfg)
     wall = time.perf_counter() - t0
     if result.export_path is None:
         raise RuntimeError(f"GRPO ended {result.status} without an export")
-    acc1 = greedy_accuracy(result.export_path, cfg)
+    acc1, short1, ops1 = greedy_accuracy(result.export_path, cfg)
     out = {"start": start, "start_accuracy": acc0, "end_accuracy": acc1, "gain_points": 100 * (acc1 - acc0),
+           "start_shortcut_fraction": short0, "end_shortcut_fraction": short1,
+           "start_accuracy_by_op": ops0, "end_accuracy_by_op": ops1,
            "grpo_seconds": wall, "budget_seconds": 60 * a.minutes, "steps": result.steps,
            "in_loop_accuracy": result.metrics.get("accuracy"), "setup_seconds": sft_s, "run_dir": result.run_dir}
     print(f"\nGRPO ({RECIPE.name}{' + ' + ' '.join(overrides) if overrides else ''}): {result.steps} steps in "
           f"{wall / 60:.1f} min (budget {a.minutes:.0f})")
     print(f"held-out greedy accuracy: {acc0:.3f} -> {acc1:.3f} ({out['gain_points']:+.1f} points; the run's own "
           f"final evaluation {out['in_loop_accuracy']})")
+    print(f"by operation: {_ops(ops0)} -> {_ops(ops1)}")
+    print(f"wrong answers that are the question's first number: {short0:.2f} -> {short1:.2f}")
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=2))
     return 0 if wall <= 60 * a.minutes else 1
