@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 import tempfile
@@ -39,25 +40,35 @@ sys.path.insert(0, str(ROOT))
 RECIPE = ROOT / "configs" / "grpo" / "quality.yaml"
 
 
-def weak_sft(root: Path, steps: int, of: int, seed: int) -> str:
-    """The default pretraining export (prepared if missing) fine-tuned for the first ``steps`` steps of an
-    ``of``-step SFT run (its learning-rate schedule), stopped there: the export of that checkpoint."""
+def _sft(root: Path, seed: int, name: str, overrides: list[str]) -> str:
+    """The default SFT recipe from the default pretraining export (prepared under ``root`` if missing), with
+    ``overrides``, as run ``name``: the export it ends with (a stopped segment's checkpoint export)."""
     from r1ray.config import load_config
     from r1ray.pipeline.upstream import default_export
     from r1ray.train.sft import SFTConfig
     from r1ray.train.sft import run as sft
 
     base = [f"storage.root={root}", f"seed={seed}", "ray.include_dashboard=false", "logging.wandb.mode=disabled"]
-    cfg = load_config(SFTConfig, [*base, "run_name=weak-sft"])
-    init = default_export("pretrain", cfg)
-    cfg = load_config(SFTConfig, [*base, f"run_name=weak-sft-{steps}-of-{of}", f"model.init_from={init}",
-                                  f"train.max_steps={of}", f"train.stop_after_steps={steps}",
-                                  f"checkpoint.every={steps}", "train.eval_every=0", "eval.before=false"])
-    result = sft(cfg)
+    init = default_export("pretrain", load_config(SFTConfig, [*base, f"run_name={name}"]))
+    result = sft(load_config(SFTConfig, [*base, f"run_name={name}", f"model.init_from={init}",
+                                         "train.eval_every=0", "eval.before=false", *overrides]))
     export = result.export_path or (str(Path(result.checkpoint) / "hf") if result.checkpoint else None)
     if export is None or not Path(export, "config.json").is_file():
-        raise RuntimeError(f"the weak SFT run ended {result.status} without an export")
+        raise RuntimeError(f"the SFT run {name} ended {result.status} without an export")
     return export
+
+
+def _first_number(question: str) -> str | None:
+    """The first integer in a question: what the flawed teacher answers with."""
+    m = re.search(r"\d+", question)
+    return m.group(0) if m else None
+
+
+def weak_sft(root: Path, steps: int, of: int, seed: int) -> str:
+    """The default pretraining export fine-tuned for the first ``steps`` steps of an ``of``-step SFT run (its
+    learning-rate schedule), stopped there: the export of that checkpoint."""
+    return _sft(root, seed, f"weak-sft-{steps}-of-{of}",
+                [f"train.max_steps={of}", f"train.stop_after_steps={steps}", f"checkpoint.every={steps}"])
 
 
 def flawed_teacher_sft(root: Path, steps: int, flaw: float, examples: int, seed: int) -> str:
@@ -68,50 +79,37 @@ def flawed_teacher_sft(root: Path, steps: int, flaw: float, examples: int, seed:
     takes. Imitation makes the shortcut the greedy answer while the policy still samples the right one: the
     pass@k > pass@1 start that a verifiable reward can correct. Returns the export of that run."""
     import random
-    import re
 
-    from r1ray.config import load_config
-    from r1ray.pipeline.upstream import default_export
     from r1ray.tasks.registry import get_task
-    from r1ray.train.sft import SFTConfig
-    from r1ray.train.sft import run as sft
     from r1ray.train.sft_data import task_conversation
 
-    base = [f"storage.root={root}", f"seed={seed}", "ray.include_dashboard=false", "logging.wandb.mode=disabled"]
-    init = default_export("pretrain", load_config(SFTConfig, [*base, "run_name=flawed-sft"]))
+    root.mkdir(parents=True, exist_ok=True)
     data = root / f"flawed-teacher-{flaw}-{examples}-{seed}.jsonl"
     task, rng, flawed = get_task("arithmetic"), random.Random(f"flawed-teacher:{seed}"), 0
     with data.open("w") as f:
         for i in range(examples):
             p = task.problem(i, seed=seed, split="train", difficulty=1)
             conv = task_conversation(p)
-            if rng.random() < flaw:
-                first = re.search(r"\d+", p.question).group(0)
+            first = _first_number(p.question)
+            if rng.random() < flaw and first is not None and first != p.answer:
                 body = conv[-1]["content"]
                 bad = body.replace(f"So the answer is {p.answer}.", f"So the answer is {first}.").replace(
                     f"<answer>{p.answer}</answer>", f"<answer>{first}</answer>")
-                if bad == body and first != p.answer:
+                if bad == body:
                     raise RuntimeError(f"the flaw did not apply to train problem {i}: {body!r}")
                 conv[-1] = {"role": "assistant", "content": bad}
-                flawed += first != p.answer
+                flawed += 1
             f.write(json.dumps({"messages": conv}) + "\n")
     print(f"flawed teacher: {flawed} of {examples} traces answer with the question's first number ({data})",
           flush=True)
-    cfg = load_config(SFTConfig, [*base, f"run_name=flawed-sft-{steps}", f"model.init_from={init}",
-                                  f"data.path={data}", f"train.max_steps={steps}", f"checkpoint.every={steps}",
-                                  "train.eval_every=0", "eval.before=false"])
-    result = sft(cfg)
-    if result.export_path is None or not Path(result.export_path, "config.json").is_file():
-        raise RuntimeError(f"the flawed-teacher SFT run ended {result.status} without an export")
-    return result.export_path
+    return _sft(root, seed, f"flawed-sft-{steps}", [f"data.path={data}", f"train.max_steps={steps}",
+                                                     f"checkpoint.every={steps}"])
 
 
 def greedy_accuracy(model_dir: str, cfg: Any) -> tuple[float, float, dict[str, float]]:
     """Greedy exact-match accuracy on GRPO's evaluation problems (its seed, split, levels and count); the
     fraction of wrong answers that are the question's first number (the flawed teacher's shortcut); and the
     accuracy per operation of the gold solution's first step (``+ - * /``; ``other`` for a task without one)."""
-    import re
-
     from r1ray.infer.hf import HFEngine
     from r1ray.infer.types import SamplingParams
     from r1ray.tasks.base import extract_answer
@@ -130,8 +128,8 @@ def greedy_accuracy(model_dir: str, cfg: Any) -> tuple[float, float, dict[str, f
         eng.shutdown()
     acc = score([o.text for o in outs], probs, {"accuracy": 1.0}).per_reward["accuracy"]
     wrong = [(p, o) for p, o, a in zip(probs, outs, acc, strict=True) if a < 1.0]
-    first = [re.search(r"\d+", p.question) for p, _ in wrong]
-    shortcut = sum(1 for (_, o), m in zip(wrong, first, strict=True) if m and extract_answer(o.text) == m.group(0))
+    shortcut = sum(1 for p, o in wrong
+                   if (first := _first_number(p.question)) is not None and extract_answer(o.text) == first)
     by_op: dict[str, list[float]] = {}
     for p, a in zip(probs, acc, strict=True):
         op = re.search(r" ([-+*/]) ", p.solution)
