@@ -235,6 +235,10 @@ class TokenizerConfig(R1Config):
     on top, so the tokenizer holds ``vocab_size + 4`` ids."""
     sample_chars: int = Field(default=2_000_000, ge=1000)
     """Characters of kept documents (spread over the corpus deterministically) to train on."""
+    split_digits: bool = True
+    """Split numbers into single digits before BPE (as Llama, DeepSeek and Qwen do), so no token holds two digits
+    and arithmetic is done digit by digit; false: BPE merges digits like any other characters (numbers below ~1000
+    become single tokens on the default corpus, and each sum a lookup in a table of thousands of facts)."""
 
 
 class PackConfig(R1Config):

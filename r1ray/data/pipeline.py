@@ -492,7 +492,8 @@ def _prepare_tokenizer(cfg: PrepareDataConfig, staging: Staging, docs: _Docs, ke
             check_reasoning_tokens(tok, cfg.tokenizer.path)
             tok.save_pretrained(str(tmp))
         else:
-            tok = train_tokenizer(sample, tmp, vocab_size=cfg.tokenizer.vocab_size)
+            tok = train_tokenizer(sample, tmp, vocab_size=cfg.tokenizer.vocab_size,
+                                  split_digits=cfg.tokenizer.split_digits)
         _copy_dir_to(tmp, join(out, "tokenizer"))
         return _Tokenizer(tok=tok, json=(tmp / "tokenizer.json").read_text(), sha256=tokenizer_sha256(tmp),
                           trained=not cfg.tokenizer.path, sample=sample, sample_source=sample_src)

@@ -1,6 +1,9 @@
 """Byte-level BPE tokenizers with the chat and reasoning tokens every later stage relies on.
 
-Saved as a directory that ``AutoTokenizer.from_pretrained`` loads. ``<think>``/``</think>`` and
+Saved as a directory that ``AutoTokenizer.from_pretrained`` loads. By default numbers are split into single digits
+before BPE (``split_digits``, the practice of Llama, DeepSeek and Qwen tokenizers): ``" 467"`` is ``" 4"``, ``"6"``,
+``"7"``, each token one digit (a digit may carry the space before it), so a model computes with digits instead of
+memorising one token per number. ``<think>``/``</think>`` and
 ``<answer>``/``</answer>`` are single, *non-special* added tokens: they never split, and decoding keeps them
 (``skip_special_tokens`` drops only BOS/EOS/PAD and the chat delimiters), so serving can split a reply
 into ``reasoning_content`` and ``content`` and GRPO rewards can parse answers.
@@ -31,16 +34,25 @@ CHAT_TEMPLATE = (
 )
 
 
-def train_tokenizer(texts: Iterable[str], out_dir: str | Path, *, vocab_size: int = 4096, min_frequency: int = 2):
+DIGIT_PATTERN = r" ?\p{N}"
+"""With ``split_digits``: every digit (any Unicode number character) is a piece of its own, with the space before it."""
+
+
+def train_tokenizer(texts: Iterable[str], out_dir: str | Path, *, vocab_size: int = 4096, min_frequency: int = 2,
+                    split_digits: bool = True):
     """Train a byte-level BPE on ``texts`` and save it with the special tokens and chat template.
 
-    Deterministic for the same texts in the same order. Returns the loaded ``PreTrainedTokenizerFast``.
+    ``split_digits``: isolate each digit (with an optional leading space) before the byte-level split, so no token
+    ever holds two digits. Deterministic for the same texts in the same order. Returns the loaded
+    ``PreTrainedTokenizerFast``.
     """
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(DIGIT_PATTERN), behavior="isolated"), byte_level]) if split_digits else byte_level
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

@@ -80,3 +80,31 @@ def test_init_from_is_loaded_in_the_training_precision(tiny_tokenizer_dir, tmp_p
 
     with pytest.raises(ValueError, match="precision must be one of"):
         build_model(cfg, tok, precision="fp8")
+
+
+def test_trained_tokenizer_splits_every_integer_into_digits(tiny_tokenizer_dir, tmp_path):
+    """The default (split_digits): no token holds two digits, every integer round-trips, the reasoning tags stay
+    single non-special tokens; with split_digits off BPE learns multi-digit tokens from the same texts."""
+    import random
+
+    from r1ray.model.tokenizer import REASONING_TOKENS, train_tokenizer
+
+    texts = [f"{THINK}\nones {i % 10} + {i % 7} = {i % 10 + i % 7}\n{END_THINK}\n<answer>{i * 37}</answer> {i} items"
+             for i in range(3000)]
+    tok = load_tokenizer(tiny_tokenizer_dir)  # the shared fixture is trained with the default too
+    split = train_tokenizer(texts, tmp_path / "digits", vocab_size=500)
+    merged = train_tokenizer(texts, tmp_path / "merged", vocab_size=500, split_digits=False)
+    r = random.Random(0)
+    numbers = list(range(0, 1000)) + [r.randint(0, 10**12) for _ in range(2000)]
+    for t in (tok, split):
+        for n in numbers:
+            for text in (str(n), f"has {n} apples", f"={n},"):
+                ids = t(text, add_special_tokens=False)["input_ids"]
+                digit_tokens = [t.decode([i]).strip() for i in ids if any(c.isdigit() for c in t.decode([i]))]
+                assert digit_tokens == list(str(n)), (text, t.convert_ids_to_tokens(ids))
+                assert t.decode(ids) == text
+        for tag in REASONING_TOKENS:
+            assert len(t(f"x{tag}y", add_special_tokens=False)["input_ids"]) == 3
+            assert tag not in t.all_special_tokens
+    multi = [w for w in merged.get_vocab() if sum(c.isdigit() for c in w) >= 2]
+    assert multi and not [w for w in split.get_vocab() if sum(c.isdigit() for c in w) >= 2]

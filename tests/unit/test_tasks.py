@@ -11,6 +11,7 @@ import pytest
 
 from r1ray.tasks import base
 from r1ray.tasks.arithmetic import ArithmeticTask, generate_many
+from r1ray.tasks.procedures import check_lines
 from r1ray.tasks.countdown import check, evaluate
 from r1ray.tasks.knights import parse_roles, solve
 from r1ray.tasks.mathcheck import answers_match, parse_number
@@ -79,27 +80,26 @@ def test_problems_are_pure_functions_of_their_arguments(name):
 
 
 def test_arithmetic_levels_count_their_steps_and_every_step_is_right():
-    ops = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b, "/": lambda a, b: a // b}
     task = ArithmeticTask()
     for difficulty, (lo, hi) in {1: (1, 1), 2: (2, 2), 3: (3, 4)}.items():
         for i in range(200):
             p = task.problem(i, seed=0, difficulty=difficulty)
-            steps = re.findall(r"(\d+) ([-+*/]) (\d+) = (\d+)", p.solution)
-            assert lo <= len(steps) <= hi, (difficulty, p.solution)
-            for a, op, b, c in steps:
-                assert ops[op](int(a), int(b)) == int(c), p.solution
-                if op == "/":
-                    assert int(a) % int(b) == 0
-            assert int(steps[-1][3]) == int(p.answer) >= 0
+            lines = p.solution.split("\n")
+            assert check_lines(lines) is None, p.solution
+            results = [m for m in (re.fullmatch(r"(\d+) ([-+*/]) (\d+) = (\d+)", line) for line in lines) if m]
+            named = [line for line in lines if re.search(r": \d+ [-+*/] \d+$", line)]
+            assert lo <= len(named) == p.meta["steps"] <= hi, (difficulty, p.solution)
+            assert int(results[-1].group(4)) == int(p.answer) >= 0
 
 
-def test_default_corpus_generator_is_byte_identical():
-    """r1ray/data/sources.py builds the default corpus from generate_many: its output must not drift."""
+def test_default_corpus_generator_is_pinned():
+    """r1ray/data/sources.py builds the default corpus from generate_many (levels 1 and 2 of the train split): a
+    change to it changes every default artifact downstream, so it is pinned here (update the hash on purpose)."""
     import hashlib
 
     texts = "\x00".join(s.text for s in generate_many(0, 500))
     assert hashlib.sha256(texts.encode()).hexdigest() == (
-        "2113160840daaf5cfa2732bf57d0503280ec2be3849523633b2c8221050b435e"
+        "05f6ae0aebc61431054944058c520ee5c100db8c63367a0ec171981661f1117c"
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 from r1ray.tasks.arithmetic import extract_answer, format_reward, generate, generate_many, reward
+from r1ray.tasks.procedures import check_lines
 
 
 def test_deterministic_from_seed_and_index():
@@ -15,13 +16,13 @@ def test_deterministic_from_seed_and_index():
 
 
 def test_every_step_is_correct_arithmetic_and_the_answer_follows():
-    ops = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b, "/": lambda a, b: a // b}
     for s in generate_many(0, 500):
-        steps = re.findall(r"(\d+) ([-+*/]) (\d+) = (\d+)", s.solution)
-        assert steps, s.solution
-        for a, op, b, c in steps:
-            assert ops[op](int(a), int(b)) == int(c), s.solution
-        assert int(steps[-1][3]) == s.answer
+        lines = s.solution.split("\n")
+        assert check_lines(lines) is None, s.solution
+        results = [re.fullmatch(r"(\d+) ([-+*/]) (\d+) = (\d+)", line) for line in lines]
+        results = [m for m in results if m]
+        assert results, s.solution
+        assert int(results[-1].group(4)) == s.answer and lines[-1] == f"So the answer is {s.answer}."
         assert s.answer >= 0
         assert s.text.startswith("Question: ") and s.text.endswith(f"<answer>{s.answer}</answer>")
         assert "<think>\n" in s.completion and "\n</think>\n" in s.completion
