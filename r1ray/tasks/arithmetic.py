@@ -10,10 +10,10 @@ per line, and ends with ``So the answer is N.``::
     p.solution   # "Mia has 467 + 285 pencils.\\nones 7 + 5 + 0 = 12, write 2, carry 1\\n...\\nSo the answer is 752."
     task.verify(p.completion, p)  # 1.0
 
-Levels: 1 = one operation on numbers up to three digits; 2 = two operations; 3 = three or four operations in
-templates that levels 1 and 2 never use (the default pipeline keeps level 3 out of SFT and the pretraining
-corpus: GRPO learns it from the reward alone). The problem space is large (hundreds of thousands of questions per
-level), so the hash split holds out questions, not templates.
+Levels: 1 = one operation (numbers up to three digits); 2 = a story of two operations; 3 = the same kind of story
+told in three or four operations, a chain no easier level shows (the default pipeline keeps level 3 out of SFT and
+the pretraining corpus: GRPO learns to carry the total that far from the reward alone). The problem space is large
+(hundreds of thousands of questions per level), so the hash split holds out questions, not templates.
 
 ``generate``/``generate_many`` are the data stage's ``reasoning`` source: documents ``Question: ...`` followed by
 the completion, drawn from the *train* split of ``CORPUS_LEVELS``. ``reward``/``format_reward`` are the plain
@@ -67,15 +67,15 @@ def worked(steps: list[Step | str]) -> tuple[list[str], int]:
 
 
 def _add(r: random.Random, name: str, item: str) -> tuple[str, list, int]:
-    a, b = r.randint(10, 999), r.randint(10, 999)
+    a, b = r.randint(10, 199), r.randint(10, 99)
     he = _PRONOUN[name]
     problem = f"{name} has {a} {item}. {he} gets {b} more {item}. How many {item} does {name} have now?"
     return problem, [(f"{name} has", a, "+", b)], a + b
 
 
 def _sub(r: random.Random, name: str, item: str) -> tuple[str, list, int]:
-    a = r.randint(100, 999)
-    b = r.randint(10, a - 1)
+    a = r.randint(20, 199)
+    b = r.randint(2, a - 1)
     he = _PRONOUN[name]
     problem = f"{name} has {a} {item}. {he} gives {b} {item} to a friend. How many {item} does {name} have left?"
     return problem, [(f"{name} has left", a, "-", b)], a - b
@@ -95,27 +95,70 @@ def _div(r: random.Random, name: str, item: str) -> tuple[str, list, int]:
     return problem, [("Each friend gets", total, "/", friends)], each
 
 
-# --- Level 2: two operations ------------------------------------------------------------------------------
+# --- Levels 2 and 3: a story of steps on a running total --------------------------------------------------
+# A story starts with what someone has, then each sentence changes the total (gets, finds, gives, loses: one
+# operation; buys boxes: a product, then a sum), optionally ending with a fair share (a division). Level 2 tells
+# two operations, level 3 three or four: the same sentences, a longer chain, so a model taught the first two
+# levels has every step but has never carried a total that far.
 
 
-def _shop(r: random.Random, name: str, item: str) -> tuple[str, list, int]:
-    start, buy = r.randint(5, 99), r.randint(2, 99)
-    give = r.randint(1, start + buy - 1)
-    he = _PRONOUN[name]
-    problem = (f"{name} has {start} {item}. {he} gets {buy} more {item} and then gives {give} {item} to a friend. "
-               f"How many {item} does {name} have now?")
-    return problem, [("After getting more", start, "+", buy), ("After giving away", start + buy, "-", give)], \
-        start + buy - give
+def _story(r: random.Random, name: str, item: str, n_ops: int) -> tuple[str, list, int]:
+    he, cont = _PRONOUN[name], r.choice(_CONTAINERS)
+    total = r.randint(10, 99)
+    sentences, plan = [f"{name} has {total} {item}."], []
+    share = r.random() < 0.3
+    left = n_ops - share
+    while left:
+        kinds = ["gets", "finds", "gives", "loses"] + (["buys"] if left >= 2 and not (share and left == 2) else [])
+        kind = r.choice(kinds)
+        if kind == "buys":
+            n, per = r.randint(2, 9), r.randint(2, 30)
+            sentences.append(f"{he} buys {n} {cont} with {per} {item} in each.")
+            plan += [(f"{n} {cont} of {per} {item}", per, "*", n), ("After buying them", total, "+", per * n)]
+            total += per * n
+            left -= 2
+            continue
+        lo, hi = (2, 60) if kind in ("gets", "finds") else (1, total - 1)
+        if hi < lo:
+            kind, lo, hi = "gets", 2, 60
+        amounts = list(range(lo, hi + 1))
+        if share and left == 1:  # the last change leaves a total the friends can share
+            sign = 1 if kind in ("gets", "finds") else -1
+            friends = r.randint(2, 9)
+            amounts = [b for b in amounts if (total + sign * b) % friends == 0] or amounts
+        b = r.choice(amounts)
+        if kind == "gets":
+            sentences.append(f"{he} gets {b} more {item}.")
+            plan.append(("After getting more", total, "+", b))
+            total += b
+        elif kind == "finds":
+            sentences.append(f"{he} finds {b} more {item}.")
+            plan.append(("After finding more", total, "+", b))
+            total += b
+        elif kind == "gives":
+            sentences.append(f"{he} gives {b} {item} to a friend.")
+            plan.append(("After giving some away", total, "-", b))
+            total -= b
+        else:
+            sentences.append(f"{he} loses {b} {item}.")
+            plan.append(("After losing some", total, "-", b))
+            total -= b
+        left -= 1
+    if share:
+        friends = next((f for f in range(9, 1, -1) if total % f == 0 and r.random() < 0.7), None) or next(
+            (f for f in range(2, 10) if total % f == 0), None)
+        if friends is None:  # a prime total past 9: one more change instead of the share
+            sentences.append(f"{he} finds 1 more {item}.")
+            plan.append(("After finding more", total, "+", 1))
+            return " ".join(sentences) + f" How many {item} does {name} have now?", plan, total + 1
+        sentences.append(f"{he} shares all the {item} equally among {friends} friends.")
+        plan.append(("Each friend gets", total, "/", friends))
+        return " ".join(sentences) + f" How many {item} does each friend get?", plan, total // friends
+    return " ".join(sentences) + f" How many {item} does {name} have now?", plan, total
 
 
-def _boxes(r: random.Random, name: str, item: str) -> tuple[str, list, int]:
-    start, n, per = r.randint(0, 99), r.randint(2, 9), r.randint(2, 30)
-    cont = r.choice(_CONTAINERS)
-    he = _PRONOUN[name]
-    problem = (f"{name} has {start} {item}. {he} buys {n} {cont} with {per} {item} in each. "
-               f"How many {item} does {name} have now?")
-    return problem, [(f"{n} {cont} of {per} {item}", per, "*", n), ("In total", start, "+", per * n)], \
-        start + per * n
+def _story2(r: random.Random, name: str, item: str) -> tuple[str, list, int]:
+    return _story(r, name, item, 2)
 
 
 def _share(r: random.Random, name: str, item: str) -> tuple[str, list, int]:
@@ -137,54 +180,20 @@ def _rate(r: random.Random, name: str, item: str) -> tuple[str, list, int]:
         made - lost
 
 
-# --- Level 3: three or four operations, in wordings levels 1 and 2 never use -------------------------------
+def _story3(r: random.Random, name: str, item: str) -> tuple[str, list, int]:
+    return _story(r, name, item, 3)
 
 
-def _two_people(r: random.Random, name: str, item: str) -> tuple[str, list, int]:
-    other = r.choice([n for n in _NAMES if n != name])
-    a, times, b = r.randint(3, 40), r.randint(2, 9), r.randint(1, 40)
-    problem = (f"{name} has {a} {item}. {other} has {times} times as many {item} as {name}, plus {b} more. "
-               f"How many {item} do they have together?")
-    return problem, [(f"{times} times as many as {name}", a, "*", times), (f"{other} has", a * times, "+", b),
-                     ("Together", a, "+", a * times + b)], a + a * times + b
-
-
-def _shop_and_find(r: random.Random, name: str, item: str) -> tuple[str, list, int]:
-    start, n, per = r.randint(0, 60), r.randint(2, 9), r.randint(2, 30)
-    cont = r.choice(_CONTAINERS)
-    bought = n * per
-    give = r.randint(1, start + bought - 1)
-    extra = r.randint(1, 40)
-    he = _PRONOUN[name]
-    left = start + bought - give
-    problem = (f"{name} has {start} {item}. {he} buys {n} {cont} with {per} {item} in each, gives {give} {item} to a "
-               f"friend, and then finds {extra} more {item}. How many {item} does {name} have now?")
-    return problem, [(f"{n} {cont} of {per} {item}", per, "*", n), (f"With the {start} {name} had", start, "+", bought),
-                     ("After giving away", start + bought, "-", give), ("After finding more", left, "+", extra)], \
-        left + extra
-
-
-def _buy_and_share(r: random.Random, name: str, item: str) -> tuple[str, list, int]:
-    friends, each = r.randint(2, 9), r.randint(3, 30)
-    total = friends * each
-    n = r.randint(2, min(9, total - 1))
-    per = r.randint(1, (total - 1) // n)
-    bought = n * per
-    start = total - bought
-    cont = r.choice(_CONTAINERS)
-    he = _PRONOUN[name]
-    problem = (f"{name} has {start} {item}. {he} buys {n} {cont} with {per} {item} in each, and then shares all the "
-               f"{item} equally among {friends} friends. How many {item} does each friend get?")
-    return problem, [(f"{n} {cont} of {per} {item}", per, "*", n), ("In total", start, "+", bought),
-                     ("Each friend gets", total, "/", friends)], each
+def _story4(r: random.Random, name: str, item: str) -> tuple[str, list, int]:
+    return _story(r, name, item, 4)
 
 
 LEVELS: dict[int, tuple[Callable[[random.Random, str, str], tuple[str, list, int]], ...]] = {
     1: (_add, _sub, _mul, _div),
-    2: (_shop, _boxes, _share, _rate),
-    3: (_two_people, _shop_and_find, _buy_and_share),
+    2: (_story2, _story2, _share, _rate),
+    3: (_story3, _story4),
 }
-"""Templates per difficulty: 1 = one operation, 2 = two, 3 = three or four (wordings of its own)."""
+"""Templates per difficulty: 1 = one operation, 2 = two, 3 = three or four (a longer story than level 2's)."""
 
 CORPUS_LEVELS = (1, 2)
 """Levels of the data stage's ``reasoning`` documents: level 3 stays out of pretraining (GRPO's level)."""

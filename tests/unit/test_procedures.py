@@ -4,6 +4,7 @@ answer accepted by the task's own verifier, on 10,000 random problems per level;
 from __future__ import annotations
 
 import random
+import re
 
 import pytest
 
@@ -41,8 +42,8 @@ def test_column_subtraction_borrows_by_hand():
 
 def test_partial_products_and_long_division_by_hand():
     assert mul_lines(47, 8) == [
-        "ones 7 * 8 + 0 = 56, write 6, carry 5",
-        "tens 4 * 8 + 5 = 37, write 7, carry 3",
+        "ones 7 * 8 = 56, 56 + 0 = 56, write 6, carry 5",
+        "tens 4 * 8 = 32, 32 + 5 = 37, write 7, carry 3",
         "hundreds write 3",
         "47 * 8 = 376",
     ]
@@ -77,7 +78,8 @@ def test_random_operations_are_right_line_by_line():
     "ones 7 + 5 + 0 = 12, write 2, carry 0",                    # wrong carry
     "tens 6 - 2 - 0 = 3, write 3, borrow 0",                    # wrong difference
     "ones 2 - 8 - 0 is below 0, so 12 - 8 - 0 = 5, write 5, borrow 1",
-    "ones 7 * 8 + 0 = 56, write 5, carry 6",
+    "ones 7 * 8 = 56, 56 + 0 = 56, write 5, carry 6",
+    "tens 4 * 8 = 32, 32 + 5 = 36, write 6, carry 3",
     "37 / 8 = 4, 4 * 8 = 32, 37 - 32 = 6",
     "47 * 8 = 377",
     "10 / 3 = 3",                                               # not exact
@@ -100,15 +102,15 @@ def test_ten_thousand_worked_solutions_per_level_are_right_and_verified(level):
         assert task.verify(p.completion, p) == 1.0
         assert p.meta["steps"] == {1: 1, 2: 2}.get(level, p.meta["steps"]) and 1 <= p.meta["steps"] <= 4
         templates.add(p.meta["template"])
-    assert len(templates) == {1: 4, 2: 4, 3: 3}[level]
+    assert len(templates) == {1: 4, 2: 3, 3: 2}[level]
 
 
-def test_level_three_wordings_are_not_in_levels_one_and_two_or_the_corpus():
-    """GRPO's level: its templates appear in no easier level and no pretraining document."""
+def test_level_three_chains_are_longer_than_anything_in_levels_one_and_two_or_the_corpus():
+    """GRPO's level: stories of three or four operations; no easier level and no pretraining document holds one."""
     task = ArithmeticTask()
-    easy = {task.problem(i, seed=0, difficulty=lv).meta["template"] for lv in (1, 2) for i in range(400)}
-    hard = {task.problem(i, seed=0, difficulty=3).meta["template"] for i in range(400)}
-    assert not easy & hard
-    corpus = [s.text for s in generate_many(0, 400)]
-    assert not any("times as many" in t or "shares all the" in t or "and then finds" in t for t in corpus)
-    assert all(check_lines(s.solution.split("\n")) is None for s in generate_many(0, 400))
+    steps = {lv: {task.problem(i, seed=0, difficulty=lv).meta["steps"] for i in range(400)} for lv in (1, 2, 3)}
+    assert steps == {1: {1}, 2: {2}, 3: {3, 4}}
+    named = re.compile(r"^.+: \d+ [-+*/] \d+$", re.M)
+    for s in generate_many(0, 400):
+        assert 1 <= len(named.findall(s.solution)) <= 2, s.solution
+        assert check_lines(s.solution.split("\n")) is None
