@@ -145,6 +145,10 @@ class TasksSuite(R1Config):
     chat format (the chat API cannot prefill)."""
     max_tokens: int = Field(default=256, ge=1)
     """Longest completion, in tokens."""
+    no_think: bool = True
+    """Also score greedy completions with the thinking suppressed: the prompt ends in ``<think>\n</think>\n``,
+    so the model must answer at once (``accuracy_no_think``). The gap to ``accuracy`` is what the reasoning
+    carries. Needs a prompt the job renders itself (an export, or an endpoint in ``question`` format)."""
     samples: int = Field(default=4, ge=0)
     """Sampled completions per problem for pass@k and maj@k; 0 turns them off (greedy only)."""
     k: list[int] = Field(default_factory=lambda: [1, 4])

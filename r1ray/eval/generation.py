@@ -37,10 +37,15 @@ pretraining corpus's layout ``"Question: {question}\\n"`` (r1ray.tasks.arithmeti
 GenerateFn = Callable[[Sequence[Problem]], Sequence[str]]
 
 
-def render_prompt(problem: Problem, fmt: str, tokenizer: Any = None, *, prefill_think: bool = False) -> str:
+def render_prompt(problem: Problem, fmt: str, tokenizer: Any = None, *, prefill_think: bool = False,
+                  no_think: bool = False) -> str:
     """The prompt text for ``problem`` in format ``fmt`` (``chat`` needs ``tokenizer``); with ``prefill_think``
-    the prompt ends in ``<think>\\n``, so the completion starts inside the reasoning."""
-    from r1ray.model.tokenizer import THINK
+    the prompt ends in ``<think>\\n``, so the completion starts inside the reasoning; with ``no_think`` it ends in
+    ``<think>\\n</think>\\n``, an empty reasoning, so the completion is the answer alone."""
+    from r1ray.model.tokenizer import END_THINK, THINK
+
+    if prefill_think and no_think:
+        raise ValueError("prefill_think and no_think exclude each other")
 
     if fmt == "chat":
         if tokenizer is None:
@@ -50,6 +55,8 @@ def render_prompt(problem: Problem, fmt: str, tokenizer: Any = None, *, prefill_
         text = f"Question: {problem.question}\n"
     else:
         raise ValueError(f"unknown prompt format {fmt!r}; valid: {', '.join(PROMPT_FORMATS)}")
+    if no_think:
+        return text + f"{THINK}\n{END_THINK}\n"
     return text + f"{THINK}\n" if prefill_think else text
 
 

@@ -355,16 +355,31 @@ def _tasks_suite(t: _Target, cfg: EvaluateConfig, problems: list[Any]) -> dict[s
     for j in range(ts.samples):
         reqs += [{**pr, "max_tokens": ts.max_tokens, "temperature": ts.temperature, "top_p": ts.top_p,
                   "seed": sample_seed(cfg.seed, p.uid(), j)} for p, pr in zip(problems, prompts, strict=True)]
+    no_think = ts.no_think and not (t.export is None and t.prompt_format == "chat")
+    if no_think:  # greedy again with an empty reasoning forced: what the answer is worth without the thinking
+        reqs += [{"prompt": render_prompt(p, t.prompt_format, t.tokenizer, no_think=True), "max_tokens": ts.max_tokens,
+                  "temperature": 0.0} for p in problems]
     outs = _generate(t, cfg, reqs, "tasks")
+    n = len(problems)
     texts = [o["text"] for o in outs]
+    direct_audit = []
+    if no_think:
+        direct, _ = score_problems(texts[-n:], problems, timeout_s=ts.verify_timeout_s)
+        direct_audit = [{"suite": "tasks", "item": _item_id(p), "task": p.task, "level": p.difficulty,
+                         "sample": "no_think", "seed": None, "prompt": req["prompt"], "output": o["text"],
+                         "finish_reason": o["finish_reason"], "score": sc, "gold": p.answer,
+                         "answer": answer_key(o["text"])}
+                        for p, o, req, sc in zip(problems, outs[-n:], reqs[-n:], direct, strict=True)]
+        outs, texts, reqs = outs[:-n], texts[:-n], reqs[:-n]
     every_problem = problems * (1 + ts.samples)
     scores, failures = score_problems(texts, every_problem, prefilled_think=ts.prefill_think,
                                       timeout_s=ts.verify_timeout_s)
-    n = len(problems)
     greedy = scores[:n]
     samples = [[scores[n * (1 + j) + i] for j in range(ts.samples)] for i in range(n)]
     keys = [[answer_key(texts[n * (1 + j) + i]) for j in range(ts.samples)] for i in range(n)]
     per_item: dict[str, list[float]] = {"accuracy": greedy}
+    if no_think:
+        per_item["accuracy_no_think"] = direct
     for k in ts.k if ts.samples else []:
         per_item[f"pass@{k}"] = [M.pass_at_k(ts.samples, int(round(sum(s))), k) for s in samples]
         per_item[f"maj@{k}"] = [M.maj_at_k(keys[i], samples[i], k) for i in range(n)]
@@ -374,7 +389,7 @@ def _tasks_suite(t: _Target, cfg: EvaluateConfig, problems: list[Any]) -> dict[s
                       "sample": idx // n - 1, "seed": req.get("seed"), "prompt": req.get("prompt", req.get("messages")),
                       "output": o["text"], "finish_reason": o["finish_reason"], "score": s, "gold": p.answer,
                       "answer": answer_key(o["text"])})
-    return {"per_item": per_item, "audit": audit, "verify_failures": failures}
+    return {"per_item": per_item, "audit": audit + direct_audit, "verify_failures": failures}
 
 
 def _perplexity_suite(t: _Target, cfg: EvaluateConfig, plan: _PerplexityPlan) -> dict[str, Any]:

@@ -1,8 +1,9 @@
 """The pipeline's report card: ``<storage.root>/pipeline/<name>/report.md`` with PNG plots, in the spirit of
 nanochat's report: what a person would rather look at than read from logs.
 
-Sections: per-stage timing; loss curves of every training stage; GRPO's reward and completion length; the
-evaluation table; the compression report; the lineage of the final model with its hashes.
+Sections: per-stage timing; held-out corpus perplexity after every training stage (forgetting); loss curves of
+every training stage; held-out accuracy per level over steps; GRPO's reward and completion length; the evaluation
+table (with and without thinking); the compression report; the lineage of the final model with its hashes.
 """
 
 from __future__ import annotations
@@ -54,6 +55,16 @@ def write_report(root: Path, p: Any, outcomes: list[Any], chain: list[dict[str, 
     for o in outcomes:
         lines.append(f"| {o.stage} | {o.status} | {o.seconds:.0f} | `{o.artifact or ''}` |")
     lines.append("")
+    ppl = [(o.stage, o.summary["corpus_perplexity"]) for o in outcomes if o.summary.get("corpus_perplexity")]
+    if ppl:
+        base = ppl[0][1]["perplexity"]
+        lines += ["## Held-out corpus perplexity after each stage", "",
+                  f"The validation split of the corpus ({ppl[0][1]['tokens']} tokens), scored after every training "
+                  f"stage: what fine-tuning kept of the language pretraining taught (x {ppl[0][0]}: the ratio to the "
+                  f"first stage's).", "", f"| stage | perplexity | bits per token | x {ppl[0][0]} |", "|---|---|---|---|"]
+        lines += [f"| {stage} | {r['perplexity']:.2f} | {r['bits_per_token']:.3f} | {r['perplexity'] / base:.2f} |"
+                  for stage, r in ppl]
+        lines.append("")
     for o in outcomes:
         reports = o.summary.get("reports") or []
         if not reports:

@@ -146,7 +146,9 @@ ADAPTERS: dict[str, _Adapter] = {
     "pretrain": _Adapter("r1ray.train.config:PretrainConfig",
                          lambda p, up: {"data.path": up["data"]}, _train("r1ray.train.pretrain:run"), ("data",)),
     "sft": _Adapter("r1ray.train.sft:SFTConfig",
-                    lambda p, up: {"model.init_from": up["model"]}, _train("r1ray.train.sft:run"), ("model",)),
+                    lambda p, up: {"model.init_from": up["model"],
+                                   **({"data.replay.data": up["data"]} if "data" in up else {})},
+                    _train("r1ray.train.sft:run"), ("model",)),
     "grpo": _Adapter("r1ray.train.grpo:GRPOConfig",
                      lambda p, up: {"model.init_from": up["model"]}, _train("r1ray.train.grpo:run"), ("model",)),
     "distill": _Adapter("r1ray.train.distill:DistillConfig",
@@ -315,6 +317,8 @@ def run(p: PipelineConfig, *, on_served: Callable[[PipelineResult], None] | None
                     upstream["model"] = outcome.artifact
         model = upstream.get("model")
         chain = lineage(model) if model else []
+        if "data" in upstream:
+            _corpus_perplexity(outcomes, upstream["data"])
         report = None
         if p.report:
             from r1ray.pipeline.report import write_report
@@ -325,6 +329,19 @@ def run(p: PipelineConfig, *, on_served: Callable[[PipelineResult], None] | None
         if serve_url and on_served is not None:
             on_served(result)  # the job prints the summary and keeps serving inside this Ray session
     return result
+
+
+def _corpus_perplexity(outcomes: list[StageOutcome], data: str) -> None:
+    """Held-out corpus perplexity of every training stage's export (``summary["corpus_perplexity"]``): forgetting,
+    stage by stage, on the validation split of the corpus the chain was pretrained on."""
+    from r1ray.eval.corpus import corpus_perplexity
+
+    for o in outcomes:
+        if o.stage in TRAIN_STAGES and o.artifact and "corpus_perplexity" not in o.summary:
+            try:
+                o.summary["corpus_perplexity"] = corpus_perplexity(o.artifact, data)
+            except ValueError as e:  # another tokenizer (a student from elsewhere): nothing comparable to score
+                log.info("corpus perplexity of the %s export skipped: %s", o.stage, e)
 
 
 def _run_stage(p: PipelineConfig, stage: str, upstream: dict[str, str], state: _State, root: Path, *,

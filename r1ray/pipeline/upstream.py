@@ -70,7 +70,12 @@ def inputs_for(stage: str, cfg: Any) -> dict[str, Any]:
 
         return {"data.path": ensure_default(cfg.storage, cfg.ray)}
     if stage == "sft":
-        return {} if cfg.model.init_from else {"model.init_from": default_export("pretrain", cfg)}
+        out = {} if cfg.model.init_from else {"model.init_from": default_export("pretrain", cfg)}
+        if cfg.data.replay.fraction > 0 and not cfg.data.replay.data and not cfg.model.init_from:
+            from r1ray.data.pipeline import ensure_default
+
+            out["data.replay.data"] = ensure_default(cfg.storage, cfg.ray)  # the default export's corpus
+        return out
     if stage == "distill":
         return {} if cfg.distill.teacher else {"distill.teacher": default_export("sft", cfg)}
     if stage == "grpo":

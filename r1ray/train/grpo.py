@@ -68,6 +68,10 @@ class GRPOSection(R1Config):
     eval_problems: int = Field(default=64, ge=1)
     """Held-out (eval split) problems of each evaluation: greedy ``accuracy``, and ``eval_reward`` (the weighted
     ``rewards`` on the same completions)."""
+    eval_difficulties: list[int] = Field(default_factory=list)
+    """More levels to evaluate at each evaluation, ``eval_problems`` held-out problems each, for every task of the
+    mix: ``accuracy_d<level>`` and ``eval_length_d<level>`` (mean greedy completion tokens), so a run shows what
+    training on one level does to the others. ``accuracy`` stays the training level's."""
     rewards: dict[str, float] = Field(default_factory=lambda: {"accuracy": 1.0, "format": 0.2})
     """Reward weights ``{name: weight}`` (``r1ray.tasks.rewards``); a sample's reward is the weighted sum.
     ``length`` is DAPO's soft overlong penalty, measured in tokens against ``max_completion_tokens``."""
@@ -286,6 +290,7 @@ class GRPOStage(Stage):
         self._t_learn = 0.0
         self._metrics_sink: Metrics | None = None
         self._eval_problems: list[Any] | None = None
+        self._eval_levels: dict[int, list[Any]] = {}
         self._curriculum_setup()
         self._attempt = uuid.uuid4().hex[:8]
         self._next_rows: tuple[int, list[list[int]]] | None = None  # prefetch(): the following step's rows
@@ -759,15 +764,27 @@ class GRPOStage(Stage):
         if self._eval_problems is None:
             self._eval_problems = sample_problems(g.tasks, g.eval_problems, seed=self.cfg.seed, split="eval",
                                                   difficulty=g.difficulty, options=g.task_options)
-        probs = self._eval_problems
+            self._eval_levels = {level: sample_problems(g.tasks, g.eval_problems, seed=self.cfg.seed, split="eval",
+                                                        difficulty=level, options=g.task_options)
+                                 for level in g.eval_difficulties}
+        sets = [("", self._eval_problems)] + [(f"_d{lv}", ps) for lv, ps in self._eval_levels.items()]
+        probs = [p for _, ps in sets for p in ps]
         params = SamplingParams(max_tokens=g.max_completion_tokens, temperature=0.0)
         outs = self.pool.generate([self._prompt_ids(p) for p in probs], params, version=self._version)
         # Accuracy, and the run's own weighted reward on the same greedy completions (``eval_reward``: what the
         # policy is optimised for, a Tune metric when accuracy stays flat, as on a tiny model).
         weights = {**g.rewards, "accuracy": g.rewards.get("accuracy", 0.0)}
         res = ray.get(score_remote([o.text for o in outs], probs, weights, **self._score_options(outs)))
-        m.mean("accuracy", float(np.mean(res.per_reward["accuracy"])), len(probs))
-        m.mean("eval_reward", float(np.mean(res.total)), len(probs))
+        at = 0
+        for suffix, ps in sets:
+            acc = res.per_reward["accuracy"][at:at + len(ps)]
+            m.mean(f"accuracy{suffix}", float(np.mean(acc)), len(ps))
+            if suffix:
+                m.mean(f"eval_length{suffix}", float(np.mean([len(o.token_ids) for o in outs[at:at + len(ps)]])),
+                       len(ps))
+            else:
+                m.mean("eval_reward", float(np.mean(res.total[:len(ps)])), len(ps))
+            at += len(ps)
         return m
 
     def _score_options(self, completions: Sequence[Any]) -> dict[str, Any]:

@@ -42,7 +42,20 @@ from r1ray.train.stage import Metrics, RunPlan, Stage, StepInputs, WorkerInfo
 
 log = get_logger(__name__)
 
-__all__ = ["SFTConfig", "SFTDataConfig", "SFTEvalConfig", "SFTStage", "greedy_accuracy", "run"]
+__all__ = ["ReplayConfig", "SFTConfig", "SFTDataConfig", "SFTEvalConfig", "SFTStage", "greedy_accuracy", "run"]
+
+
+class ReplayConfig(R1Config):
+    """Replay: packed rows of a pretraining corpus among the conversations, trained on every token (plain next-token
+    loss), so fine-tuning on a narrow task does not erase what pretraining taught (catastrophic forgetting)."""
+
+    fraction: float = Field(default=0.0, ge=0, lt=1)
+    """Share of the training samples that are corpus rows (0: no replay). The rows are a seeded choice of the
+    corpus's train split, added to the sample list (``fraction / (1 - fraction)`` rows per conversation), so the
+    exactly-once order and resume cover them like any sample."""
+    data: str | None = None
+    """The data artifact whose train split is replayed (its tokenizer must be the model's). Unset with a positive
+    fraction: the pipeline and ``python jobs/sft.py`` fill it with the corpus the model was pretrained on."""
 
 
 class SFTDataConfig(R1Config):
@@ -72,6 +85,9 @@ class SFTDataConfig(R1Config):
     longest of the micro-batch. Packing measured 10-18% faster per forward+backward on CPU for the debug preset
     (benchmarks/sft_quality.py --layout-only, docs/sft.md): fewer positions and one large matmul per layer instead
     of many small ones, while the attention it adds (quadratic in the packed row) is small next to the head."""
+
+    replay: ReplayConfig = ReplayConfig()
+    """Pretraining text mixed into the fine-tuning samples, so the model keeps its language (forgetting)."""
 
     @field_validator("tasks")
     @classmethod
@@ -239,6 +255,27 @@ def conversations(cfg: SFTConfig) -> tuple[list[list[dict[str, Any]]], list[list
     return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)]
 
 
+def replay_count(cfg: SFTConfig, n_conversations: int) -> int:
+    """Corpus rows replayed beside ``n_conversations`` conversations (``data.replay.fraction`` of all samples)."""
+    f = cfg.data.replay.fraction
+    return int(round(f / (1 - f) * n_conversations)) if f > 0 else 0
+
+
+def replay_rows(cfg: SFTConfig, n_conversations: int) -> tuple[Any, np.ndarray]:
+    """(the corpus's train rows, the row index of each replay sample): a seeded permutation of the rows, repeated
+    when more samples than rows are asked for. A pure function of the config, like the conversations."""
+    n = replay_count(cfg, n_conversations)
+    if n == 0:
+        return None, np.zeros(0, dtype=np.int64)
+    from r1ray.data.shards import DataArtifact
+    from r1ray.train.sampler import token_store
+
+    rows = token_store(DataArtifact.load(cfg.data.replay.data), "train")
+    rng = np.random.default_rng([cfg.seed, 11])
+    order = np.concatenate([rng.permutation(len(rows)) for _ in range(-(-n // len(rows)))])[:n]
+    return rows, order.astype(np.int64)
+
+
 # --------------------------------------------------------------------------------------------------
 # Greedy accuracy (workers and driver)
 # --------------------------------------------------------------------------------------------------
@@ -347,6 +384,10 @@ class SFTStage(Stage):
         if cfg.eval.before and cfg.eval_tasks:
             baselines = accuracy_before(cfg)
         inputs = [cfg.model.init_from] if is_complete(cfg.model.init_from) else []
+        if replay_count(cfg, len(train)):
+            inputs.append(cfg.data.replay.data)
+            log.info("replaying %d rows of %s among the %d conversations (data.replay.fraction=%s)",
+                     replay_count(cfg, len(train)), cfg.data.replay.data, len(train), cfg.data.replay.fraction)
         return RunPlan(config=cfg, inputs=inputs, baselines=baselines)
 
     # ---- worker side
@@ -358,6 +399,7 @@ class SFTStage(Stage):
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None \
             else self.tokenizer.eos_token_id
         self.train, self.val = conversations(cfg)
+        self.replay_rows, self.replay_order = replay_rows(cfg, len(self.train))
         self.problems = eval_problems(cfg)
         self.curriculum = Curriculum(cfg.curriculum, cfg.seed) if cfg.curriculum is not None else None
         self.curriculum_state = self.curriculum.initial_state() if self.curriculum else {}
@@ -368,14 +410,23 @@ class SFTStage(Stage):
         return build_model(self.cfg.model, self.tokenizer, seed=self.cfg.seed, precision=self.cfg.deepspeed.precision)
 
     def num_samples(self) -> int:
-        return len(self.train)
+        return len(self.train) + len(self.replay_order)
 
-    def _batch(self, convs: Sequence[list[dict[str, Any]]], device: Any) -> dict[str, Any]:
+    def _replay(self, row: int) -> Any:
+        """Sample ``row`` past the conversations: a corpus row, every token a target."""
+        from r1ray.train.sft_data import Example
+
+        ids = np.asarray(self.replay_rows[self.replay_order[row - len(self.train)]], dtype=np.int64)
+        return Example(ids=ids, target=np.ones(len(ids), dtype=bool))
+
+    def _batch(self, convs: Sequence[Any], device: Any) -> dict[str, Any]:
+        """A micro-batch of conversations (message lists) and replayed corpus rows (``Example``s)."""
         import torch
 
-        from r1ray.train.sft_data import collate, tokenize_conversation
+        from r1ray.train.sft_data import Example, collate, tokenize_conversation
 
-        examples = [tokenize_conversation(self.tokenizer, c, self.cfg.data.max_length) for c in convs]
+        examples = [c if isinstance(c, Example) else tokenize_conversation(self.tokenizer, c, self.cfg.data.max_length)
+                    for c in convs]
         batch = collate(examples, self.cfg.data.layout, self.pad_id)
         for k in ("input_ids", "attention_mask", "position_ids", "targets"):
             if k in batch:
@@ -385,7 +436,7 @@ class SFTStage(Stage):
     def make_batch(self, rows: np.ndarray, device: Any) -> dict[str, Any]:
         if self.curriculum is not None:
             return self._batch([self._curriculum_conversation(0, int(r)) for r in rows], device)
-        return self._batch([self.train[int(r)] for r in rows], device)
+        return self._batch([self.train[int(r)] if r < len(self.train) else self._replay(int(r)) for r in rows], device)
 
     def step_inputs(self, step: int, rows: list[np.ndarray], model: Any) -> StepInputs:
         """With a curriculum, each sample's conversation is drawn at its step's difficulty: (step, sample row,
@@ -397,6 +448,9 @@ class SFTStage(Stage):
         for r in rows:
             convs = []
             for row in r:
+                if row >= len(self.train):
+                    convs.append(self._replay(int(row)))
+                    continue
                 level = self.curriculum.level_of(step, int(row), self.curriculum_state)
                 m.mean("curriculum_level", float(level))
                 convs.append(self._curriculum_conversation(step, int(row), level))
@@ -408,6 +462,8 @@ class SFTStage(Stage):
         from r1ray.train.sft_data import task_conversation
 
         cfg = self.cfg
+        if row >= len(self.train):
+            return self._replay(row)
         level = self.curriculum.level_of(step, row, self.curriculum_state) if level is None else level
         (problem,) = sample_problems(cfg.data.tasks, 1, seed=cfg.seed, split="train", difficulty=level, start=row,
                                      options=cfg.data.task_options)
@@ -461,7 +517,8 @@ class SFTStage(Stage):
     def export_inputs(self) -> list[str]:
         from r1ray.artifacts import is_complete
 
-        return [self.cfg.model.init_from] if is_complete(self.cfg.model.init_from) else []
+        inputs = [self.cfg.model.init_from] if is_complete(self.cfg.model.init_from) else []
+        return inputs + ([self.cfg.data.replay.data] if len(self.replay_order) else [])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -493,6 +550,7 @@ def plan_problems(cfg: SFTConfig) -> list[str]:
         if positions and cfg.data.max_length > positions:
             problems.append(f"data.max_length={cfg.data.max_length} > the model's max_position_embeddings "
                             f"{positions}")
+    problems += replay_problems(cfg)
     train_levels = cfg.curriculum.all_levels if cfg.curriculum is not None else list(cfg.data.levels)
     mixes = {"data.tasks": (cfg.data.tasks, train_levels)} if cfg.data.path is None else {}
     if cfg.eval_tasks:
@@ -519,6 +577,33 @@ def plan_problems(cfg: SFTConfig) -> list[str]:
                 problems.append(f"{field_name}: task {name!r} has no difficulty level {missing} (it has "
                                 f"{list(task.difficulties)}); change data.difficulty / eval.difficulties")
     return problems
+
+
+def replay_problems(cfg: SFTConfig) -> list[str]:
+    """Why ``data.replay`` cannot run (its data is unset, not a data artifact, or tokenized differently)."""
+    r = cfg.data.replay
+    if r.fraction == 0:
+        return []
+    if not r.data:
+        return [f"data.replay.fraction={r.fraction} needs data.replay.data: a data artifact (the corpus the model was "
+                "pretrained on, e.g. outputs/data/default); python jobs/sft.py and the pipeline fill it themselves"]
+    from r1ray.artifacts import is_complete
+
+    if not is_complete(r.data):
+        return [f"data.replay.data={r.data!r} is not a complete data artifact (no manifest.json)"]
+    from pathlib import Path
+
+    from r1ray.data.shards import DataArtifact
+    from r1ray.model.tokenizer import load_tokenizer
+
+    data = DataArtifact.load(r.data)
+    if not data.rows("train"):
+        return [f"data.replay.data={r.data!r} has no train rows"]
+    if (Path(cfg.model.init_from) / "tokenizer_config.json").is_file() and \
+            load_tokenizer(data.tokenizer_dir).get_vocab() != load_tokenizer(cfg.model.init_from).get_vocab():
+        return [f"data.replay.data={r.data!r} is tokenized with another tokenizer than model.init_from="
+                f"{cfg.model.init_from!r}: replay the corpus the model was pretrained on"]
+    return []
 
 
 def accuracy_before(cfg: SFTConfig) -> dict[str, float]:

@@ -254,3 +254,41 @@ def test_jsonl_holdout_is_seeded_and_disjoint(tmp_path):
     assert not {c[0]["content"] for c in train} & {c[0]["content"] for c in val}
     assert conversations(cfg) == (train, val)
     assert cfg.eval_tasks == {}  # no task accuracy on a user's jsonl unless eval.tasks asks for it
+
+
+def test_replay_rows_join_the_samples_as_plain_language_modelling(tiny_tokenizer_dir, tmp_path):
+    """``data.replay``: corpus rows become samples past the conversations (a seeded choice, a pure function of the
+    config), every token a target; a missing or differently tokenized corpus is named before any compute."""
+    from r1ray.config import load_config
+    from r1ray.model import build_model, save_model
+    from r1ray.model.build import ModelConfig
+    from r1ray.model.tokenizer import load_tokenizer, train_tokenizer
+    from r1ray.train.sft import SFTConfig, SFTStage, plan_problems, replay_rows
+    from r1ray.train.stage import WorkerInfo
+    from r1ray.train.synthetic import write_data_artifact
+
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    init = save_model(build_model(ModelConfig(preset="debug", max_position_embeddings=256), tok, seed=0), tok,
+                      tmp_path / "init")
+    data = write_data_artifact(tmp_path / "data", tiny_tokenizer_dir, seq_len=32, train_docs=200)
+    base = [f"model.init_from={init}", "data.train_examples=30", "data.max_length=256"]
+    cfg = load_config(SFTConfig, [*base, "data.replay.fraction=0.25", f"data.replay.data={data}"])
+    assert plan_problems(cfg) == []
+    rows, order = replay_rows(cfg, 30)
+    assert len(order) == 10 and len(set(order.tolist())) == 10 and order.max() < len(rows)  # 0.25 of 40 samples
+    assert np.array_equal(order, replay_rows(cfg, 30)[1])
+    stage = SFTStage(cfg)
+    stage.worker = WorkerInfo(rank=0, world_size=1, local_rank=0, use_gpu=False, device="cpu")
+    stage.setup(stage.worker, {})
+    assert stage.num_samples() == 40
+    batch = stage.make_batch(np.array([0, 35]), "cpu")  # one conversation, one corpus row
+    row = np.asarray(rows[order[5]], dtype=np.int64)
+    assert batch["input_ids"][0, -31:].tolist() == row[:-1].tolist()  # the row, packed after the conversation
+    assert batch["targets"][0, -31:].tolist() == row[1:].tolist()  # every token of it a target
+    # unset data, another tokenizer: named before any compute
+    assert "needs data.replay.data" in plan_problems(load_config(SFTConfig, [*base, "data.replay.fraction=0.2"]))[0]
+    other = train_tokenizer([f"other text {i}" for i in range(300)], tmp_path / "tok2", vocab_size=300)
+    assert other is not None
+    other_data = write_data_artifact(tmp_path / "data2", tmp_path / "tok2", seq_len=32, train_docs=50)
+    cfg = load_config(SFTConfig, [*base, "data.replay.fraction=0.2", f"data.replay.data={other_data}"])
+    assert "another tokenizer" in plan_problems(cfg)[0]
