@@ -1,13 +1,14 @@
 """Arithmetic word problems with a ``<think>`` worked solution that carries out the computation, in three levels.
 
-Each solution names a step (``3 boxes of 46 pencils: 46 * 3``), then works it in writing
+The solution takes the question a sentence at a time: it quotes the sentence, writes the operation it asks for on
+the running total (``She buys 3 boxes with 46 pencils in each: 46 * 3``), works it in writing
 (``r1ray.tasks.procedures``: columns with carries and borrows, partial products, long division), one small fact
 per line, and ends with ``So the answer is N.``::
 
     task = ArithmeticTask()
     p = task.problem(7, seed=0, split="train", difficulty=1)
-    p.question   # "Mia has 467 pencils. She gets 285 more pencils. How many pencils does Mia have now?"
-    p.solution   # "Mia has 467 + 285 pencils.\\nones 7 + 5 + 0 = 12, write 2, carry 1\\n...\\nSo the answer is 752."
+    p.question   # "Mia has 167 pencils. She gets 85 more pencils. How many pencils does Mia have now?"
+    p.solution   # "Mia has 167 pencils.\\nShe gets 85 more pencils: 167 + 85\\nones 7 + 5 + 0 = 12, ..."
     task.verify(p.completion, p)  # 1.0
 
 Levels: 1 = one operation (numbers up to three digits); 2 = a story of two operations; 3 = the same kind of story
@@ -63,121 +64,95 @@ def worked(steps: list[Step | str]) -> tuple[list[str], int]:
     return lines, value
 
 
-# --- Level 1: one operation -------------------------------------------------------------------------------
+# --- The templates ------------------------------------------------------------------------------------------
+# A question is a short story: what someone has, then sentences that each change the total (gets, finds, gives,
+# loses: one operation; buys boxes: a product, then a sum; shares among friends: a division, always last). The
+# worked solution takes the story a sentence at a time: it quotes the sentence, writes the operation it asks for
+# on the running total, works it, and goes on with the next sentence until the question is left. Level 1 tells
+# one operation, level 2 two, level 3 three or four: the same sentences in a longer chain, which no easier level
+# (and no pretraining document) shows.
+
+
+def _sentence(kind: str, he: str, item: str, b: int, cont: str = "", n: int = 0) -> str:
+    return {"gets": f"{he} gets {b} more {item}", "finds": f"{he} finds {b} more {item}",
+            "gives": f"{he} gives {b} {item} to a friend", "loses": f"{he} loses {b} {item}",
+            "buys": f"{he} buys {n} {cont} with {b} {item} in each",
+            "shares": f"{he} shares all the {item} equally among {b} friends"}[kind]
 
 
 def _add(r: random.Random, name: str, item: str) -> tuple[str, list, int]:
     a, b = r.randint(10, 199), r.randint(10, 99)
-    he = _PRONOUN[name]
-    problem = f"{name} has {a} {item}. {he} gets {b} more {item}. How many {item} does {name} have now?"
-    return problem, [(f"{name} has", a, "+", b)], a + b
+    start, step = f"{name} has {a} {item}.", _sentence("gets", _PRONOUN[name], item, b)
+    return f"{start} {step}. How many {item} does {name} have now?", [start, (step, a, "+", b)], a + b
 
 
 def _sub(r: random.Random, name: str, item: str) -> tuple[str, list, int]:
     a = r.randint(20, 199)
     b = r.randint(2, a - 1)
-    he = _PRONOUN[name]
-    problem = f"{name} has {a} {item}. {he} gives {b} {item} to a friend. How many {item} does {name} have left?"
-    return problem, [(f"{name} has left", a, "-", b)], a - b
+    start, step = f"{name} has {a} {item}.", _sentence("gives", _PRONOUN[name], item, b)
+    return f"{start} {step}. How many {item} does {name} have left?", [start, (step, a, "-", b)], a - b
 
 
 def _mul(r: random.Random, name: str, item: str) -> tuple[str, list, int]:
     n, per = r.randint(2, 9), r.randint(10, 99)
-    cont = r.choice(_CONTAINERS)
-    problem = f"{name} buys {n} {cont} with {per} {item} in each. How many {item} does {name} buy?"
-    return problem, [(f"{n} {cont} of {per} {item}", per, "*", n)], n * per
+    step = _sentence("buys", name, item, per, r.choice(_CONTAINERS), n)
+    return f"{step}. How many {item} does {name} buy?", [(step, per, "*", n)], n * per
 
 
 def _div(r: random.Random, name: str, item: str) -> tuple[str, list, int]:
     friends, each = r.randint(2, 9), r.randint(10, 99)
     total = friends * each
-    problem = f"{name} shares {total} {item} equally among {friends} friends. How many {item} does each friend get?"
-    return problem, [("Each friend gets", total, "/", friends)], each
-
-
-# --- Levels 2 and 3: a story of steps on a running total --------------------------------------------------
-# A story starts with what someone has, then each sentence changes the total (gets, finds, gives, loses: one
-# operation; buys boxes: a product, then a sum), optionally ending with a fair share (a division). Level 2 tells
-# two operations, level 3 three or four: the same sentences, a longer chain, so a model taught the first two
-# levels has every step but has never carried a total that far.
+    step = f"{name} shares {total} {item} equally among {friends} friends"
+    return f"{step}. How many {item} does each friend get?", [(step, total, "/", friends)], each
 
 
 def _story(r: random.Random, name: str, item: str, n_ops: int) -> tuple[str, list, int]:
+    """A story of ``n_ops`` operations on a running total."""
     he, cont = _PRONOUN[name], r.choice(_CONTAINERS)
     total = r.randint(10, 99)
-    sentences, plan = [f"{name} has {total} {item}."], []
+    start = f"{name} has {total} {item}."
+    sentences, plan = [start], [start]
     share = r.random() < 0.3
     left = n_ops - share
+    friends = r.randint(2, 9)
     while left:
         kinds = ["gets", "finds", "gives", "loses"] + (["buys"] if left >= 2 and not (share and left == 2) else [])
         kind = r.choice(kinds)
         if kind == "buys":
             n, per = r.randint(2, 9), r.randint(2, 30)
-            sentences.append(f"{he} buys {n} {cont} with {per} {item} in each.")
-            plan += [(f"{n} {cont} of {per} {item}", per, "*", n), ("After buying them", total, "+", per * n)]
+            step = _sentence(kind, he, item, per, cont, n)
+            plan += [(step, per, "*", n), ("In total", total, "+", per * n)]
             total += per * n
             left -= 2
-            continue
-        lo, hi = (2, 60) if kind in ("gets", "finds") else (1, total - 1)
-        if hi < lo:
-            kind, lo, hi = "gets", 2, 60
-        amounts = list(range(lo, hi + 1))
-        if share and left == 1:  # the last change leaves a total the friends can share
-            sign = 1 if kind in ("gets", "finds") else -1
-            friends = r.randint(2, 9)
-            amounts = [b for b in amounts if (total + sign * b) % friends == 0] or amounts
-        b = r.choice(amounts)
-        if kind == "gets":
-            sentences.append(f"{he} gets {b} more {item}.")
-            plan.append(("After getting more", total, "+", b))
-            total += b
-        elif kind == "finds":
-            sentences.append(f"{he} finds {b} more {item}.")
-            plan.append(("After finding more", total, "+", b))
-            total += b
-        elif kind == "gives":
-            sentences.append(f"{he} gives {b} {item} to a friend.")
-            plan.append(("After giving some away", total, "-", b))
-            total -= b
         else:
-            sentences.append(f"{he} loses {b} {item}.")
-            plan.append(("After losing some", total, "-", b))
-            total -= b
-        left -= 1
-    if share:
-        friends = next((f for f in range(9, 1, -1) if total % f == 0 and r.random() < 0.7), None) or next(
-            (f for f in range(2, 10) if total % f == 0), None)
-        if friends is None:  # a prime total past 9: one more change instead of the share
-            sentences.append(f"{he} finds 1 more {item}.")
-            plan.append(("After finding more", total, "+", 1))
-            return " ".join(sentences) + f" How many {item} does {name} have now?", plan, total + 1
-        sentences.append(f"{he} shares all the {item} equally among {friends} friends.")
-        plan.append(("Each friend gets", total, "/", friends))
+            lo, hi = (2, 60) if kind in ("gets", "finds") else (1, total - 1)
+            if hi < lo:
+                kind, lo, hi = "gets", 2, 60
+            sign = 1 if kind in ("gets", "finds") else -1
+            amounts = range(lo, hi + 1)
+            if share and left == 1:  # the last change leaves a total the friends can share
+                amounts = [b for b in amounts if (total + sign * b) % friends == 0] or amounts
+            b = r.choice(amounts)
+            step = _sentence(kind, he, item, b)
+            plan.append((step, total, "+" if sign > 0 else "-", b))
+            total += sign * b
+            left -= 1
+        sentences.append(step + ".")
+    if share and total % friends == 0:
+        step = _sentence("shares", he, item, friends)
+        sentences.append(step + ".")
+        plan.append((step, total, "/", friends))
         return " ".join(sentences) + f" How many {item} does each friend get?", plan, total // friends
+    if share:  # the amounts could not make the total divisible: one more change instead of the share
+        step = _sentence("finds", he, item, 1)
+        sentences.append(step + ".")
+        plan.append((step, total, "+", 1))
+        total += 1
     return " ".join(sentences) + f" How many {item} does {name} have now?", plan, total
 
 
 def _story2(r: random.Random, name: str, item: str) -> tuple[str, list, int]:
     return _story(r, name, item, 2)
-
-
-def _share(r: random.Random, name: str, item: str) -> tuple[str, list, int]:
-    friends, each, extra = r.randint(2, 9), r.randint(2, 30), r.randint(1, 40)
-    total = friends * each
-    problem = (f"{name} shares {total} {item} equally among {friends} friends, and then each friend finds {extra} "
-               f"more {item}. How many {item} does each friend have?")
-    return problem, [("Each friend first gets", total, "/", friends), ("After finding more", each, "+", extra)], \
-        each + extra
-
-
-def _rate(r: random.Random, name: str, item: str) -> tuple[str, list, int]:
-    per_day, days = r.randint(2, 30), r.randint(2, 9)
-    made = per_day * days
-    lost = r.randint(1, made - 1)
-    problem = (f"{name} collects {per_day} {item} every day for {days} days, then loses {lost} of them. "
-               f"How many {item} are left?")
-    return problem, [(f"In {days} days {name} collects", per_day, "*", days), ("After losing some", made, "-", lost)], \
-        made - lost
 
 
 def _story3(r: random.Random, name: str, item: str) -> tuple[str, list, int]:
@@ -190,7 +165,7 @@ def _story4(r: random.Random, name: str, item: str) -> tuple[str, list, int]:
 
 LEVELS: dict[int, tuple[Callable[[random.Random, str, str], tuple[str, list, int]], ...]] = {
     1: (_add, _sub, _mul, _div),
-    2: (_story2, _story2, _share, _rate),
+    2: (_story2,),
     3: (_story3, _story4),
 }
 """Templates per difficulty: 1 = one operation, 2 = two, 3 = three or four (a longer story than level 2's)."""
