@@ -1,35 +1,38 @@
-"""GRPO quality: from a deliberately weak SFT start, how much held-out greedy accuracy GRPO adds in a time budget.
+"""GRPO against its controls on the level SFT never saw: the SFT start, GRPO, rejection-sampling fine-tuning and
+continued SFT at equal wall time, several seeds, the recipe's choices made on a dev split, results on a test split.
 
-    python benchmarks/grpo_quality.py                           # the recipe (configs/grpo/quality.yaml), 2 CPUs
-    python benchmarks/grpo_quality.py --start half-sft          # the other start (below)
-    python benchmarks/grpo_quality.py --minutes 15 grpo.temperature=0.8   # GRPO overrides
-    python benchmarks/grpo_quality.py --init-from /path/to/sft/export --json out.json
+    python benchmarks/grpo_quality.py --root /tmp/q                       # the default start, 3 seeds, 3 arms
+    python benchmarks/grpo_quality.py --root /tmp/q --select 2.5e-4 5e-4 1e-3   # choose GRPO's lr on the dev split
+    python benchmarks/grpo_quality.py --start /path/to/sft/export --minutes 8 --seeds 0 1 2 --json out.json
 
-1. The start, on the default pretraining export (``r1ray.pipeline.upstream``: data + pretraining, prepared under
-   ``--root`` when missing):
-   - ``flawed-teacher`` (default): the default SFT recipe (``--sft-steps`` 2000) on cold-start traces of
-     level-1 arithmetic where ``--flaw`` (0.6) of them keep the correct working but answer with the question's
-     first number. Imitation makes that shortcut the greedy answer while sampling still finds the right one
-     (pass@k > pass@1): the weakness a verifiable reward can correct.
-   - ``half-sft``: the default SFT run on gold traces (``--sft-of`` 2000 steps) stopped at step 1000: the policy
-     writes the format and gets some answers right; its errors are arithmetic facts it does not know.
-   - or ``--init-from`` any export.
-2. Held-out greedy accuracy of the start on ``grpo.eval_problems`` (200) eval-split problems of GRPO's task mix (the
-   problems GRPO's own evaluation uses: same seed, split, level and count), through ``HFEngine``.
-3. GRPO with ``configs/grpo/quality.yaml`` (plus any ``key=value`` overrides), its wall time measured from the
-   call to its return (engine pool start, every step, evaluations, checkpoints, the export).
-4. The same accuracy on GRPO's export. Prints start, end, the gain in points and GRPO's wall time against
-   ``--minutes``; exits 1 when GRPO ran past the budget.
+1. The start: ``--start`` or the default SFT export under ``--root`` (the embedded default chain: data, pretraining,
+   SFT on levels 1 and 2 of arithmetic, built through ``r1ray.pipeline.upstream`` when missing).
+2. Problems of arithmetic level 3 (stories of three or four operations; no SFT trace and no pretraining document
+   holds one) from the task's *eval* split, cut in two by a hash of each question: ``--dev`` problems to choose on,
+   ``--test`` problems to report on. Neither is ever trained on (every arm draws from the train split).
+3. Each arm gets the same wall-clock budget (``--minutes``, from its call to its return: start-up, generation,
+   training, checkpoint and export), ended by the loop's stop request (``<run_dir>/STOP``) at the deadline:
+   - ``grpo``: ``GRPOConfig``'s defaults (the default pipeline's recipe) from the start;
+   - ``rft``: rejection-sampling fine-tuning with r1ray's sequence distillation: the start samples one completion at
+     temperature 1 for each of ``--rft-prompts`` level-3 train problems, keeps those its verifier accepts, and is
+     fine-tuned on them (SFT's recipe) until the deadline;
+   - ``sft``: SFT continued on the start's own data (levels 1 and 2, fresh problems) until the deadline: more
+     compute with no reward;
+   - ``sft-gold`` (only when named): SFT on level 3's gold worked solutions, the imitation GRPO never gets to see.
+4. For the start and every arm: greedy pass@1 and pass@8 (8 samples at temperature 1) on the test problems, and
+   greedy accuracy on ``--test`` problems of levels 1 and 2 (what the arm did to the levels it was not trained on).
+   Arms run seed by seed, interleaved (grpo, rft, sft, then the next seed), so a slow stretch of the machine does
+   not fall on one arm. Printed: mean and min-max over seeds; ``--json`` writes every number.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
-import re
 import statistics
 import sys
-import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -37,169 +40,228 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-RECIPE = ROOT / "configs" / "grpo" / "quality.yaml"
+BASE = ["ray.include_dashboard=false", "logging.wandb.mode=disabled"]
 
 
-def _sft(root: Path, seed: int, name: str, overrides: list[str]) -> str:
-    """The default SFT recipe from the default pretraining export (prepared under ``root`` if missing), with
-    ``overrides``, as run ``name``: the export it ends with (a stopped segment's checkpoint export)."""
-    from r1ray.config import load_config
-    from r1ray.pipeline.upstream import default_export
-    from r1ray.train.sft import SFTConfig
-    from r1ray.train.sft import run as sft
+# --------------------------------------------------------------------------------------------------
+# Problems: dev and test halves of the eval split
+# --------------------------------------------------------------------------------------------------
 
-    base = [f"storage.root={root}", f"seed={seed}", "ray.include_dashboard=false", "logging.wandb.mode=disabled"]
-    init = default_export("pretrain", load_config(SFTConfig, [*base, f"run_name={name}"]))
-    result = sft(load_config(SFTConfig, [*base, f"run_name={name}", f"model.init_from={init}",
-                                         "train.eval_every=0", "eval.before=false", *overrides]))
+
+def split_problems(level: int, n_dev: int, n_test: int, seed: int = 0) -> tuple[list[Any], list[Any]]:
+    """``n_dev`` and ``n_test`` eval-split problems of arithmetic ``level``, a problem going to dev or test by a hash
+    of its question (so the halves never share a question)."""
+    from r1ray.tasks.registry import get_task
+
+    task, dev, test, seen, i = get_task("arithmetic"), [], [], set(), 0
+    while len(dev) < n_dev or len(test) < n_test:
+        p = task.problem(i, seed=seed, split="eval", difficulty=level)
+        i += 1
+        if p.uid() in seen:
+            continue
+        seen.add(p.uid())
+        half = dev if int(hashlib.sha256(("dev-test:" + p.uid()).encode()).hexdigest()[:8], 16) % 2 == 0 else test
+        if len(half) < (n_dev if half is dev else n_test):
+            half.append(p)
+    return dev, test
+
+
+def score(model_dir: str, problems: list[Any], samples: int = 0, max_tokens: int = 320) -> dict[str, float]:
+    """Greedy pass@1 and (with ``samples``) pass@``samples`` at temperature 1, through ``HFEngine``."""
+    from r1ray.infer.hf import HFEngine
+    from r1ray.infer.types import SamplingParams
+    from r1ray.tasks.rewards import score as verify
+
+    eng = HFEngine.from_dir(model_dir, device="cpu", dtype="float32", max_batch_size=64, max_queue=1 << 16)
+    try:
+        prompts = [eng.tokenizer.apply_chat_template(p.messages(), add_generation_prompt=True, tokenize=False)
+                   for p in problems]
+        greedy = eng.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0))
+        sampled = eng.generate([q for q in prompts for _ in range(samples)],
+                               [SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=1000 * i + j)
+                                for i in range(len(prompts)) for j in range(samples)]) if samples else []
+    finally:
+        eng.shutdown()
+    acc = verify([o.text for o in greedy], problems, {"accuracy": 1.0}).per_reward["accuracy"]
+    out = {"pass@1": statistics.mean(acc), "length": statistics.mean(len(o.token_ids) for o in greedy)}
+    if samples:
+        hits = verify([o.text for o in sampled], [p for p in problems for _ in range(samples)],
+                      {"accuracy": 1.0}).per_reward["accuracy"]
+        out[f"pass@{samples}"] = statistics.mean(max(hits[i * samples:(i + 1) * samples]) for i in range(len(problems)))
+        out["sampled_accuracy"] = statistics.mean(hits)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Arms
+# --------------------------------------------------------------------------------------------------
+
+
+class _Deadline:
+    """Write ``<run_dir>/STOP`` from the deadline on (again every second: a run clears a stale request when its
+    training starts, so a request written while it was still planning is repeated)."""
+
+    def __init__(self, run_dir: str, seconds: float) -> None:
+        self.run_dir, self.at, self.done = Path(run_dir), time.monotonic() + seconds, threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self) -> None:
+        from r1ray.train.loop import STOP_FILE
+
+        while not self.done.wait(1.0):
+            if time.monotonic() >= self.at:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                (self.run_dir / STOP_FILE).write_text("time budget\n")
+
+    def __enter__(self) -> _Deadline:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.done.set()
+        self.thread.join()
+
+
+def _export(result: Any) -> str:
     export = result.export_path or (str(Path(result.checkpoint) / "hf") if result.checkpoint else None)
     if export is None or not Path(export, "config.json").is_file():
-        raise RuntimeError(f"the SFT run {name} ended {result.status} without an export")
+        raise RuntimeError(f"the run {result.run_dir} ended {result.status} without an export")
     return export
 
 
-def _first_number(question: str) -> str | None:
-    """The first integer in a question: what the flawed teacher answers with."""
-    m = re.search(r"\d+", question)
-    return m.group(0) if m else None
+def run_arm(arm: str, start: str, root: Path, seed: int, minutes: float, args: Any, overrides: list[str]) -> dict:
+    """One arm from ``start`` for ``minutes`` of wall time: its export, steps and seconds."""
+    from r1ray.config import load_config
+
+    name = f"{arm}-s{seed}-{time.strftime('%H%M%S')}"
+    common = [*BASE, f"storage.root={root}", f"seed={seed}", f"run_name={name}", "checkpoint.every=0",
+              "train.eval_every=0"]
+    if arm == "grpo":
+        from r1ray.train.grpo import GRPOConfig
+        from r1ray.train.grpo import run
+
+        cfg = load_config(GRPOConfig, [*common, f"model.init_from={start}", "train.max_steps=100000",
+                                       "grpo.eval_difficulties=[]", *overrides])
+    elif arm == "rft":
+        from r1ray.train.distill import DistillConfig
+        from r1ray.train.distill import run
+
+        cfg = load_config(DistillConfig, [*common, f"model.init_from={start}", f"distill.teacher={start}",
+                                          "distill.mode=sequence", "distill.keep_correct=true",
+                                          "distill.teacher_temperature=1.0", f"distill.traces={args.rft_prompts}",
+                                          "distill.max_new_tokens=320", "data.difficulty=3", "data.max_length=640",
+                                          "eval.problems_per_difficulty=0", "eval.before=false",
+                                          "train.max_steps=100000", "train.eval_samples=16"])
+    elif arm in ("sft", "sft-gold"):
+        from r1ray.train.sft import SFTConfig
+        from r1ray.train.sft import run
+
+        data = ["data.difficulty=3"] if arm == "sft-gold" else []
+        cfg = load_config(SFTConfig, [*common, f"model.init_from={start}", "eval.problems_per_difficulty=0",
+                                      "eval.before=false", "train.max_steps=100000", "data.replay.fraction=0",
+                                      "data.max_length=640", *data])
+    else:
+        raise ValueError(f"unknown arm {arm!r}")
+    t0 = time.perf_counter()
+    with _Deadline(cfg.run_dir, 60 * minutes):
+        result = run(cfg)
+    return {"export": _export(result), "steps": result.steps, "seconds": time.perf_counter() - t0,
+            "status": result.status}
 
 
-def weak_sft(root: Path, steps: int, of: int, seed: int) -> str:
-    """The default pretraining export fine-tuned for the first ``steps`` steps of an ``of``-step SFT run (its
-    learning-rate schedule), stopped there: the export of that checkpoint."""
-    return _sft(root, seed, f"weak-sft-{steps}-of-{of}",
-                [f"train.max_steps={of}", f"train.stop_after_steps={steps}", f"checkpoint.every={steps}"])
+# --------------------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------------------
 
 
-def flawed_teacher_sft(root: Path, steps: int, flaw: float, examples: int, seed: int) -> str:
-    """The default pretraining export fine-tuned for ``steps`` steps (the default SFT recipe) on cold-start traces
-    from a flawed teacher: ``examples`` level-1 problems of the arithmetic task's *train* split, each with its
-    worked solution, where a seeded ``flaw`` fraction of them keep the correct working but end with the first
-    number of the question (``So the answer is <it>.`` and ``<answer><it></answer>``), a shortcut a weak teacher
-    takes. Imitation makes the shortcut the greedy answer while the policy still samples the right one: the
-    pass@k > pass@1 start that a verifiable reward can correct. Returns the export of that run."""
-    import random
-
-    from r1ray.tasks.registry import get_task
-    from r1ray.train.sft_data import task_conversation
-
-    root.mkdir(parents=True, exist_ok=True)
-    data = root / f"flawed-teacher-{flaw}-{examples}-{seed}.jsonl"
-    task, rng, flawed = get_task("arithmetic"), random.Random(f"flawed-teacher:{seed}"), 0
-    with data.open("w") as f:
-        for i in range(examples):
-            p = task.problem(i, seed=seed, split="train", difficulty=1)
-            conv = task_conversation(p)
-            first = _first_number(p.question)
-            if rng.random() < flaw and first is not None and first != p.answer:
-                body = conv[-1]["content"]
-                bad = body.replace(f"So the answer is {p.answer}.", f"So the answer is {first}.").replace(
-                    f"<answer>{p.answer}</answer>", f"<answer>{first}</answer>")
-                if bad == body:
-                    raise RuntimeError(f"the flaw did not apply to train problem {i}: {body!r}")
-                conv[-1] = {"role": "assistant", "content": bad}
-                flawed += 1
-            f.write(json.dumps({"messages": conv}) + "\n")
-    print(f"flawed teacher: {flawed} of {examples} traces answer with the question's first number ({data})",
-          flush=True)
-    return _sft(root, seed, f"flawed-sft-{steps}", [f"data.path={data}", f"train.max_steps={steps}",
-                                                     f"checkpoint.every={steps}"])
-
-
-def greedy_accuracy(model_dir: str, cfg: Any) -> tuple[float, float, dict[str, float]]:
-    """Greedy exact-match accuracy on GRPO's evaluation problems (its seed, split, levels and count); the
-    fraction of wrong answers that are the question's first number (the flawed teacher's shortcut); and the
-    accuracy per operation of the gold solution's first step (``+ - * /``; ``other`` for a task without one)."""
-    from r1ray.infer.hf import HFEngine
-    from r1ray.infer.types import SamplingParams
-    from r1ray.tasks.base import extract_answer
-    from r1ray.tasks.registry import sample_problems
-    from r1ray.tasks.rewards import score
-
-    g = cfg.grpo
-    probs = sample_problems(g.tasks, g.eval_problems, seed=cfg.seed, split="eval", difficulty=g.difficulty,
-                            options=g.task_options)
-    eng = HFEngine.from_dir(model_dir, device="cpu", dtype="float32", max_batch_size=64, max_queue=4096)
-    try:
-        prompts = [eng.tokenizer.apply_chat_template(p.messages(), add_generation_prompt=True, tokenize=False)
-                   for p in probs]
-        outs = eng.generate(prompts, SamplingParams(max_tokens=g.max_completion_tokens, temperature=0.0))
-    finally:
-        eng.shutdown()
-    acc = score([o.text for o in outs], probs, {"accuracy": 1.0}).per_reward["accuracy"]
-    wrong = [(p, o) for p, o, a in zip(probs, outs, acc, strict=True) if a < 1.0]
-    shortcut = sum(1 for p, o in wrong
-                   if (first := _first_number(p.question)) is not None and extract_answer(o.text) == first)
-    by_op: dict[str, list[float]] = {}
-    for p, a in zip(probs, acc, strict=True):
-        op = re.search(r" ([-+*/]) ", p.solution)
-        by_op.setdefault(op.group(1) if op else "other", []).append(a)
-    return (statistics.mean(acc), (shortcut / len(wrong) if wrong else 0.0),
-            {k: statistics.mean(v) for k, v in sorted(by_op.items())})
-
-
-def _ops(by_op: dict[str, float]) -> str:
-    return ", ".join(f"{k} {v:.2f}" for k, v in by_op.items())
+def _fmt(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{100 * values[0]:.1f}"
+    return f"{100 * statistics.mean(values):.1f} ({100 * min(values):.1f}-{100 * max(values):.1f})"
 
 
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--root", type=str, default=None, help="storage root (default: a new temporary directory)")
-    ap.add_argument("--init-from", type=str, default=None, help="start from this export instead of a weak SFT")
-    ap.add_argument("--start", choices=("flawed-teacher", "half-sft"), default="flawed-teacher",
-                    help="flawed-teacher: SFT on traces of which --flaw end with the question's first number; "
-                         "half-sft: the default SFT run stopped at --sft-steps of --sft-of")
-    ap.add_argument("--flaw", type=float, default=0.6, help="flawed-teacher: the fraction of flawed traces")
-    ap.add_argument("--flaw-examples", type=int, default=20_000, help="flawed-teacher: SFT traces")
-    ap.add_argument("--sft-steps", type=int, default=None,
-                    help="SFT steps before GRPO starts (default: 2000 for flawed-teacher, 1000 for half-sft)")
-    ap.add_argument("--sft-of", type=int, default=2000,
-                    help="half-sft: the SFT run's length (its schedule): the start is that run stopped at --sft-steps")
-    ap.add_argument("--minutes", type=float, default=15.0, help="GRPO's time budget")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--root", type=str, required=True, help="storage root (the default start is built here)")
+    ap.add_argument("--start", type=str, default=None, help="an SFT export to start from (default: the default SFT)")
+    ap.add_argument("--minutes", type=float, default=8.0, help="wall-time budget of every arm")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--arms", type=str, nargs="+", default=["grpo", "rft", "sft"],
+                    choices=["grpo", "rft", "sft", "sft-gold"])
+    ap.add_argument("--dev", type=int, default=100, help="dev problems (level 3)")
+    ap.add_argument("--test", type=int, default=200, help="test problems (level 3; and of levels 1 and 2)")
+    ap.add_argument("--samples", type=int, default=8, help="samples per test problem for pass@k")
+    ap.add_argument("--rft-prompts", type=int, default=1500, help="rft: level-3 train problems sampled once each")
+    ap.add_argument("--select", type=float, nargs="*", default=None,
+                    help="choose GRPO's optim.lr among these on the dev split (seed 0), then run the arms with it")
     ap.add_argument("--json", type=str, default=None)
     a, overrides = ap.parse_known_args(argv)
-    from r1ray.config import load_config
-    from r1ray.train.grpo import GRPOConfig
-    from r1ray.train.grpo import run as grpo
-
-    root = Path(a.root or tempfile.mkdtemp(prefix="r1ray-grpo-quality-"))
-    t0 = time.perf_counter()
-    if a.init_from:
-        start = a.init_from
-    elif a.start == "flawed-teacher":
-        start = flawed_teacher_sft(root, a.sft_steps or 2000, a.flaw, a.flaw_examples, a.seed)
+    root = Path(a.root)
+    root.mkdir(parents=True, exist_ok=True)
+    if a.start:
+        start = a.start
     else:
-        start = weak_sft(root, a.sft_steps or 1000, a.sft_of, a.seed)
-    sft_s = time.perf_counter() - t0
-    # A fresh run name each time: the same name under the same root would resume the finished run and return
-    # at once (a run_name=... override still wins).
-    run_name = f"grpo-quality-{'init' if a.init_from else a.start}-{time.strftime('%Y%m%d-%H%M%S')}"
-    cfg = load_config(GRPOConfig, [f"--config={RECIPE}", f"model.init_from={start}", f"storage.root={root}",
-                                   f"seed={a.seed}", f"run_name={run_name}", *overrides])
-    acc0, short0, ops0 = greedy_accuracy(start, cfg)
-    print(f"start {start}: held-out greedy accuracy {acc0:.3f} ({cfg.grpo.eval_problems} problems; by operation "
-          f"{_ops(ops0)}); {short0:.2f} of its wrong answers are the question's first number", flush=True)
-    t0 = time.perf_counter()
-    result = grpo(cfg)
-    wall = time.perf_counter() - t0
-    if result.export_path is None:
-        raise RuntimeError(f"GRPO ended {result.status} without an export")
-    acc1, short1, ops1 = greedy_accuracy(result.export_path, cfg)
-    out = {"start": start, "start_accuracy": acc0, "end_accuracy": acc1, "gain_points": 100 * (acc1 - acc0),
-           "start_shortcut_fraction": short0, "end_shortcut_fraction": short1,
-           "start_accuracy_by_op": ops0, "end_accuracy_by_op": ops1,
-           "grpo_seconds": wall, "budget_seconds": 60 * a.minutes, "steps": result.steps,
-           "in_loop_accuracy": result.metrics.get("accuracy"), "setup_seconds": sft_s, "run_dir": result.run_dir}
-    print(f"\nGRPO ({RECIPE.name}{' + ' + ' '.join(overrides) if overrides else ''}): {result.steps} steps in "
-          f"{wall / 60:.1f} min (budget {a.minutes:.0f})")
-    print(f"held-out greedy accuracy: {acc0:.3f} -> {acc1:.3f} ({out['gain_points']:+.1f} points; the run's own "
-          f"final evaluation {out['in_loop_accuracy']})")
-    print(f"by operation: {_ops(ops0)} -> {_ops(ops1)}")
-    print(f"wrong answers that are the question's first number: {short0:.2f} -> {short1:.2f}")
+        from r1ray.config import load_config
+        from r1ray.pipeline.upstream import default_export
+        from r1ray.train.sft import SFTConfig
+
+        start = default_export("sft", load_config(SFTConfig, [*BASE, f"storage.root={root}"]))
+    dev, test3 = split_problems(3, a.dev, a.test)
+    tests = {3: test3, **{lv: split_problems(lv, 0, a.test)[1] for lv in (1, 2)}}
+
+    def measure(model_dir: str) -> dict[str, float]:
+        out = {f"d3_{k}": v for k, v in score(model_dir, tests[3], a.samples).items()}
+        for lv in (1, 2):
+            out[f"d{lv}_pass@1"] = score(model_dir, tests[lv])["pass@1"]
+        return out
+
+    report: dict[str, Any] = {"start": start, "minutes": a.minutes, "seeds": a.seeds, "overrides": overrides,
+                              "dev": len(dev), "test": len(test3)}
+    report["start_scores"] = s0 = measure(start)
+    print(f"start {start}: level 3 pass@1 {s0['d3_pass@1']:.3f} pass@{a.samples} {s0[f'd3_pass@{a.samples}']:.3f}; "
+          f"levels 1/2 pass@1 {s0['d1_pass@1']:.3f}/{s0['d2_pass@1']:.3f}", flush=True)
+    if a.select:
+        chosen, best = None, -1.0
+        report["select"] = []
+        for lr in a.select:
+            arm = run_arm("grpo", start, root, a.seeds[0], a.minutes, a, [*overrides, f"optim.lr={lr}"])
+            acc = score(arm["export"], dev)["pass@1"]
+            report["select"].append({"lr": lr, "dev_pass@1": acc, "steps": arm["steps"]})
+            print(f"select: GRPO lr {lr:g}: dev pass@1 {acc:.3f} ({arm['steps']} steps)", flush=True)
+            if acc > best:
+                chosen, best = lr, acc
+        overrides = [*overrides, f"optim.lr={chosen}"]
+        print(f"select: lr {chosen:g} (dev pass@1 {best:.3f})", flush=True)
+    runs: dict[str, list[dict]] = {arm: [] for arm in a.arms}
+    for seed in a.seeds:
+        for arm in a.arms:
+            r = run_arm(arm, start, root, seed, a.minutes, a, overrides if arm == "grpo" else [])
+            r.update(measure(r["export"]))
+            runs[arm].append({"seed": seed, **r})
+            print(f"seed {seed} {arm}: level 3 pass@1 {r['d3_pass@1']:.3f} pass@{a.samples} "
+                  f"{r[f'd3_pass@{a.samples}']:.3f}; levels 1/2 {r['d1_pass@1']:.3f}/{r['d2_pass@1']:.3f}; "
+                  f"{r['steps']} steps in {r['seconds']:.0f}s", flush=True)
+    report["runs"] = runs
+    k = a.samples
+    print(f"\nlevel 3 (the RL-only level), {len(test3)} test problems; {a.minutes:g} min per arm; seeds {a.seeds}; "
+          "mean (min-max) in %")
+    print(f"| arm | pass@1 | pass@{k} | level 1 pass@1 | level 2 pass@1 | steps | seconds |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    print(f"| SFT start | {_fmt([s0['d3_pass@1']])} | {_fmt([s0[f'd3_pass@{k}']])} | {_fmt([s0['d1_pass@1']])} | "
+          f"{_fmt([s0['d2_pass@1']])} | | |")
+    for arm, rs in runs.items():
+        print(f"| {arm} | {_fmt([r['d3_pass@1'] for r in rs])} | {_fmt([r[f'd3_pass@{k}'] for r in rs])} | "
+              f"{_fmt([r['d1_pass@1'] for r in rs])} | {_fmt([r['d2_pass@1'] for r in rs])} | "
+              f"{statistics.mean(r['steps'] for r in rs):.0f} | {statistics.mean(r['seconds'] for r in rs):.0f} |")
+    if "grpo" in runs:
+        gain = [100 * (r["d3_pass@1"] - s0["d3_pass@1"]) for r in runs["grpo"]]
+        print(f"\nGRPO gain on level 3: {statistics.mean(gain):+.1f} points (seeds: "
+              f"{', '.join(f'{g:+.1f}' for g in gain)})")
     if a.json:
-        Path(a.json).write_text(json.dumps(out, indent=2))
-    return 0 if wall <= 60 * a.minutes else 1
+        Path(a.json).write_text(json.dumps(report, indent=2))
+    return 0
 
 
 if __name__ == "__main__":

@@ -21,6 +21,10 @@ PRESETS: dict[str, dict[str, int]] = {
     # Distillation students of the presets above: about a quarter of the parameters or less (the
     # embeddings shrink with the hidden size too); test_model checks the ratio at the default vocabulary.
     "debug-student": dict(hidden_size=16, intermediate_size=44, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1),
+    # ~0.7M non-embedding params: the default. The smallest size measured to learn written arithmetic (columns,
+    # carries, long division over digit tokens) to >= 95% on one-step problems within the default pipeline's budget
+    # on 2 CPUs (docs/reasoning.md).
+    "mini": dict(hidden_size=128, intermediate_size=344, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2),
     # ~3M non-embedding params.
     "tiny": dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=2),
     "tiny-student": dict(hidden_size=48, intermediate_size=128, num_hidden_layers=2, num_attention_heads=3, num_key_value_heads=1),

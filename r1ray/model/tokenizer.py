@@ -1,12 +1,10 @@
 """Byte-level BPE tokenizers with the chat and reasoning tokens every later stage relies on.
 
 Saved as a directory that ``AutoTokenizer.from_pretrained`` loads. By default numbers are split into single digits
-before BPE (``split_digits``, the practice of Llama, DeepSeek and Qwen tokenizers): ``" 467"`` is ``" 4"``, ``"6"``,
-``"7"``, each token one digit (a digit may carry the space before it), so a model computes with digits instead of
-memorising one token per number. ``<think>``/``</think>`` and
-``<answer>``/``</answer>`` are single, *non-special* added tokens: they never split, and decoding keeps them
-(``skip_special_tokens`` drops only BOS/EOS/PAD and the chat delimiters), so serving can split a reply
-into ``reasoning_content`` and ``content`` and GRPO rewards can parse answers.
+before BPE (``split_digits``, as Qwen2, Llama 1/2 and DeepSeek tokenizers do): the pre-tokenizer is Qwen2's split
+regex (each digit a piece of its own, the space before a number a piece of its own) followed by the byte-level
+mapping, which llama.cpp knows as ``qwen2``, so a GGUF export tokenizes exactly as the Hugging Face tokenizer does.
+A model then computes with digits instead of memorising one token per number.
 """
 
 from __future__ import annotations
@@ -34,25 +32,29 @@ CHAT_TEMPLATE = (
 )
 
 
-DIGIT_PATTERN = r" ?\p{N}"
-"""With ``split_digits``: every digit (any Unicode number character) is a piece of its own, with the space before it."""
+SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
+                 r"\s+(?!\S)|\s+")
+"""With ``split_digits``: Qwen2's pre-tokenizer regex (llama.cpp's ``qwen2``): every digit (``\p{N}``) a piece of its own."""
 
 
 def train_tokenizer(texts: Iterable[str], out_dir: str | Path, *, vocab_size: int = 4096, min_frequency: int = 2,
                     split_digits: bool = True):
     """Train a byte-level BPE on ``texts`` and save it with the special tokens and chat template.
 
-    ``split_digits``: isolate each digit (with an optional leading space) before the byte-level split, so no token
-    ever holds two digits. Deterministic for the same texts in the same order. Returns the loaded
+    ``split_digits``: Qwen2's pre-tokenizer (each digit a piece of its own), so no token ever holds two digits; off:
+    GPT-2's byte-level split, where BPE merges runs of digits. Deterministic for the same texts in the same order. Returns the loaded
     ``PreTrainedTokenizerFast``.
     """
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(DIGIT_PATTERN), behavior="isolated"), byte_level]) if split_digits else byte_level
+    if split_digits:  # exactly Qwen2's tokenizer.json layout: the split regex, then the byte mapping alone
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    else:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

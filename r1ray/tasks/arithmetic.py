@@ -1,14 +1,14 @@
 """Arithmetic word problems with a ``<think>`` worked solution that carries out the computation, in three levels.
 
 The solution takes the question a sentence at a time: it quotes the sentence, writes the operation it asks for on
-the running total (``She buys 3 boxes with 46 pencils in each: 46 * 3``), works it in writing
+the running total (``She buys 3 boxes with 46 pencils in each: 46*3``), works it in writing
 (``r1ray.tasks.procedures``: columns with carries and borrows, partial products, long division), one small fact
 per line, and ends with ``So the answer is N.``::
 
     task = ArithmeticTask()
     p = task.problem(7, seed=0, split="train", difficulty=1)
     p.question   # "Mia has 167 pencils. She gets 85 more pencils. How many pencils does Mia have now?"
-    p.solution   # "Mia has 167 pencils.\\nShe gets 85 more pencils: 167 + 85\\nones 7 + 5 + 0 = 12, ..."
+    p.solution   # "Mia has 167 pencils.\\nShe gets 85 more pencils: 167+85\\nones 7+5+0=12, write 2, carry 1..."
     task.verify(p.completion, p)  # 1.0
 
 Levels: 1 = one operation (numbers up to three digits); 2 = a story of two operations; 3 = the same kind of story
@@ -47,7 +47,7 @@ Step = tuple[str, int, str, int]
 
 
 def worked(steps: list[Step | str]) -> tuple[list[str], int]:
-    """Solution lines for a plan: each step ``(words, a, op, b)`` as ``words: a op b`` then its written
+    """Solution lines for a plan: each step ``(words, a, op, b)`` as ``words: a op b`` (no spaces) then its written
     computation (``r1ray.tasks.procedures``); a plain string is a line of prose. Returns (lines, last value)."""
     lines: list[str] = []
     value = None
@@ -57,7 +57,7 @@ def worked(steps: list[Step | str]) -> tuple[list[str], int]:
             continue
         words, a, op, b = step
         body, value = op_lines(a, op, b)
-        lines.append(f"{words}: {a} {op} {b}")
+        lines.append(f"{words}: {a}{op}{b}")
         lines += body
     if value is None:
         raise ValueError("a worked solution needs at least one operation")
@@ -66,53 +66,44 @@ def worked(steps: list[Step | str]) -> tuple[list[str], int]:
 
 # --- The templates ------------------------------------------------------------------------------------------
 # A question is a short story: what someone has, then sentences that each change the total (gets, finds, gives,
-# loses: one operation; buys boxes: a product, then a sum; shares among friends: a division, always last). The
-# worked solution takes the story a sentence at a time: it quotes the sentence, writes the operation it asks for
-# on the running total, works it, and goes on with the next sentence until the question is left. Level 1 tells
-# one operation, level 2 two, level 3 three or four: the same sentences in a longer chain, which no easier level
-# (and no pretraining document) shows.
+# loses: one operation; buys boxes: a product, then a sum; shares among friends: a division, always last), mixed
+# with sentences that change nothing (someone's age, what another person has). The worked solution walks the story
+# a sentence at a time: it quotes the sentence, writes the operation it asks for on the running total and works it
+# (or notes that nothing changes), and goes on until only the question is left. Level 1 tells one operation,
+# level 2 two, level 3 three or four. The walk is the same at every level (the sentences that change nothing make
+# stories of every length up to six sentences in levels 1 and 2), but no easier level, and no pretraining
+# document, carries a total through more than two operations.
+
+Pair = tuple[str, list]
+"""A sentence of the story (with its period) and its part of the worked plan."""
 
 
-def _sentence(kind: str, he: str, item: str, b: int, cont: str = "", n: int = 0) -> str:
+def _change(kind: str, he: str, item: str, b: int) -> str:
     return {"gets": f"{he} gets {b} more {item}", "finds": f"{he} finds {b} more {item}",
-            "gives": f"{he} gives {b} {item} to a friend", "loses": f"{he} loses {b} {item}",
-            "buys": f"{he} buys {n} {cont} with {b} {item} in each",
-            "shares": f"{he} shares all the {item} equally among {b} friends"}[kind]
+            "gives": f"{he} gives {b} {item} to a friend", "loses": f"{he} loses {b} {item}"}[kind]
 
 
-def _add(r: random.Random, name: str, item: str) -> tuple[str, list, int]:
-    a, b = r.randint(10, 199), r.randint(10, 99)
-    start, step = f"{name} has {a} {item}.", _sentence("gets", _PRONOUN[name], item, b)
-    return f"{start} {step}. How many {item} does {name} have now?", [start, (step, a, "+", b)], a + b
+def _distractor(r: random.Random, name: str, item: str) -> Pair:
+    he = _PRONOUN[name]
+    other = r.choice([n for n in _NAMES if _PRONOUN[n] != he])  # never another "he" or "she": no doubt whose it is
+    his = "Her" if he == "She" else "His"
+    sentence = r.choice([
+        f"{he} is {r.randint(6, 15)} years old", f"{other} has {r.randint(2, 99)} {item}",
+        f"{his} friend has {r.randint(2, 99)} {r.choice([i for i in _ITEMS if i != item])}",
+        f"It is {r.randint(5, 35)} degrees outside", f"{he} walks {r.randint(20, 900)} steps to school",
+        f"{other} gets {r.randint(2, 60)} more {item}",
+    ])
+    return sentence + ".", [f"{sentence}: no change"]
 
 
-def _sub(r: random.Random, name: str, item: str) -> tuple[str, list, int]:
-    a = r.randint(20, 199)
-    b = r.randint(2, a - 1)
-    start, step = f"{name} has {a} {item}.", _sentence("gives", _PRONOUN[name], item, b)
-    return f"{start} {step}. How many {item} does {name} have left?", [start, (step, a, "-", b)], a - b
-
-
-def _mul(r: random.Random, name: str, item: str) -> tuple[str, list, int]:
-    n, per = r.randint(2, 9), r.randint(10, 99)
-    step = _sentence("buys", name, item, per, r.choice(_CONTAINERS), n)
-    return f"{step}. How many {item} does {name} buy?", [(step, per, "*", n)], n * per
-
-
-def _div(r: random.Random, name: str, item: str) -> tuple[str, list, int]:
-    friends, each = r.randint(2, 9), r.randint(10, 99)
-    total = friends * each
-    step = f"{name} shares {total} {item} equally among {friends} friends"
-    return f"{step}. How many {item} does each friend get?", [(step, total, "/", friends)], each
-
-
-def _story(r: random.Random, name: str, item: str, n_ops: int) -> tuple[str, list, int]:
-    """A story of ``n_ops`` operations on a running total."""
+def _story(r: random.Random, name: str, item: str, n_ops: int, distractors: int) -> tuple[str, list, int]:
+    """A story of ``n_ops`` operations on a running total, with up to ``distractors`` sentences that change
+    nothing, at random places after the first."""
     he, cont = _PRONOUN[name], r.choice(_CONTAINERS)
     total = r.randint(10, 99)
     start = f"{name} has {total} {item}."
-    sentences, plan = [start], [start]
-    share = r.random() < 0.3
+    pairs: list[Pair] = [(start, [start])]
+    share = n_ops >= 2 and r.random() < 0.3
     left = n_ops - share
     friends = r.randint(2, 9)
     while left:
@@ -120,51 +111,77 @@ def _story(r: random.Random, name: str, item: str, n_ops: int) -> tuple[str, lis
         kind = r.choice(kinds)
         if kind == "buys":
             n, per = r.randint(2, 9), r.randint(2, 30)
-            step = _sentence(kind, he, item, per, cont, n)
-            plan += [(step, per, "*", n), ("In total", total, "+", per * n)]
+            step = f"{he} buys {n} {cont} with {per} {item} in each"
+            pairs.append((step + ".", [(step, per, "*", n), ("In total", total, "+", per * n)]))
             total += per * n
             left -= 2
-        else:
-            lo, hi = (2, 60) if kind in ("gets", "finds") else (1, total - 1)
-            if hi < lo:
-                kind, lo, hi = "gets", 2, 60
-            sign = 1 if kind in ("gets", "finds") else -1
-            amounts = range(lo, hi + 1)
-            if share and left == 1:  # the last change leaves a total the friends can share
-                amounts = [b for b in amounts if (total + sign * b) % friends == 0] or amounts
-            b = r.choice(amounts)
-            step = _sentence(kind, he, item, b)
-            plan.append((step, total, "+" if sign > 0 else "-", b))
-            total += sign * b
-            left -= 1
-        sentences.append(step + ".")
+            continue
+        lo, hi = (2, 60) if kind in ("gets", "finds") else (1, total - 1)
+        if hi < lo:
+            kind, lo, hi = "gets", 2, 60
+        sign = 1 if kind in ("gets", "finds") else -1
+        amounts = range(lo, hi + 1)
+        if share and left == 1:  # the last change leaves a total the friends can share
+            amounts = [b for b in amounts if (total + sign * b) % friends == 0] or amounts
+        b = r.choice(amounts)
+        step = _change(kind, he, item, b)
+        pairs.append((step + ".", [(step, total, "+" if sign > 0 else "-", b)]))
+        total += sign * b
+        left -= 1
+    question = f"How many {item} does {name} have now?"
     if share and total % friends == 0:
-        step = _sentence("shares", he, item, friends)
-        sentences.append(step + ".")
-        plan.append((step, total, "/", friends))
-        return " ".join(sentences) + f" How many {item} does each friend get?", plan, total // friends
-    if share:  # the amounts could not make the total divisible: one more change instead of the share
-        step = _sentence("finds", he, item, 1)
-        sentences.append(step + ".")
-        plan.append((step, total, "+", 1))
+        step = f"{he} shares all the {item} equally among {friends} friends"
+        pairs.append((step + ".", [(step, total, "/", friends)]))
+        total //= friends
+        question = f"How many {item} does each friend get?"
+    elif share:  # the amounts could not make the total divisible: one more change instead of the share
+        step = _change("finds", he, item, 1)
+        pairs.append((step + ".", [(step, total, "+", 1)]))
         total += 1
-    return " ".join(sentences) + f" How many {item} does {name} have now?", plan, total
+    for _ in range(r.randint(0, distractors)):
+        pairs.insert(r.randint(1, len(pairs)), _distractor(r, name, item))
+    return " ".join(s for s, _ in pairs) + " " + question, [e for _, plan in pairs for e in plan], total
+
+
+def _one_step(r: random.Random, name: str, item: str) -> tuple[str, list, int]:
+    """Level 1: one change of what someone has (larger numbers than the stories), or a purchase, or a fair share."""
+    he, kind = _PRONOUN[name], r.choice(["add", "sub", "mul", "div"])
+    if kind in ("add", "sub"):
+        a = r.randint(20, 199)
+        b = r.randint(10, 99) if kind == "add" else r.randint(2, a - 1)
+        step = _change("gets" if kind == "add" else "gives", he, item, b)
+        pairs: list[Pair] = [(f"{name} has {a} {item}.", [f"{name} has {a} {item}."]),
+                             (step + ".", [(step, a, "+" if kind == "add" else "-", b)])]
+        answer = a + b if kind == "add" else a - b
+        question = f"How many {item} does {name} have {'now' if kind == 'add' else 'left'}?"
+    elif kind == "mul":
+        n, per = r.randint(2, 9), r.randint(10, 99)
+        step = f"{name} buys {n} {r.choice(_CONTAINERS)} with {per} {item} in each"
+        pairs, answer, question = [(step + ".", [(step, per, "*", n)])], n * per, f"How many {item} does {name} buy?"
+    else:
+        friends, each = r.randint(2, 9), r.randint(10, 99)
+        step = f"{name} shares {friends * each} {item} equally among {friends} friends"
+        pairs, answer = [(step + ".", [(step, friends * each, "/", friends)])], each
+        question = f"How many {item} does each friend get?"
+    if r.random() < 0.5:
+        pairs.insert(r.randint(1, len(pairs)), _distractor(r, name, item))
+    return " ".join(s for s, _ in pairs) + " " + question, [e for _, plan in pairs for e in plan], answer
 
 
 def _story2(r: random.Random, name: str, item: str) -> tuple[str, list, int]:
-    return _story(r, name, item, 2)
+    return _story(r, name, item, 2, distractors=3)
 
 
 def _story3(r: random.Random, name: str, item: str) -> tuple[str, list, int]:
-    return _story(r, name, item, 3)
+    return _story(r, name, item, 3, distractors=2)
 
 
 def _story4(r: random.Random, name: str, item: str) -> tuple[str, list, int]:
-    return _story(r, name, item, 4)
+    return _story(r, name, item, 4, distractors=1)
 
 
 LEVELS: dict[int, tuple[Callable[[random.Random, str, str], tuple[str, list, int]], ...]] = {
-    1: (_add, _sub, _mul, _div),
+    1: (_one_step,),
     2: (_story2,),
     3: (_story3, _story4),
 }

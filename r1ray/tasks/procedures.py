@@ -7,13 +7,14 @@ line before: the computation generalises to numbers it has never seen, where a o
 makes each answer a lookup in a table of thousands of facts.
 
     add_lines(367, 125)
-    # ['ones 7 + 5 + 0 = 12, write 2, carry 1',
-    #  'tens 6 + 2 + 1 = 9, write 9, carry 0',
-    #  'hundreds 3 + 1 + 0 = 4, write 4, carry 0',
-    #  '367 + 125 = 492']
+    # ['ones 7+5+0=12, write 2, carry 1',
+    #  'tens 6+2+1=9, write 9, carry 0',
+    #  'hundreds 3+1+0=4, write 4, carry 0',
+    #  '367+125=492']
 
 Columns are named (``ones``, ``tens``, ...) so the model can find the digits a line needs by name; a missing
-digit is 0; a final carry gets a column of its own. Two single digits are one fact (``7 + 5 = 12``).
+digit is 0; a final carry gets a column of its own. Two single digits are one fact (``7+5=12``). Expressions
+are written without spaces: with the digit-splitting tokenizer a space before a digit is a token of its own.
 ``check_lines`` re-executes any block of these lines and returns the first wrong one: the tests run it on every
 worked solution, so a procedure that skips or miscomputes a step cannot ship.
 """
@@ -43,18 +44,18 @@ def add_lines(a: int, b: int) -> list[str]:
     """Column addition of two non-negative integers, lowest column first, then ``a + b = s``."""
     _check_operands(a, b)
     if a < 10 and b < 10:
-        return [f"{a} + {b} = {a + b}"]
+        return [f"{a}+{b}={a + b}"]
     da, db = _digits(a), _digits(b)
     lines, carry = [], 0
     for i in range(max(len(da), len(db))):
         x, y = (da[i] if i < len(da) else 0), (db[i] if i < len(db) else 0)
         s = x + y + carry
-        lines.append(f"{_place(i)} {x} + {y} + {carry} = {s}, write {s % 10}, carry {s // 10}")
+        lines.append(f"{_place(i)} {x}+{y}+{carry}={s}, write {s % 10}, carry {s // 10}")
         carry = s // 10
     if carry:
         i = max(len(da), len(db))
-        lines.append(f"{_place(i)} 0 + 0 + {carry} = {carry}, write {carry}, carry 0")
-    lines.append(f"{a} + {b} = {a + b}")
+        lines.append(f"{_place(i)} 0+0+{carry}={carry}, write {carry}, carry 0")
+    lines.append(f"{a}+{b}={a + b}")
     return lines
 
 
@@ -64,56 +65,55 @@ def sub_lines(a: int, b: int) -> list[str]:
     if b > a:
         raise ValueError(f"sub_lines needs a >= b, got {a} - {b}")
     if a < 10:
-        return [f"{a} - {b} = {a - b}"]
+        return [f"{a}-{b}={a - b}"]
     da, db = _digits(a), _digits(b)
     lines, borrow = [], 0
     for i in range(len(da)):
         x, y = da[i], (db[i] if i < len(db) else 0)
         d = x - y - borrow
         if d >= 0:
-            lines.append(f"{_place(i)} {x} - {y} - {borrow} = {d}, write {d}, borrow 0")
+            lines.append(f"{_place(i)} {x}-{y}-{borrow}={d}, write {d}, borrow 0")
             borrow = 0
         else:
-            lines.append(f"{_place(i)} {x} - {y} - {borrow} is below 0, so 1{x} - {y} - {borrow} = {d + 10}, "
-                         f"write {d + 10}, borrow 1")
+            lines.append(f"{_place(i)} {x}-{y}-{borrow} is below 0, so 1{x}-{y}-{borrow}={d + 10}, write {d + 10}, "
+                         "borrow 1")
             borrow = 1
-    lines.append(f"{a} - {b} = {a - b}")
+    lines.append(f"{a}-{b}={a - b}")
     return lines
 
 
 def mul_lines(a: int, b: int) -> list[str]:
     """``a * b``: ``a`` times each digit of ``b`` column by column (a partial product per digit of ``b``, shifted
     by its place), then the partial products added by columns; ``a * b = p`` last. A column is a times-table fact
-    and then the carry added (``5 * 5 = 25, 25 + 1 = 26``): two small facts instead of one of ~900."""
+    and then the carry added (``5*5=25, 25+1=26``): two small facts instead of one of ~900."""
     _check_operands(a, b)
     if a < 10 and b < 10:
-        return [f"{a} * {b} = {a * b}"]
+        return [f"{a}*{b}={a * b}"]
     if len(str(b)) > 1 and len(str(a)) == 1:
-        raise ValueError(f"mul_lines takes the multi-digit number first: write {b} * {a}, not {a} * {b}")
+        raise ValueError(f"mul_lines takes the multi-digit number first: write {b}*{a}, not {a}*{b}")
     lines: list[str] = []
     partials: list[int] = []
     for j, m in enumerate(_digits(b)):
         if len(str(b)) > 1:
-            lines.append(f"{a} * {m * 10 ** j}:" if j else f"{a} * {m}:")
+            lines.append(f"{a}*{m * 10 ** j}:" if j else f"{a}*{m}:")
         if a < 10:
-            lines.append(f"{a} * {m} = {a * m}")
+            lines.append(f"{a}*{m}={a * m}")
         else:
             carry = 0
             for i, x in enumerate(_digits(a)):
                 s = x * m + carry
-                lines.append(f"{_place(i)} {x} * {m} = {x * m}, {x * m} + {carry} = {s}, write {s % 10}, "
-                             f"carry {s // 10}")
+                lines.append(f"{_place(i)} {x}*{m}={x * m}, {x * m}+{carry}={s}, write {s % 10}, carry {s // 10}")
                 carry = s // 10
             if carry:
                 lines.append(f"{_place(len(str(a)))} write {carry}")
         partials.append(a * m * 10 ** j)
         if len(str(b)) > 1:
-            lines.append(f"{a} * {m * 10 ** j} = {a * m * 10 ** j}")
+            lines.append(f"{a}*{m * 10 ** j}={a * m * 10 ** j}")
     total = partials[0]
     for p in partials[1:]:
         lines += add_lines(total, p)
         total += p
-    lines.append(f"{a} * {b} = {a * b}")
+    lines.append(f"{a}*{b}={a * b}")
     return lines
 
 
@@ -124,14 +124,14 @@ def div_lines(a: int, b: int) -> list[str]:
     if b == 0 or a % b:
         raise ValueError(f"div_lines needs an exact division by a positive number, got {a} / {b}")
     if a < 10:
-        return [f"{a} / {b} = {a // b}"]
+        return [f"{a}/{b}={a // b}"]
     lines, rem = [], 0
     for d in str(a):
         cur = rem * 10 + int(d)
         q = cur // b
         rem = cur - q * b
-        lines.append(f"{cur} / {b} = {q}, {q} * {b} = {q * b}, {cur} - {q * b} = {rem}")
-    lines.append(f"{a} / {b} = {a // b}")
+        lines.append(f"{cur}/{b}={q}, {q}*{b}={q * b}, {cur}-{q * b}={rem}")
+    lines.append(f"{a}/{b}={a // b}")
     return lines
 
 
@@ -153,17 +153,16 @@ def _check_operands(a: int, b: int) -> None:
 
 # --- Checking: every line re-executed ----------------------------------------------------------------------
 
-_COL_ADD = re.compile(r"^(?:[a-z-]+ )?(\d) \+ (\d) \+ (\d) = (\d+), write (\d), carry (\d)$")
-_COL_SUB = re.compile(r"^(?:[a-z-]+ )?(\d) - (\d) - (\d) = (\d), write (\d), borrow 0$")
-_COL_BORROW = re.compile(r"^(?:[a-z-]+ )?(\d) - (\d) - (\d) is below 0, so 1(\d) - (\d) - (\d) = (\d+), write (\d), "
-                         r"borrow 1$")
-_COL_MUL = re.compile(r"^(?:[a-z-]+ )?(\d) \* (\d) = (\d+), (\d+) \+ (\d+) = (\d+), write (\d), carry (\d+)$")
-_DIV = re.compile(r"^(\d+) / (\d+) = (\d+), (\d+) \* (\d+) = (\d+), (\d+) - (\d+) = (\d+)$")
-_FACT = re.compile(r"^(\d+) ([-+*/]) (\d+) = (\d+)$")
+_COL_ADD = re.compile(r"^(?:[a-z-]+ )?(\d)\+(\d)\+(\d)=(\d+), write (\d), carry (\d)$")
+_COL_SUB = re.compile(r"^(?:[a-z-]+ )?(\d)-(\d)-(\d)=(\d), write (\d), borrow 0$")
+_COL_BORROW = re.compile(r"^(?:[a-z-]+ )?(\d)-(\d)-(\d) is below 0, so 1(\d)-(\d)-(\d)=(\d+), write (\d), borrow 1$")
+_COL_MUL = re.compile(r"^(?:[a-z-]+ )?(\d)\*(\d)=(\d+), (\d+)\+(\d+)=(\d+), write (\d), carry (\d+)$")
+_DIV = re.compile(r"^(\d+)/(\d+)=(\d+), (\d+)\*(\d+)=(\d+), (\d+)-(\d+)=(\d+)$")
+_FACT = re.compile(r"^(\d+)([-+*/])(\d+)=(\d+)$")
 
 
 def check_lines(lines: list[str]) -> str | None:
-    """The first line whose arithmetic is wrong (a column, a division step or an ``a op b = c`` result), or None.
+    """The first line whose arithmetic is wrong (a column, a division step or an ``a op b=c`` result), or None.
     Lines of other shapes (headers, prose) are skipped."""
     for line in lines:
         s = line.strip().rstrip(".")

@@ -32,7 +32,8 @@ def test_gguf_metadata_and_tensors(trained, tmp_path):
         assert fields["general.architecture"] == "llama"
         assert fields["llama.attention.head_count"] == 4 and fields["llama.attention.head_count_kv"] == 2
         assert fields["llama.attention.key_length"] == 16
-        assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "gpt-2"
+        # the default tokenizer splits digits with Qwen2's regex: llama.cpp's "qwen2" pre-tokenizer
+        assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "qwen2"
         assert len(fields["tokenizer.ggml.tokens"]) == len(tok)
         assert fields["tokenizer.ggml.eos_token_id"] == tok.eos_token_id
         assert fields["tokenizer.ggml.add_bos_token"] is False

@@ -14,27 +14,27 @@ from r1ray.tasks.procedures import add_lines, check_lines, div_lines, mul_lines,
 
 def test_column_addition_by_hand():
     assert add_lines(367, 125) == [
-        "ones 7 + 5 + 0 = 12, write 2, carry 1",
-        "tens 6 + 2 + 1 = 9, write 9, carry 0",
-        "hundreds 3 + 1 + 0 = 4, write 4, carry 0",
-        "367 + 125 = 492",
+        "ones 7+5+0=12, write 2, carry 1",
+        "tens 6+2+1=9, write 9, carry 0",
+        "hundreds 3+1+0=4, write 4, carry 0",
+        "367+125=492",
     ]
     # a final carry gets a column of its own; a missing digit is 0
     assert add_lines(95, 7) == [
-        "ones 5 + 7 + 0 = 12, write 2, carry 1",
-        "tens 9 + 0 + 1 = 10, write 0, carry 1",
-        "hundreds 0 + 0 + 1 = 1, write 1, carry 0",
-        "95 + 7 = 102",
+        "ones 5+7+0=12, write 2, carry 1",
+        "tens 9+0+1=10, write 0, carry 1",
+        "hundreds 0+0+1=1, write 1, carry 0",
+        "95+7=102",
     ]
-    assert add_lines(3, 4) == ["3 + 4 = 7"]
+    assert add_lines(3, 4) == ["3+4=7"]
 
 
 def test_column_subtraction_borrows_by_hand():
     assert sub_lines(402, 158) == [
-        "ones 2 - 8 - 0 is below 0, so 12 - 8 - 0 = 4, write 4, borrow 1",
-        "tens 0 - 5 - 1 is below 0, so 10 - 5 - 1 = 4, write 4, borrow 1",
-        "hundreds 4 - 1 - 1 = 2, write 2, borrow 0",
-        "402 - 158 = 244",
+        "ones 2-8-0 is below 0, so 12-8-0=4, write 4, borrow 1",
+        "tens 0-5-1 is below 0, so 10-5-1=4, write 4, borrow 1",
+        "hundreds 4-1-1=2, write 2, borrow 0",
+        "402-158=244",
     ]
     with pytest.raises(ValueError, match="a >= b"):
         sub_lines(3, 5)
@@ -42,19 +42,19 @@ def test_column_subtraction_borrows_by_hand():
 
 def test_partial_products_and_long_division_by_hand():
     assert mul_lines(47, 8) == [
-        "ones 7 * 8 = 56, 56 + 0 = 56, write 6, carry 5",
-        "tens 4 * 8 = 32, 32 + 5 = 37, write 7, carry 3",
+        "ones 7*8=56, 56+0=56, write 6, carry 5",
+        "tens 4*8=32, 32+5=37, write 7, carry 3",
         "hundreds write 3",
-        "47 * 8 = 376",
+        "47*8=376",
     ]
     lines = mul_lines(47, 23)  # a partial product per digit of 23, then their column sum
-    assert "47 * 3 = 141" in lines and "47 * 20 = 940" in lines and "141 + 940 = 1081" in lines
-    assert lines[-1] == "47 * 23 = 1081" and check_lines(lines) is None
+    assert "47*3=141" in lines and "47*20=940" in lines and "141+940=1081" in lines
+    assert lines[-1] == "47*23=1081" and check_lines(lines) is None
     assert div_lines(376, 8) == [
-        "3 / 8 = 0, 0 * 8 = 0, 3 - 0 = 3",
-        "37 / 8 = 4, 4 * 8 = 32, 37 - 32 = 5",
-        "56 / 8 = 7, 7 * 8 = 56, 56 - 56 = 0",
-        "376 / 8 = 47",
+        "3/8=0, 0*8=0, 3-0=3",
+        "37/8=4, 4*8=32, 37-32=5",
+        "56/8=7, 7*8=56, 56-56=0",
+        "376/8=47",
     ]
     with pytest.raises(ValueError, match="exact division"):
         div_lines(10, 3)
@@ -71,18 +71,18 @@ def test_random_operations_are_right_line_by_line():
                 x, y = r.randint(0, 9999) * d, d
             lines, value = op_lines(x, op, y)
             assert check_lines(lines) is None, lines
-            assert lines[-1] == f"{x} {op} {y} = {value}"
+            assert lines[-1] == f"{x}{op}{y}={value}"
 
 
 @pytest.mark.parametrize("bad", [
-    "ones 7 + 5 + 0 = 12, write 2, carry 0",                    # wrong carry
-    "tens 6 - 2 - 0 = 3, write 3, borrow 0",                    # wrong difference
-    "ones 2 - 8 - 0 is below 0, so 12 - 8 - 0 = 5, write 5, borrow 1",
-    "ones 7 * 8 = 56, 56 + 0 = 56, write 5, carry 6",
-    "tens 4 * 8 = 32, 32 + 5 = 36, write 6, carry 3",
-    "37 / 8 = 4, 4 * 8 = 32, 37 - 32 = 6",
-    "47 * 8 = 377",
-    "10 / 3 = 3",                                               # not exact
+    "ones 7+5+0=12, write 2, carry 0",                          # wrong carry
+    "tens 6-2-0=3, write 3, borrow 0",                          # wrong difference
+    "ones 2-8-0 is below 0, so 12-8-0=5, write 5, borrow 1",
+    "ones 7*8=56, 56+0=56, write 5, carry 6",
+    "tens 4*8=32, 32+5=36, write 6, carry 3",
+    "37/8=4, 4*8=32, 37-32=6",
+    "47*8=377",
+    "10/3=3",                                                   # not exact
 ])
 def test_checker_catches_a_wrong_line(bad):
     assert check_lines(["some prose", bad]) == bad
@@ -102,7 +102,7 @@ def test_ten_thousand_worked_solutions_per_level_are_right_and_verified(level):
         assert task.verify(p.completion, p) == 1.0
         assert p.meta["steps"] == {1: 1, 2: 2}.get(level, p.meta["steps"]) and 1 <= p.meta["steps"] <= 4
         templates.add(p.meta["template"])
-    assert len(templates) == {1: 4, 2: 1, 3: 2}[level]
+    assert len(templates) == {1: 1, 2: 1, 3: 2}[level]
 
 
 def test_level_three_chains_are_longer_than_anything_in_levels_one_and_two_or_the_corpus():
@@ -110,7 +110,7 @@ def test_level_three_chains_are_longer_than_anything_in_levels_one_and_two_or_th
     task = ArithmeticTask()
     steps = {lv: {task.problem(i, seed=0, difficulty=lv).meta["steps"] for i in range(400)} for lv in (1, 2, 3)}
     assert steps == {1: {1}, 2: {2}, 3: {3, 4}}
-    named = re.compile(r"^.+: \d+ [-+*/] \d+$", re.M)
+    named = re.compile(r"^.+: \d+[-+*/]\d+$", re.M)
     for s in generate_many(0, 400):
         assert 1 <= len(named.findall(s.solution)) <= 2, s.solution
         assert check_lines(s.solution.split("\n")) is None

@@ -19,7 +19,7 @@ def test_every_step_is_correct_arithmetic_and_the_answer_follows():
     for s in generate_many(0, 500):
         lines = s.solution.split("\n")
         assert check_lines(lines) is None, s.solution
-        results = [re.fullmatch(r"(\d+) ([-+*/]) (\d+) = (\d+)", line) for line in lines]
+        results = [re.fullmatch(r"(\d+)([-+*/])(\d+)=(\d+)", line) for line in lines]
         results = [m for m in results if m]
         assert results, s.solution
         assert int(results[-1].group(4)) == s.answer and lines[-1] == f"So the answer is {s.answer}."
