@@ -66,118 +66,84 @@ def worked(steps: list[Step | str]) -> tuple[list[str], int]:
 
 # --- The templates ------------------------------------------------------------------------------------------
 # A question is a short story: what someone has, then sentences that each change the total (gets, finds, gives,
-# loses: one operation; buys boxes: a product, then a sum; shares among friends: a division, always last), mixed
-# with sentences that change nothing (someone's age, what another person has). The worked solution walks the story
-# a sentence at a time: it quotes the sentence, writes the operation it asks for on the running total and works it
-# (or notes that nothing changes), and goes on until only the question is left. Level 1 tells one operation,
-# level 2 two, level 3 three or four. The walk is the same at every level (the sentences that change nothing make
-# stories of every length up to six sentences in levels 1 and 2), but no easier level, and no pretraining
-# document, carries a total through more than two operations.
+# loses: one operation; buys boxes: a product, then a sum; shares among friends: a division, always last). The
+# worked solution names each change and works it on the running total. Level 1 tells one operation, level 2 two,
+# level 3 three or four. No SFT trace and no pretraining document holds a story of three or more operations: the
+# corpus teaches long chains only on bare numbers (``chain``), and GRPO has to bring the two together.
 
-Pair = tuple[str, list]
-"""A sentence of the story (with its period) and its part of the worked plan."""
+_WORDS = {"gets": "After getting more", "finds": "After finding more", "gives": "After giving some away",
+          "loses": "After losing some"}
 
 
 def _change(kind: str, he: str, item: str, b: int) -> str:
-    return {"gets": f"{he} gets {b} more {item}", "finds": f"{he} finds {b} more {item}",
-            "gives": f"{he} gives {b} {item} to a friend", "loses": f"{he} loses {b} {item}"}[kind]
+    return {"gets": f"{he} gets {b} more {item}.", "finds": f"{he} finds {b} more {item}.",
+            "gives": f"{he} gives {b} {item} to a friend.", "loses": f"{he} loses {b} {item}."}[kind]
 
 
-def _distractor(r: random.Random, name: str, item: str) -> Pair:
-    he = _PRONOUN[name]
-    other = r.choice([n for n in _NAMES if _PRONOUN[n] != he])  # never another "he" or "she": no doubt whose it is
-    his = "Her" if he == "She" else "His"
-    sentence = r.choice([
-        f"{he} is {r.randint(6, 15)} years old", f"{other} has {r.randint(2, 99)} {item}",
-        f"{his} friend has {r.randint(2, 99)} {r.choice([i for i in _ITEMS if i != item])}",
-        f"It is {r.randint(5, 35)} degrees outside", f"{he} walks {r.randint(20, 900)} steps to school",
-        f"{other} gets {r.randint(2, 60)} more {item}",
-    ])
-    return sentence + ".", [f"{sentence}: no change"]
-
-
-def _story(r: random.Random, name: str, item: str, n_ops: int, distractors: int) -> tuple[str, list, int]:
-    """A story of ``n_ops`` operations on a running total, with up to ``distractors`` sentences that change
-    nothing, at random places after the first."""
+def _story(r: random.Random, name: str, item: str, n_ops: int) -> tuple[str, list, int]:
+    """A story of ``n_ops`` operations on a running total."""
     he, cont = _PRONOUN[name], r.choice(_CONTAINERS)
-    total = r.randint(10, 99)
-    start = f"{name} has {total} {item}."
-    pairs: list[Pair] = [(start, [start])]
-    share = n_ops >= 2 and r.random() < 0.3
+    total = r.randint(10, 199)
+    sentences, plan = [f"{name} has {total} {item}."], []
+    share = n_ops >= 2 and r.random() < 0.25
     left = n_ops - share
     friends = r.randint(2, 9)
     while left:
         kinds = ["gets", "finds", "gives", "loses"] + (["buys"] if left >= 2 and not (share and left == 2) else [])
         kind = r.choice(kinds)
         if kind == "buys":
-            n, per = r.randint(2, 9), r.randint(2, 30)
-            step = f"{he} buys {n} {cont} with {per} {item} in each"
-            pairs.append((step + ".", [(step, per, "*", n), ("In total", total, "+", per * n)]))
+            n, per = r.randint(2, 9), r.randint(2, 40)
+            sentences.append(f"{he} buys {n} {cont} with {per} {item} in each.")
+            plan += [(f"{n} {cont} of {per} {item}", per, "*", n), ("In total", total, "+", per * n)]
             total += per * n
             left -= 2
             continue
-        lo, hi = (2, 60) if kind in ("gets", "finds") else (1, total - 1)
-        if hi < lo:
-            kind, lo, hi = "gets", 2, 60
+        if kind in ("gives", "loses") and total < 3:
+            kind = "gets"
         sign = 1 if kind in ("gets", "finds") else -1
-        amounts = range(lo, hi + 1)
+        amounts = range(2, 100) if sign > 0 else range(1, min(total, 100))
         if share and left == 1:  # the last change leaves a total the friends can share
             amounts = [b for b in amounts if (total + sign * b) % friends == 0] or amounts
         b = r.choice(amounts)
-        step = _change(kind, he, item, b)
-        pairs.append((step + ".", [(step, total, "+" if sign > 0 else "-", b)]))
+        sentences.append(_change(kind, he, item, b))
+        plan.append((_WORDS[kind], total, "+" if sign > 0 else "-", b))
         total += sign * b
         left -= 1
-    question = f"How many {item} does {name} have now?"
     if share and total % friends == 0:
-        step = f"{he} shares all the {item} equally among {friends} friends"
-        pairs.append((step + ".", [(step, total, "/", friends)]))
-        total //= friends
-        question = f"How many {item} does each friend get?"
-    elif share:  # the amounts could not make the total divisible: one more change instead of the share
-        step = _change("finds", he, item, 1)
-        pairs.append((step + ".", [(step, total, "+", 1)]))
+        sentences.append(f"{he} shares all the {item} equally among {friends} friends.")
+        plan.append(("Each friend gets", total, "/", friends))
+        return " ".join(sentences) + f" How many {item} does each friend get?", plan, total // friends
+    if share:  # the amounts could not make the total divisible: one more change instead of the share
+        sentences.append(_change("finds", he, item, 1))
+        plan.append((_WORDS["finds"], total, "+", 1))
         total += 1
-    for _ in range(r.randint(0, distractors)):
-        pairs.insert(r.randint(1, len(pairs)), _distractor(r, name, item))
-    return " ".join(s for s, _ in pairs) + " " + question, [e for _, plan in pairs for e in plan], total
+    return " ".join(sentences) + f" How many {item} does {name} have now?", plan, total
 
 
 def _one_step(r: random.Random, name: str, item: str) -> tuple[str, list, int]:
-    """Level 1: one change of what someone has (larger numbers than the stories), or a purchase, or a fair share."""
-    he, kind = _PRONOUN[name], r.choice(["add", "sub", "mul", "div"])
-    if kind in ("add", "sub"):
-        a = r.randint(20, 199)
-        b = r.randint(10, 99) if kind == "add" else r.randint(2, a - 1)
-        step = _change("gets" if kind == "add" else "gives", he, item, b)
-        pairs: list[Pair] = [(f"{name} has {a} {item}.", [f"{name} has {a} {item}."]),
-                             (step + ".", [(step, a, "+" if kind == "add" else "-", b)])]
-        answer = a + b if kind == "add" else a - b
-        question = f"How many {item} does {name} have {'now' if kind == 'add' else 'left'}?"
-    elif kind == "mul":
-        n, per = r.randint(2, 9), r.randint(10, 99)
-        step = f"{name} buys {n} {r.choice(_CONTAINERS)} with {per} {item} in each"
-        pairs, answer, question = [(step + ".", [(step, per, "*", n)])], n * per, f"How many {item} does {name} buy?"
-    else:
-        friends, each = r.randint(2, 9), r.randint(10, 99)
-        step = f"{name} shares {friends * each} {item} equally among {friends} friends"
-        pairs, answer = [(step + ".", [(step, friends * each, "/", friends)])], each
-        question = f"How many {item} does each friend get?"
-    if r.random() < 0.5:
-        pairs.insert(r.randint(1, len(pairs)), _distractor(r, name, item))
-    return " ".join(s for s, _ in pairs) + " " + question, [e for _, plan in pairs for e in plan], answer
+    """Level 1: one change of what someone has, a purchase of boxes, or a fair share."""
+    kind = r.choice(["change", "change", "mul", "div"])
+    if kind == "change":
+        return _story(r, name, item, 1)
+    if kind == "mul":
+        n, per, cont = r.randint(2, 9), r.randint(10, 99), r.choice(_CONTAINERS)
+        return (f"{name} buys {n} {cont} with {per} {item} in each. How many {item} does {name} buy?",
+                [(f"{n} {cont} of {per} {item}", per, "*", n)], n * per)
+    friends, each = r.randint(2, 9), r.randint(10, 99)
+    return (f"{name} shares {friends * each} {item} equally among {friends} friends. How many {item} does each "
+            "friend get?", [("Each friend gets", friends * each, "/", friends)], each)
 
 
 def _story2(r: random.Random, name: str, item: str) -> tuple[str, list, int]:
-    return _story(r, name, item, 2, distractors=3)
+    return _story(r, name, item, 2)
 
 
 def _story3(r: random.Random, name: str, item: str) -> tuple[str, list, int]:
-    return _story(r, name, item, 3, distractors=2)
+    return _story(r, name, item, 3)
 
 
 def _story4(r: random.Random, name: str, item: str) -> tuple[str, list, int]:
-    return _story(r, name, item, 4, distractors=1)
+    return _story(r, name, item, 4)
 
 
 LEVELS: dict[int, tuple[Callable[[random.Random, str, str], tuple[str, list, int]], ...]] = {
@@ -189,6 +155,29 @@ LEVELS: dict[int, tuple[Callable[[random.Random, str, str], tuple[str, list, int
 
 CORPUS_LEVELS = (1, 2)
 """Levels of the data stage's ``reasoning`` documents: level 3 stays out of pretraining (GRPO's level)."""
+
+_CHAIN_WORDS = {"+": "add", "-": "take away", "*": "multiply by"}
+
+
+def chain(r: random.Random, steps: int) -> tuple[str, str, int]:
+    """A bare running computation of ``steps`` operations (``Start with 84, add 12, take away 7. What is the
+    result?``) and its worked solution: the corpus's long chains, told in no story."""
+    total = r.randint(10, 199)
+    words, plan = [f"Start with {total}"], []
+    for _ in range(steps):
+        op = r.choice("++-*") if total < 50 else r.choice("+--") if total < 400 else "-"
+        if op == "-" and total < 3:
+            op = "+"
+        b = r.randint(2, 99) if op == "+" else r.randint(1, min(total, 100) - 1) if op == "-" else r.randint(2, 9)
+        a, b2 = (total, b)
+        plan.append((f"{_CHAIN_WORDS[op].capitalize()} {b}", a, op, b2) if op != "*" else
+                    (f"Multiply by {b}", a, "*", b) if a >= 10 or b < 10 else (f"Multiply by {b}", b, "*", a))
+        words.append(f"{_CHAIN_WORDS[op]} {b}")
+        total = a + b if op == "+" else a - b if op == "-" else a * b
+    lines, value = worked(plan)
+    assert value == total
+    lines.append(f"So the answer is {total}.")
+    return ", ".join(words) + ". What is the result?", "\n".join(lines), total
 
 
 def _make(r: random.Random, difficulty: int) -> tuple[str, str, str, dict]:
@@ -248,10 +237,15 @@ class ReasoningSample:
 
 
 def generate(seed: int, index: int, levels: tuple[int, ...] = CORPUS_LEVELS) -> ReasoningSample:
-    """Document ``index`` of the corpus stream for ``seed``: train-split problem ``index // len(levels)`` of level
-    ``levels[index % len(levels)]``. The same arguments always give the same sample."""
-    level = levels[index % len(levels)]
-    p = ArithmeticTask().problem(index // len(levels), seed=seed, split="train", difficulty=level)
+    """Document ``index`` of the corpus stream for ``seed``: in turn, a train-split problem of each of ``levels``
+    (problem ``index // (len(levels) + 1)``) and a bare chain of 2 to 6 operations (``chain``). The same arguments
+    always give the same sample."""
+    k = index % (len(levels) + 1)
+    if k == len(levels):
+        r = random.Random(f"r1ray-chain:{seed}:{index}")
+        question, solution, answer = chain(r, r.randint(2, 6))
+        return ReasoningSample(index=index, problem=question, solution=solution, answer=answer)
+    p = ArithmeticTask().problem(index // (len(levels) + 1), seed=seed, split="train", difficulty=levels[k])
     return ReasoningSample(index=index, problem=p.question, solution=p.solution, answer=int(p.answer))
 
 
