@@ -12,12 +12,12 @@ per line, and ends with ``So the answer is N.``::
     task.verify(p.completion, p)  # 1.0
 
 Levels: 1 = one operation (numbers up to three digits); 2 = a story of two operations; 3 = the same kind of story
-told in three or four operations, a chain no easier level shows (the default pipeline keeps level 3 out of SFT and
-the pretraining corpus: GRPO learns to carry the total that far from the reward alone). The problem space is large
-(hundreds of thousands of questions per level), so the hash split holds out questions, not templates.
+told in three or four operations. The default pipeline's SFT traces cover levels 1 and 2; GRPO trains on level 3.
+The problem space is large (hundreds of thousands of questions per level), so the hash split holds out questions,
+not templates.
 
 ``generate``/``generate_many`` are the data stage's ``reasoning`` source: documents ``Question: ...`` followed by
-the completion, drawn from the *train* split of ``CORPUS_LEVELS``. ``reward``/``format_reward`` are the plain
+the completion, drawn from the *train* split of ``CORPUS_LEVELS`` (every level). ``reward``/``format_reward`` are the plain
 rule-based rewards (``r1ray.tasks.rewards`` holds the registered ones).
 """
 
@@ -68,8 +68,7 @@ def worked(steps: list[Step | str]) -> tuple[list[str], int]:
 # A question is a short story: what someone has, then sentences that each change the total (gets, finds, gives,
 # loses: one operation; buys boxes: a product, then a sum; shares among friends: a division, always last). The
 # worked solution names each change and works it on the running total. Level 1 tells one operation, level 2 two,
-# level 3 three or four. No SFT trace and no pretraining document holds a story of three or more operations: the
-# corpus teaches long chains only on bare numbers (``chain``), and GRPO has to bring the two together.
+# level 3 three or four.
 
 _WORDS = {"gets": "After getting more", "finds": "After finding more", "gives": "After giving some away",
           "loses": "After losing some"}
@@ -153,32 +152,12 @@ LEVELS: dict[int, tuple[Callable[[random.Random, str, str], tuple[str, list, int
 }
 """Templates per difficulty: 1 = one operation, 2 = two, 3 = three or four (a longer story than level 2's)."""
 
-CORPUS_LEVELS = (1, 2)
-"""Levels of the data stage's ``reasoning`` documents: level 3 stays out of pretraining (GRPO's level)."""
-
-_CHAIN_WORDS = {"+": "add", "-": "take away", "*": "multiply by"}
-
-
-def chain(r: random.Random, steps: int) -> tuple[str, str, int]:
-    """A bare running computation of ``steps`` operations (``Start with 84, add 12, take away 7. What is the
-    result?``) and its worked solution: the corpus's long chains, told in no story."""
-    total = r.randint(10, 199)
-    words, plan = [f"Start with {total}"], []
-    for _ in range(steps):
-        op = r.choice("++-*") if total < 50 else r.choice("+--") if total < 400 else "-"
-        if op == "-" and total < 3:
-            op = "+"
-        b = r.randint(2, 99) if op == "+" else r.randint(1, min(total, 100) - 1) if op == "-" else r.randint(2, 9)
-        a, b2 = (total, b)
-        plan.append((f"{_CHAIN_WORDS[op].capitalize()} {b}", a, op, b2) if op != "*" else
-                    (f"Multiply by {b}", a, "*", b) if a >= 10 or b < 10 else (f"Multiply by {b}", b, "*", a))
-        words.append(f"{_CHAIN_WORDS[op]} {b}")
-        total = a + b if op == "+" else a - b if op == "-" else a * b
-    lines, value = worked(plan)
-    assert value == total
-    lines.append(f"So the answer is {total}.")
-    return ", ".join(words) + ". What is the result?", "\n".join(lines), total
-
+CORPUS_LEVELS = (1, 2, 3)
+"""Levels of the data stage's ``reasoning`` documents: every level, as text (``Question: ...`` and its worked
+solution), the way a web corpus holds worked examples. The SFT cold start's chat traces cover levels 1 and 2 only;
+GRPO's level 3 is one the chat model has never been shown an answer to (docs/reasoning.md says why the corpus
+holds it: a model this small gives a story longer than any it was trained on no chance at all, so RL has nothing
+to sample)."""
 
 def _make(r: random.Random, difficulty: int) -> tuple[str, str, str, dict]:
     name, item = r.choice(_NAMES), r.choice(_ITEMS)
@@ -237,15 +216,10 @@ class ReasoningSample:
 
 
 def generate(seed: int, index: int, levels: tuple[int, ...] = CORPUS_LEVELS) -> ReasoningSample:
-    """Document ``index`` of the corpus stream for ``seed``: in turn, a train-split problem of each of ``levels``
-    (problem ``index // (len(levels) + 1)``) and a bare chain of 2 to 6 operations (``chain``). The same arguments
-    always give the same sample."""
-    k = index % (len(levels) + 1)
-    if k == len(levels):
-        r = random.Random(f"r1ray-chain:{seed}:{index}")
-        question, solution, answer = chain(r, r.randint(2, 6))
-        return ReasoningSample(index=index, problem=question, solution=solution, answer=answer)
-    p = ArithmeticTask().problem(index // (len(levels) + 1), seed=seed, split="train", difficulty=levels[k])
+    """Document ``index`` of the corpus stream for ``seed``: train-split problem ``index // len(levels)`` of level
+    ``levels[index % len(levels)]``. The same arguments always give the same sample."""
+    level = levels[index % len(levels)]
+    p = ArithmeticTask().problem(index // len(levels), seed=seed, split="train", difficulty=level)
     return ReasoningSample(index=index, problem=p.question, solution=p.solution, answer=int(p.answer))
 
 

@@ -105,19 +105,11 @@ def test_ten_thousand_worked_solutions_per_level_are_right_and_verified(level):
     assert len(templates) == {1: 1, 2: 1, 3: 2}[level]
 
 
-def test_level_three_stories_are_longer_than_any_story_in_levels_one_and_two_or_the_corpus():
-    """GRPO's level: stories of three or four operations. No easier level and no pretraining document tells one;
-    the corpus's long chains are bare numbers (``Start with 84, add 12, ...``), never a story."""
+def test_levels_count_their_operations_and_the_corpus_holds_every_level():
     task = ArithmeticTask()
     steps = {lv: {task.problem(i, seed=0, difficulty=lv).meta["steps"] for i in range(400)} for lv in (1, 2, 3)}
     assert steps == {1: {1}, 2: {2}, 3: {3, 4}}
     named = re.compile(r"^.+: \d+[-+*/]\d+$", re.M)
-    chains = 0
-    for s in generate_many(0, 600):
-        assert check_lines(s.solution.split("\n")) is None
-        if s.problem.startswith("Start with "):
-            chains += 1
-            assert 2 <= len(named.findall(s.solution)) <= 6 and " has " not in s.problem
-        else:
-            assert 1 <= len(named.findall(s.solution)) <= 2, s.solution
-    assert chains == 200
+    counts = [len(named.findall(s.solution)) for s in generate_many(0, 600)]
+    assert all(check_lines(s.solution.split("\n")) is None for s in generate_many(0, 600))
+    assert {c for c in counts[0::3]} == {1} and {c for c in counts[1::3]} == {2} and {c for c in counts[2::3]} == {3, 4}
