@@ -27,8 +27,17 @@ def model_dir(tiny_tokenizer_dir, tmp_path_factory):
     from r1ray.model.build import ModelConfig, build_model, save_model
     from r1ray.model.tokenizer import load_tokenizer
 
+    import torch
+
     tok = load_tokenizer(tiny_tokenizer_dir)
     model = build_model(ModelConfig(preset="debug", max_position_embeddings=256), tok, seed=1)
+    # wide random weights: an untrained tiny model at the usual init std repeats one token forever, and the
+    # fault-isolation tests need prompts whose outputs differ and vary
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.3, generator=g)
     return save_model(model, tok, tmp_path_factory.mktemp("engine") / "debug-llama")
 
 
