@@ -137,14 +137,12 @@ def run_arm(arm: str, start: str, root: Path, seed: int, minutes: float, args: A
     common = [*BASE, f"storage.root={root}", f"seed={seed}", f"run_name={name}", "checkpoint.every=0",
               "train.eval_every=0"]
     if arm == "grpo":
-        from r1ray.train.grpo import GRPOConfig
-        from r1ray.train.grpo import run
+        from r1ray.train.grpo import GRPOConfig, run
 
         cfg = load_config(GRPOConfig, [*common, f"model.init_from={start}", "train.max_steps=100000",
                                        "grpo.eval_difficulties=[]", *overrides])
     elif arm == "rft":
-        from r1ray.train.distill import DistillConfig
-        from r1ray.train.distill import run
+        from r1ray.train.distill import DistillConfig, run
 
         cfg = load_config(DistillConfig, [*common, f"model.init_from={start}", f"distill.teacher={start}",
                                           "distill.mode=sequence", "distill.keep_correct=true",
@@ -153,8 +151,7 @@ def run_arm(arm: str, start: str, root: Path, seed: int, minutes: float, args: A
                                           "eval.problems_per_difficulty=0", "eval.before=false",
                                           "train.max_steps=100000", "train.eval_samples=16"])
     elif arm in ("sft", "sft-gold"):
-        from r1ray.train.sft import SFTConfig
-        from r1ray.train.sft import run
+        from r1ray.train.sft import SFTConfig, run
 
         data = ["data.difficulty=3"] if arm == "sft-gold" else []
         cfg = load_config(SFTConfig, [*common, f"model.init_from={start}", "eval.problems_per_difficulty=0",

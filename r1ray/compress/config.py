@@ -95,8 +95,9 @@ class CompressEvalConfig(R1Config):
     perplexity: PerplexitySuite = PerplexitySuite()
     """Perplexity suite (``files`` or ``data``; without either the job's embedded default fills ``data`` with
     the default data artifact)."""
-    tasks: TasksSuite = TasksSuite(difficulties=[1], items_per_level=32, samples=0, k=[], max_tokens=96)
-    """Task accuracy (greedy)."""
+    tasks: TasksSuite = TasksSuite(difficulties=[1, 2, 3], items_per_level=100, samples=0, k=[], max_tokens=320,
+                                   no_think=False)
+    """Task accuracy (greedy, 100 held-out problems of each arithmetic level)."""
     reference: ReferenceSuite = ReferenceSuite()
     """Reference-based suite (exact match, ROUGE, BLEU) on a jsonl of prompt/reference pairs."""
     engine: EngineSettings = EngineSettings(num_engines=1, cpus_per_engine=1.0, unit_size=16)

@@ -230,7 +230,7 @@ class TokenizerConfig(R1Config):
 
     path: str | None = None
     """Load this tokenizer directory instead of training (it must hold tokenizer.json and an EOS token)."""
-    vocab_size: int = Field(default=4096, ge=300)
+    vocab_size: int = Field(default=2048, ge=300)
     """Vocabulary size of the trained BPE (its special tokens included); the 4 reasoning tokens are added
     on top, so the tokenizer holds ``vocab_size + 4`` ids."""
     sample_chars: int = Field(default=2_000_000, ge=1000)
@@ -258,10 +258,10 @@ class PackConfig(R1Config):
 
 DEFAULT_SOURCES = [
     SourceConfig(
-        name="python_stdlib", format="python_stdlib", max_bytes=3_000_000, quality_filters=False,
+        name="python_stdlib", format="python_stdlib", max_bytes=1_500_000, quality_filters=False,
         collapse_whitespace=False,
     ),
-    SourceConfig(name="reasoning", format="reasoning", num_docs=12_000, quality_filters=False),
+    SourceConfig(name="reasoning", format="reasoning", num_docs=24_000, quality_filters=False),
 ]
 
 

@@ -132,7 +132,7 @@ class TasksSuite(R1Config):
     ``eval_path`` the whole file is the eval split)."""
     difficulties: list[int] = Field(default_factory=lambda: [1, 2, 3])
     """Levels to evaluate; a task of the mix without a level is left out of that level."""
-    items_per_level: int = Field(default=32, ge=1)
+    items_per_level: int = Field(default=100, ge=1)
     """Problems per difficulty level (a single file-backed task, like gsm8k, gives at most its size)."""
     split: Literal["eval", "train"] = "eval"
     """Task split (eval is disjoint from what the training stages draw)."""
@@ -143,7 +143,7 @@ class TasksSuite(R1Config):
     prefill_think: bool = False
     """End each prompt with ``<think>\\n`` (templates that prefill the reasoning). Not with an endpoint in
     chat format (the chat API cannot prefill)."""
-    max_tokens: int = Field(default=256, ge=1)
+    max_tokens: int = Field(default=320, ge=1)
     """Longest completion, in tokens."""
     no_think: bool = True
     """Also score greedy completions with the thinking suppressed: the prompt ends in ``<think>\n</think>\n``,

@@ -507,7 +507,7 @@ def _compare(cfg: EvaluateConfig, la: str, a: dict[str, Any], lb: str, b: dict[s
     if "tasks" in a:
         pa, pb = a["tasks"]["per_item"], b["tasks"]["per_item"]
         for task, level, idx in _groups(problems):
-            for metric in pa:
+            for metric in [m for m in pa if m in pb]:  # no_think exists only where r1ray renders the prompt
                 add("tasks", task, level, metric, [pa[metric][i] for i in idx], [pb[metric][i] for i in idx])
     if "reference" in a:
         for metric, va in a["reference"]["per_item"].items():

@@ -34,7 +34,7 @@ CHAT_TEMPLATE = (
 
 SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
                  r"\s+(?!\S)|\s+")
-"""With ``split_digits``: Qwen2's pre-tokenizer regex (llama.cpp's ``qwen2``): every digit (``\p{N}``) a piece of its own."""
+r"""With ``split_digits``: Qwen2's pre-tokenizer regex (llama.cpp's ``qwen2``): every digit (``\p{N}``) a piece of its own."""
 
 
 def train_tokenizer(texts: Iterable[str], out_dir: str | Path, *, vocab_size: int = 4096, min_frequency: int = 2,

@@ -40,7 +40,8 @@ class PipelineConfig(JobConfig):
     name: str = "default"
     """Pipeline name: its state and report live in ``<storage.root>/pipeline/<name>/``, its runs are
     ``<storage.root>/runs/<name>-<stage>``."""
-    stages: list[str] = Field(default_factory=lambda: ["data", "pretrain", "sft", "grpo", "evaluate", "serve"])
+    stages: list[str] = Field(default_factory=lambda: ["data", "pretrain", "sft", "grpo", "evaluate", "compress",
+                                                       "serve"])
     """Stages to run, in pipeline order (a subsequence of data, pretrain, sft, grpo, distill, evaluate,
     compress, serve)."""
     from_stage: str | None = None

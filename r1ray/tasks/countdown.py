@@ -2,7 +2,8 @@
 
 Every instance is solvable by construction: the generator combines the numbers pairwise with random
 operations (keeping every intermediate a positive integer) and the result is the target, so the building
-steps are the worked solution and the built expression a gold answer. (TinyZero downloads its set, and its
+steps are the worked solution (each operation worked in writing, ``r1ray.tasks.procedures``) and the built
+expression a gold answer. (TinyZero downloads its set, and its
 spare generator can emit unsolvable targets; reasoning-gym's scorer runs sympy's ``parse_expr``, an ``eval``,
 on the model's text.)
 
@@ -20,6 +21,7 @@ from collections import Counter
 from fractions import Fraction
 
 from r1ray.tasks import base
+from r1ray.tasks.procedures import op_lines
 
 __all__ = ["LEVELS", "CountdownTask", "evaluate", "format_expr"]
 
@@ -71,7 +73,8 @@ def _build(r: random.Random, count: int, largest: int):
             tx, ty = (ta, tb) if x == a and y == b else (tb, ta)
             items = [it for k, it in enumerate(items) if k not in (i, j)] + [((op, tx, ty), value)]
             rest = ", ".join(str(v) for _, v in items)
-            steps.append(f"{x} {op} {y} = {value}. Remaining: {rest}.")
+            lines, _ = op_lines(x, op, y) if op != "*" or x >= y else op_lines(y, op, x)
+            steps += [f"Take {x}{op}{y}:", *lines, f"Remaining: {rest}."]
         tree, target = items[0]
         if 1 <= target <= MAX_TARGET and target not in numbers:
             return sorted(numbers), target, tree, steps

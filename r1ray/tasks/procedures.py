@@ -25,7 +25,8 @@ import re
 
 __all__ = ["PLACES", "add_lines", "check_lines", "div_lines", "mul_lines", "op_lines", "sub_lines"]
 
-PLACES = ("ones", "tens", "hundreds", "thousands", "ten-thousands", "hundred-thousands", "millions")
+PLACES = ("ones", "tens", "hundreds", "thousands", "ten-thousands", "hundred-thousands", "millions", "ten-millions",
+          "hundred-millions", "billions", "ten-billions", "hundred-billions", "trillions")
 """Column names, lowest first."""
 
 

@@ -160,8 +160,14 @@ class PretrainConfig(TrainJobConfig):
 
     data: PretrainDataConfig = PretrainDataConfig()
     """Training data."""
-    optim: OptimConfig = OptimConfig(lr=3e-3, warmup_steps=10)
-    """Optimizer and learning-rate schedule (pretraining's defaults: lr 3e-3, 10 warmup steps, which suit the
+    train: TrainLoopConfig = TrainLoopConfig(max_steps=1400, global_batch_size=16, micro_batch_size=8, eval_every=700,
+                                             eval_samples=128, log_every=50)
+    """The training loop (pretraining's defaults: 1400 steps of 16 rows, about one pass over the default corpus;
+    docs/reasoning.md has the measured budget of each default stage)."""
+    checkpoint: CheckpointConfig = CheckpointConfig(every=700)
+    """Checkpoints and exports (pretraining's default: every 700 steps)."""
+    optim: OptimConfig = OptimConfig(lr=3e-3, warmup_steps=30)
+    """Optimizer and learning-rate schedule (pretraining's defaults: lr 3e-3, 30 warmup steps, which suit the
     small presets; use ~6e-4 for 125m and ~3e-4 for 1b)."""
 
 

@@ -37,7 +37,7 @@ from r1ray.config import R1Config
 from r1ray.model.build import ModelConfig
 from r1ray.observe.log import get_logger
 from r1ray.train.driver import TrainResult, run_stage, summary  # noqa: F401 - summary: the job's closing text
-from r1ray.train.sft import SFTConfig, SFTStage, accuracy_before, plan_problems
+from r1ray.train.sft import SFTConfig, SFTDataConfig, SFTStage, accuracy_before, plan_problems
 from r1ray.train.stage import Metrics, RunPlan, WorkerInfo
 
 log = get_logger(__name__)
@@ -85,6 +85,9 @@ class DistillConfig(SFTConfig):
     ``debug-student``, ~22% of the ``debug`` preset at an 8k vocabulary)."""
     distill: DistillSection = DistillSection()
     """Teacher and objective."""
+    data: SFTDataConfig = SFTDataConfig()
+    """The student's data (logit mode: the conversations the teacher's distributions are matched on; sequence mode:
+    the task prompts the teacher answers). No corpus replay by default: the student is built fresh."""
 
 
 

@@ -72,19 +72,20 @@ class SFTDataConfig(R1Config):
     problems."""
     task_options: dict[str, dict[str, Any]] = {}
     """Constructor options per task (e.g. ``{"gsm8k": {"path": "train.jsonl"}}``)."""
-    difficulty: int | dict[int, float] = 1
+    difficulty: int | dict[int, float] = {1: 0.5, 2: 0.5}
     """Difficulty level of the generated problems, or a mix ``{level: weight}`` (each level gets its share of
-    ``train_examples``); every task of the mix must have these levels."""
+    ``train_examples``); every task of the mix must have these levels. Default: levels 1 and 2 (the cold start;
+    level 3 is left to GRPO)."""
     train_examples: int = Field(default=20_000, ge=1)
     """Generated training conversations (one epoch; the loop cycles through them in a seeded order)."""
     max_length: int = Field(default=512, ge=8)
     """Longest conversation in tokens; longer ones are cut (counted in the ``truncated_samples`` metric)."""
-    layout: Literal["pad", "pack"] = "pack"
-    """``pack``: the micro-batch's conversations in one row, attention and positions kept inside each (a
-    block-diagonal mask built from restarting position ids); ``pad``: one row per conversation, right-padded to the
-    longest of the micro-batch. Packing measured 10-18% faster per forward+backward on CPU for the debug preset
-    (benchmarks/sft_quality.py --layout-only, docs/sft.md): fewer positions and one large matmul per layer instead
-    of many small ones, while the attention it adds (quadratic in the packed row) is small next to the head."""
+    layout: Literal["pad", "pack"] = "pad"
+    """``pad``: one row per conversation, right-padded to the longest of the micro-batch; ``pack``: the
+    micro-batch's conversations in one row, attention and positions kept inside each (a block-diagonal mask built
+    from restarting position ids). On the default (``mini`` preset, worked solutions of ~200 tokens, 4 per
+    micro-batch, 2 workers) padding measured 0.32 s a step against packing's 0.42 (8 per micro-batch: 0.37 and
+    0.50): a packed row's attention is quadratic in its length and the mask it needs is dense (docs/sft.md)."""
 
     replay: ReplayConfig = ReplayConfig()
     """Pretraining text mixed into the fine-tuning samples, so the model keeps its language (forgetting)."""
@@ -113,7 +114,7 @@ class SFTDataConfig(R1Config):
 class SFTEvalConfig(R1Config):
     """Held-out accuracy by greedy generation (exact match under each task's verifier)."""
 
-    problems_per_difficulty: int = Field(default=200, ge=0)
+    problems_per_difficulty: int = Field(default=100, ge=0)
     """Held-out problems per difficulty level at each evaluation; 0 turns the generation evaluation off."""
     difficulties: list[int] | None = None
     """Levels to evaluate (each reported as ``accuracy_d<level>``). Unset: every level that all the evaluated
@@ -121,7 +122,7 @@ class SFTEvalConfig(R1Config):
     tasks: dict[str, float] | None = None
     """Task mix of the held-out problems. Unset: ``data.tasks`` when the data is generated from tasks; none
     (no accuracy) when the data is ``data.path``."""
-    max_new_tokens: int = Field(default=128, ge=1)
+    max_new_tokens: int = Field(default=320, ge=1)
     """Longest completion generated; a completion cut here usually scores 0."""
     batch_size: int = Field(default=64, ge=1)
     """Prompts per ``generate`` call on each worker."""
@@ -137,8 +138,6 @@ class SFTConfig(TrainJobConfig):
     run_name: str = "sft"
     """Run directory ``<storage.root>/runs/<run_name>``; rerunning the same name resumes it (SFT's default run is
     ``sft``, apart from pretraining's ``default``)."""
-    data: SFTDataConfig = SFTDataConfig()
-    """Training and validation conversations."""
     eval: SFTEvalConfig = SFTEvalConfig()
     """Generation-based evaluation."""
     curriculum: CurriculumConfig | None = None
@@ -146,15 +145,18 @@ class SFTConfig(TrainJobConfig):
     when held-out accuracy on a level passes a threshold): the level of each sample is a pure function of the
     step, its index and the schedule's state, which every checkpoint keeps. Unset: ``data.difficulty`` for
     every sample."""
-    train: TrainLoopConfig = TrainLoopConfig(max_steps=2000, global_batch_size=16, micro_batch_size=8,
-                                             eval_every=500, eval_samples=64, log_every=50)
-    """The training loop (SFT's defaults, the recipe of docs/sft.md: 2000 steps of 16 conversations, held-out
-    evaluation every 500 steps on 64 validation conversations)."""
-    checkpoint: CheckpointConfig = CheckpointConfig(every=500)
-    """Checkpoints and exports (SFT's default: every 500 steps)."""
-    optim: OptimConfig = OptimConfig(lr=3e-3, warmup_steps=30, weight_decay=0.0)
-    """Optimizer and schedule (SFT's defaults suit the ``debug`` preset: lr 3e-3, 30 warmup steps, no weight
-    decay (0.1 and 1.0 learned slower, docs/sft.md); use ~1e-5..2e-5 for models of a billion parameters)."""
+    data: SFTDataConfig = SFTDataConfig(replay=ReplayConfig(fraction=0.2))
+    """Training and validation conversations (SFT's default: levels 1 and 2 of arithmetic, 20% of the samples
+    replayed corpus rows)."""
+    train: TrainLoopConfig = TrainLoopConfig(max_steps=600, global_batch_size=16, micro_batch_size=4,
+                                             eval_every=300, eval_samples=64, log_every=50)
+    """The training loop (SFT's defaults, the recipe of docs/reasoning.md: a cold start of 600 steps of 16 samples,
+    held-out evaluation every 300 steps on 64 validation conversations)."""
+    checkpoint: CheckpointConfig = CheckpointConfig(every=300)
+    """Checkpoints and exports (SFT's default: every 300 steps)."""
+    optim: OptimConfig = OptimConfig(lr=2e-3, warmup_steps=30, weight_decay=0.0)
+    """Optimizer and schedule (SFT's defaults suit the small presets: lr 2e-3, 30 warmup steps, no weight decay (0.1
+    and 1.0 learned slower, docs/sft.md); use ~1e-5..2e-5 for models of a billion parameters)."""
 
     @model_validator(mode="after")
     def _check_sft(self) -> SFTConfig:

@@ -16,7 +16,7 @@ RAY_NUM_CPUS = 3
 pytestmark = pytest.mark.slow
 
 BASE = [
-    "model.preset=debug-student", "data.train_examples=256", "data.max_length=256", "train.max_steps=10",
+    "model.preset=debug-student", "data.train_examples=256", "data.difficulty=1", "data.max_length=256", "train.max_steps=10",
     "train.global_batch_size=16", "train.micro_batch_size=8", "train.eval_every=2", "train.eval_samples=16",
     "train.log_every=2", "checkpoint.every=2", "checkpoint.keep=10", "optim.lr=0.01", "optim.warmup_steps=1",
     "eval.problems_per_difficulty=4", "eval.max_new_tokens=16", "scaling.num_workers=2",

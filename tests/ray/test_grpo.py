@@ -28,6 +28,8 @@ BASE = [
     "optim.schedule=constant", "deepspeed.zero_stage=2", "scaling.num_workers=1", "logging.wandb.mode=disabled",
     "grpo.group_size=8", "grpo.rewards={tag_count: 1.0}", "grpo.max_completion_tokens=24", "grpo.eval_problems=8",
     "grpo.temperature=1.0", "grpo.loss_type=dapo", "ray.include_dashboard=false",
+    # one level for every prompt, evaluated alone (the default mixes levels 1-3 and evaluates 1 and 2 besides)
+    "curriculum=null", "grpo.difficulty=1", "grpo.eval_difficulties=[]",
 ]
 
 

@@ -134,8 +134,8 @@ def test_chat_reasoning_content_with_openai_client(client):
     assert msg.content == ANSWER
     assert msg.model_extra["reasoning_content"] == REASONING
     assert r.choices[0].finish_reason == "stop"
-    assert r.usage.completion_tokens == 10  # <think>, 4 words, </think>, 3 words, <|im_end|>
-    assert r.usage.total_tokens == r.usage.prompt_tokens + 10
+    assert r.usage.completion_tokens == 11  # <think>, 4 words, </think>, 2 words, " ", "5" (digits stand alone), <|im_end|>
+    assert r.usage.total_tokens == r.usage.prompt_tokens + 11
 
 
 def test_chat_streaming_splits_reasoning(client):
@@ -151,7 +151,7 @@ def test_chat_streaming_splits_reasoning(client):
             content += c.delta.content or ""
             finish = c.finish_reason or finish
     assert (reasoning, content, finish) == (REASONING, ANSWER, "stop")
-    assert usage is not None and usage.completion_tokens == 10
+    assert usage is not None and usage.completion_tokens == 11
 
 
 def test_greedy_http_equals_engine_in_process(client, model_dir):
@@ -212,7 +212,7 @@ def test_chat_logprobs(client):
     r = client.chat.completions.create(model="chain", messages=[{"role": "user", "content": QUESTION}],
                                        temperature=0, max_tokens=40, logprobs=True, top_logprobs=3)
     content = r.choices[0].logprobs.content
-    assert len(content) == 10 and all(len(t.top_logprobs) == 3 for t in content)
+    assert len(content) == 11 and all(len(t.top_logprobs) == 3 for t in content)
     assert "".join(t.token for t in content[:-1]) == REPLY
 
 

@@ -194,6 +194,7 @@ def test_grpo_trials_under_asha_with_their_engine_pools(ray_local, tmp_path, tin
         "deepspeed.zero_stage": 0, "scaling.num_workers": 1, "logging.wandb.mode": "disabled",
         "grpo.group_size": 8, "grpo.rewards": {"tag_count": 1.0}, "grpo.max_completion_tokens": 24,
         "grpo.eval_problems": 8, "grpo.temperature": 1.0, "grpo.loss_type": "dapo",
+        "curriculum": None, "grpo.difficulty": 1, "grpo.eval_difficulties": [],
     }
     cfg = load_config(TuneConfig, [], base={"base": grpo_base}, values={
         "name": "grpo-study", "stage": "grpo", "storage.root": str(tmp_path), "logging.wandb.mode": "disabled",

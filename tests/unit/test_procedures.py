@@ -113,3 +113,18 @@ def test_levels_count_their_operations_and_the_corpus_holds_every_level():
     counts = [len(named.findall(s.solution)) for s in generate_many(0, 600)]
     assert all(check_lines(s.solution.split("\n")) is None for s in generate_many(0, 600))
     assert {c for c in counts[0::3]} == {1} and {c for c in counts[1::3]} == {2} and {c for c in counts[2::3]} == {3, 4}
+
+
+@pytest.mark.parametrize("name", ["countdown", "knights_knaves"])
+def test_ten_thousand_worked_solutions_per_level_of_the_other_tasks_are_verified(name):
+    """Countdown's construction (each operation worked in writing) and knights' case analysis: the task's own
+    verifier accepts every worked solution, and every written computation in it is right."""
+    from r1ray.tasks.registry import get_task
+
+    task = get_task(name)
+    for level in task.difficulties:
+        for i in range(10_000):
+            p = task.problem(i, seed=i % 3, split="eval" if i % 10 == 0 else "train", difficulty=level)
+            assert task.verify(p.completion, p) == 1.0, p.solution
+            if name == "countdown":
+                assert check_lines(p.solution.split("\n")) is None, p.solution

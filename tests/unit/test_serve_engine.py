@@ -24,10 +24,10 @@ PROMPTS = ["the a of", "she was at the house and", "1 + 2 =", "we"]
 
 @pytest.fixture(scope="module")
 def model_dir(tiny_tokenizer_dir, tmp_path_factory):
+    import torch
+
     from r1ray.model.build import ModelConfig, build_model, save_model
     from r1ray.model.tokenizer import load_tokenizer
-
-    import torch
 
     tok = load_tokenizer(tiny_tokenizer_dir)
     model = build_model(ModelConfig(preset="debug", max_position_embeddings=256), tok, seed=1)

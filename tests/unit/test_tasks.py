@@ -11,10 +11,10 @@ import pytest
 
 from r1ray.tasks import base
 from r1ray.tasks.arithmetic import ArithmeticTask, generate_many
-from r1ray.tasks.procedures import check_lines
 from r1ray.tasks.countdown import check, evaluate
 from r1ray.tasks.knights import parse_roles, solve
 from r1ray.tasks.mathcheck import answers_match, parse_number
+from r1ray.tasks.procedures import check_lines
 from r1ray.tasks.registry import get_task, list_tasks, sample_problems
 
 BUILTIN = ["arithmetic", "countdown", "knights_knaves"]
@@ -118,7 +118,8 @@ def test_countdown_instances_are_all_solvable():
                     assert value == target and not (Counter(used) - Counter(numbers))
                     assert 1 <= target <= 1000 and check(p.answer, numbers, target)
                     # the worked steps are right and end at the target
-                    steps = re.findall(r"^(\d+) ([-+*/]) (\d+) = (\d+)\. Remaining", p.solution, re.M)
+                    steps = re.findall(r"^Take (\d+)([-+*/])(\d+):\n(?:.*\n)*?(?:\d+[-+*/]\d+)=(\d+)\nRemaining",
+                                       p.solution, re.M)
                     assert len(steps) == len(numbers) - 1 and int(steps[-1][3]) == target
                     ops = {"+": int.__add__, "-": int.__sub__, "*": int.__mul__, "/": int.__floordiv__}
                     assert all(ops[op](int(a), int(b)) == int(c) for a, op, b, c in steps)
