@@ -146,7 +146,8 @@ class TasksSuite(R1Config):
     max_tokens: int = Field(default=320, ge=1)
     """Longest completion, in tokens."""
     no_think: bool = True
-    """Also score greedy completions with the thinking suppressed: the prompt ends in ``<think>\n</think>\n``,
+    """Also score greedy completions with the thinking suppressed: the prompt ends in ``<think>\n</think>\n<answer>``
+    and the completion gets ``NO_THINK_MAX_TOKENS`` (16),
     so the model must answer at once (``accuracy_no_think``). The gap to ``accuracy`` is what the reasoning
     carries. Needs a prompt the job renders itself (an export, or an endpoint in ``question`` format)."""
     samples: int = Field(default=4, ge=0)

@@ -20,6 +20,7 @@ from typing import Any, Literal
 from r1ray.tasks.base import Problem, extract_answer
 
 __all__ = [
+    "NO_THINK_MAX_TOKENS",
     "PROMPT_FORMATS",
     "GenerateFn",
     "answer_key",
@@ -31,6 +32,10 @@ __all__ = [
 
 PromptFormat = Literal["chat", "question"]
 PROMPT_FORMATS = ("chat", "question")
+
+NO_THINK_MAX_TOKENS = 16
+"""Tokens a completion gets when the thinking is suppressed: room for a number and ``</answer>``, none for a
+worked solution written after the forced ``</think>`` (which a model trained on worked solutions does at once)."""
 """``chat``: the tokenizer's chat template over ``Problem.messages()`` (SFT/GRPO models). ``question``: the
 pretraining corpus's layout ``"Question: {question}\\n"`` (r1ray.tasks.arithmetic's documents), for base models."""
 
@@ -41,8 +46,9 @@ def render_prompt(problem: Problem, fmt: str, tokenizer: Any = None, *, prefill_
                   no_think: bool = False) -> str:
     """The prompt text for ``problem`` in format ``fmt`` (``chat`` needs ``tokenizer``); with ``prefill_think``
     the prompt ends in ``<think>\\n``, so the completion starts inside the reasoning; with ``no_think`` it ends in
-    ``<think>\\n</think>\\n``, an empty reasoning, so the completion is the answer alone."""
-    from r1ray.model.tokenizer import END_THINK, THINK
+    ``<think>\\n</think>\\n<answer>``, an empty reasoning and an opened answer, so the completion is the answer
+    alone (score it as ``<answer>`` + completion, with ``NO_THINK_MAX_TOKENS``)."""
+    from r1ray.model.tokenizer import ANSWER, END_THINK, THINK
 
     if prefill_think and no_think:
         raise ValueError("prefill_think and no_think exclude each other")
@@ -56,7 +62,7 @@ def render_prompt(problem: Problem, fmt: str, tokenizer: Any = None, *, prefill_
     else:
         raise ValueError(f"unknown prompt format {fmt!r}; valid: {', '.join(PROMPT_FORMATS)}")
     if no_think:
-        return text + f"{THINK}\n{END_THINK}\n"
+        return text + f"{THINK}\n{END_THINK}\n{ANSWER}"
     return text + f"{THINK}\n" if prefill_think else text
 
 

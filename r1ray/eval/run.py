@@ -31,7 +31,8 @@ from typing import Any
 from r1ray.eval import metrics as M
 from r1ray.eval.backends import endpoint_spec, pool_spec, run_units, sample_seed
 from r1ray.eval.config import EvaluateConfig, ModelSpec
-from r1ray.eval.generation import answer_key, render_prompt, score_problems
+from r1ray.eval.generation import NO_THINK_MAX_TOKENS, answer_key, render_prompt, score_problems
+from r1ray.model.tokenizer import ANSWER
 from r1ray.observe.log import get_logger
 
 log = get_logger(__name__)
@@ -357,14 +358,14 @@ def _tasks_suite(t: _Target, cfg: EvaluateConfig, problems: list[Any]) -> dict[s
                   "seed": sample_seed(cfg.seed, p.uid(), j)} for p, pr in zip(problems, prompts, strict=True)]
     no_think = ts.no_think and not (t.export is None and t.prompt_format == "chat")
     if no_think:  # greedy again with an empty reasoning forced: what the answer is worth without the thinking
-        reqs += [{"prompt": render_prompt(p, t.prompt_format, t.tokenizer, no_think=True), "max_tokens": ts.max_tokens,
-                  "temperature": 0.0} for p in problems]
+        reqs += [{"prompt": render_prompt(p, t.prompt_format, t.tokenizer, no_think=True),
+                  "max_tokens": min(ts.max_tokens, NO_THINK_MAX_TOKENS), "temperature": 0.0} for p in problems]
     outs = _generate(t, cfg, reqs, "tasks")
     n = len(problems)
     texts = [o["text"] for o in outs]
     direct_audit = []
     if no_think:
-        direct, _ = score_problems(texts[-n:], problems, timeout_s=ts.verify_timeout_s)
+        direct, _ = score_problems([ANSWER + x for x in texts[-n:]], problems, timeout_s=ts.verify_timeout_s)
         direct_audit = [{"suite": "tasks", "item": _item_id(p), "task": p.task, "level": p.difficulty,
                          "sample": "no_think", "seed": None, "prompt": req["prompt"], "output": o["text"],
                          "finish_reason": o["finish_reason"], "score": sc, "gold": p.answer,

@@ -80,9 +80,9 @@ class DistillConfig(SFTConfig):
 
     run_name: str = "distill"
     """Run directory ``<storage.root>/runs/<run_name>`` (distillation's default run is ``distill``)."""
-    model: ModelConfig = ModelConfig(preset="debug-student")
+    model: ModelConfig = ModelConfig(preset="mini-student")
     """The student: ``init_from`` a smaller model, or a fresh ``preset`` with the teacher's tokenizer (default:
-    ``debug-student``, ~22% of the ``debug`` preset at an 8k vocabulary)."""
+    ``mini-student``, 22% of the default ``mini`` teacher's parameters at the default 2k vocabulary)."""
     distill: DistillSection = DistillSection()
     """Teacher and objective."""
     data: SFTDataConfig = SFTDataConfig()

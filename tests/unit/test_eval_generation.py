@@ -111,3 +111,21 @@ def test_text_chunks_cut_at_whitespace():
     assert "".join(parts) == text.rstrip() or "".join(parts) == text
     assert all(len(p) <= 30 for p in parts) and len(parts) > 5
     assert _chunks("x" * 70, 30) == ["x" * 30, "x" * 30, "x" * 10]
+
+
+def test_no_think_prompt_opens_the_answer_and_leaves_no_room_to_think(problems, tiny_tokenizer_dir):
+    """``accuracy_no_think``: the prompt closes an empty reasoning and opens the answer, and the completion gets
+    16 tokens, so a model that writes its worked solution after ``</think>`` anyway (measured: the default model
+    does) cannot reach an answer tag; a direct answer scores."""
+    from r1ray.eval.generation import NO_THINK_MAX_TOKENS, score_problems
+    from r1ray.model.tokenizer import load_tokenizer
+
+    p = next(q for q in problems if q.task == "arithmetic")
+    assert render_prompt(p, "question", no_think=True) == f"Question: {p.question}\n<think>\n</think>\n<answer>"
+    with pytest.raises(ValueError, match="exclude each other"):
+        render_prompt(p, "question", no_think=True, prefill_think=True)
+    scores, _ = score_problems([f"<answer>{p.answer}</answer>", f"<answer>{int(p.answer) + 1}</answer>"], [p, p])
+    assert scores == [1.0, 0.0]
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    worked = p.completion.split("<think>", 1)[1]  # the worked solution a model writes after the forced </think>
+    assert len(tok(worked)["input_ids"]) > NO_THINK_MAX_TOKENS
