@@ -166,13 +166,13 @@ def is_complete(artifact: str) -> bool:
 
 def lineage(artifact: str, *, strict: bool = False) -> list[dict[str, Any]]:
     """The chain from ``artifact`` back through its inputs (depth-first), each with its stage, uri and
-    manifest hash.
+    manifest hash; an artifact reached through several consumers is listed once (each link still checked).
 
     Every input is checked against the hash its consumer recorded: an input that was replaced since
     (rerun with ``overwrite: true``) or deleted is marked ``status: "replaced"`` or ``"missing"`` (with the
     recorded and current hashes and the consumer), so a broken chain is reported, never silently walked.
     ``strict=True`` raises ArtifactError on the first broken link instead."""
-    out, seen = [], set()
+    out, seen, listed = [], set(), set()
     stack: list[tuple[str, str | None, str | None]] = [(artifact, None, None)]  # uri, recorded sha, consumer
     while stack:
         uri, recorded, consumer = stack.pop()
@@ -200,6 +200,9 @@ def lineage(artifact: str, *, strict: bool = False) -> list[dict[str, Any]]:
             if strict:
                 raise ArtifactError(msg)
             log.warning(msg)
+        if entry["status"] == "ok" and uri in listed:
+            continue  # an artifact two stages read (e.g. the corpus: pretraining's data and SFT's replay) once
+        listed.add(uri)
         out.append(entry)
         if m is not None:
             stack.extend((i["uri"], i.get("manifest_sha256"), uri) for i in reversed(m.get("inputs", [])))

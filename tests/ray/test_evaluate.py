@@ -104,13 +104,14 @@ def test_export_and_serve_endpoint_agree_item_by_item(tmp_path, model_dir, data_
     for a in audit:
         if a["suite"] == "tasks":
             by.setdefault((a["item"], a["sample"]), {})[a["model"]] = a
-    assert len(by) == 6 * 3
+    assert len(by) == 6 * 4  # greedy, 2 samples, and greedy with the thinking suppressed (question format: both)
+    assert {k[1] for k in by} == {-1, 0, 1, "no_think"}
     for key, pair in by.items():
         assert pair["export"]["prompt"] == pair["serve"]["prompt"], key
         assert pair["export"]["output"] == pair["serve"]["output"], key
         assert pair["export"]["score"] == pair["serve"]["score"]
     assert any(a["output"] for a in audit if a["suite"] == "tasks")  # the model wrote something
-    for metric in ("accuracy", "pass@1", "pass@2", "maj@2"):
+    for metric in ("accuracy", "accuracy_no_think", "pass@1", "pass@2", "maj@2"):
         assert res.value(metric, model="export", suite="tasks") == res.value(metric, model="serve", suite="tasks")
     assert res.value("perplexity", model="serve") == pytest.approx(res.value("perplexity", model="export"), rel=1e-4)
 

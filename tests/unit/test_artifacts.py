@@ -63,6 +63,18 @@ def test_hash_stable_and_inputs_recorded(tmp_path):
         lineage(dst, strict=True)
 
 
+def test_lineage_lists_an_artifact_read_twice_once(tmp_path):
+    """SFT reads the pretraining export and, for replay, the corpus pretraining read: the corpus is listed once;
+    replaced after SFT read it, its second link is reported."""
+    data, pre, sft = str(tmp_path / "data"), str(tmp_path / "pre"), str(tmp_path / "sft")
+    write_manifest(data, stage="data", config={})
+    write_manifest(pre, stage="pretrain", config={}, inputs=[data])
+    write_manifest(sft, stage="sft", config={}, inputs=[pre, data])
+    assert [(x["stage"], x["status"]) for x in lineage(sft)] == [("sft", "ok"), ("pretrain", "ok"), ("data", "ok")]
+    write_manifest(data, stage="data", config={"k": 2})
+    assert [x["status"] for x in lineage(sft)] == ["ok", "ok", "replaced", "replaced"]
+
+
 def test_incomplete_artifact_and_wrong_stage(tmp_path):
     d = tmp_path / "half"
     d.mkdir()
