@@ -149,7 +149,7 @@ def run_arm(arm: str, start: str, root: Path, seed: int, minutes: float, args: A
                                           "distill.teacher_temperature=1.0", f"distill.traces={args.rft_prompts}",
                                           "distill.max_new_tokens=320", "data.difficulty=3", "data.max_length=640",
                                           "eval.problems_per_difficulty=0", "eval.before=false",
-                                          "train.max_steps=100000", "train.eval_samples=16"])
+                                          "train.max_steps=100000", "train.eval_samples=2"])
     elif arm in ("sft", "sft-gold"):
         from r1ray.train.sft import SFTConfig, run
 
@@ -161,7 +161,15 @@ def run_arm(arm: str, start: str, root: Path, seed: int, minutes: float, args: A
         raise ValueError(f"unknown arm {arm!r}")
     t0 = time.perf_counter()
     with _Deadline(cfg.run_dir, 60 * minutes):
-        result = run(cfg)
+        try:
+            result = run(cfg)
+        except Exception as e:  # noqa: BLE001 - re-raised unless it is the "too few traces" refusal
+            if arm != "rft" or "traces kept" not in str(e):
+                raise
+            # the start's samples held too few verified level-3 answers to fine-tune on: RFT has nothing to learn
+            # from, so the arm is the start itself (reported, not hidden)
+            print(f"seed {seed} rft: {e}", flush=True)
+            return {"export": start, "steps": 0, "seconds": time.perf_counter() - t0, "status": "no traces"}
     return {"export": _export(result), "steps": result.steps, "seconds": time.perf_counter() - t0,
             "status": result.status}
 
