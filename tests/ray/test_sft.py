@@ -17,9 +17,9 @@ RAY_NUM_CPUS = 3  # 2 training workers + 1 spare
 
 BASE = [
     "train.max_steps=8", "train.global_batch_size=8", "train.micro_batch_size=2", "train.eval_every=4",
-    "train.eval_samples=5", "train.log_every=2", "checkpoint.every=3", "checkpoint.keep=2", "optim.lr=0.01",
+    "train.eval_samples=5", "train.log_every=2", "checkpoint.every=3", "checkpoint.keep=2", "optim.lr=0.003",
     "optim.warmup_steps=1", "deepspeed.zero_stage=3", "scaling.num_workers=2", "logging.wandb.mode=disabled",
-    "faults.record_samples=true", "data.train_examples=96", "data.replay.fraction=0", "data.max_length=160",
+    "faults.record_samples=true", "data.train_examples=96", "data.replay.fraction=0", "data.difficulty=1", "data.max_length=160",
     # 5 held-out problems over 2 workers in batches of 2: 3 vs 2 problems, so rank 1 decodes a dummy batch
     # in the second generate call (ZeRO-3 forwards are collectives: a mismatch would hang, not fail)
     "eval.difficulties=[1]", "eval.problems_per_difficulty=5", "eval.batch_size=2", "eval.max_new_tokens=12", "eval.before=false",
