@@ -26,18 +26,19 @@ __all__ = [
     "answer_key",
     "level_metrics",
     "render_prompt",
+    "score_no_think",
     "score_problems",
     "task_accuracy",
 ]
 
 PromptFormat = Literal["chat", "question"]
 PROMPT_FORMATS = ("chat", "question")
+"""``chat``: the tokenizer's chat template over ``Problem.messages()`` (SFT/GRPO models). ``question``: the
+pretraining corpus's layout ``"Question: {question}\\n"`` (r1ray.tasks.arithmetic's documents), for base models."""
 
 NO_THINK_MAX_TOKENS = 16
 """Tokens a completion gets when the thinking is suppressed: room for a number and ``</answer>``, none for a
 worked solution written after the forced ``</think>`` (which a model trained on worked solutions does at once)."""
-"""``chat``: the tokenizer's chat template over ``Problem.messages()`` (SFT/GRPO models). ``question``: the
-pretraining corpus's layout ``"Question: {question}\\n"`` (r1ray.tasks.arithmetic's documents), for base models."""
 
 GenerateFn = Callable[[Sequence[Problem]], Sequence[str]]
 
@@ -92,6 +93,15 @@ def score_problems(completions: Sequence[str], problems: Sequence[Problem], *, p
     res = score(list(completions), list(problems), {"accuracy": 1.0}, timeout_s=timeout_s,
                 prefilled_think=prefilled_think)
     return list(res.per_reward["accuracy"]), int(sum(res.failures.values()))
+
+
+def score_no_think(completions: Sequence[str], problems: Sequence[Problem], *, timeout_s: float = 2.0
+                   ) -> tuple[list[float], int]:
+    """``score_problems`` for completions of ``render_prompt(..., no_think=True)``, whose prompt opened the
+    answer: each is scored as ``<answer>`` + completion."""
+    from r1ray.model.tokenizer import ANSWER
+
+    return score_problems([ANSWER + c for c in completions], problems, timeout_s=timeout_s)
 
 
 def level_metrics(scores: Sequence[float], problems: Sequence[Problem], prefix: str = "accuracy") -> dict[str, float]:

@@ -31,8 +31,13 @@ from typing import Any
 from r1ray.eval import metrics as M
 from r1ray.eval.backends import endpoint_spec, pool_spec, run_units, sample_seed
 from r1ray.eval.config import EvaluateConfig, ModelSpec
-from r1ray.eval.generation import NO_THINK_MAX_TOKENS, answer_key, render_prompt, score_problems
-from r1ray.model.tokenizer import ANSWER
+from r1ray.eval.generation import (
+    NO_THINK_MAX_TOKENS,
+    answer_key,
+    render_prompt,
+    score_no_think,
+    score_problems,
+)
 from r1ray.observe.log import get_logger
 
 log = get_logger(__name__)
@@ -365,7 +370,7 @@ def _tasks_suite(t: _Target, cfg: EvaluateConfig, problems: list[Any]) -> dict[s
     texts = [o["text"] for o in outs]
     direct_audit = []
     if no_think:
-        direct, _ = score_problems([ANSWER + x for x in texts[-n:]], problems, timeout_s=ts.verify_timeout_s)
+        direct, _ = score_no_think(texts[-n:], problems, timeout_s=ts.verify_timeout_s)
         direct_audit = [{"suite": "tasks", "item": _item_id(p), "task": p.task, "level": p.difficulty,
                          "sample": "no_think", "seed": None, "prompt": req["prompt"], "output": o["text"],
                          "finish_reason": o["finish_reason"], "score": sc, "gold": p.answer,

@@ -117,14 +117,14 @@ def test_no_think_prompt_opens_the_answer_and_leaves_no_room_to_think(problems, 
     """``accuracy_no_think``: the prompt closes an empty reasoning and opens the answer, and the completion gets
     16 tokens, so a model that writes its worked solution after ``</think>`` anyway (measured: the default model
     does) cannot reach an answer tag; a direct answer scores."""
-    from r1ray.eval.generation import NO_THINK_MAX_TOKENS, score_problems
+    from r1ray.eval.generation import NO_THINK_MAX_TOKENS, score_no_think
     from r1ray.model.tokenizer import load_tokenizer
 
     p = next(q for q in problems if q.task == "arithmetic")
     assert render_prompt(p, "question", no_think=True) == f"Question: {p.question}\n<think>\n</think>\n<answer>"
     with pytest.raises(ValueError, match="exclude each other"):
         render_prompt(p, "question", no_think=True, prefill_think=True)
-    scores, _ = score_problems([f"<answer>{p.answer}</answer>", f"<answer>{int(p.answer) + 1}</answer>"], [p, p])
+    scores, _ = score_no_think([f"{p.answer}</answer>", f"{int(p.answer) + 1}</answer>"], [p, p])
     assert scores == [1.0, 0.0]
     tok = load_tokenizer(tiny_tokenizer_dir)
     worked = p.completion.split("<think>", 1)[1]  # the worked solution a model writes after the forced </think>
