@@ -56,6 +56,10 @@ class SourceConfig(R1Config):
     """Read at most this many input bytes from this source (files in sorted order, whole files)."""
     num_docs: int = Field(default=20_000, ge=1)
     """``reasoning`` only: how many samples to generate (deterministic from ``seed``)."""
+    chat_fraction: float = Field(default=0.0, ge=0, le=1)
+    """``reasoning`` only: the share of documents rendered as chat conversations (the model's chat template, the
+    user turn and format instruction that SFT and GRPO prompt with) instead of ``Question: ...`` text, drawn per
+    document; the way current pretraining mixes hold instruction-formatted data."""
     quality_filters: bool = True
     """Apply the Gopher/C4-style quality heuristics to this source (turn off for code and generated text)."""
     collapse_whitespace: bool = True
@@ -261,7 +265,7 @@ DEFAULT_SOURCES = [
         name="python_stdlib", format="python_stdlib", max_bytes=1_500_000, quality_filters=False,
         collapse_whitespace=False,
     ),
-    SourceConfig(name="reasoning", format="reasoning", num_docs=24_000, quality_filters=False),
+    SourceConfig(name="reasoning", format="reasoning", num_docs=24_000, chat_fraction=0.5, quality_filters=False),
 ]
 
 

@@ -684,7 +684,7 @@ def _write_stage_manifest(cfg: PrepareDataConfig, out: str, started_at: str, clo
     sources_meta = [{
         "name": s.name, "format": s.format, "path": s.path,
         "files": [corpus.files_meta[k] for k in sorted(corpus.files_meta) if k[0] == si and s.format != "reasoning"],
-        **({"generator": {"seed": cfg.seed, "num_docs": s.num_docs}} if s.format == "reasoning" else {}),
+        **({"generator": {"seed": cfg.seed, "num_docs": s.num_docs, "chat_fraction": s.chat_fraction}} if s.format == "reasoning" else {}),
     } for si, s in enumerate(cfg.sources)]
     t = tok.tok
     write_manifest(

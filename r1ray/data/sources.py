@@ -376,7 +376,7 @@ def read_records(task: FileTask, src: SourceConfig, max_line_bytes: int, seed: i
     if task.format == "reasoning":
         from r1ray.tasks.arithmetic import generate_many
 
-        for s in generate_many(seed, task.count, task.start):
+        for s in generate_many(seed, task.count, task.start, chat_fraction=src.chat_fraction):
             yield Record(s.index, s.text)
         return
     n_done = 0

@@ -659,7 +659,12 @@ class HFEngine:
             return 0
         tid = greedy[i] if greedy[i] >= 0 else self._sample(logits[i], p, s)
         s.out_ids.append(tid)
-        lps = [self._logprob_entry(logp[i], tid, p.logprobs)] if p.logprobs is not None else []
+        lps = []
+        if p.logprobs is not None:
+            row = logp[i]
+            if p.processed_logprobs and p.temperature > 0 and p.temperature != 1.0:
+                row = self._torch.log_softmax(logits[i].float() / p.temperature, dim=-1)
+            lps = [self._logprob_entry(row, tid, p.logprobs)]
         finish = None
         if tid in self.stop_token_ids and not p.ignore_eos:
             finish = "stop"

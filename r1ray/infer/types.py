@@ -27,6 +27,10 @@ class SamplingParams:
     seed: int | None = None
     logprobs: int | None = None
     """Return the sampled token's logprob and this many top alternatives (0 = only the sampled one)."""
+    processed_logprobs: bool = False
+    """The logprobs of the distribution sampled from (the logits divided by ``temperature``), not the model's
+    raw one: what importance sampling needs (vLLM's ``logprobs_mode="processed_logprobs"``). Top-k/top-p
+    truncation is not reflected (rollouts that use TIS sample without it)."""
     prompt_logprobs: bool = False
     """Also return the logprobs of the prompt tokens (completions ``echo`` + ``logprobs``)."""
     ignore_eos: bool = False

@@ -230,6 +230,11 @@ class VLLMEngine:
         from vllm import SamplingParams as VSP
         from vllm.sampling_params import RequestOutputKind
 
+        if params.processed_logprobs and params.logprobs is not None and params.temperature not in (0, 1.0):
+            raise ValueError("processed_logprobs at a temperature other than 1: this vLLM backend returns the raw "
+                             "distribution's logprobs (vLLM sets logprobs_mode per engine); sample at temperature 1 "
+                             "or use the hf backend")
+
         kw: dict[str, Any] = dict(
             max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
             stop=list(params.stop) or None, seed=params.seed, ignore_eos=params.ignore_eos,

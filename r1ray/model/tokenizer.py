@@ -32,6 +32,20 @@ CHAT_TEMPLATE = (
 )
 
 
+def render_chat(messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+    """``CHAT_TEMPLATE`` rendered without a tokenizer (the data stage writes chat-form documents before any
+    tokenizer exists); ``tests/unit/test_model.py`` checks it equals ``apply_chat_template``."""
+    out = []
+    for m in messages:
+        out.append(f"{IM_START}{m['role']}\n")
+        if m["role"] == "assistant" and m.get("reasoning_content"):
+            out.append(f"{THINK}\n{m['reasoning_content']}\n{END_THINK}\n")
+        out.append(f"{m['content']}{IM_END}\n")
+    if add_generation_prompt:
+        out.append(f"{IM_START}assistant\n")
+    return "".join(out)
+
+
 SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
                  r"\s+(?!\S)|\s+")
 r"""With ``split_digits``: Qwen2's pre-tokenizer regex (llama.cpp's ``qwen2``): every digit (``\p{N}``) a piece of its own."""

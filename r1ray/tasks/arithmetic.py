@@ -28,7 +28,7 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from r1ray.model.tokenizer import ANSWER, END_ANSWER, END_THINK, THINK
+from r1ray.model.tokenizer import ANSWER, END_ANSWER, END_THINK, THINK, render_chat
 from r1ray.tasks import base, mathcheck
 from r1ray.tasks.procedures import op_lines
 
@@ -199,6 +199,8 @@ class ReasoningSample:
     """The worked solution (the ``<think>`` body)."""
     answer: int
     """The ground truth."""
+    chat: bool = False
+    """Rendered as a chat conversation (the template's ChatML turns) rather than ``Question: ...``."""
 
     @property
     def completion(self) -> str:
@@ -211,22 +213,35 @@ class ReasoningSample:
 
     @property
     def text(self) -> str:
-        """The pretraining document: the prompt followed by the completion."""
+        """The pretraining document: the prompt followed by the completion, either as ``Question: ...`` text or,
+        when ``chat``, as the conversation the chat template renders (the user turn is ``Problem.messages``'s)."""
+        if self.chat:
+            return render_chat([{"role": "user", "content": f"{self.problem}\n\n{base.INSTRUCTION}"},
+                                {"role": "assistant", "content": self.completion}])
         return self.prompt + self.completion
 
 
-def generate(seed: int, index: int, levels: tuple[int, ...] = CORPUS_LEVELS) -> ReasoningSample:
+def _is_chat(seed: int, index: int, chat_fraction: float) -> bool:
+    if chat_fraction <= 0:
+        return False
+    return chat_fraction >= 1 or random.Random(f"{seed}:{index}:chat").random() < chat_fraction
+
+
+def generate(seed: int, index: int, levels: tuple[int, ...] = CORPUS_LEVELS, chat_fraction: float = 0.0
+             ) -> ReasoningSample:
     """Document ``index`` of the corpus stream for ``seed``: train-split problem ``index // len(levels)`` of level
-    ``levels[index % len(levels)]``. The same arguments always give the same sample."""
+    ``levels[index % len(levels)]``, in chat form with probability ``chat_fraction`` (drawn per document from
+    ``seed`` and ``index``). The same arguments always give the same sample."""
     level = levels[index % len(levels)]
     p = ArithmeticTask().problem(index // len(levels), seed=seed, split="train", difficulty=level)
-    return ReasoningSample(index=index, problem=p.question, solution=p.solution, answer=int(p.answer))
+    return ReasoningSample(index=index, problem=p.question, solution=p.solution, answer=int(p.answer),
+                           chat=_is_chat(seed, index, chat_fraction))
 
 
-def generate_many(seed: int, n: int, start: int = 0, levels: tuple[int, ...] = CORPUS_LEVELS
-                  ) -> Iterator[ReasoningSample]:
+def generate_many(seed: int, n: int, start: int = 0, levels: tuple[int, ...] = CORPUS_LEVELS,
+                  chat_fraction: float = 0.0) -> Iterator[ReasoningSample]:
     for i in range(start, start + n):
-        yield generate(seed, i, levels)
+        yield generate(seed, i, levels, chat_fraction)
 
 
 _ANSWER_RE = re.compile(re.escape(ANSWER) + r"\s*(.*?)\s*" + re.escape(END_ANSWER), re.S)

@@ -96,16 +96,30 @@ class GRPOSection(R1Config):
     """Normalisation: ``grpo`` per-sequence mean; ``dapo`` token mean over the update; ``dr_grpo`` token sum
     over a constant ``max_completion_tokens`` (see ``r1ray.train.grpo_loss``)."""
     scale_rewards: bool = True
-    """Divide advantages by the group's reward std (off: Dr. GRPO's unbiased advantages)."""
+    """Divide advantages by the group's reward std (off: Dr. GRPO's unbiased advantages; ``grpo`` and ``rloo``)."""
+    advantage_estimator: str = "grpo"
+    """``r1ray.train.grpo_loss.ADVANTAGES``: ``grpo`` (group mean baseline), ``rloo`` (leave-one-out baseline),
+    ``reinforce_pp`` (group mean removed, normalised over the whole step: REINFORCE++'s baseline variant);
+    ``register_advantage`` adds one."""
+    policy_loss: str = "clip"
+    """``r1ray.train.grpo_loss.POLICY_LOSSES``: ``clip`` (PPO's per-token clipped surrogate) or ``gspo`` (one
+    ratio per sequence); ``register_policy_loss`` adds one."""
+    tis_cap: float | None = Field(default=None, gt=0)
+    """Truncated importance sampling: the engines return each sampled token's logprob (at the sampling
+    temperature) and every token's loss is weighted by ``min(pi_learner / pi_engine, tis_cap)`` (TRL's and
+    verl's correction for rollouts that are off-policy: ``async_rollouts``, or engine numerics that differ from
+    the learner's, e.g. vLLM in bf16). None: off (on one CPU the engine's numerics are the learner's)."""
     mu: int = Field(default=1, ge=1)
     """Optimizer updates per rollout batch (the same micro-batches each time; ratios move off 1 after the
     first update, which is where the clip acts)."""
     dynamic_sampling: bool = False
     """DAPO's dynamic sampling: drop groups whose rewards all agree and refill their slots with other problems
-    (outside the cursor's range, keyed by step and slot), up to ``max_refill_rounds``; slots still empty carry
-    no gradient."""
-    max_refill_rounds: int = Field(default=2, ge=0)
-    """Refill attempts per dropped slot (dynamic sampling)."""
+    (outside the cursor's range, keyed by step and slot) until the batch is full or ``max_refill_rounds`` is
+    reached; slots still empty carry no gradient."""
+    max_refill_rounds: int = Field(default=8, ge=0)
+    """The cap of dynamic sampling: rounds of refills, each regenerating only the slots still empty, until the
+    batch is full; a step that ends with empty slots is counted in ``refill_cap_hits`` (and its empty slots in
+    ``dropped_groups``)."""
     overlong_filter: bool = False
     """Mask the loss of completions cut at ``max_completion_tokens`` (DAPO's overlong filtering)."""
     overlong_buffer: int | None = Field(default=None, ge=1)
@@ -186,6 +200,16 @@ class GRPOConfig(TrainJobConfig):
             problems.append("grpo.tasks: give at least one task with a positive weight, e.g. {arithmetic: 1.0}")
         if not self.grpo.rewards:
             problems.append("grpo.rewards: give at least one reward, e.g. {accuracy: 1.0}")
+        from r1ray.train.grpo_loss import ADVANTAGES, POLICY_LOSSES
+
+        if self.grpo.advantage_estimator not in ADVANTAGES:
+            problems.append(f"grpo.advantage_estimator={self.grpo.advantage_estimator!r}: expected one of "
+                            f"{sorted(ADVANTAGES)}")
+        if self.grpo.policy_loss not in POLICY_LOSSES:
+            problems.append(f"grpo.policy_loss={self.grpo.policy_loss!r}: expected one of {sorted(POLICY_LOSSES)}")
+        if self.grpo.tis_cap is not None and self.grpo.tis_cap < 1:
+            problems.append(f"grpo.tis_cap={self.grpo.tis_cap}: a cap below 1 would down-weight on-policy tokens "
+                            "(TRL and verl use 2)")
         if self.grpo.overlong_buffer is not None and self.grpo.overlong_buffer > self.grpo.max_completion_tokens:
             problems.append(f"grpo.overlong_buffer={self.grpo.overlong_buffer} exceeds grpo.max_completion_tokens="
                             f"{self.grpo.max_completion_tokens}")
@@ -305,6 +329,7 @@ class GRPOStage(Stage):
         self._pending: dict[str, Any] | None = None  # async rollouts: the following step's, in flight or restored
         self._rollout_version: int | None = None  # the weights version that generated this step's rollouts
         self._executor = None
+        self._step_rewards: Any = None  # reinforce_pp: every group's rewards of the step, all workers
 
     def build_model(self) -> Any:
         from r1ray.model import build_model
@@ -388,7 +413,9 @@ class GRPOStage(Stage):
         for unit in units:
             prompts.append([grp.prompt_ids for grp in unit for _ in range(g.group_size)])
             params.append([SamplingParams(max_tokens=g.max_completion_tokens, temperature=g.temperature, top_p=g.top_p,
-                                          seed=sampling_seed(self.cfg.seed, step, grp.index, k))
+                                          seed=sampling_seed(self.cfg.seed, step, grp.index, k),
+                                          logprobs=0 if g.tis_cap is not None else None,
+                                          processed_logprobs=g.tis_cap is not None)
                            for grp in unit for k in range(g.group_size)])
         t0 = time.perf_counter()
         return units, self.pool.submit_units(prompts, params, version=self._version), t0
@@ -581,13 +608,28 @@ class GRPOStage(Stage):
                             micro[j][k] = cand
                             refilled += 1
             dropped = sum(grp.zero_variance for unit in micro for grp in unit)
+            m.total("refill_cap_hits", float(dropped > 0))
         if g.async_rollouts:
             self._launch_following(step)  # generated while this step learns
+        self._step_rewards = self._all_rewards(micro) if g.advantage_estimator == "reinforce_pp" else None
         batches = [self._batch(unit, drop_zero=g.dynamic_sampling) for unit in micro]
         self._logprobs(model, batches)
         self._step_metrics(step, m, micro, zero_first, dropped, refilled, times)
         self._t_learn = time.perf_counter()
         return StepInputs(updates=[batches] * g.mu, metrics=m)
+
+    def _all_rewards(self, micro: list[list[_Group]]) -> Any:
+        """Every group's rewards of the step, from every worker, in the step's global order (rank-major, as the
+        sampler deals rows): the batch an estimator that normalises over the step sees, on any worker count."""
+        import torch
+        import torch.distributed as dist
+
+        mine = [grp.rewards for unit in micro for grp in unit]
+        if dist.is_initialized() and self.worker.world_size > 1:
+            parts: list[Any] = [None] * self.worker.world_size
+            dist.all_gather_object(parts, mine)
+            mine = [r for part in parts for r in part]
+        return torch.tensor(mine, dtype=torch.float64)
 
     def _batch(self, unit: list[_Group], *, drop_zero: bool) -> dict[str, Any]:
         """One micro-batch: the forward's input in the shared-prompt or padded layout (``group_pack``), the index
@@ -599,7 +641,8 @@ class GRPOStage(Stage):
 
         g = self.cfg.grpo
         adv, zero = group_advantages(torch.tensor([grp.rewards for grp in unit], dtype=torch.float64),
-                                     scale=g.scale_rewards)
+                                     scale=g.scale_rewards, estimator=g.advantage_estimator,
+                                     batch=self._step_rewards)
         keep, advs = [], []
         for gi, grp in enumerate(unit):
             for k, c in enumerate(grp.completions):
@@ -620,6 +663,15 @@ class GRPOStage(Stage):
         out = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in fwd.items() if k != "valid"}
         out.update(mask=mask.to(dev), advantages=torch.tensor(advs, dtype=torch.float32, device=dev),
                    weight=loss_weight(mask, g.loss_type))
+        if g.tis_cap is not None:  # the engines' sampling logprobs on the same [completions, tokens] grid
+            samp = torch.zeros(mask.shape, dtype=torch.float32)
+            for row, c in enumerate(c for grp in unit for c in grp.completions):
+                lps = [e.logprob for e in c.logprobs[:samp.shape[1]]]
+                if len(lps) != len(c.token_ids) or any(v is None for v in lps):
+                    raise RuntimeError(f"grpo.tis_cap: the engine returned {len(lps)} sampling logprobs for a "
+                                       f"completion of {len(c.token_ids)} tokens")
+                samp[row, :len(lps)] = torch.tensor(lps, dtype=torch.float32)
+            out["sampling_logp"] = samp.to(dev)
         return out
 
     def _forward_logprobs(self, model: Any, batch: dict[str, Any], *, with_entropy: bool = False):
@@ -667,12 +719,25 @@ class GRPOStage(Stage):
         self._metrics_sink = metrics
         logp, ent = self._forward_logprobs(model, batch, with_entropy=True)
         old = batch.get("old_logp")
-        per_token, stats = per_token_loss(
-            logp, logp.detach() if old is None else old, batch["advantages"], eps_low=g.clip_eps_low,
-            eps_high=g.clip_eps_high, beta=g.beta, ref_logp=batch.get("ref_logp"))
+        old = logp.detach() if old is None else old
         mask = batch["mask"]
+        is_w = None
+        if "sampling_logp" in batch:
+            from r1ray.train.grpo_loss import importance_weights
+
+            is_w = importance_weights(old, batch["sampling_logp"], g.tis_cap)
+        per_token, stats = per_token_loss(
+            logp, old, batch["advantages"], eps_low=g.clip_eps_low, eps_high=g.clip_eps_high, beta=g.beta,
+            ref_logp=batch.get("ref_logp"), policy_loss=g.policy_loss, mask=mask, is_weights=is_w)
         n = float(mask.sum())
         if n > 0:
+            if is_w is not None:
+                metrics.mean("tis_weight_mean", float((is_w * mask).sum()) / n, n)
+                metrics.mean("tis_capped_fraction", float(((is_w >= g.tis_cap) * mask).sum()) / n, n)
+                diff = (old - batch["sampling_logp"]).abs()
+                metrics.mean("engine_logp_abs_diff", float((diff * mask).sum()) / n, n)
+            if g.mu > 1:
+                metrics.mean("ratio_abs_dev", float(((stats["ratio"] - 1).abs() * mask).sum()) / n, n)
             metrics.mean("clip_fraction", float((stats["clipped"] * mask).sum()) / n, n)
             metrics.mean("entropy", float((ent * mask).sum()) / n, n)
             if "kl" in stats:

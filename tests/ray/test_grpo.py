@@ -258,6 +258,32 @@ def test_mu2_with_reference_and_zero3_sync(ray_local, model_dir, tmp_path):
         stats = m.local()
         assert stats["kl"] == pytest.approx(0.0, abs=1e-6) and stats["clip_fraction"] == 0.0
         assert stats["entropy"] > 0 and torch.isfinite(loss)
+        # one real update on the first micro-batch (advantages set so it carries a gradient): the second update's
+        # ratio against the old logprobs has left 1, which is where the clip can act
+        b["advantages"] = torch.linspace(-1.0, 1.0, b["advantages"].numel())
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        stage.loss(model, b, Metrics()).backward()
+        opt.step()
+        m2 = Metrics()
+        stage.loss(model, b, m2)
+        assert m2.local()["ratio_abs_dev"] > 1e-3 and m2.local()["kl"] > 0
+
+    # truncated importance sampling at temperature 0.7: the engine's logprobs of what it sampled, at the
+    # sampling temperature, equal the learner's to float rounding (same weights, same CPU numerics)
+    cfg = make_cfg(model_dir, tmp_path, "grpo.tis_cap=2.0", "grpo.temperature=0.7", "grpo.max_completion_tokens=8")
+    with GRPOStage.resources(cfg, str(tmp_path / "tis")) as res:
+        stage = GRPOStage(cfg)
+        stage.worker = WorkerInfo(0, 1, 0, False, torch.device("cpu"))
+        stage.setup(stage.worker, res)
+        model = stage.build_model()
+        inputs = stage.step_inputs(0, [np.array([1, 2, 3, 4]), np.array([5, 6, 7, 8])], model)
+        b = inputs.updates[0][0]
+        m = Metrics()
+        stage.loss(model, b, m)
+        stats = m.local()
+        assert b["sampling_logp"].shape == b["mask"].shape and (b["sampling_logp"] * b["mask"]).sum() < 0
+        assert stats["engine_logp_abs_diff"] < 1e-4, stats
+        assert stats["tis_weight_mean"] == pytest.approx(1.0, abs=1e-4) and stats["tis_capped_fraction"] == 0.0
 
     # two learner workers: ZeRO-3 partitions really are partial, both ranks generate concurrently
     result = run(make_cfg(model_dir, tmp_path, *extra, "deepspeed.zero_stage=3", "run_name=zero3",
@@ -265,3 +291,45 @@ def test_mu2_with_reference_and_zero3_sync(ray_local, model_dir, tmp_path):
     assert result.status == "completed" and result.steps == 2 and result.world_size == 2
     steps = rollouts(result.run_dir)
     assert [steps[s]["weights_version"] for s in (1, 2)] == [0, 1]
+
+
+@pytest.mark.parametrize("loss_type,estimator", [("dapo", "grpo"), ("grpo", "rloo"), ("dr_grpo", "reinforce_pp")])
+def test_one_update_is_the_same_whatever_the_micro_batch_split(ray_local, model_dir, tmp_path, loss_type, estimator):
+    """The loop's update is (sum of the micro-batches' loss sums) / (sum of their weights), over every worker: the
+    same step's 8 prompts as 2 micro-batches of 4, 4 of 2 or 8 of 1 (also how 2 or 4 workers would hold them) give
+    the same gradient, for each normalisation and advantage estimator."""
+    import numpy as np
+    import torch
+
+    from r1ray.train.grpo import GRPOStage
+    from r1ray.train.stage import Metrics, WorkerInfo
+
+    cfg = make_cfg(model_dir, tmp_path, f"grpo.loss_type={loss_type}", f"grpo.advantage_estimator={estimator}",
+                   "grpo.max_completion_tokens=8", "grpo.group_size=4")
+    with GRPOStage.resources(cfg, str(tmp_path / "split")) as res:
+        stage = GRPOStage(cfg)
+        stage.worker = WorkerInfo(0, 1, 0, False, torch.device("cpu"))
+        stage.setup(stage.worker, res)
+        model = stage.build_model()
+        collect = stage._collect
+
+        def varied(units, ref, t0, times):  # a reward of the completion that varies within a group (a random
+            collect(units, ref, t0, times)  # policy rarely writes a tag in 8 tokens): distinct tokens, mod 3
+            for unit in units:
+                for grp in unit:
+                    grp.rewards = [float(len(set(c.token_ids)) % 3) for c in grp.completions]
+
+        stage._collect = varied
+        problems = np.arange(8)
+        grads = []
+        for per in (4, 2, 1):
+            inputs = stage.step_inputs(0, [problems[i:i + per] for i in range(0, 8, per)], model)
+            batches = inputs.updates[0]
+            total = sum(stage.batch_weight(b) for b in batches)
+            model.zero_grad()
+            for b in batches:
+                (stage.loss(model, b, Metrics()) / total).backward()
+            grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None]))
+        assert grads[0].abs().sum() > 0  # the rewards differ within groups: there is a gradient to compare
+        for g in grads[1:]:
+            torch.testing.assert_close(g, grads[0], rtol=1e-4, atol=1e-7)

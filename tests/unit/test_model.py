@@ -62,6 +62,31 @@ def test_reasoning_tokens_are_single_and_survive_decode(tiny_tokenizer_dir):
     assert text.endswith("<|im_start|>assistant\n")
 
 
+def test_render_chat_equals_the_tokenizers_chat_template(tiny_tokenizer_dir):
+    """The data stage writes chat-form reasoning documents before any tokenizer exists (``render_chat``): they
+    must be exactly what the chat template renders, or pretraining would teach a format SFT and GRPO never use."""
+    from r1ray.model.tokenizer import load_tokenizer, render_chat
+    from r1ray.tasks.arithmetic import generate
+
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    convs = [
+        [{"role": "user", "content": "2+2?"}],
+        [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+         {"role": "assistant", "content": "<answer>4</answer>", "reasoning_content": "2+2=4"}],
+    ]
+    for msgs in convs:
+        for gen in (False, True):
+            assert render_chat(msgs, gen) == tok.apply_chat_template(msgs, add_generation_prompt=gen, tokenize=False)
+    doc = generate(0, 4, chat_fraction=1.0)
+    from r1ray.tasks.arithmetic import ArithmeticTask
+
+    p = ArithmeticTask().problem(4 // 3, seed=0, split="train", difficulty=2)
+    prompt = tok.apply_chat_template(p.messages(), add_generation_prompt=True, tokenize=False)
+    assert doc.chat and doc.text == prompt + p.completion + "<|im_end|>\n"
+    frac = sum(generate(0, i, chat_fraction=0.5).chat for i in range(2000)) / 2000
+    assert 0.45 < frac < 0.55 and not generate(0, 4).chat
+
+
 def test_init_from_is_loaded_in_the_training_precision(tiny_tokenizer_dir, tmp_path):
     """transformers 5 keeps a bf16 export's dtype on load; an fp32 run must still train in fp32 (and a bf16
     run in bf16), whatever the export was saved in."""
