@@ -531,20 +531,23 @@ class GRPOStage(Stage):
     @staticmethod
     def _group_state(grp: _Group) -> dict[str, Any]:
         return {"index": grp.index, "problem": grp.problem.to_dict(), "prompt_ids": list(grp.prompt_ids),
-                "completions": [{"text": c.text, "token_ids": list(c.token_ids), "finish_reason": c.finish_reason}
+                "completions": [{"text": c.text, "token_ids": list(c.token_ids), "finish_reason": c.finish_reason,
+                                 **({"logprobs": [e.logprob for e in c.logprobs]} if c.logprobs else {})}
                                 for c in grp.completions],
                 "rewards": list(grp.rewards), "per_reward": grp.per_reward, "failures": grp.failures,
                 "reward_seconds": grp.reward_seconds}
 
     @staticmethod
     def _group_from_state(d: dict[str, Any]) -> _Group:
-        from r1ray.infer.types import Completion
+        from r1ray.infer.types import Completion, TokenLogprob
         from r1ray.tasks.base import Problem
 
         prompt = [int(t) for t in d["prompt_ids"]]
         comps = [Completion(text=c["text"], token_ids=[int(t) for t in c["token_ids"]], prompt_token_ids=prompt,
-                            finish_reason=c["finish_reason"], logprobs=[], prompt_logprobs=None, ttft_s=0.0,
-                            latency_s=0.0) for c in d["completions"]]
+                            finish_reason=c["finish_reason"],
+                            logprobs=[TokenLogprob(int(t), "", float(v)) for t, v in
+                                      zip(c["token_ids"], c.get("logprobs", []), strict=False)],
+                            prompt_logprobs=None, ttft_s=0.0, latency_s=0.0) for c in d["completions"]]
         return _Group(problem=Problem.from_dict(d["problem"]), index=int(d["index"]), prompt_ids=prompt,
                       completions=comps, rewards=[float(r) for r in d["rewards"]],
                       per_reward={k: [float(x) for x in v] for k, v in d["per_reward"].items()},

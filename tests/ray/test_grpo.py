@@ -158,7 +158,8 @@ def test_async_rollouts_overlap_and_a_sigkill_or_a_new_worker_count_resume_them_
     worker and resumed on two generates nothing for step 5 (it takes the saved rollouts: the same completions)."""
     from r1ray.train.grpo import run
 
-    extra = ("grpo.async_rollouts=true", "train.max_steps=8")
+    # with truncated importance sampling: the saved rollouts carry the engines' logprobs, which the resumes reuse
+    extra = ("grpo.async_rollouts=true", "train.max_steps=8", "grpo.tis_cap=2.0")
     ref = run(make_cfg(model_dir, tmp_path_factory.mktemp("aref"), "run_name=aref", *extra))
     assert ref.status == "completed" and ref.steps == 8
     steps = rollouts(ref.run_dir)
@@ -183,6 +184,7 @@ def test_async_rollouts_overlap_and_a_sigkill_or_a_new_worker_count_resume_them_
     state = json.loads(Path(first.checkpoint, "trainer_state.json").read_text())
     pending = state["stage_state"]["pending_rollouts"]
     assert pending["step"] == 4 and pending["version"] == 3 and len(pending["groups"]) == 8
+    assert all(len(c["logprobs"]) == len(c["token_ids"]) for d in pending["groups"] for c in d["completions"])
     second = run(make_cfg(model_dir, root, "run_name=aw", "scaling.num_workers=2", "train.stop_after_steps=5",
                           "checkpoint.every=4", *extra))
     assert second.steps == 5 and second.world_size == 2
