@@ -7,8 +7,8 @@ continued SFT at equal wall time, several seeds, the recipe's choices made on a 
 
 1. The start: ``--start`` or the default SFT export under ``--root`` (the embedded default chain: data, pretraining,
    SFT on levels 1 and 2 of arithmetic, built through ``r1ray.pipeline.upstream`` when missing).
-2. Problems of arithmetic level 3 (stories of three or four operations; no SFT trace and no pretraining document
-   holds one) from the task's *eval* split, cut in two by a hash of each question: ``--dev`` problems to choose on,
+2. Problems of arithmetic level 3 (stories of three or four operations; no SFT trace is one; the pretraining corpus
+   holds worked level-3 documents of the *train* split, half in chat form) from the task's *eval* split, cut in two by a hash of each question: ``--dev`` problems to choose on,
    ``--test`` problems to report on. Neither is ever trained on (every arm draws from the train split).
 3. Each arm gets the same wall-clock budget (``--minutes``, from its call to its return: start-up, generation,
    training, checkpoint and export), ended by the loop's stop request (``<run_dir>/STOP``) at the deadline:

@@ -38,6 +38,8 @@ def test_debug_recipe_through_the_job(ray_local, tmp_path):
     assert per["reasoning"]["read"] == 2000 and per["python_stdlib"]["kept"] > 10
     text = _decoded(art, "validation")
     assert "<think>" in text and "<answer>" in text and "Question:" in text
+    # half the reasoning documents are chat conversations, their ChatML markers the tokenizer's special tokens
+    assert "<|im_start|>user\n" in text and "<|im_start|>assistant\n<think>" in text
     assert "def " in _decoded(art, "train")
     assert art.manifest["tokenizer"]["vocab_size"] == 1024 + 4  # BPE vocab + the 4 reasoning tokens
 
