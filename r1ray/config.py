@@ -267,6 +267,20 @@ def _model_at(cls: type[R1Config], path: Sequence[str | int]) -> type[R1Config] 
     return model
 
 
+def dotted_values(cls: type[R1Config], nested: dict[str, Any], prefix: tuple[str, ...] = ()) -> dict[str, Any]:
+    """``nested`` (``{"train": {"max_steps": 40}}``, or already dotted keys) as dotted paths to values, descending
+    through config sections only: a value whose path is a section is set field by field (the section's other
+    fields keep their defaults), a value of a dict-typed field (``grpo.rewards``) replaces it whole."""
+    out: dict[str, Any] = {}
+    for key, value in nested.items():
+        path = (*prefix, *str(key).split("."))
+        if isinstance(value, dict) and value and _model_at(cls, path) is not None:
+            out.update(dotted_values(cls, value, path))
+        else:
+            out[".".join(path)] = value
+    return out
+
+
 def _all_paths(cls: type[R1Config], prefix: str = "") -> list[str]:
     out = []
     for name, field in cls.model_fields.items():

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from r1ray.artifacts import canonical_json, is_complete, manifest_sha256, sha256_bytes, write_bytes_atomic
-from r1ray.config import load_config
+from r1ray.config import dotted_values, load_config
 from r1ray.observe.log import get_logger
 from r1ray.pipeline.config import PipelineConfig
 
@@ -191,7 +191,7 @@ def resolve_stage(p: PipelineConfig, stage: str, upstream: dict[str, str]) -> An
         shared["run_name"] = f"{p.name}-serve"
     # the pipeline's shared blocks and run names win over the stage's files; the stage's overrides come
     # next; the wiring to the upstream artifacts is last (never set by hand)
-    values = {**{k: v for k, v in shared.items() if k in cls.model_fields}, **dict(spec.overrides),
+    values = {**{k: v for k, v in shared.items() if k in cls.model_fields}, **dotted_values(cls, dict(spec.overrides)),
               **adapter.wire(p, upstream)}
     argv = [a for f in spec.config for a in ("--config", f)]
     try:
@@ -208,9 +208,10 @@ def check_stage_configs(p: PipelineConfig) -> list[str]:
     problems = []
     for stage in p.stages:
         spec = p.spec(stage)
+        cls = _import(ADAPTERS[stage].config)
         try:
-            load_config(_import(ADAPTERS[stage].config), [a for f in spec.config for a in ("--config", f)],
-                        values=dict(spec.overrides))
+            load_config(cls, [a for f in spec.config for a in ("--config", f)],
+                        values=dotted_values(cls, dict(spec.overrides)))
         except ConfigError as e:
             problems.extend(f"{stage}: {line}" for line in e.problems)
     return problems

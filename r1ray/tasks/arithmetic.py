@@ -17,7 +17,8 @@ The problem space is large (hundreds of thousands of questions per level), so th
 not templates.
 
 ``generate``/``generate_many`` are the data stage's ``reasoning`` source: documents ``Question: ...`` followed by
-the completion, drawn from the *train* split of ``CORPUS_LEVELS`` (every level). ``reward``/``format_reward`` are the plain
+the completion, or (a ``chat_fraction`` of them) the same problem as a chat conversation, drawn from the *train*
+split of ``CORPUS_LEVELS`` (every level). ``reward``/``format_reward`` are the plain
 rule-based rewards (``r1ray.tasks.rewards`` holds the registered ones).
 """
 
@@ -154,7 +155,7 @@ LEVELS: dict[int, tuple[Callable[[random.Random, str, str], tuple[str, list, int
 
 CORPUS_LEVELS = (1, 2, 3)
 """Levels of the data stage's ``reasoning`` documents: every level, as text (``Question: ...`` and its worked
-solution), the way a web corpus holds worked examples. The SFT cold start's chat traces cover levels 1 and 2 only;
+solution, or the chat conversation of it), the way a web corpus holds worked examples. The SFT cold start's chat traces cover levels 1 and 2 only;
 GRPO's level 3 is one the chat model has never been shown an answer to (docs/reasoning.md says why the corpus
 holds it: a model this small gives a story longer than any it was trained on no chance at all, so RL has nothing
 to sample)."""

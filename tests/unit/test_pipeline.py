@@ -65,6 +65,27 @@ def test_wiring_shared_blocks_and_run_names(tmp_path):
         resolve_stage(cfg, "sft", {})
 
 
+def test_a_nested_override_sets_one_field_and_keeps_the_stage_defaults(tmp_path):
+    """``pretrain.overrides.train.global_batch_size=8`` on the command line arrives as a nested mapping; it must set
+    that field alone, not replace the stage's ``train`` block with the section's generic defaults (it did: the
+    pretraining default of 2,800 steps silently became 200). A dict-typed field is still replaced whole."""
+    from r1ray.pipeline.run import resolve_stage
+    from r1ray.train.config import PretrainConfig
+    from r1ray.train.grpo import GRPOConfig
+
+    cfg = load_config(PipelineConfig, [f"storage.root={tmp_path}", "pretrain.overrides.train.global_batch_size=8",
+                                       "pretrain.overrides.train.micro_batch_size=4", "data.overrides.pack.seq_len=64",
+                                       "grpo.overrides.grpo.rewards={accuracy: 1.0}", "grpo.overrides.optim.lr=1e-4"])
+    pre = resolve_stage(cfg, "pretrain", {"data": "/data/art"})
+    default = PretrainConfig().train
+    assert (pre.train.global_batch_size, pre.train.micro_batch_size) == (8, 4)
+    assert pre.train.max_steps == default.max_steps == 2800 and pre.train.eval_every == default.eval_every
+    assert resolve_stage(cfg, "data", {}).pack.seq_len == 64
+    grpo = resolve_stage(cfg, "grpo", {"model": "/m"})
+    assert grpo.grpo.rewards == {"accuracy": 1.0} and grpo.optim.lr == 1e-4
+    assert grpo.optim.schedule == GRPOConfig().optim.schedule == "constant"
+
+
 def test_the_key_changes_with_the_config_and_with_the_input_artifact(tmp_path):
     from r1ray.pipeline.run import resolve_stage, stage_key
 
