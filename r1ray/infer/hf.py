@@ -623,7 +623,13 @@ class HFEngine:
         torch = self._torch
         greedy = logits.argmax(-1).tolist()
         need_lp = any(s.params.logprobs is not None for s in seqs)
-        logp = torch.log_softmax(logits, dim=-1) if need_lp else None
+        logp = None
+        if need_lp:  # processed_logprobs rows: the distribution sampled from, at the row's temperature
+            temps = [s.params.temperature if s.params.processed_logprobs and s.params.temperature > 0 else 1.0
+                     for s in seqs]
+            scaled = logits if all(t == 1.0 for t in temps) else logits / torch.tensor(
+                temps, dtype=logits.dtype, device=logits.device).unsqueeze(-1)
+            logp = torch.log_softmax(scaled, dim=-1)
         chosen = list(greedy)
         sampled = [i for i, s in enumerate(seqs) if s.params.temperature > 0 and not s.cancelled
                    and s.params.max_tokens > 0]
@@ -659,12 +665,7 @@ class HFEngine:
             return 0
         tid = greedy[i] if greedy[i] >= 0 else self._sample(logits[i], p, s)
         s.out_ids.append(tid)
-        lps = []
-        if p.logprobs is not None:
-            row = logp[i]
-            if p.processed_logprobs and p.temperature > 0 and p.temperature != 1.0:
-                row = self._torch.log_softmax(logits[i].float() / p.temperature, dim=-1)
-            lps = [self._logprob_entry(row, tid, p.logprobs)]
+        lps = [self._logprob_entry(logp[i], tid, p.logprobs)] if p.logprobs is not None else []
         finish = None
         if tid in self.stop_token_ids and not p.ignore_eos:
             finish = "stop"

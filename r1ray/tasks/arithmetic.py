@@ -217,8 +217,7 @@ class ReasoningSample:
         """The pretraining document: the prompt followed by the completion, either as ``Question: ...`` text or,
         when ``chat``, as the conversation the chat template renders (the user turn is ``Problem.messages``'s)."""
         if self.chat:
-            return render_chat([{"role": "user", "content": f"{self.problem}\n\n{base.INSTRUCTION}"},
-                                {"role": "assistant", "content": self.completion}])
+            return render_chat([*base.user_turn(self.problem), {"role": "assistant", "content": self.completion}])
         return self.prompt + self.completion
 
 

@@ -48,6 +48,11 @@ INSTRUCTION = (
 """Appended to every question in ``Problem.messages``; the worked solutions follow exactly this layout."""
 
 
+def user_turn(question: str) -> list[dict[str, str]]:
+    """The chat prompt of a question: one user turn, the question followed by ``INSTRUCTION``."""
+    return [{"role": "user", "content": f"{question}\n\n{INSTRUCTION}"}]
+
+
 @dataclass(frozen=True)
 class Problem:
     task: str
@@ -74,7 +79,7 @@ class Problem:
 
     def messages(self) -> list[dict[str, str]]:
         """The chat prompt: one user turn, the question followed by the format instruction."""
-        return [{"role": "user", "content": f"{self.question}\n\n{INSTRUCTION}"}]
+        return user_turn(self.question)
 
     def uid(self) -> str:
         """Canonical hash of the problem: task name + normalized question (case and whitespace folded)."""

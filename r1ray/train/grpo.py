@@ -128,7 +128,8 @@ class GRPOSection(R1Config):
     """One step off-policy (verl's one-step-off-policy recipe, PipelineRL): the engines generate step s + 1's
     rollouts while the learner trains on step s's, so generation and learning overlap instead of taking turns.
     Step s's rollouts (s >= 1) then come from the policy after s - 1 updates, not s; the ratio's "old" policy is
-    the learner's own at the step (at mu = 1 the ratio is 1), so the one-step lag is not importance-corrected.
+    the learner's own at the step (at mu = 1 the ratio is 1); ``tis_cap`` corrects the one-step lag by importance
+    sampling.
     Still exactly reproducible: the rollouts in flight are saved in each checkpoint, and a run resumed on any
     number of workers equals an uninterrupted one. Refills (``dynamic_sampling``) are generated on-policy."""
     share_prompt: bool = True
@@ -207,6 +208,9 @@ class GRPOConfig(TrainJobConfig):
                             f"{sorted(ADVANTAGES)}")
         if self.grpo.policy_loss not in POLICY_LOSSES:
             problems.append(f"grpo.policy_loss={self.grpo.policy_loss!r}: expected one of {sorted(POLICY_LOSSES)}")
+        if self.grpo.tis_cap is not None and self.grpo.top_p < 1:
+            problems.append(f"grpo.tis_cap with grpo.top_p={self.grpo.top_p}: the engines' logprobs do not reflect "
+                            "nucleus truncation, so the importance weights would be wrong; sample with top_p 1")
         if self.grpo.tis_cap is not None and self.grpo.tis_cap < 1:
             problems.append(f"grpo.tis_cap={self.grpo.tis_cap}: a cap below 1 would down-weight on-policy tokens "
                             "(TRL and verl use 2)")
@@ -329,7 +333,6 @@ class GRPOStage(Stage):
         self._pending: dict[str, Any] | None = None  # async rollouts: the following step's, in flight or restored
         self._rollout_version: int | None = None  # the weights version that generated this step's rollouts
         self._executor = None
-        self._step_rewards: Any = None  # reinforce_pp: every group's rewards of the step, all workers
 
     def build_model(self) -> Any:
         from r1ray.model import build_model
@@ -614,16 +617,16 @@ class GRPOStage(Stage):
             m.total("refill_cap_hits", float(dropped > 0))
         if g.async_rollouts:
             self._launch_following(step)  # generated while this step learns
-        self._step_rewards = self._all_rewards(micro) if g.advantage_estimator == "reinforce_pp" else None
-        batches = [self._batch(unit, drop_zero=g.dynamic_sampling) for unit in micro]
+        step_rewards = self._all_rewards(micro) if g.advantage_estimator == "reinforce_pp" else None
+        batches = [self._batch(unit, drop_zero=g.dynamic_sampling, step_rewards=step_rewards) for unit in micro]
         self._logprobs(model, batches)
         self._step_metrics(step, m, micro, zero_first, dropped, refilled, times)
         self._t_learn = time.perf_counter()
         return StepInputs(updates=[batches] * g.mu, metrics=m)
 
     def _all_rewards(self, micro: list[list[_Group]]) -> Any:
-        """Every group's rewards of the step, from every worker, in the step's global order (rank-major, as the
-        sampler deals rows): the batch an estimator that normalises over the step sees, on any worker count."""
+        """Every group's rewards of the step, from every worker (rank by rank): the batch an estimator that
+        normalises over the step sees, on any worker count."""
         import torch
         import torch.distributed as dist
 
@@ -634,7 +637,7 @@ class GRPOStage(Stage):
             mine = [r for part in parts for r in part]
         return torch.tensor(mine, dtype=torch.float64)
 
-    def _batch(self, unit: list[_Group], *, drop_zero: bool) -> dict[str, Any]:
+    def _batch(self, unit: list[_Group], *, drop_zero: bool, step_rewards: Any = None) -> dict[str, Any]:
         """One micro-batch: the forward's input in the shared-prompt or padded layout (``group_pack``), the index
         back to a [completions, completion tokens] grid, the loss mask on that grid, and the advantages."""
         import torch
@@ -645,7 +648,7 @@ class GRPOStage(Stage):
         g = self.cfg.grpo
         adv, zero = group_advantages(torch.tensor([grp.rewards for grp in unit], dtype=torch.float64),
                                      scale=g.scale_rewards, estimator=g.advantage_estimator,
-                                     batch=self._step_rewards)
+                                     batch=step_rewards)
         keep, advs = [], []
         for gi, grp in enumerate(unit):
             for k, c in enumerate(grp.completions):

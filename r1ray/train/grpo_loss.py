@@ -120,16 +120,20 @@ def group_advantages(rewards: torch.Tensor, *, scale: bool, eps: float = ADV_EPS
     return adv.to(rewards.dtype), zero
 
 
-def _clip_stats(ratio: torch.Tensor, adv: torch.Tensor, eps_low: float, eps_high: float) -> torch.Tensor:
-    return (((ratio < 1.0 - eps_low) & (adv < 0)) | ((ratio > 1.0 + eps_high) & (adv > 0))).to(ratio.dtype)
+def _clipped_surrogate(ratio: torch.Tensor, adv: torch.Tensor, eps_low: float, eps_high: float
+                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``-min(r A, clip(r, 1 - eps_low, 1 + eps_high) A)`` per token, with ``ratio`` and ``clipped`` (1 where the
+    clip is active) as statistics: the surrogate every ratio-based policy loss shares."""
+    loss = -torch.minimum(ratio * adv, torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * adv)
+    r = ratio.detach()
+    clipped = (((r < 1.0 - eps_low) & (adv < 0)) | ((r > 1.0 + eps_high) & (adv > 0))).to(r.dtype)
+    return loss, {"ratio": r, "clipped": clipped}
 
 
 @register_policy_loss("clip")
 def _clip_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor | None, *,
                eps_low: float, eps_high: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    ratio = torch.exp(logp - old_logp)
-    loss = -torch.minimum(ratio * adv, torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * adv)
-    return loss, {"ratio": ratio.detach(), "clipped": _clip_stats(ratio.detach(), adv, eps_low, eps_high)}
+    return _clipped_surrogate(torch.exp(logp - old_logp), adv, eps_low, eps_high)
 
 
 @register_policy_loss("gspo")
@@ -138,9 +142,7 @@ def _gspo_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, ma
     m = torch.ones_like(logp) if mask is None else mask.to(logp.dtype)
     seq_log_ratio = ((logp - old_logp) * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0)
     # GSPO-token: the value is the sequence ratio on every token, the gradient flows through each token's logp
-    ratio = torch.exp(seq_log_ratio.detach() + logp - logp.detach())
-    loss = -torch.minimum(ratio * adv, torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * adv)
-    return loss, {"ratio": ratio.detach(), "clipped": _clip_stats(ratio.detach(), adv, eps_low, eps_high)}
+    return _clipped_surrogate(torch.exp(seq_log_ratio.detach() + logp - logp.detach()), adv, eps_low, eps_high)
 
 
 def importance_weights(old_logp: torch.Tensor, sampling_logp: torch.Tensor, cap: float) -> torch.Tensor:

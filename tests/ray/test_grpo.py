@@ -61,6 +61,10 @@ def test_config_errors_name_the_field(model_dir, tmp_path):
 
     with pytest.raises(ValueError, match="grpo.tasks"):
         make_cfg(model_dir, tmp_path, "grpo.tasks={}")
+    with pytest.raises(ValueError, match="grpo.tis_cap with grpo.top_p=0.9"):
+        make_cfg(model_dir, tmp_path, "grpo.tis_cap=2.0", "grpo.top_p=0.9")
+    with pytest.raises(ValueError, match="grpo.advantage_estimator='ppo': expected one of"):
+        make_cfg(model_dir, tmp_path, "grpo.advantage_estimator=ppo")
     with pytest.raises(ValueError, match="model.init_from"):
         GRPOStage.plan(load_config(GRPOConfig, [*BASE, f"storage.root={tmp_path}"]))
     with pytest.raises(ValueError, match="unknown reward"):
