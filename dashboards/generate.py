@@ -378,6 +378,11 @@ def serving() -> Board:
                        (f"sum by (model) (rate({m('r1ray_serve_batch_size', 'sum')}{{{_S}}}[$__rate_interval])) / "
                         f"sum by (model) (rate({m('r1ray_serve_batch_size', 'count')}{{{_S}}}[$__rate_interval]))",
                         "mean {{model}}")]),
+                Panel("Prompt KV reused",
+                      [(f"max by (model) ({m('r1ray_serve_prefix_reused_ratio')}{{{_S}}})", "{{model}}")],
+                      unit="percentunit",
+                      description="Share of prompt tokens since the replica started whose KV came from the prefix "
+                                  "cache or was shared by identical prompts of a batch (n > 1)."),
             ]),
             Row("A/B variants", [
                 Panel("Requests / s by variant", [(by_variant("r1ray_serve_requests"), "{{variant}}")], unit="reqps",

@@ -35,6 +35,7 @@ def make_engine(
     model_path: str, *, backend: str = "hf", device: str = "auto", dtype: str = "auto",
     torch_threads: int | None = None, max_batch_size: int = 16, batch_wait_timeout_s: float = 0.005,
     max_queue: int = 64, max_model_len: int | None = None, seed: int = 0, on_batch: OnBatch | None = None,
+    prefix_cache_mb: float = 0.0, prefix_block_tokens: int = 16,
 ) -> Any:
     """The engine for ``backend``: ``hf``, ``vllm`` (fails clearly without vLLM), or ``auto``.
 
@@ -58,5 +59,5 @@ def make_engine(
     return HFEngine.from_dir(
         model_path, device=device, dtype=dtype, torch_threads=torch_threads, max_batch_size=max_batch_size,
         batch_wait_timeout_s=batch_wait_timeout_s, max_queue=max_queue, max_model_len=max_model_len, seed=seed,
-        on_batch=on_batch,
+        on_batch=on_batch, prefix_cache_mb=prefix_cache_mb, prefix_block_tokens=prefix_block_tokens,
     )

@@ -32,7 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from r1ray.infer.text import find_stop, stop_holdback
-from r1ray.infer.types import Completion, EngineFullError, SamplingParams, StepEvent, TokenLogprob
+from r1ray.infer.types import Completion, EngineFullError, Guidance, SamplingParams, StepEvent, TokenLogprob
+from r1ray.model.tokenizer import END_THINK, THINK
 from r1ray.observe.log import get_logger
 
 log = get_logger(__name__)
@@ -59,6 +60,8 @@ def check_params(params: SamplingParams, vocab_size: int) -> None:
         problems.append(f"logprobs must be an integer in [0, {vocab_size}], got {p.logprobs!r}")
     if any(not isinstance(x, str) or not x for x in p.stop):
         problems.append("stop strings must be non-empty strings")
+    if p.thinking_budget is not None and not (isinstance(p.thinking_budget, int) and p.thinking_budget >= 0):
+        problems.append(f"thinking_budget must be an integer >= 0, got {p.thinking_budget!r}")
     if problems:
         raise ValueError("; ".join(problems))
 
@@ -81,6 +84,23 @@ class _Seq:
         self.done = False
         self.prompt_lp: list[TokenLogprob] | None = None
         self.t_submit = time.perf_counter()
+        self.steer: Any = None  # r1ray.infer.guided.Steer when the params carry guidance or a thinking budget
+
+
+class _BrokenSteer:
+    """Stands in for a steer whose grammar matcher raised: the sequence fails at its next token."""
+
+    def constrained(self) -> bool:
+        return False
+
+    def forced(self) -> None:
+        return None
+
+    def banned(self) -> None:
+        return None
+
+    def advance(self, tid: int) -> None:
+        raise RuntimeError("the grammar matcher of this sequence failed")
 
 
 def _device_and_dtype(device: str, dtype: str):
@@ -141,6 +161,72 @@ def _buffered_cache(kv: list[tuple[Any, Any]]) -> Any:
     return cache
 
 
+class PrefixCache:
+    """KV of prompt prefixes, by whole blocks of ``block`` tokens, least recently used evicted past ``max_bytes``.
+
+    ``insert(ids, kv)`` keeps the KV of the longest whole-block prefix of ``ids`` that leaves at least one token
+    to compute (the last prompt token's logits start generation); ``lookup(ids)`` returns ``(n, kv)`` for the
+    longest cached prefix of ``ids`` (``n`` tokens, whole blocks) or None. Blocks are found by a chained hash
+    and the tokens checked, so a hash collision cannot serve another prompt's cache."""
+
+    def __init__(self, max_bytes: int, block: int = 16):
+        from collections import OrderedDict
+
+        self.max_bytes, self.block = max_bytes, block
+        self._entries: OrderedDict[int, tuple[tuple[int, ...], list[tuple[Any, Any]], int, list[int]]] = OrderedDict()
+        self._index: dict[int, int] = {}  # block-chain hash -> entry key (the entry holds that prefix)
+        self.bytes = 0
+        self.hits = self.lookups = 0
+
+    def _chain(self, ids: Sequence[int], n_blocks: int) -> list[int]:
+        out, h = [], 0
+        for k in range(n_blocks):
+            h = hash((h, tuple(ids[k * self.block:(k + 1) * self.block])))
+            out.append(h)
+        return out
+
+    def lookup(self, ids: Sequence[int]):
+        self.lookups += 1
+        chain = self._chain(ids, (len(ids) - 1) // self.block)
+        for k in range(len(chain) - 1, -1, -1):
+            key = self._index.get(chain[k])
+            if key is None:
+                continue
+            tokens, kv, _, _ = self._entries[key]
+            n = (k + 1) * self.block
+            if tuple(ids[:n]) != tokens[:n]:
+                continue
+            self._entries.move_to_end(key)
+            self.hits += 1
+            return n, [(k_[:, :, :n], v_[:, :, :n]) for k_, v_ in kv]
+        return None
+
+    def insert(self, ids: Sequence[int], kv: list[tuple[Any, Any]]) -> None:
+        n_blocks = (len(ids) - 1) // self.block
+        if n_blocks <= 0:
+            return
+        n = n_blocks * self.block
+        chain = self._chain(ids, n_blocks)
+        key = chain[-1]
+        if key in self._entries:
+            self._entries.move_to_end(key)
+            return
+        kv = [(k[:, :, :n].clone(), v[:, :, :n].clone()) for k, v in kv]
+        size = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in kv)
+        if size > self.max_bytes:
+            return
+        while self._entries and self.bytes + size > self.max_bytes:
+            old, (_, _, old_size, old_chain) = self._entries.popitem(last=False)
+            self.bytes -= old_size
+            for h in old_chain:
+                if self._index.get(h) == old:
+                    del self._index[h]
+        self._entries[key] = (tuple(ids[:n]), kv, size, chain)
+        self.bytes += size
+        for h in chain:
+            self._index[h] = key
+
+
 class HFEngine:
     """Continuous-batching generation on a transformers causal LM (see the module doc)."""
 
@@ -157,6 +243,8 @@ class HFEngine:
         max_model_len: int | None = None,
         seed: int = 0,
         on_batch: Callable[[int, int, float], None] | None = None,
+        prefix_cache_mb: float = 0.0,
+        prefix_block_tokens: int = 16,
     ):
         import torch
 
@@ -189,6 +277,36 @@ class HFEngine:
         self._step_lock = threading.Lock()  # held by the scheduler for each step; weight updates take it
         self.weights_version = 0
         self.vocab_size = int(model.get_input_embeddings().num_embeddings)
+        self.think_id, self.end_think_id = self._token_id(THINK), self._token_id(END_THINK)
+        self._grammars: Any = None  # r1ray.infer.guided.GrammarCache, made on the first guided request
+        self.prefix_cache = PrefixCache(int(prefix_cache_mb * 2**20), prefix_block_tokens) if prefix_cache_mb else None
+        self.prefix_stats = {"prefill_tokens": 0, "cached_tokens": 0, "shared_tokens": 0}
+        """Prompt tokens prefilled, those whose KV came from the prefix cache, and those computed once for several
+        identical prompts of one batch (``n > 1``, GRPO groups); read by metrics and benchmarks."""
+        self._bitmask: dict[str, Any] = {}
+
+    def _token_id(self, token: str) -> int | None:
+        tid = self.tokenizer.convert_tokens_to_ids(token)
+        return tid if isinstance(tid, int) and tid != self.tokenizer.unk_token_id else None
+
+    def compile_guidance(self, guidance: Guidance) -> Any:
+        """The compiled grammar of ``guidance`` (cached); ``ValueError`` naming the problem if it is invalid."""
+        from r1ray.infer.guided import GrammarCache
+
+        if self._grammars is None:
+            self._grammars = GrammarCache(self.tokenizer, self.vocab_size, self.stop_token_ids)
+        return self._grammars.compile(guidance)
+
+    def _steer(self, params: SamplingParams) -> Any:
+        if params.guidance is None and params.thinking_budget is None:
+            return None
+        from r1ray.infer.guided import Steer
+
+        if params.thinking_budget is not None and self.end_think_id is None:
+            raise ValueError("thinking_budget: this model's tokenizer has no </think> token")
+        compiled = self.compile_guidance(params.guidance) if params.guidance is not None else None
+        return Steer(compiled, think_id=self.think_id, end_think_id=self.end_think_id,
+                     budget=params.thinking_budget, starts_in_thinking=params.starts_in_thinking)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -247,11 +365,13 @@ class HFEngine:
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the model's context "
                 f"of {self.max_model_len} tokens"
             )
+        steer = self._steer(params)  # compiles the grammar (ValueError for an invalid one) before taking a slot
         with self._lock:
             if self._pending + reserve > self.max_queue:
                 raise EngineFullError(f"engine full ({self._pending} of {self.max_queue} sequences)")
             self._pending += 1
         seq = _Seq(list(prompt_ids), params, sink)
+        seq.steer = steer
         self.start()
         self._inbox.put(seq)
         return seq
@@ -528,6 +648,83 @@ class HFEngine:
         return waiting >= min(room, max(1, n_active // 2)) or time.perf_counter() - oldest.t_submit >= self.admit_wait_s
 
     def _prefill(self, seqs: list[_Seq]):
+        """Prefill ``seqs``: the KV cache (a list of per-layer (keys, values)), mask and last logits of the batch.
+
+        Identical prompts of the batch (the ``n`` choices of a request, a GRPO group) are computed once and their
+        rows repeated. With a prefix cache, a prompt whose leading blocks are cached computes only the rest."""
+        uniq: dict[tuple, int] = {}  # prompt (and what its scoring asks for) -> unique row
+        rows = [uniq.setdefault((tuple(s.prompt_ids), s.params.prompt_logprobs and (s.params.logprobs or 0)),
+                                len(uniq)) for s in seqs]
+        firsts = [seqs[rows.index(u)] for u in range(len(uniq))]
+        self.prefix_stats["prefill_tokens"] += sum(len(s.prompt_ids) for s in seqs)
+        self.prefix_stats["shared_tokens"] += sum(len(s.prompt_ids) for s in seqs) - sum(len(s.prompt_ids)
+                                                                                         for s in firsts)
+        hits: dict[int, tuple[int, Any]] = {}
+        if self.prefix_cache is not None:
+            for u, s in enumerate(firsts):
+                if not s.params.prompt_logprobs:  # scoring needs every prompt position's logits
+                    hit = self.prefix_cache.lookup(s.prompt_ids)
+                    if hit is not None:
+                        hits[u] = hit
+        miss = [u for u in range(len(firsts)) if u not in hits]
+        try:
+            return self._prefill_unique(seqs, rows, firsts, hits, miss)
+        finally:
+            for i, s in enumerate(seqs):
+                s.prompt_lp = firsts[rows[i]].prompt_lp
+
+    def _prefill_unique(self, seqs, rows, firsts, hits, miss):
+        torch = self._torch
+        parts: dict[int, tuple[Any, Any, Any]] = {}  # unique row -> (kv, mask, logits) of that row alone
+        if miss:
+            kv, mask, logits = self._prefill_rows([firsts[u] for u in miss])
+            if len(miss) == len(firsts) and not hits:
+                if len(firsts) == len(seqs):
+                    self._remember(firsts, kv, mask)
+                    return kv, mask, logits
+                self._remember(firsts, kv, mask)
+                idx = torch.tensor(rows, device=mask.device)
+                return ([(k.index_select(0, idx), v.index_select(0, idx)) for k, v in kv], mask.index_select(0, idx),
+                        logits.index_select(0, idx))
+            for j, u in enumerate(miss):
+                parts[u] = ([(k[j:j + 1], v[j:j + 1]) for k, v in kv], mask[j:j + 1], logits[j:j + 1])
+            self._remember([firsts[u] for u in miss], kv, mask)
+        for u, (n, cached) in hits.items():
+            parts[u] = self._prefill_from(firsts[u], n, cached)
+            self.prefix_stats["cached_tokens"] += n * rows.count(u)
+            self._remember([firsts[u]], parts[u][0], parts[u][1])
+        kv = mask = None
+        logits = []
+        for u in rows:
+            kv, mask = self._merge(kv, mask, *parts[u][:2])
+            logits.append(parts[u][2])
+        return kv, mask, torch.cat(logits)
+
+    def _remember(self, seqs: list[_Seq], kv, mask) -> None:
+        """Put each prompt's whole-block prefix KV into the prefix cache (rows of a left-padded batch)."""
+        if self.prefix_cache is None:
+            return
+        t = mask.shape[1]
+        for i, s in enumerate(seqs):
+            n = len(s.prompt_ids)
+            self.prefix_cache.insert(s.prompt_ids, [(k[i:i + 1, :, t - n:], v[i:i + 1, :, t - n:]) for k, v in kv])
+
+    def _prefill_from(self, s: _Seq, n: int, cached: list[tuple[Any, Any]]):
+        """Prefill one prompt whose first ``n`` tokens' KV is ``cached``: only the rest goes through the model."""
+        torch = self._torch
+        from r1ray.model.build import cache_kwargs
+
+        total = len(s.prompt_ids)
+        cache = _buffered_cache(cached)
+        ids = torch.tensor([s.prompt_ids[n:]], dtype=torch.long, device=self.device)
+        mask = torch.ones((1, total), dtype=torch.long, device=self.device)
+        pos = torch.arange(n, total, device=self.device)[None]
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
+                         **cache_kwargs(self.model, cache))
+        kv = [(layer.keys, layer.values) for layer in cache.layers]
+        return kv, mask, out.logits[:, -1, :].float()
+
+    def _prefill_rows(self, seqs: list[_Seq]):
         torch = self._torch
         from transformers import DynamicCache
 
@@ -621,7 +818,6 @@ class HFEngine:
 
     def _sample_and_emit(self, seqs: list[_Seq], logits) -> int:
         torch = self._torch
-        greedy = logits.argmax(-1).tolist()
         need_lp = any(s.params.logprobs is not None for s in seqs)
         logp = None
         if need_lp:  # processed_logprobs rows: the distribution sampled from, at the row's temperature
@@ -629,7 +825,21 @@ class HFEngine:
                      for s in seqs]
             scaled = logits if all(t == 1.0 for t in temps) else logits / torch.tensor(
                 temps, dtype=logits.dtype, device=logits.device).unsqueeze(-1)
-            logp = torch.log_softmax(scaled, dim=-1)
+            logp = torch.log_softmax(scaled, dim=-1)  # the model's own logprobs, before any grammar mask
+        steers = [s.steer for s in seqs]
+        if any(st is not None for st in steers):
+            from r1ray.infer.guided import apply_masks
+
+            masked = logits.clone()
+            try:
+                if apply_masks(masked, steers, self._bitmask):
+                    logits = masked
+            except Exception:  # a matcher failed: the rows it belongs to fail alone below
+                log.exception("grammar mask failed")
+                for s in seqs:
+                    if s.steer is not None:
+                        s.steer = _BrokenSteer()
+        greedy = logits.argmax(-1).tolist()
         chosen = list(greedy)
         sampled = [i for i, s in enumerate(seqs) if s.params.temperature > 0 and not s.cancelled
                    and s.params.max_tokens > 0]
@@ -664,6 +874,8 @@ class HFEngine:
             s.sink(StepEvent("", [], [], finish_reason="length", prompt_logprobs=s.prompt_lp, first=True))
             return 0
         tid = greedy[i] if greedy[i] >= 0 else self._sample(logits[i], p, s)
+        if s.steer is not None:
+            s.steer.advance(tid)  # raises for a token its grammar rejects: this sequence alone fails
         s.out_ids.append(tid)
         lps = [self._logprob_entry(logp[i], tid, p.logprobs)] if p.logprobs is not None else []
         finish = None

@@ -36,6 +36,18 @@ def prompt_opens_think(prompt: str) -> bool:
     return i >= 0 and i > prompt.rfind(END_THINK) and not prompt[i + len(THINK) :].strip()
 
 
+def count_reasoning_tokens(ids: list[int], think_id: int | None, end_think_id: int | None, *, prefilled: bool,
+                           finish_reason: str | None) -> int:
+    """Tokens of a reply's reasoning (its tags included), by the rules of ``split_reasoning``: the reply thinks when
+    the prompt opened ``<think>`` or its first token is ``<think>``; the reasoning ends at ``</think>``; one never
+    closed counts only when max_tokens cut it (otherwise the whole reply is the answer)."""
+    if not ids or think_id is None or end_think_id is None or (not prefilled and ids[0] != think_id):
+        return 0
+    if end_think_id in ids:
+        return ids.index(end_think_id) + 1
+    return len(ids) if finish_reason == "length" else 0
+
+
 def split_reasoning(text: str, finish_reason: str | None = "stop", *, prefilled: bool = False,
                     ) -> tuple[str | None, str | None]:
     """``(reasoning_content, content)`` of a whole reply; the rules (vLLM's ``deepseek_r1``/``qwen3`` reasoning

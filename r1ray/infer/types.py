@@ -15,6 +15,24 @@ class EngineFullError(RuntimeError):
     """The engine holds ``max_queue`` sequences already; the caller should retry later (HTTP 429)."""
 
 
+GUIDANCE_KINDS = ("json_schema", "json_object", "regex", "grammar", "choice", "tool_call")
+
+
+@dataclass(frozen=True)
+class Guidance:
+    """Constrained decoding of a reply's answer (``r1ray.infer.guided`` enforces it with xgrammar).
+
+    ``kind`` is one of ``GUIDANCE_KINDS``: ``json_schema`` (``spec`` is the schema as JSON text), ``json_object``
+    (any JSON object; ``spec`` unused), ``regex``, ``grammar`` (EBNF in xgrammar's GBNF dialect) or ``choice``
+    (``choices``: the reply is exactly one of them) or ``tool_call`` (``spec``: a JSON list of ``{name, parameters}``;
+    the reply is one ``<tool_call>`` block calling one of them with valid arguments). A reply that opens ``<think>`` thinks freely; the constraint
+    holds from the token after ``</think>`` (or from the first token when the reply does not think)."""
+
+    kind: str
+    spec: str = ""
+    choices: tuple[str, ...] = ()
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Per-sequence sampling. ``temperature == 0`` is greedy; ``top_k == 0`` and ``top_p == 1`` are off."""
@@ -35,6 +53,13 @@ class SamplingParams:
     """Also return the logprobs of the prompt tokens (completions ``echo`` + ``logprobs``)."""
     ignore_eos: bool = False
     """Keep generating past EOS / ``<|im_end|>`` until max_tokens (benchmarks; vLLM's option of that name)."""
+    guidance: Guidance | None = None
+    """Constrain the answer (after any thinking) to a JSON schema, a regex, a grammar or a choice."""
+    thinking_budget: int | None = None
+    """At most this many tokens of thinking (``<think>`` included): once spent, the engine writes ``</think>``
+    itself and the model answers."""
+    starts_in_thinking: bool = False
+    """The prompt already opened ``<think>`` (a template that prefills it): the reply starts in its reasoning."""
 
 
 @dataclass

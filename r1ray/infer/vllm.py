@@ -21,6 +21,7 @@ Design:
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 import uuid
@@ -28,7 +29,15 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from r1ray.infer.types import Completion, EngineFullError, OnBatch, SamplingParams, StepEvent, TokenLogprob
+from r1ray.infer.types import (
+    Completion,
+    EngineFullError,
+    Guidance,
+    OnBatch,
+    SamplingParams,
+    StepEvent,
+    TokenLogprob,
+)
 from r1ray.observe.log import get_logger
 
 log = get_logger(__name__)
@@ -246,7 +255,40 @@ class VLLMEngine:
         )
         if params.top_k > 0:  # vLLM's "off" value changed across releases (-1, then 0): leave its default
             kw["top_k"] = params.top_k
+        if params.thinking_budget is not None:
+            raise ValueError("thinking_budget / reasoning_effort: not supported by r1ray's vLLM backend; use "
+                             "engine.backend=hf")
+        if params.guidance is not None:
+            kw.update(self._structured(params.guidance))
         return VSP(**kw)
+
+    def compile_guidance(self, g: Guidance) -> Any:
+        """Check ``g`` as far as can be done before vLLM compiles it (its grammar backend reports the rest)."""
+        if g.kind == "tool_call":
+            raise ValueError("forced tool calls are not supported by r1ray's vLLM backend; use engine.backend=hf")
+        if g.kind == "json_schema":
+            try:
+                json.loads(g.spec)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"the JSON schema is not valid JSON: {e}") from None
+        return g
+
+    @staticmethod
+    def _structured(g: Guidance) -> dict[str, Any]:
+        """vLLM's structured-output parameters for ``g`` (``StructuredOutputsParams`` in current releases,
+        ``GuidedDecodingParams`` before). vLLM applies them after ``</think>`` only when the server runs with a
+        reasoning parser; r1ray's vLLM engine has none, so a thinking reply is constrained from its first token."""
+        try:
+            from vllm.sampling_params import StructuredOutputsParams as P
+            key = "structured_outputs"
+        except ImportError:
+            from vllm.sampling_params import GuidedDecodingParams as P
+            key = "guided_decoding"
+        value: dict[str, Any] = {
+            "json_schema": {"json": json.loads(g.spec) if g.kind == "json_schema" else None},
+            "json_object": {"json_object": True}, "regex": {"regex": g.spec}, "grammar": {"grammar": g.spec},
+            "choice": {"choice": list(g.choices)}}[g.kind]
+        return {key: P(**value)}
 
     def _tok(self, tid: int) -> str:
         t = self._token_text.get(tid)

@@ -126,6 +126,11 @@ SPECS: tuple[MetricSpec, ...] = (
     MetricSpec("r1ray_serve_tokens_per_second", "gauge", "Generation throughput of the last batch.", _SERVE_TAGS),
     MetricSpec("r1ray_serve_batch_size", "histogram", "Requests per generation batch.", _SERVE_TAGS, _BATCH_BUCKETS),
     MetricSpec("r1ray_serve_queue_depth", "gauge", "Requests waiting for a batch slot.", _SERVE_TAGS),
+    MetricSpec("r1ray_serve_prefix_reused_ratio", "gauge", "Share of prompt tokens whose KV was not computed again "
+               "since the replica started: taken from the prefix cache or shared by identical prompts of a batch.",
+               _SERVE_TAGS),
+    MetricSpec("r1ray_serve_prefix_cache_hits", "counter", "Prompts that found a cached prefix.", _SERVE_TAGS),
+    MetricSpec("r1ray_serve_prefix_cache_bytes", "gauge", "Memory held by the prefix cache.", _SERVE_TAGS),
     MetricSpec("r1ray_serve_ab_routed", "counter", "Requests the A/B router sent to a variant, by the model id the "
                "client named (an alias, or the variant itself) and whether a user id made the choice sticky.",
                ("alias", "variant", "sticky")),

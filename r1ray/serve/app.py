@@ -35,7 +35,8 @@ from pydantic import ValidationError
 from ray import serve
 
 from r1ray.infer import EngineFullError, SamplingParams, StepEvent, make_engine
-from r1ray.infer.text import ReasoningStream, prompt_opens_think, split_reasoning
+from r1ray.infer.text import ReasoningStream, count_reasoning_tokens, prompt_opens_think, split_reasoning
+from r1ray.model.tokenizer import CHAT_TEMPLATE, END_THINK, THINK
 from r1ray.observe.log import get_logger, setup_logging
 from r1ray.observe.metrics import record
 from r1ray.serve import schemas as S
@@ -57,6 +58,9 @@ from r1ray.serve.protocol import (  # noqa: F401 - re-exported: tests and users 
     parse_json_body,
     read_body,
 )
+from r1ray.serve.tools import ToolCallStream, parse_tool_calls
+from r1ray.serve.tools import forced_guidance as forced_tool_guidance
+from r1ray.serve.tools import render_prompt as render_tool_prompt
 
 log = get_logger(__name__)
 
@@ -125,6 +129,7 @@ class OpenAIModel:
         self.model_path = str(self.cfg.model_path)
         self.model_name = self.cfg.model_name or Path(self.model_path).name
         self._tok_window = [time.perf_counter(), 0]
+        self._hits_seen = 0
         self.api_key = self.cfg.auth.resolve()
         # A one-model app is its own single variant, named after its model.
         self.tags = {"model": self.model_name, "variant": self.model_name}
@@ -154,7 +159,7 @@ class OpenAIModel:
                 self.model_path, backend=e.backend, device=e.device, dtype=e.dtype, torch_threads=threads,
                 max_batch_size=e.max_batch_size, batch_wait_timeout_s=e.batch_wait_timeout_s,
                 max_queue=self.cfg.limits.max_queue, max_model_len=e.max_model_len, seed=self.cfg.seed,
-                on_batch=self._on_batch,
+                on_batch=self._on_batch, prefix_cache_mb=e.prefix_cache_mb, prefix_block_tokens=e.prefix_block_tokens,
             )
             engine.start()
         except Exception as err:  # answered as 503 with the reason, and Serve's health check restarts us
@@ -163,6 +168,7 @@ class OpenAIModel:
             return
         self.tokenizer = engine.tokenizer
         self.vocab_size = len(self.tokenizer)
+        self._think_ids = tuple(_token_id(self.tokenizer, t) for t in (THINK, END_THINK))
         self.engine = engine  # set last: routes treat a non-None engine as ready
         log.info("serving %s as %r in %.1f s (engine=%s, max_batch_size=%d, max_queue=%d, context=%d, auth=%s)",
                  self.model_path, self.model_name, time.perf_counter() - t0, engine.backend, e.max_batch_size,
@@ -193,8 +199,21 @@ class OpenAIModel:
         if now - w[0] >= 1.0:
             record("r1ray_serve_tokens_per_second", w[1] / (now - w[0]), **self.tags)
             record("r1ray_serve_queue_depth", self.engine.load()["waiting"], **self.tags)
+            self._record_prefix_cache()
             w[0], w[1] = now, 0
         record("r1ray_serve_tokens_generated", tokens, **self.tags)
+
+    def _record_prefix_cache(self) -> None:
+        stats = getattr(self.engine, "prefix_stats", None)
+        if not stats or not stats["prefill_tokens"]:
+            return
+        reused = stats["cached_tokens"] + stats["shared_tokens"]
+        record("r1ray_serve_prefix_reused_ratio", reused / stats["prefill_tokens"], **self.tags)
+        cache = self.engine.prefix_cache
+        if cache is not None:
+            record("r1ray_serve_prefix_cache_hits", cache.hits - self._hits_seen, **self.tags)
+            self._hits_seen = cache.hits
+            record("r1ray_serve_prefix_cache_bytes", cache.bytes, **self.tags)
 
     def _done(self, route: str, status: int, t0: float) -> None:
         record("r1ray_serve_requests", 1, route=route, status=str(status), **self.tags)
@@ -489,11 +508,27 @@ class OpenAIModel:
             raise APIError(400, f"{param}: token id {bad} is outside the vocabulary [0, {self.vocab_size})",
                            param=param)
 
-    def _params(self, req: Any, max_tokens: int, index: int, logprobs: int | None, prompt_lp: bool) -> SamplingParams:
+    def _params(self, req: Any, max_tokens: int, index: int, logprobs: int | None, prompt_lp: bool,
+                **steer: Any) -> SamplingParams:
         seed = None if req.seed is None else req.seed + index
         return SamplingParams(max_tokens=max_tokens, temperature=float(req.temperature), top_p=float(req.top_p),
                               top_k=req.top_k, stop=tuple(req.stop or ()), seed=seed, logprobs=logprobs,
-                              prompt_logprobs=prompt_lp, ignore_eos=req.ignore_eos)
+                              prompt_logprobs=prompt_lp, ignore_eos=req.ignore_eos, **steer)
+
+    def _steering(self, req: Any, guidance: Any = None, field: str | None = None) -> dict[str, Any]:
+        """The request's output constraint (compiled now: an invalid one is a 400 naming its field, before any
+        generation) and its thinking budget (``thinking_token_budget``, else ``reasoning_effort``'s)."""
+        if guidance is None:
+            guidance, field = req.guidance()
+        if guidance is not None:
+            try:
+                self.engine.compile_guidance(guidance)
+            except ValueError as e:
+                raise APIError(400, f"{field}: {e}", param=field) from None
+        budget = req.thinking_token_budget
+        if budget is None and req.reasoning_effort is not None:
+            budget = self.cfg.reasoning.effort_budgets.get(req.reasoning_effort)
+        return {"guidance": guidance, "thinking_budget": budget}
 
     @staticmethod
     def _completion_logprobs(entries, offset: int, top: int) -> S.CompletionLogprobs:
@@ -516,9 +551,10 @@ class OpenAIModel:
         prompts = self._prompts(req.prompt)
         max_tokens = [self._check_context(len(ids), req.max_tokens, self.cfg.limits.default_max_tokens,
                                           echo=req.echo) for ids in prompts]
+        steer = self._steering(req)
         self._reserve(len(prompts) * req.n)
         want_prompt_lp = req.echo and req.logprobs is not None
-        jobs = [(pi * req.n + k, ids, self._params(req, max_tokens[pi], k, req.logprobs, want_prompt_lp))
+        jobs = [(pi * req.n + k, ids, self._params(req, max_tokens[pi], k, req.logprobs, want_prompt_lp, **steer))
                 for pi, ids in enumerate(prompts) for k in range(req.n)]
         prompt_text = {j[0]: self.tokenizer.decode(j[1], skip_special_tokens=False) for j in jobs} if req.echo else {}
         rid, created = S.new_id("cmpl"), S.now()
@@ -583,80 +619,156 @@ class OpenAIModel:
             for e in entries
         ])
 
-    def _render_chat(self, messages: list[S.ChatMessage], *, add_generation_prompt: bool) -> str:
+    def _render_chat(self, messages: list[S.ChatMessage], *, add_generation_prompt: bool,
+                     tools: list[S.Tool] | None = None) -> str:
         try:
             msgs = []
             for m in messages:
-                msg = {"role": m.role, "content": m.text()}
+                msg: dict[str, Any] = {"role": m.role, "content": m.text()}
                 if m.reasoning_content:
                     msg["reasoning_content"] = m.reasoning_content
+                if m.tool_calls:
+                    msg["tool_calls"] = [{"name": c.function.name, "arguments": _json_or_text(c.function.arguments)}
+                                         for c in m.tool_calls]
                 msgs.append(msg)
         except ValueError as e:
             raise APIError(400, f"messages: {e}", param="messages") from None
-        if self.tokenizer.chat_template is None:
+        template = self.tokenizer.chat_template
+        if template is None:
             raise APIError(400, f"model {self.model_name!r} has no chat template: use /v1/completions")
-        return self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
+        uses_tools = bool(tools) or any(m.role == "tool" or m.tool_calls for m in messages)
+        tool_defs = [t.model_dump(exclude_none=True) for t in tools] if tools else None
+        if uses_tools and template == CHAT_TEMPLATE:  # r1ray's ChatML: tools in the Hermes format (serve/tools.py)
+            return render_tool_prompt(msgs, tool_defs, add_generation_prompt)
+        if uses_tools and "tool" not in template:
+            raise APIError(400, f"model {self.model_name!r} has a chat template that renders no tools", param="tools")
+        return self.tokenizer.apply_chat_template(msgs, tools=tool_defs, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)
+
+    def _reasoning_tokens(self, ids: list[int], finish: str | None, prefilled: bool) -> int:
+        think, end = self._think_ids
+        return count_reasoning_tokens(ids, think, end, prefilled=prefilled, finish_reason=finish)
 
     async def _chat(self, request: Request, t0: float) -> Response:
         req: S.ChatRequest = await self._parse(request, S.ChatRequest)
-        text = self._render_chat(req.messages, add_generation_prompt=True)
+        mode = req.tool_mode()
+        text = self._render_chat(req.messages, add_generation_prompt=True, tools=req.tools if mode != "none" else None)
         prefilled = prompt_opens_think(text)  # the template opened <think>: the reply starts in the reasoning
         ids = self.engine.encode(text)
         max_tokens = self._check_context(len(ids), req.max_completion_tokens or req.max_tokens,
                                          self.cfg.limits.default_chat_max_tokens)
+        tool_defs = [t.model_dump(exclude_none=True) for t in req.tools or []]
+        if mode in ("auto", "required", "named"):  # every tool's parameters must compile, whatever is chosen
+            try:
+                self.engine.compile_guidance(forced_tool_guidance(tool_defs))
+            except ValueError as e:
+                raise APIError(400, f"tools: {e}", param="tools") from None
+        if mode in ("required", "named"):
+            name = req.tool_choice.function.name if mode == "named" else None
+            steer = self._steering(req, forced_tool_guidance(tool_defs, name), "tool_choice")
+        else:
+            steer = self._steering(req)
         self._reserve(req.n)
         top = req.top_logprobs or 0
         lp_n = top if req.logprobs else None
-        jobs = [(k, ids, self._params(req, max_tokens, k, lp_n, False)) for k in range(req.n)]
+        jobs = [(k, ids, self._params(req, max_tokens, k, lp_n, False, starts_in_thinking=prefilled, **steer))
+                for k in range(req.n)]
         rid, created = S.new_id("chatcmpl"), S.now()
         route = ROUTE_CHAT
+        parse_tools = mode != "none"
+
+        def usage(ntok: int, reasoning: int) -> S.Usage:
+            return S.Usage(prompt_tokens=len(ids), completion_tokens=ntok, total_tokens=len(ids) + ntok,
+                           completion_tokens_details=S.CompletionTokensDetails(reasoning_tokens=reasoning))
 
         if req.stream:
             async def events() -> AsyncIterator[bytes]:
                 ntok = 0
                 splitters = {k: ReasoningStream(prefilled=prefilled) for k in range(req.n)}
+                calls = {k: ToolCallStream() for k in range(req.n)}
+                out_ids: dict[int, list[int]] = {k: [] for k in range(req.n)}
+                reasoning = 0
 
                 def chunk(k: int, delta: S.Delta, finish: str | None = None, lp=None) -> bytes:
                     return _sse(S.ChatChunk(id=rid, created=created, model=self.model_name, choices=[
                         S.ChatChunkChoice(index=k, delta=delta, finish_reason=finish, logprobs=lp)]))
 
+                def deltas(k: int, field: str, piece: str, final: bool) -> list[S.Delta]:
+                    if field == "reasoning_content":
+                        return [S.Delta(reasoning_content=piece, reasoning=piece)]
+                    if not parse_tools:
+                        return [S.Delta(content=piece)]
+                    return [S.Delta(content=x) if kind == "content" else
+                            S.Delta(tool_calls=[{"index": calls[k].calls - 1, **x}])
+                            for kind, x in calls[k].feed(piece, final)]
+
                 for k in range(req.n):
                     yield chunk(k, S.Delta(role="assistant", content=""))
                 async for k, ev in self._run_choices(jobs, t0, route):
                     ntok += len(ev.token_ids)
+                    out_ids[k].extend(ev.token_ids)
+                    final = ev.finish_reason is not None
                     lp = self._chat_logprobs(ev.logprobs, top) if req.logprobs and ev.logprobs else None
-                    parts = splitters[k].feed(ev.text, ev.finish_reason)
-                    for j, (field, piece) in enumerate(parts):
-                        yield chunk(k, S.Delta(**{field: piece}), lp=lp if j == 0 else None)
+                    parts = [d for field, piece in splitters[k].feed(ev.text, ev.finish_reason)
+                             for d in deltas(k, field, piece, final)]
+                    if final and parse_tools:
+                        parts += [S.Delta(content=x) if kind == "content" else
+                                  S.Delta(tool_calls=[{"index": calls[k].calls - 1, **x}])
+                                  for kind, x in calls[k].feed("", True)]
+                    for j, d in enumerate(parts):
+                        yield chunk(k, d, lp=lp if j == 0 else None)
                     if not parts and lp is not None:
                         yield chunk(k, S.Delta(content=""), lp=lp)
-                    if ev.finish_reason is not None:
-                        yield chunk(k, S.Delta(), finish=ev.finish_reason)
+                    if final:
+                        reasoning += self._reasoning_tokens(out_ids[k], ev.finish_reason, prefilled)
+                        finish = "tool_calls" if calls[k].calls and ev.finish_reason == "stop" else ev.finish_reason
+                        yield chunk(k, S.Delta(), finish=finish)
                 if req.stream_options and req.stream_options.include_usage:
-                    usage = S.Usage(prompt_tokens=len(ids), completion_tokens=ntok, total_tokens=len(ids) + ntok)
-                    yield _sse(S.ChatChunk(id=rid, created=created, model=self.model_name, choices=[], usage=usage))
+                    yield _sse(S.ChatChunk(id=rid, created=created, model=self.model_name, choices=[],
+                                           usage=usage(ntok, reasoning)))
 
             return self._stream(route, t0, events())
 
         texts = {k: [] for k in range(req.n)}
         lps: dict[int, list] = {k: [] for k in range(req.n)}
+        out_ids: dict[int, list[int]] = {k: [] for k in range(req.n)}
         finish: dict[int, str] = {}
         ntok = 0
         async for k, ev in self._run_choices(jobs, t0, route):
             texts[k].append(ev.text)
             lps[k].extend(ev.logprobs)
+            out_ids[k].extend(ev.token_ids)
             ntok += len(ev.token_ids)
             if ev.finish_reason:
                 finish[k] = ev.finish_reason
         choices = []
+        reasoning_tokens = 0
         for k in range(req.n):
             reasoning, content = split_reasoning("".join(texts[k]), finish[k], prefilled=prefilled)
+            reasoning_tokens += self._reasoning_tokens(out_ids[k], finish[k], prefilled)
+            tool_calls: list[dict[str, Any]] = []
+            if parse_tools:
+                content, tool_calls = parse_tool_calls(content)
+            fr = "tool_calls" if tool_calls and finish[k] == "stop" else finish[k]
             choices.append(S.ChatChoice(
-                index=k, message=S.AssistantMessage(content=content, reasoning_content=reasoning),
-                finish_reason=finish[k], logprobs=self._chat_logprobs(lps[k], top) if req.logprobs else None))
-        usage = S.Usage(prompt_tokens=len(ids), completion_tokens=ntok, total_tokens=len(ids) + ntok)
+                index=k, message=S.AssistantMessage(content=content, reasoning_content=reasoning, reasoning=reasoning,
+                                                    tool_calls=tool_calls or None),
+                finish_reason=fr, logprobs=self._chat_logprobs(lps[k], top) if req.logprobs else None))
         return JSONResponse(S.ChatResponse(id=rid, created=created, model=self.model_name, choices=choices,
-                                           usage=usage).model_dump())
+                                           usage=usage(ntok, reasoning_tokens)).model_dump())
+
+
+def _token_id(tokenizer: Any, token: str) -> int | None:
+    tid = tokenizer.convert_tokens_to_ids(token)
+    return tid if isinstance(tid, int) and tid != tokenizer.unk_token_id else None
+
+
+def _json_or_text(arguments: str) -> Any:
+    """A tool call's arguments as the JSON value they hold (rendered as JSON in the prompt), or the text itself."""
+    try:
+        return json.loads(arguments)
+    except json.JSONDecodeError:
+        return arguments
 
 
 OpenAIServer = serve.deployment(name="OpenAIServer")(serve.ingress(fastapi_app)(OpenAIModel))

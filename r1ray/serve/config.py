@@ -93,6 +93,29 @@ class EngineConfig(R1Config):
     """Context limit (prompt + max_tokens); unset: the model's ``max_position_embeddings``."""
     torch_threads: int | None = Field(default=None, ge=1)
     """Torch CPU threads per replica; unset: ``deployment.num_cpus`` rounded up."""
+    prefix_cache_mb: float = Field(default=256.0, ge=0)
+    """Automatic prefix caching (HF engine): memory for the KV of prompt prefixes already computed, reused by later
+    requests that share them (a system prompt, a few-shot block, a conversation so far). Least recently used
+    prefixes are evicted first; 0 turns it off. Hits and cached tokens are in the metrics."""
+    prefix_block_tokens: int = Field(default=16, ge=1, le=4096)
+    """Prefixes are cached and matched in whole blocks of this many tokens."""
+
+
+class ReasoningConfig(R1Config):
+    """Thinking of reasoning models: the budgets ``reasoning_effort`` maps to."""
+
+    effort_budgets: dict[Literal["none", "minimal", "low", "medium", "high"], int | None] = Field(
+        default_factory=lambda: {"none": 0, "minimal": 16, "low": 64, "medium": 256, "high": None})
+    """Thinking tokens (``<think>`` included) a request's ``reasoning_effort`` allows; None: no limit. When spent,
+    the server writes ``</think>`` and the model answers. A request's ``thinking_token_budget`` wins."""
+
+    @field_validator("effort_budgets")
+    @classmethod
+    def _budgets(cls, v: dict[str, int | None]) -> dict[str, int | None]:
+        bad = {k: b for k, b in v.items() if b is not None and b < 0}
+        if bad:
+            raise ValueError(f"budgets must be integers >= 0 or null, got {bad}")
+        return v
 
 
 class LimitsConfig(R1Config):
@@ -218,6 +241,8 @@ class ServeConfig(R1Config):
     """Generation engine."""
     limits: LimitsConfig = LimitsConfig()
     """Admission control and request bounds."""
+    reasoning: ReasoningConfig = ReasoningConfig()
+    """Thinking budgets of ``reasoning_effort``."""
     auth: AuthConfig = AuthConfig()
     """API-key auth."""
     ray: RayConfig = RayConfig()

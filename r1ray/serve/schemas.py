@@ -9,6 +9,7 @@ the engine can represent reaches it.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any, Literal
@@ -25,6 +26,8 @@ from pydantic import (
     model_validator,
 )
 
+from r1ray.infer.types import Guidance
+
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
@@ -37,6 +40,51 @@ Number = StrictFloat | StrictInt
 
 class StreamOptions(_Req):
     include_usage: StrictBool = False
+
+
+class JSONSchemaFormat(_Req):
+    name: StrictStr = Field(default="response", max_length=64)
+    description: StrictStr | None = None
+    schema_: dict[str, Any] | StrictBool | None = Field(default=None, alias="schema")
+    strict: StrictBool | None = None
+    """Accepted; the schema is enforced either way (constrained decoding)."""
+
+
+class ResponseFormat(_Req):
+    """OpenAI's ``response_format``: ``text`` (no constraint), ``json_object`` or ``json_schema``."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _need_schema(self) -> ResponseFormat:
+        if self.type == "json_schema" and (self.json_schema is None or self.json_schema.schema_ is None):
+            raise ValueError("response_format: type json_schema needs json_schema.schema")
+        return self
+
+
+class StructuredOutputs(_Req):
+    """vLLM's ``structured_outputs`` request field: exactly one of ``json``, ``regex``, ``choice``, ``grammar``,
+    ``json_object``."""
+
+    json_: dict[str, Any] | StrictStr | StrictBool | None = Field(default=None, alias="json")
+    regex: StrictStr | None = None
+    choice: list[StrictStr] | None = Field(default=None, min_length=1)
+    grammar: StrictStr | None = None
+    json_object: StrictBool | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> StructuredOutputs:
+        given = [k for k in ("json_", "regex", "choice", "grammar") if getattr(self, k) is not None]
+        given += ["json_object"] if self.json_object else []
+        if len(given) != 1:
+            names = ", ".join(g.rstrip("_") for g in given) or "none"
+            raise ValueError(f"structured_outputs: give exactly one of json, regex, choice, grammar, json_object "
+                             f"(got {names})")
+        return self
+
+
+EFFORTS = ("none", "minimal", "low", "medium", "high")
 
 
 class _Sampling(_Req):
@@ -62,6 +110,48 @@ class _Sampling(_Req):
     """Validated as OpenAI does (token ids -> [-100, 100]); any non-zero bias is refused (not implemented)."""
     frequency_penalty: Number | None = Field(default=None, ge=-2, le=2, allow_inf_nan=False)
     presence_penalty: Number | None = Field(default=None, ge=-2, le=2, allow_inf_nan=False)
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict[str, Any] | StrictStr | None = None
+    """vLLM's older names of ``structured_outputs`` (``guided_json``, ``guided_regex``, ``guided_choice``,
+    ``guided_grammar``), still sent by many clients."""
+    guided_regex: StrictStr | None = None
+    guided_choice: list[StrictStr] | None = Field(default=None, min_length=1)
+    guided_grammar: StrictStr | None = None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
+    """A thinking budget by name (``reasoning.effort_budgets`` of the server config)."""
+    thinking_token_budget: StrictInt | None = Field(default=None, ge=0)
+    """At most this many thinking tokens; then the server writes ``</think>`` and the model answers."""
+
+    def guidance(self) -> tuple[Guidance | None, str | None]:
+        """The constraint this request asks for and the field that asked (for error messages)."""
+        found: list[tuple[Guidance, str]] = []
+        rf = self.response_format
+        if rf is not None and rf.type == "json_object":
+            found.append((Guidance("json_object"), "response_format"))
+        elif rf is not None and rf.type == "json_schema":
+            found.append((Guidance("json_schema", _schema_text(rf.json_schema.schema_)), "response_format"))
+        so = self.structured_outputs
+        if so is not None:
+            if so.json_ is not None:
+                found.append((Guidance("json_schema", _schema_text(so.json_)), "structured_outputs"))
+            elif so.regex is not None:
+                found.append((Guidance("regex", so.regex), "structured_outputs"))
+            elif so.choice is not None:
+                found.append((Guidance("choice", choices=tuple(so.choice)), "structured_outputs"))
+            elif so.grammar is not None:
+                found.append((Guidance("grammar", so.grammar), "structured_outputs"))
+            else:
+                found.append((Guidance("json_object"), "structured_outputs"))
+        if self.guided_json is not None:
+            found.append((Guidance("json_schema", _schema_text(self.guided_json)), "guided_json"))
+        if self.guided_regex is not None:
+            found.append((Guidance("regex", self.guided_regex), "guided_regex"))
+        if self.guided_choice is not None:
+            found.append((Guidance("choice", choices=tuple(self.guided_choice)), "guided_choice"))
+        if self.guided_grammar is not None:
+            found.append((Guidance("grammar", self.guided_grammar), "guided_grammar"))
+        return found[0] if found else (None, None)
 
     @field_validator("stop")
     @classmethod
@@ -90,10 +180,20 @@ class _Sampling(_Req):
                 raise ValueError(f"{name}: a non-zero value is not supported by this server")
         if self.best_of is not None and self.best_of != self.n:
             raise ValueError(f"best_of: only best_of == n ({self.n}) is supported, got {self.best_of}")
+        asked = [f for f in ("structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar")
+                 if getattr(self, f) is not None]
+        if self.response_format is not None and self.response_format.type != "text":
+            asked.insert(0, "response_format")
+        if len(asked) > 1:
+            raise ValueError(f"{asked[1]}: only one output constraint per request (also got {asked[0]})")
         if self.seed is not None and self.seed + self.n - 1 > INT64_MAX:
             raise ValueError(f"seed: seed + n - 1 must be at most 2**63 - 1 (choice k samples with seed + k), "
                              f"got seed={self.seed}, n={self.n}")
         return self
+
+
+def _schema_text(schema: Any) -> str:
+    return schema if isinstance(schema, str) else json.dumps(schema)
 
 
 class CompletionRequest(_Sampling):
@@ -112,11 +212,47 @@ class CompletionRequest(_Sampling):
         return None
 
 
+class ToolCallFunction(_Req):
+    name: StrictStr
+    arguments: StrictStr
+    """The call's arguments as a JSON text (OpenAI's shape)."""
+
+
+class ToolCall(_Req):
+    id: StrictStr | None = None
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
+class FunctionDef(_Req):
+    name: StrictStr = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: StrictStr | None = None
+    parameters: dict[str, Any] | None = None
+    strict: StrictBool | None = None
+
+
+class Tool(_Req):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Req):
+    name: StrictStr
+
+
+class NamedToolChoice(_Req):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatMessage(_Req):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: StrictStr | list[dict[str, Any]] | None = None
     reasoning_content: StrictStr | None = None
     name: StrictStr | None = None
+    tool_calls: list[ToolCall] | None = None
+    """An assistant turn's calls (sent back with the ``tool`` messages that answer them)."""
+    tool_call_id: StrictStr | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -152,6 +288,35 @@ class ChatRequest(_Sampling):
     logprobs: StrictBool = False
     top_logprobs: StrictInt | None = Field(default=None, ge=0, le=20)
     max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    """Default: ``auto`` with tools, ``none`` without."""
+    parallel_tool_calls: StrictBool = True
+
+    @model_validator(mode="after")
+    def _tools(self) -> ChatRequest:
+        names = [t.function.name for t in self.tools or []]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"tools: function names must be unique, {dup[0]!r} appears twice")
+        choice = self.tool_choice
+        if choice is not None and choice != "none" and not names:
+            raise ValueError("tool_choice: needs tools (none were given)")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise ValueError(f"tool_choice: no tool named {choice.function.name!r} (tools: {', '.join(names)})")
+        forced = choice == "required" or isinstance(choice, NamedToolChoice)
+        if forced and self.guidance()[0] is not None:
+            raise ValueError("tool_choice: a forced tool call cannot be combined with response_format or "
+                             "structured_outputs")
+        return self
+
+    def tool_mode(self) -> str:
+        """``none``, ``auto``, ``required`` or ``named``."""
+        if not self.tools or self.tool_choice == "none":
+            return "none"
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return "named"
+        return self.tool_choice or "auto"
 
 
 class TokenizeChatRequest(_Req):
@@ -195,10 +360,15 @@ def now() -> int:
     return int(time.time())
 
 
+class CompletionTokensDetails(BaseModel):
+    reasoning_tokens: int = 0
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    completion_tokens_details: CompletionTokensDetails | None = None
 
 
 class CompletionLogprobs(BaseModel):
@@ -242,6 +412,9 @@ class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
     reasoning_content: str | None = None
+    reasoning: str | None = None
+    """The same text as ``reasoning_content`` (vLLM's newer name; both are sent)."""
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -264,6 +437,8 @@ class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
     reasoning_content: str | None = None
+    reasoning: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class ChatChunkChoice(BaseModel):
