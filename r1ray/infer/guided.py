@@ -41,7 +41,23 @@ class GrammarCache:
                                                   stop_token_ids=sorted(stop_token_ids))
         self.compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=True)
         self.vocab_size = vocab_size
+        self.tokenizer = tokenizer
         self._lock = threading.Lock()
+        self._control: Any = None
+
+    def control_tokens(self) -> Any:
+        """Bool ``[vocab]``: tokens holding a control character other than ``\\n`` and ``\\r``. xgrammar 0.2's JSON
+        string rule lets byte-level tokens of raw control characters through (a tab or an ESC inside a string),
+        which strict JSON parsers (Python's ``json.loads``) reject; JSON guidance masks them out too."""
+        if self._control is None:
+            import torch
+
+            bad = torch.zeros(self.vocab_size, dtype=torch.bool)
+            for tid in range(min(len(self.tokenizer), self.vocab_size)):
+                text = self.tokenizer.decode([tid])
+                bad[tid] = any(ord(ch) < 0x20 and ch not in "\n\r" for ch in text)
+            self._control = bad
+        return self._control
 
     def compile(self, g: Guidance) -> Any:
         """The compiled grammar of ``g``; ``ValueError`` naming the problem when it is not a valid one."""
@@ -112,8 +128,9 @@ class Steer:
     """One sequence's constraint state: its phase, thinking tokens and grammar matcher."""
 
     def __init__(self, compiled: Any | None, *, think_id: int | None, end_think_id: int | None,
-                 budget: int | None, starts_in_thinking: bool):
+                 budget: int | None, starts_in_thinking: bool, banned_tokens: Any = None):
         self.matcher = _xgr().GrammarMatcher(compiled) if compiled is not None else None
+        self.banned_tokens = banned_tokens  # bool [vocab] masked out with the grammar (JSON: control characters)
         self.think_id, self.end_think_id = think_id, end_think_id
         self.budget = budget
         self.phase = _THINK if starts_in_thinking else _START
@@ -177,7 +194,18 @@ def apply_masks(logits: Any, steers: list[Steer | None], bitmask_cache: dict[str
             st.matcher.fill_next_token_bitmask(bm, i)
             if st.allow_think():
                 keep_think[i] = logits[i, st.think_id].item()
-        xgr.apply_token_bitmask_inplace(logits, bm[:n], vocab_size=vocab, indices=grammar_rows)
+        # The bitmask unpacked with torch bit operations and applied with one masked_fill: xgrammar's CPU kernel
+        # (apply_token_bitmask_inplace) takes ~0.3 ms per batch of 16 at a 4k vocabulary, this ~0.03 ms.
+        shifts = bitmask_cache.get("shifts")
+        if shifts is None:
+            shifts = bitmask_cache["shifts"] = torch.arange(32, dtype=torch.int32)
+        idx = torch.tensor(grammar_rows)
+        allowed = ((bm.index_select(0, idx)[:, :, None] >> shifts) & 1).flatten(1)[:, :vocab].bool()
+        for r, i in enumerate(grammar_rows):
+            if steers[i].banned_tokens is not None:
+                allowed[r] &= ~steers[i].banned_tokens
+        rows_logits = logits.index_select(0, idx).masked_fill_(~allowed.to(logits.device), float("-inf"))
+        logits.index_copy_(0, idx.to(logits.device), rows_logits)
         for i, v in keep_think.items():
             logits[i, steers[i].think_id] = v
     for i in rows:

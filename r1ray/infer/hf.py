@@ -305,8 +305,10 @@ class HFEngine:
         if params.thinking_budget is not None and self.end_think_id is None:
             raise ValueError("thinking_budget: this model's tokenizer has no </think> token")
         compiled = self.compile_guidance(params.guidance) if params.guidance is not None else None
+        json_like = params.guidance is not None and params.guidance.kind in ("json_schema", "json_object", "tool_call")
         return Steer(compiled, think_id=self.think_id, end_think_id=self.end_think_id,
-                     budget=params.thinking_budget, starts_in_thinking=params.starts_in_thinking)
+                     budget=params.thinking_budget, starts_in_thinking=params.starts_in_thinking,
+                     banned_tokens=self._grammars.control_tokens() if json_like else None)
 
     # ------------------------------------------------------------------ construction
     @classmethod
