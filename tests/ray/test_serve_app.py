@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import time
@@ -422,6 +423,129 @@ def test_reasoning_content_rules_end_to_end(client):
     whole, streamed = _chat_both(client, max_tokens=40, stop=["it"])
     assert whole == (None, "the of and ", "stop")
     assert streamed == ("the of and ", "the of and ", "stop")  # reasoning deltas, then the answer as content
+
+
+# ---------------------------------------------------------------------------------------------- structured outputs, tools, budgets
+
+ANSWER_SCHEMA = {"type": "object", "properties": {"answer": {"type": "integer", "minimum": 0, "maximum": 99}},
+                 "required": ["answer"], "additionalProperties": False}
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather of a city", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "enum": ["Oslo", "Lima"]}, "days": {
+        "type": "integer", "minimum": 1, "maximum": 7}}, "required": ["city", "days"], "additionalProperties": False}}}
+
+
+def _stream_chat(client, **kw):
+    reasoning, content, finish, usage, calls = "", "", None, None, {}
+    for chunk in client.chat.completions.create(model="chain", stream=True, stream_options={"include_usage": True},
+                                                **kw):
+        usage = chunk.usage or usage
+        for c in chunk.choices:
+            reasoning += (c.delta.model_extra or {}).get("reasoning_content") or ""
+            content += c.delta.content or ""
+            finish = c.finish_reason or finish
+            for tc in c.delta.tool_calls or []:  # assembled as the openai SDK's own helpers do
+                call = calls.setdefault(tc.index, {"id": None, "name": "", "arguments": ""})
+                call["id"] = tc.id or call["id"]
+                call["name"] += tc.function.name or ""
+                call["arguments"] += tc.function.arguments or ""
+    return reasoning, content, finish, usage, [calls[i] for i in sorted(calls)]
+
+
+def test_json_schema_output_after_thinking(client):
+    """The chain model thinks, then (unconstrained) answers "she is 5"; under a schema it keeps its thinking and
+    its answer is JSON valid for the schema, greedy and sampled, whole and streamed."""
+    import jsonschema
+
+    msgs = [{"role": "user", "content": QUESTION}]
+    fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": ANSWER_SCHEMA, "strict": True}}
+    r = client.chat.completions.create(model="chain", messages=msgs, temperature=0, max_tokens=60,
+                                       response_format=fmt)
+    msg = r.choices[0].message
+    assert msg.model_extra["reasoning_content"] == REASONING == msg.model_extra["reasoning"]
+    jsonschema.validate(json.loads(msg.content), ANSWER_SCHEMA)
+    assert r.choices[0].finish_reason == "stop"
+    r = client.chat.completions.create(model="chain", messages=msgs, temperature=1.0, seed=3, n=3, max_tokens=60,
+                                       response_format={"type": "json_object"})
+    assert all(isinstance(json.loads(c.message.content), dict) for c in r.choices)
+    reasoning, content, finish, usage, _ = _stream_chat(client, messages=msgs, temperature=0, max_tokens=60,
+                                                         response_format=fmt)
+    assert reasoning == REASONING and finish == "stop"
+    jsonschema.validate(json.loads(content), ANSWER_SCHEMA)
+    assert usage.completion_tokens_details.reasoning_tokens == 6  # <think>, 4 words, </think>
+
+
+def test_regex_choice_and_invalid_constraints(client, http):
+    msgs = [{"role": "user", "content": QUESTION}]
+    r = client.chat.completions.create(model="chain", messages=msgs, temperature=0, max_tokens=40,
+                                       extra_body={"structured_outputs": {"regex": "[0-9]{2}-[a-c]{3}"}})
+    assert re.fullmatch("[0-9]{2}-[a-c]{3}", r.choices[0].message.content)
+    r = client.completions.create(model="chain", prompt="the", max_tokens=20, temperature=0,
+                                  extra_body={"guided_choice": ["red", "green"], "thinking_token_budget": 0})
+    assert r.choices[0].text in ("red", "green")
+    chat = {"model": "chain", "messages": msgs, "max_tokens": 8}
+    cases = [
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objec"}}}},
+         'response_format: invalid JSON schema: Unsupported type "objec"'),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "json_schema.schema"),
+        ({"structured_outputs": {"regex": "(ab"}}, "structured_outputs: invalid regex"),
+        ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "exactly one of"),
+        ({"structured_outputs": {"choice": ["b"]}, "response_format": {"type": "json_object"}}, "only one output"),
+        ({"reasoning_effort": "extreme"}, "reasoning_effort"),
+        ({"thinking_token_budget": -1}, "thinking_token_budget"),
+        ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "no tool named"),
+        ({"tool_choice": "required"}, "needs tools"),
+        ({"tools": [WEATHER, WEATHER]}, "unique"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "objec"}}}]},
+         "tools: tool 'f': its parameters are not a valid JSON schema"),
+    ]
+    for extra, needle in cases:
+        r = http.post("/v1/chat/completions", json={**chat, **extra})
+        assert r.status_code == 400, (extra, r.text)
+        assert needle in r.json()["error"]["message"], (extra, r.text)
+    _assert_alive(http)
+
+
+def test_forced_tool_call_whole_streamed_and_answered(client):
+    msgs = [{"role": "user", "content": QUESTION}]
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    r = client.chat.completions.create(model="chain", messages=msgs, tools=[WEATHER], tool_choice=named,
+                                       temperature=0, max_tokens=200)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    [call] = choice.message.tool_calls
+    assert call.id.startswith("call_") and call.function.name == "get_weather"
+    args = json.loads(call.function.arguments)
+    assert args["city"] in ("Oslo", "Lima") and 1 <= args["days"] <= 7
+    _, content, finish, _, calls = _stream_chat(client, messages=msgs, tools=[WEATHER], tool_choice="required",
+                                                temperature=0, max_tokens=200)
+    assert finish == "tool_calls" and content == "" and len(calls) == 1
+    assert calls[0]["name"] == "get_weather" and json.loads(calls[0]["arguments"]) == args
+    # The tool's answer goes back; the conversation renders and the model replies.
+    follow = msgs + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                     {"role": "tool", "tool_call_id": call.id, "content": "4 C and rain"}]
+    r = client.chat.completions.create(model="chain", messages=follow, tools=[WEATHER], temperature=0, max_tokens=8)
+    assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    # tool_choice none: no tools declared, nothing parsed: the chain model's own reply.
+    r = client.chat.completions.create(model="chain", messages=msgs, tools=[WEATHER], tool_choice="none",
+                                       temperature=0, max_tokens=40)
+    assert r.choices[0].message.content == ANSWER and not r.choices[0].message.tool_calls
+
+
+def test_thinking_budget_closes_the_thinking(client):
+    msgs = [{"role": "user", "content": QUESTION}]
+    r = client.chat.completions.create(model="chain", messages=msgs, temperature=0, max_tokens=40,
+                                       extra_body={"thinking_token_budget": 2})
+    msg = r.choices[0].message
+    assert msg.model_extra["reasoning_content"] == "the"  # <think>, "the", then the server's </think>
+    assert r.usage.completion_tokens_details.reasoning_tokens == 3
+    assert msg.content == ANSWER  # the chain goes on from </think>
+    r = client.chat.completions.create(model="chain", messages=msgs, temperature=0, max_tokens=40,
+                                       reasoning_effort="none")
+    assert r.choices[0].message.model_extra.get("reasoning_content") is None
+    assert r.usage.completion_tokens_details.reasoning_tokens == 0
+    reasoning, content, _, usage, _ = _stream_chat(client, messages=msgs, temperature=0, max_tokens=40,
+                                                   extra_body={"thinking_token_budget": 2})
+    assert (reasoning, content, usage.completion_tokens_details.reasoning_tokens) == ("the", ANSWER, 3)
 
 
 # ---------------------------------------------------------------------------------------------- hostile clients
