@@ -14,6 +14,7 @@ with the real loading code, with a 4,096-token byte-level BPE tokenizer trained 
 
     python benchmarks/serve_features.py --what constrained --repeats 3
     python benchmarks/serve_features.py --what prefix --repeats 5
+    python benchmarks/serve_features.py --what constrained --only json_schema --repeats 1 --batches 24   # one arm
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def build(out: Path) -> str:
     return str(save_model(model, tok, model_dir))
 
 
-def constrained(engine, repeats: int, batches: int) -> int:
+def constrained(engine, repeats: int, batches: int, only: str | None = None) -> int:
     from r1ray.infer.types import Guidance, SamplingParams
 
     arms = {
@@ -58,8 +59,10 @@ def constrained(engine, repeats: int, batches: int) -> int:
         "regex": SamplingParams(max_tokens=128, temperature=1.0, thinking_budget=0,
                                 guidance=Guidance("regex", "[a-z ]{2000}")),
     }
+    if only is not None:  # one arm alone, for timing whole processes against each other
+        arms = {only: arms[only]}
     prompts = [f"the answer of {i} is" for i in range(16)]
-    engine.generate(prompts, arms["json_schema"])  # warm-up (and the grammar compiled once)
+    engine.generate(prompts, next(iter(arms.values())))  # warm-up (and the grammar compiled once)
     rates: dict[str, list[float]] = {a: [] for a in arms}
     for r in range(repeats):
         for arm, p in arms.items():
@@ -74,7 +77,7 @@ def constrained(engine, repeats: int, batches: int) -> int:
                 assert all(len(o.token_ids) == 128 for o in outs), "a constrained arm ended early"
             rates[arm].append(n / dt)
             print(f"repeat {r} {arm:14s} {n} tokens in {dt:.2f} s = {n / dt:.0f} tokens/s", flush=True)
-    for arm in ("json_schema", "regex"):
+    for arm in ("json_schema", "regex") if only is None else ():
         ratios = [c / u for c, u in zip(rates[arm], rates["unconstrained"], strict=True)]
         print(f"{arm}: tokens/s ratio to unconstrained per pair {', '.join(f'{x:.3f}' for x in ratios)}; "
               f"median {statistics.median(ratios):.3f} (cost {100 * (1 - statistics.median(ratios)):.1f}%)")
@@ -120,6 +123,8 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batches", type=int, default=8, help="batches of 16 per constrained measurement")
+    ap.add_argument("--only", choices=["unconstrained", "json_schema", "regex"],
+                    help="run one constrained-decoding arm alone (to time whole processes against each other)")
     ap.add_argument("--workdir", default="/tmp/r1ray-serve-features")
     args = ap.parse_args()
     model_dir = build(Path(args.workdir))
@@ -132,7 +137,7 @@ def main() -> int:
     engine = HFEngine.from_dir(model_dir, device="cpu", dtype="float32", torch_threads=args.threads,
                                max_batch_size=16)
     try:
-        return constrained(engine, args.repeats, args.batches)
+        return constrained(engine, args.repeats, args.batches, args.only)
     finally:
         engine.shutdown()
 

@@ -149,7 +149,7 @@ class Steer:
 
     def constrained(self) -> bool:
         """Does the grammar mask this step's logits?"""
-        return self.matcher is not None and self.phase in (_START, _ANSWER)
+        return self.matcher is not None and self.phase in (_START, _ANSWER) and not self.matcher.is_terminated()
 
     def allow_think(self) -> bool:
         """May this step open ``<think>`` although the grammar would not allow it (the reply's first token)?"""

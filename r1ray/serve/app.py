@@ -371,8 +371,13 @@ class OpenAIModel:
         if self.engine is None:
             return {"status": "error" if self._load_error else "loading", "model": self.model_name,
                     "replica": replica, "error": self._load_error}
-        return {"status": "ok", "model": self.model_name, "replica": replica, "engine": self.engine.backend,
+        body = {"status": "ok", "model": self.model_name, "replica": replica, "engine": self.engine.backend,
                 **self.engine.load()}
+        stats, cache = getattr(self.engine, "prefix_stats", None), getattr(self.engine, "prefix_cache", None)
+        if stats is not None:
+            body["prefix_cache"] = {**stats, "hits": cache.hits if cache else 0,
+                                    "lookups": cache.lookups if cache else 0, "bytes": cache.bytes if cache else 0}
+        return body
 
     @fastapi_app.get("/health")
     async def health(self) -> Response:
@@ -658,7 +663,9 @@ class OpenAIModel:
         max_tokens = self._check_context(len(ids), req.max_completion_tokens or req.max_tokens,
                                          self.cfg.limits.default_chat_max_tokens)
         tool_defs = [t.model_dump(exclude_none=True) for t in req.tools or []]
-        if mode in ("auto", "required", "named"):  # every tool's parameters must compile, whatever is chosen
+        # Every tool's parameters must compile, whatever is chosen (the HF engine's grammar compiler checks them;
+        # the vLLM backend cannot force a call, and parses what an auto choice writes without checking schemas).
+        if mode in ("auto", "required", "named") and self.engine.backend == "hf":
             try:
                 self.engine.compile_guidance(forced_tool_guidance(tool_defs))
             except ValueError as e:

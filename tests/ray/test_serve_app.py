@@ -548,6 +548,19 @@ def test_thinking_budget_closes_the_thinking(client):
     assert (reasoning, content, usage.completion_tokens_details.reasoning_tokens) == ("the", ANSWER, 3)
 
 
+def test_prefix_cache_serves_a_shared_system_prompt(client, http):
+    """A long system prompt sent twice: the second request's prompt KV comes from the cache, its reply unchanged."""
+    system = " ".join(["the of and it she is"] * 20)
+    msgs = [{"role": "system", "content": system}, {"role": "user", "content": QUESTION}]
+    before = _health(http)["prefix_cache"]
+    first = client.chat.completions.create(model="chain", messages=msgs, temperature=0, max_tokens=12)
+    second = client.chat.completions.create(model="chain", messages=msgs, temperature=0, max_tokens=12)
+    after = _health(http)["prefix_cache"]
+    assert after["hits"] - before["hits"] >= 1
+    assert after["cached_tokens"] - before["cached_tokens"] >= 100
+    assert first.choices[0].message == second.choices[0].message
+
+
 # ---------------------------------------------------------------------------------------------- hostile clients
 
 
