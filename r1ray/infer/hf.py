@@ -85,6 +85,7 @@ class _Seq:
         self.prompt_lp: list[TokenLogprob] | None = None
         self.t_submit = time.perf_counter()
         self.steer: Any = None  # r1ray.infer.guided.Steer when the params carry guidance or a thinking budget
+        self.lazy_text = False  # decode the text once at the end (see HFEngine.submit)
 
 
 class _BrokenSteer:
@@ -354,8 +355,11 @@ class HFEngine:
             self._thread.join(timeout=10)
 
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams, sink: Callable[[StepEvent], None],
-               *, reserve: int = 1) -> _Seq:
-        """Queue one sequence; ``sink`` gets its events on the scheduler thread. Raises EngineFullError."""
+               *, reserve: int = 1, stream_text: bool = True) -> _Seq:
+        """Queue one sequence; ``sink`` gets its events on the scheduler thread. Raises EngineFullError.
+
+        ``stream_text=False`` (``generate``): without stop strings the text is decoded once when the sequence
+        ends, in its last event, instead of token by token (two tokenizer calls per token saved)."""
         if not prompt_ids:
             raise ValueError("prompt is empty: give at least one token")
         bad = next((t for t in prompt_ids if not (isinstance(t, int) and 0 <= t < self.vocab_size)), None)
@@ -374,6 +378,7 @@ class HFEngine:
             self._pending += 1
         seq = _Seq(list(prompt_ids), params, sink)
         seq.steer = steer
+        seq.lazy_text = not stream_text and not params.stop
         self.start()
         self._inbox.put(seq)
         return seq
@@ -423,7 +428,7 @@ class HFEngine:
 
         self.reserve(len(prompts))
         for i, (ids, p) in enumerate(zip(ids_list, plist, strict=False)):
-            self.submit(ids, p, sink_for(i))
+            self.submit(ids, p, sink_for(i), stream_text=False)
         for _ in prompts:
             done.acquire()
         out = []
@@ -883,7 +888,7 @@ class HFEngine:
         finish = None
         if tid in self.stop_token_ids and not p.ignore_eos:
             finish = "stop"
-        else:
+        elif not s.lazy_text:
             self._detok(s)
             if p.stop:
                 cut = find_stop(s.text, list(p.stop), start=s.emitted)
@@ -892,6 +897,8 @@ class HFEngine:
                     finish = "stop"
         if finish is None and len(s.out_ids) >= p.max_tokens:
             finish = "length"
+        if finish is not None and s.lazy_text:
+            s.text = self._whole_text(s.out_ids[:-1] if finish == "stop" else s.out_ids)
         if finish is None:
             safe = len(s.text) - (stop_holdback(s.text, list(p.stop)) if p.stop else 0)
         else:
@@ -905,6 +912,16 @@ class HFEngine:
         s.done = finish is not None
         s.sink(ev)
         return 1
+
+    def _whole_text(self, ids: list[int]) -> str:
+        """The text ``_detok`` would have built token by token: the whole decode, less trailing tokens that leave it
+        ending in an incomplete character (which incremental decoding never emits)."""
+        n = len(ids)
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        while n and text.endswith("\ufffd"):
+            n -= 1
+            text = self.tokenizer.decode(ids[:n], skip_special_tokens=True)
+        return text
 
     def _detok(self, s: _Seq) -> None:
         """Incremental detokenisation (decode a short window, not the whole sequence, every step)."""

@@ -225,3 +225,21 @@ def test_count_reasoning_tokens_follows_split_reasoning():
     assert count_reasoning_tokens([5, 6], think, end, prefilled=True, finish_reason="length") == 2
     assert count_reasoning_tokens([1, 5, 6], think, end, prefilled=False, finish_reason="stop") == 0
     assert THINK != END_THINK
+
+
+def test_generate_decodes_once_and_equals_the_streamed_text(engine):
+    """``generate`` decodes a sequence's text once at its end; it equals the text token-by-token decoding (what
+    ``stream`` sends) builds from the same tokens (random byte-level tokens: incomplete UTF-8 characters too)."""
+    from r1ray.infer.hf import _Seq
+
+    outs = engine.generate(["the a of"] * 12, [SamplingParams(max_tokens=40, temperature=1.0, seed=i)
+                                               for i in range(12)])
+    for o in outs:
+        seq = _Seq([1], SamplingParams(), lambda ev: None)
+        for tid in o.token_ids:
+            if tid in engine.stop_token_ids:
+                break
+            seq.out_ids.append(tid)
+            engine._detok(seq)
+        assert o.text == seq.text
+    assert any("\ufffd" in o.text for o in outs)  # the hard case is exercised
