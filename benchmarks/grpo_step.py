@@ -74,7 +74,7 @@ def max_positions(max_tokens: int) -> int:
     return max(512, max_tokens + 256)
 
 
-def build_start(out: Path, sft_steps: int, seed: int, difficulty: int = 1, max_tokens: int = 64) -> Path:
+def build_start(out: Path, sft_steps: int, seed: int, difficulty: int = 1, max_tokens: int = 128) -> Path:
     """Tokenizer + tiny Llama, warmed up on worked solutions (plain PyTorch); saved as an HF directory."""
     import torch
 
@@ -373,7 +373,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--sizes", type=int, nargs="+", default=[8, 64], help="completions per step (multiples of 8)")
     ap.add_argument("--repeats", type=int, default=3,
                     help="runs of every arm, interleaved (A B C, A B C, ...); medians, min-max and ratios over them")
-    ap.add_argument("--max-tokens", type=int, default=None, help="max completion tokens (default 64; --long: 320)")
+    ap.add_argument("--max-tokens", type=int, default=None,
+                    help="max completion tokens (default 128: a level-1 worked solution is <= 120 tokens; --long: 320)")
     ap.add_argument("--difficulty", type=int, default=None,
                     help="arithmetic level of the prompts, the SFT warm-up and the eval problems (default 1; --long: 2)")
     ap.add_argument("--long", action="store_true",
@@ -395,7 +396,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--json", type=str, default=None)
     a = ap.parse_args(argv)
     if a.max_tokens is None:
-        a.max_tokens = LONG["max_tokens"] if a.long else 64
+        a.max_tokens = LONG["max_tokens"] if a.long else 128
     if a.difficulty is None:
         a.difficulty = LONG["difficulty"] if a.long else 1
     if a.repeats < 1 or a.steps < 2 or any(s % G or s <= 0 for s in a.sizes):
