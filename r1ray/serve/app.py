@@ -706,7 +706,7 @@ class OpenAIModel:
                     if not parse_tools:
                         return [S.Delta(content=piece)]
                     return [S.Delta(content=x) if kind == "content" else
-                            S.Delta(tool_calls=[{"index": calls[k].calls - 1, **x}])
+                            S.Delta(tool_calls=[x])
                             for kind, x in calls[k].feed(piece, final)]
 
                 for k in range(req.n):
@@ -720,7 +720,7 @@ class OpenAIModel:
                              for d in deltas(k, field, piece, final)]
                     if final and parse_tools:
                         parts += [S.Delta(content=x) if kind == "content" else
-                                  S.Delta(tool_calls=[{"index": calls[k].calls - 1, **x}])
+                                  S.Delta(tool_calls=[x])
                                   for kind, x in calls[k].feed("", True)]
                     for j, d in enumerate(parts):
                         yield chunk(k, d, lp=lp if j == 0 else None)

@@ -155,6 +155,6 @@ class ToolCallStream:
             if call is None:
                 out.append(("content", block))
             else:
-                out.append(("tool_call", call))
+                out.append(("tool_call", {"index": self.calls, **call}))  # the delta's index: its place in the reply
                 self.calls += 1
             self.buf = self.buf.lstrip("\n") if call is not None else self.buf

@@ -200,7 +200,9 @@ def test_tool_call_parser_and_stream():
         out += stream.feed(text[i:i + 3])
     out += stream.feed("", True)
     assert "".join(x for k, x in out if k == "content").strip() == "Let me check."
-    assert [x["function"]["name"] for k, x in out if k == "tool_call"] == ["get_weather", "add"]
+    assert [(x["index"], x["function"]["name"]) for k, x in out if k == "tool_call"] == [(0, "get_weather"), (1, "add")]
+    both = ToolCallStream().feed(text, True)  # two calls in one delta: indexes 0 and 1
+    assert [x["index"] for k, x in both if k == "tool_call"] == [0, 1]
     broken = ToolCallStream()
     assert broken.feed("hi <tool_call>{", True) == [("content", "hi "), ("content", "<tool_call>{")]
 
