@@ -159,13 +159,30 @@ class _PoolController:
         self._initial = n
         self._tickets = 0
         self._running: dict[int, asyncio.Future] = {}  # begin_units tickets not yet collected by result
+        self._starting: asyncio.Future | None = None
+        import ray
+
+        # Restarted by Ray after a crash (max_restarts): this __init__ runs again with the same arguments; the old
+        # engines and their placement groups died with the old process (they were its own), so the first call
+        # starts fresh ones, on the initial weights, until a client pushes the current ones again.
+        self.restarted = bool(ray.get_runtime_context().was_current_actor_reconstructed)
+        if self.restarted:
+            log.warning("engine pool %s: the controller restarted; engines start again on the first call", name)
 
     # ---- startup (async: the actor's event loop exists only inside methods)
     async def start(self) -> int:
+        if self._starting is None:
+            self._starting = asyncio.ensure_future(self._start())
+        await self._starting
+        return len(self.slots)
+
+    async def _start(self) -> None:
         self._free = asyncio.Queue()
         self._cond = asyncio.Condition()
         await asyncio.gather(*(self._add_slot() for _ in range(self._initial)))
-        return len(self.slots)
+
+    def pid(self) -> int:
+        return os.getpid()
 
     def _engine_options(self, pg: Any) -> dict[str, Any]:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -254,6 +271,7 @@ class _PoolController:
 
     async def generate_units(self, units: list[list[Any]], params: list[list[SamplingParams]],
                              version: int | None = None) -> list[list[Completion]]:
+        await self.start()
         await self._enter(writer=False)
         return await self._entered_units(units, params, version)
 
@@ -261,6 +279,7 @@ class _PoolController:
                           version: int | None = None) -> int:
         """Admit the units now (a later weight push waits for them) and generate them in the background;
         returns a ticket for ``result``."""
+        await self.start()
         await self._enter(writer=False)
         self._tickets += 1
         self._running[self._tickets] = asyncio.ensure_future(self._entered_units(units, params, version))
@@ -286,6 +305,7 @@ class _PoolController:
     async def update_weights(self, ref: list[Any], version: int) -> float:
         from ray.exceptions import ActorUnavailableError, RayActorError
 
+        await self.start()
         await self._enter(writer=True)
         try:
             t0 = time.perf_counter()
@@ -309,6 +329,7 @@ class _PoolController:
 
         if n < 1:
             raise ValueError(f"an engine pool needs at least 1 engine, got n={n}")
+        await self.start()
         await self._enter(writer=True)
         try:
             while len(self.slots) > n:
@@ -323,6 +344,7 @@ class _PoolController:
 
     async def health(self, timeout_s: float = 10.0) -> dict[str, Any]:
         """Ping every engine; replace those that do not answer. Returns the stats after."""
+        await self.start()
         for s in list(self.slots.values()):
             try:
                 await asyncio.wait_for(s.actor.pid.remote(), timeout_s)
@@ -332,9 +354,10 @@ class _PoolController:
 
     def stats(self) -> dict[str, Any]:
         return {"engines": len(self.slots), "version": self.version, "replacements": self.replacements,
-                "units_done": self.units_done, "in_flight": self.in_flight}
+                "units_done": self.units_done, "in_flight": self.in_flight, "restarted": self.restarted}
 
-    def actors(self) -> list[Any]:
+    async def actors(self) -> list[Any]:
+        await self.start()
         return [self.slots[k].actor for k in sorted(self.slots)]
 
     async def stop(self) -> None:
@@ -360,6 +383,8 @@ class EnginePool:
 
     def __init__(self, name: str, controller: Any):
         self.name, self._controller = name, controller
+        self._pushed: tuple[Any, int] | None = None  # (ObjectRef, version) of the weights this client pushed last
+        self.controller_restarts = 0  # restarts this client saw and recovered from
 
     def __reduce__(self):
         return (EnginePool.connect, (self.name,))
@@ -379,8 +404,10 @@ class EnginePool:
         kwargs = dict(backend=backend, device=device, dtype=dtype, max_model_len=max_model_len, seed=seed,
                       torch_threads=torch_threads or max(1, int(cpus_per_engine)), batch_wait_timeout_s=1.0)
         t0 = time.perf_counter()
+        # Restartable: a controller that dies comes back under the same name (its engines start again on the first
+        # call), and clients recover their calls (``_call``). Calls in flight when it dies fail (no task retries).
         controller = ray.remote(_PoolController).options(
-            name=name, namespace=NAMESPACE, num_cpus=0, max_restarts=0, max_concurrency=1000,
+            name=name, namespace=NAMESPACE, num_cpus=0, max_restarts=-1, max_task_retries=0, max_concurrency=1000,
             lifetime=None).remote(name, str(model_path), n, cpus_per_engine, gpus_per_engine, kwargs)
         try:
             ray.get(controller.start.remote())
@@ -405,6 +432,49 @@ class EnginePool:
                     raise ValueError(f"no engine pool named {name!r} in namespace {NAMESPACE!r}") from None
                 time.sleep(0.2)
 
+    # ---- calls that survive a controller restart
+    def _call(self, method: str, *args: Any) -> Any:
+        """``ray.get`` of a controller method; if the controller dies meanwhile, wait until Ray has restarted it,
+        push the weights this client pushed last again (a restarted controller starts its engines on the initial
+        weights), and call again. Units are a function of (weights, contents), so the result is the one the call
+        would have returned. A client that never pushed weights cannot restore them: it raises, and the training
+        worker group restarts from its checkpoint (the learner pushes before it generates)."""
+        import ray
+        from ray.exceptions import ActorUnavailableError, RayActorError
+
+        for attempt in range(3):
+            try:
+                return ray.get(getattr(self._controller, method).remote(*args))
+            except (RayActorError, ActorUnavailableError) as e:
+                if attempt == 2:
+                    raise
+                self._recover(e)
+        raise AssertionError("unreachable")
+
+    def _recover(self, err: BaseException) -> None:
+        import ray
+        from ray.exceptions import ActorUnavailableError, RayActorError
+
+        log.warning("engine pool %s: the controller failed (%s); waiting for Ray to restart it", self.name,
+                    type(err).__name__)
+        deadline = time.perf_counter() + 120
+        while True:
+            try:
+                stats = ray.get(self._controller.stats.remote(), timeout=10)
+                break
+            except (RayActorError, ActorUnavailableError, ray.exceptions.GetTimeoutError):
+                if time.perf_counter() > deadline:
+                    raise
+                time.sleep(0.5)
+        self.controller_restarts += 1
+        if self._pushed is None:
+            raise RuntimeError(f"engine pool {self.name}: the controller restarted and this process holds no weights "
+                               "to restore (the process that pushes them recovers them)") from err
+        ref, version = self._pushed
+        if stats["version"] != version:
+            ray.get(self._controller.update_weights.remote([ref], version))
+            log.warning("engine pool %s: controller back; weights version %d pushed again", self.name, version)
+
     # ---- generation
     def generate(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
                  *, unit_size: int = DEFAULT_UNIT_SIZE, version: int | None = None) -> list[Completion]:
@@ -422,25 +492,42 @@ class EnginePool:
     def generate_units(self, units: Sequence[Sequence[Any]], params: Sequence[Sequence[SamplingParams]], *,
                        version: int | None = None) -> list[list[Completion]]:
         """Each unit generated alone on one engine (its completions a function of its contents only)."""
-        import ray
 
         units, params = _checked_units(units, params)
         if not units:
             return []
-        return ray.get(self._controller.generate_units.remote(units, params, version))
+        return self._call("generate_units", units, params, version)
 
     def submit_units(self, units: Sequence[Sequence[Any]], params: Sequence[Sequence[SamplingParams]], *,
                      version: int | None = None) -> Any:
-        """``generate_units`` without waiting: the ``ObjectRef`` of its result (None for no units). The units
-        are in flight once this returns (the controller admits them in ``begin_units`` before answering), so a
-        later ``update_weights`` waits for them and they run on the weights in place now."""
+        """``generate_units`` without waiting: a handle for ``collect`` (None for no units). The units are in
+        flight once this returns (the controller admits them in ``begin_units`` before answering), so a later
+        ``update_weights`` waits for them and they run on the weights in place now."""
         units, params = _checked_units(units, params)
         if not units:
             return None
-        import ray
+        ticket = self._call("begin_units", units, params, version)
+        return _Submitted(self._controller.result.remote(ticket), units, params, version, self._pushed)
 
-        ticket = ray.get(self._controller.begin_units.remote(units, params, version))
-        return self._controller.result.remote(ticket)
+    def collect(self, submitted: Any) -> list[list[Completion]]:
+        """The completions of ``submit_units``. If the controller died while they were in flight, they are
+        generated again, on the weights in place when they were submitted (the same completions)."""
+        import ray
+        from ray.exceptions import ActorUnavailableError, RayActorError
+
+        if submitted is None:
+            return []
+        try:
+            return ray.get(submitted.ref)
+        except (RayActorError, ActorUnavailableError) as e:
+            self._recover(e)
+        if submitted.pushed is not None and submitted.pushed != self._pushed:  # submitted before a later push
+            ray.get(self._controller.update_weights.remote([submitted.pushed[0]], submitted.pushed[1]))
+        try:
+            return self._call("generate_units", submitted.units, submitted.params, submitted.version)
+        finally:
+            if submitted.pushed is not None and self._pushed is not None and submitted.pushed != self._pushed:
+                self._call("update_weights", [self._pushed[0]], self._pushed[1])
 
     # ---- weights, size, health
     def update_weights(self, state_dict: Mapping[str, Any], version: int) -> float:
@@ -450,32 +537,33 @@ class EnginePool:
 
         t0 = time.perf_counter()
         ref = ray.put(pack_state_dict(state_dict))
-        ray.get(self._controller.update_weights.remote([ref], int(version)))
+        self._pushed = (ref, int(version))  # kept: a restarted controller gets them again from here
+        self._call("update_weights", [ref], int(version))
         return time.perf_counter() - t0
 
     def resize(self, n: int) -> int:
         """Grow or shrink to ``n`` engines (after the units in flight finish); returns the new size."""
-        import ray
 
-        return ray.get(self._controller.resize.remote(int(n)))
+        return self._call("resize", int(n))
 
     def health(self) -> dict[str, Any]:
         """Ping every engine, replace those that are gone; returns ``stats()``."""
-        import ray
 
-        return ray.get(self._controller.health.remote())
+        return self._call("health")
 
     def stats(self) -> dict[str, Any]:
         """``engines``, weights ``version``, ``replacements`` so far, ``units_done``, ``in_flight``."""
-        import ray
 
-        return ray.get(self._controller.stats.remote())
+        return self._call("stats")
 
     def actors(self) -> list[Any]:
         """The engine actors' handles (tests and drills: ``ray.get(actor.pid.remote())``)."""
-        import ray
 
-        return ray.get(self._controller.actors.remote())
+        return self._call("actors")
+
+    def controller_pid(self) -> int:
+        """The controller's process id (fault drills)."""
+        return int(self._call("pid"))
 
     def size(self) -> int:
         return int(self.stats()["engines"])
@@ -488,6 +576,17 @@ class EnginePool:
             ray.get(self._controller.stop.remote())
         finally:
             ray.kill(self._controller, no_restart=True)
+
+
+@dataclass
+class _Submitted:
+    """``submit_units``' handle: the result's ref, and what is needed to generate the units again."""
+
+    ref: Any
+    units: list[list[Any]]
+    params: list[list[SamplingParams]]
+    version: int | None
+    pushed: tuple[Any, int] | None
 
 
 def _checked_units(units: Sequence[Sequence[Any]], params: Sequence[Sequence[SamplingParams]]):

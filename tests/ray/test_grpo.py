@@ -140,7 +140,7 @@ def test_mean_reward_rises_and_learner_and_engine_sigkills_leave_the_export_bitw
     resizer = PoolResizer(root / "runs" / "faulted", "r1ray-grpo-faulted-", [(1, 2), (7, 1)])
     resizer.start()
     faulted = run(make_cfg(model_dir, root, "run_name=faulted", "faults.kill_at_step=3",
-                           "grpo.kill_engine_at_step=6"))
+                           "grpo.kill_pool_controller_at_step=5", "grpo.kill_engine_at_step=6"))
     resizer.join(timeout=60)
     assert not resizer.errors, resizer.errors
     assert [(n, got) for n, got, _ in resizer.done] == [(2, 2), (1, 1)]
@@ -148,6 +148,7 @@ def test_mean_reward_rises_and_learner_and_engine_sigkills_leave_the_export_bitw
     assert faulted.status == "completed" and faulted.restarts == 1
     fsteps = rollouts(faulted.run_dir)
     assert fsteps[10]["engine_replacements"] >= 1
+    assert fsteps[5]["pool_controller_restarts"] == 1  # the controller died mid-rollout and came back
     assert [fsteps[s]["completion_hash"] for s in range(1, 11)] == [steps[s]["completion_hash"] for s in range(1, 11)]
     a = Path(ref.export_path, "model.safetensors").read_bytes()
     b = Path(faulted.export_path, "model.safetensors").read_bytes()
