@@ -571,9 +571,12 @@ class EnginePool:
     def stop(self) -> None:
         """Stop every engine, free their placement groups and the controller."""
         import ray
+        from ray.exceptions import ActorUnavailableError, RayActorError
 
         try:
             ray.get(self._controller.stop.remote())
+        except (RayActorError, ActorUnavailableError) as e:  # it died: its engines and groups went with it
+            log.warning("engine pool %s: the controller was gone at stop (%s)", self.name, type(e).__name__)
         finally:
             ray.kill(self._controller, no_restart=True)
 
