@@ -160,12 +160,15 @@ class _PoolController:
         self._tickets = 0
         self._running: dict[int, asyncio.Future] = {}  # begin_units tickets not yet collected by result
         self._starting: asyncio.Future | None = None
+        self._life = os.urandom(3).hex()  # in placement-group names: a restarted controller's never collide
         import ray
 
         # Restarted by Ray after a crash (max_restarts): this __init__ runs again with the same arguments; the old
         # engines and their placement groups died with the old process (they were its own), so the first call
         # starts fresh ones, on the initial weights, until a client pushes the current ones again.
-        self.restarted = bool(ray.get_runtime_context().was_current_actor_reconstructed)
+        with warnings.catch_warnings():  # Ray 2.60's property reads its own deprecated actor_id
+            warnings.simplefilter("ignore")
+            self.restarted = bool(ray.get_runtime_context().was_current_actor_reconstructed)
         if self.restarted:
             log.warning("engine pool %s: the controller restarted; engines start again on the first call", name)
 
@@ -179,7 +182,25 @@ class _PoolController:
     async def _start(self) -> None:
         self._free = asyncio.Queue()
         self._cond = asyncio.Condition()
+        if self.restarted:
+            self._remove_stale_groups()
         await asyncio.gather(*(self._add_slot() for _ in range(self._initial)))
+
+    def _remove_stale_groups(self) -> None:
+        """Remove the placement groups a previous life of this controller left (Ray frees them with their dead
+        creator, but not always before the new life asks for the same CPUs)."""
+        import ray
+        from ray.util.placement_group import placement_group_table, remove_placement_group
+
+        for info in placement_group_table().values():
+            name = info.get("name") or ""
+            if name.startswith(f"{self.name}-engine-") and info.get("state") != "REMOVED":
+                try:
+                    remove_placement_group(ray.util.get_placement_group(name))
+                    log.info("engine pool %s: removed placement group %s of the controller's previous life",
+                             self.name, name)
+                except Exception:  # noqa: BLE001 - removed meanwhile
+                    pass
 
     def pid(self) -> int:
         return os.getpid()
@@ -206,7 +227,7 @@ class _PoolController:
         sid = self._next_id
         self._next_id += 1
         bundle = {"CPU": self.cpus, **({"GPU": self.gpus} if self.gpus else {})}
-        pg = placement_group([bundle], name=f"{self.name}-engine-{sid}")
+        pg = placement_group([bundle], name=f"{self.name}-engine-{self._life}-{sid}")
         await pg.ready()
         actor = await self._new_actor(pg)
         self.slots[sid] = _Slot(sid, pg, actor, self.cpus)
