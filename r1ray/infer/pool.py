@@ -430,14 +430,15 @@ class EnginePool:
         controller = ray.remote(_PoolController).options(
             name=name, namespace=NAMESPACE, num_cpus=0, max_restarts=-1, max_task_retries=0, max_concurrency=1000,
             lifetime=None).remote(name, str(model_path), n, cpus_per_engine, gpus_per_engine, kwargs)
+        pool = cls(name, controller)
         try:
-            ray.get(controller.start.remote())
+            pool._call("start")  # a controller that dies while starting comes back and starts again
         except BaseException:
             ray.kill(controller, no_restart=True)
             raise
         log.info("engine pool %s: %d %s engine(s) on %s in %.1fs", name, n, backend, model_path,
                  time.perf_counter() - t0)
-        return cls(name, controller)
+        return pool
 
     @classmethod
     def connect(cls, name: str, timeout_s: float = 60.0) -> EnginePool:
@@ -458,8 +459,9 @@ class EnginePool:
         """``ray.get`` of a controller method; if the controller dies meanwhile, wait until Ray has restarted it,
         push the weights this client pushed last again (a restarted controller starts its engines on the initial
         weights), and call again. Units are a function of (weights, contents), so the result is the one the call
-        would have returned. A client that never pushed weights cannot restore them: it raises, and the training
-        worker group restarts from its checkpoint (the learner pushes before it generates)."""
+        would have returned. A client that never pushed weights cannot restore them: a call of it that names a
+        weights version then fails the version check (the restarted controller holds the initial weights), and
+        the training worker group restarts from its checkpoint (the learner pushes before it generates)."""
         import ray
         from ray.exceptions import ActorUnavailableError, RayActorError
 
@@ -488,9 +490,8 @@ class EnginePool:
                     raise
                 time.sleep(0.5)
         self.controller_restarts += 1
-        if self._pushed is None:
-            raise RuntimeError(f"engine pool {self.name}: the controller restarted and this process holds no weights "
-                               "to restore (the process that pushes them recovers them)") from err
+        if self._pushed is None:  # nothing pushed from here: the initial weights, or another process restores them
+            return  # (a call that names a version fails its version check until then: the worker group restarts)
         ref, version = self._pushed
         if stats["version"] != version:
             ray.get(self._controller.update_weights.remote([ref], version))
