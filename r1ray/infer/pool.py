@@ -174,17 +174,17 @@ class _PoolController:
 
     # ---- startup (async: the actor's event loop exists only inside methods)
     async def start(self) -> int:
-        if self._starting is None:
+        if self._starting is None or (self._starting.done() and self._starting.exception() is not None):
             self._starting = asyncio.ensure_future(self._start())
         await self._starting
         return len(self.slots)
 
     async def _start(self) -> None:
-        self._free = asyncio.Queue()
-        self._cond = asyncio.Condition()
+        self._free = self._free or asyncio.Queue()
+        self._cond = self._cond or asyncio.Condition()
         if self.restarted:
             self._remove_stale_groups()
-        await asyncio.gather(*(self._add_slot() for _ in range(self._initial)))
+        await asyncio.gather(*(self._add_slot() for _ in range(self._initial - len(self.slots))))
 
     def _remove_stale_groups(self) -> None:
         """Remove the placement groups a previous life of this controller left (Ray frees them with their dead
@@ -211,15 +211,29 @@ class _PoolController:
         return dict(num_cpus=self.cpus, num_gpus=self.gpus, max_restarts=0, max_concurrency=4,
                     scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0))
 
-    async def _new_actor(self, pg: Any) -> Any:
+    async def _new_actor(self, pg: Any, attempts: int = 5) -> Any:
+        """A new engine in ``pg``, with the newest pushed weights; one that dies while it starts is started again."""
         import ray
+        from ray.exceptions import ActorUnavailableError, RayActorError
 
-        actor = ray.remote(_EngineActor).options(**self._engine_options(pg)).remote(
-            self.model_path, self.engine_kwargs)
-        await actor.pid.remote()
-        if self._weights:
-            await actor.load_weights.remote(self._weights[0], self.version)
-        return actor
+        for attempt in range(attempts):
+            actor = ray.remote(_EngineActor).options(**self._engine_options(pg)).remote(
+                self.model_path, self.engine_kwargs)
+            try:
+                await actor.pid.remote()
+                if self._weights:
+                    await actor.load_weights.remote(self._weights[0], self.version)
+                return actor
+            except (RayActorError, ActorUnavailableError) as e:
+                if attempt == attempts - 1:
+                    raise
+                log.warning("engine pool %s: an engine died while it started (%s); starting another", self.name,
+                            type(e).__name__)
+                try:
+                    ray.kill(actor, no_restart=True)
+                except Exception:  # noqa: BLE001 - it is dead already
+                    pass
+        raise AssertionError("unreachable")
 
     async def _add_slot(self) -> None:
         from ray.util.placement_group import placement_group
@@ -463,13 +477,13 @@ class EnginePool:
         weights version then fails the version check (the restarted controller holds the initial weights), and
         the training worker group restarts from its checkpoint (the learner pushes before it generates)."""
         import ray
-        from ray.exceptions import ActorUnavailableError, RayActorError
+        from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
         for attempt in range(3):
             try:
                 return ray.get(getattr(self._controller, method).remote(*args))
             except (RayActorError, ActorUnavailableError) as e:
-                if attempt == 2:
+                if isinstance(e, RayTaskError) or attempt == 2:  # the method failed (an engine's death inside it)
                     raise
                 self._recover(e)
         raise AssertionError("unreachable")
@@ -542,6 +556,8 @@ class EnginePool:
         try:
             return ray.get(submitted.ref)
         except (RayActorError, ActorUnavailableError) as e:
+            if isinstance(e, ray.exceptions.RayTaskError):
+                raise
             self._recover(e)
         if submitted.pushed is not None and submitted.pushed != self._pushed:  # submitted before a later push
             ray.get(self._controller.update_weights.remote([submitted.pushed[0]], submitted.pushed[1]))
