@@ -89,8 +89,8 @@ def main() -> int:
         return f"after step {json.loads(lines[-1])['step']}" if lines else "before step 1"
 
     t0 = time.time()
-    with Chaos(kinds=args.victims, kills=args.kills, gap_s=tuple(args.gap), first_after_s=3.0, seed=args.seed,
-               progress=progress) as chaos:
+    with Chaos(kinds=args.victims, kills=args.kills, gap_s=tuple(args.gap), first_after_s=0.5, seed=args.seed,
+               progress=progress, wait_until=rec_path.exists) as chaos:
         out = run(cfg("chaos"))
     chaos_s = time.time() - t0
     a, b = records(ref.run_dir), records(out.run_dir)

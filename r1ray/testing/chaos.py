@@ -71,6 +71,8 @@ class Chaos:
     first_after_s: float = 5.0
     seed: int = 0
     progress: Callable[[], str] | None = None
+    wait_until: Callable[[], bool] | None = None
+    """Hold the first kill until this is true (e.g. the first step completed), then ``first_after_s`` more."""
     done: list[Kill] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
 
@@ -91,6 +93,9 @@ class Chaos:
 
     def _run(self) -> None:
         rng = random.Random(self.seed)
+        while self.wait_until is not None and not self.wait_until():
+            if self._stop.wait(0.1):
+                return
         if self._stop.wait(self.first_after_s):
             return
         while len(self.done) < self.kills and not self._stop.is_set():
