@@ -159,13 +159,51 @@ class _PoolController:
         self._initial = n
         self._tickets = 0
         self._running: dict[int, asyncio.Future] = {}  # begin_units tickets not yet collected by result
+        self._starting: asyncio.Future | None = None
+        self._life = os.urandom(3).hex()  # in placement-group names: a restarted controller's never collide
+        import ray
+
+        # Restarted by Ray after a crash (max_restarts): this __init__ runs again with the same arguments; the old
+        # engines and their placement groups died with the old process (they were its own), so the first call
+        # starts fresh ones, on the initial weights, until a client pushes the current ones again.
+        with warnings.catch_warnings():  # Ray 2.60's property reads its own deprecated actor_id
+            warnings.simplefilter("ignore")
+            self.restarted = bool(ray.get_runtime_context().was_current_actor_reconstructed)
+        if self.restarted:
+            log.warning("engine pool %s: the controller restarted; engines start again on the first call", name)
 
     # ---- startup (async: the actor's event loop exists only inside methods)
     async def start(self) -> int:
-        self._free = asyncio.Queue()
-        self._cond = asyncio.Condition()
-        await asyncio.gather(*(self._add_slot() for _ in range(self._initial)))
+        if self._starting is None or (self._starting.done() and self._starting.exception() is not None):
+            self._starting = asyncio.ensure_future(self._start())
+        await self._starting
         return len(self.slots)
+
+    async def _start(self) -> None:
+        self._free = self._free or asyncio.Queue()
+        self._cond = self._cond or asyncio.Condition()
+        if self.restarted:
+            self._remove_stale_groups()
+        await asyncio.gather(*(self._add_slot() for _ in range(self._initial - len(self.slots))))
+
+    def _remove_stale_groups(self) -> None:
+        """Remove the placement groups a previous life of this controller left (Ray frees them with their dead
+        creator, but not always before the new life asks for the same CPUs)."""
+        import ray
+        from ray.util.placement_group import placement_group_table, remove_placement_group
+
+        for info in placement_group_table().values():
+            name = info.get("name") or ""
+            if name.startswith(f"{self.name}-engine-") and info.get("state") != "REMOVED":
+                try:
+                    remove_placement_group(ray.util.get_placement_group(name))
+                    log.info("engine pool %s: removed placement group %s of the controller's previous life",
+                             self.name, name)
+                except Exception:  # noqa: BLE001 - removed meanwhile
+                    pass
+
+    def pid(self) -> int:
+        return os.getpid()
 
     def _engine_options(self, pg: Any) -> dict[str, Any]:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -173,15 +211,29 @@ class _PoolController:
         return dict(num_cpus=self.cpus, num_gpus=self.gpus, max_restarts=0, max_concurrency=4,
                     scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0))
 
-    async def _new_actor(self, pg: Any) -> Any:
+    async def _new_actor(self, pg: Any, attempts: int = 5) -> Any:
+        """A new engine in ``pg``, with the newest pushed weights; one that dies while it starts is started again."""
         import ray
+        from ray.exceptions import ActorUnavailableError, RayActorError
 
-        actor = ray.remote(_EngineActor).options(**self._engine_options(pg)).remote(
-            self.model_path, self.engine_kwargs)
-        await actor.pid.remote()
-        if self._weights:
-            await actor.load_weights.remote(self._weights[0], self.version)
-        return actor
+        for attempt in range(attempts):
+            actor = ray.remote(_EngineActor).options(**self._engine_options(pg)).remote(
+                self.model_path, self.engine_kwargs)
+            try:
+                await actor.pid.remote()
+                if self._weights:
+                    await actor.load_weights.remote(self._weights[0], self.version)
+                return actor
+            except (RayActorError, ActorUnavailableError) as e:
+                if attempt == attempts - 1:
+                    raise
+                log.warning("engine pool %s: an engine died while it started (%s); starting another", self.name,
+                            type(e).__name__)
+                try:
+                    ray.kill(actor, no_restart=True)
+                except Exception:  # noqa: BLE001 - it is dead already
+                    pass
+        raise AssertionError("unreachable")
 
     async def _add_slot(self) -> None:
         from ray.util.placement_group import placement_group
@@ -189,7 +241,7 @@ class _PoolController:
         sid = self._next_id
         self._next_id += 1
         bundle = {"CPU": self.cpus, **({"GPU": self.gpus} if self.gpus else {})}
-        pg = placement_group([bundle], name=f"{self.name}-engine-{sid}")
+        pg = placement_group([bundle], name=f"{self.name}-engine-{self._life}-{sid}")
         await pg.ready()
         actor = await self._new_actor(pg)
         self.slots[sid] = _Slot(sid, pg, actor, self.cpus)
@@ -254,6 +306,7 @@ class _PoolController:
 
     async def generate_units(self, units: list[list[Any]], params: list[list[SamplingParams]],
                              version: int | None = None) -> list[list[Completion]]:
+        await self.start()
         await self._enter(writer=False)
         return await self._entered_units(units, params, version)
 
@@ -261,6 +314,7 @@ class _PoolController:
                           version: int | None = None) -> int:
         """Admit the units now (a later weight push waits for them) and generate them in the background;
         returns a ticket for ``result``."""
+        await self.start()
         await self._enter(writer=False)
         self._tickets += 1
         self._running[self._tickets] = asyncio.ensure_future(self._entered_units(units, params, version))
@@ -286,6 +340,7 @@ class _PoolController:
     async def update_weights(self, ref: list[Any], version: int) -> float:
         from ray.exceptions import ActorUnavailableError, RayActorError
 
+        await self.start()
         await self._enter(writer=True)
         try:
             t0 = time.perf_counter()
@@ -309,6 +364,7 @@ class _PoolController:
 
         if n < 1:
             raise ValueError(f"an engine pool needs at least 1 engine, got n={n}")
+        await self.start()
         await self._enter(writer=True)
         try:
             while len(self.slots) > n:
@@ -323,6 +379,7 @@ class _PoolController:
 
     async def health(self, timeout_s: float = 10.0) -> dict[str, Any]:
         """Ping every engine; replace those that do not answer. Returns the stats after."""
+        await self.start()
         for s in list(self.slots.values()):
             try:
                 await asyncio.wait_for(s.actor.pid.remote(), timeout_s)
@@ -332,9 +389,10 @@ class _PoolController:
 
     def stats(self) -> dict[str, Any]:
         return {"engines": len(self.slots), "version": self.version, "replacements": self.replacements,
-                "units_done": self.units_done, "in_flight": self.in_flight}
+                "units_done": self.units_done, "in_flight": self.in_flight, "restarted": self.restarted}
 
-    def actors(self) -> list[Any]:
+    async def actors(self) -> list[Any]:
+        await self.start()
         return [self.slots[k].actor for k in sorted(self.slots)]
 
     async def stop(self) -> None:
@@ -360,6 +418,8 @@ class EnginePool:
 
     def __init__(self, name: str, controller: Any):
         self.name, self._controller = name, controller
+        self._pushed: tuple[Any, int] | None = None  # (ObjectRef, version) of the weights this client pushed last
+        self.controller_restarts = 0  # restarts this client saw and recovered from
 
     def __reduce__(self):
         return (EnginePool.connect, (self.name,))
@@ -379,17 +439,20 @@ class EnginePool:
         kwargs = dict(backend=backend, device=device, dtype=dtype, max_model_len=max_model_len, seed=seed,
                       torch_threads=torch_threads or max(1, int(cpus_per_engine)), batch_wait_timeout_s=1.0)
         t0 = time.perf_counter()
+        # Restartable: a controller that dies comes back under the same name (its engines start again on the first
+        # call), and clients recover their calls (``_call``). Calls in flight when it dies fail (no task retries).
         controller = ray.remote(_PoolController).options(
-            name=name, namespace=NAMESPACE, num_cpus=0, max_restarts=0, max_concurrency=1000,
+            name=name, namespace=NAMESPACE, num_cpus=0, max_restarts=-1, max_task_retries=0, max_concurrency=1000,
             lifetime=None).remote(name, str(model_path), n, cpus_per_engine, gpus_per_engine, kwargs)
+        pool = cls(name, controller)
         try:
-            ray.get(controller.start.remote())
+            pool._call("start")  # a controller that dies while starting comes back and starts again
         except BaseException:
             ray.kill(controller, no_restart=True)
             raise
         log.info("engine pool %s: %d %s engine(s) on %s in %.1fs", name, n, backend, model_path,
                  time.perf_counter() - t0)
-        return cls(name, controller)
+        return pool
 
     @classmethod
     def connect(cls, name: str, timeout_s: float = 60.0) -> EnginePool:
@@ -404,6 +467,49 @@ class EnginePool:
                 if time.perf_counter() > deadline:
                     raise ValueError(f"no engine pool named {name!r} in namespace {NAMESPACE!r}") from None
                 time.sleep(0.2)
+
+    # ---- calls that survive a controller restart
+    def _call(self, method: str, *args: Any) -> Any:
+        """``ray.get`` of a controller method; if the controller dies meanwhile, wait until Ray has restarted it,
+        push the weights this client pushed last again (a restarted controller starts its engines on the initial
+        weights), and call again. Units are a function of (weights, contents), so the result is the one the call
+        would have returned. A client that never pushed weights cannot restore them: a call of it that names a
+        weights version then fails the version check (the restarted controller holds the initial weights), and
+        the training worker group restarts from its checkpoint (the learner pushes before it generates)."""
+        import ray
+        from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
+
+        for attempt in range(3):
+            try:
+                return ray.get(getattr(self._controller, method).remote(*args))
+            except (RayActorError, ActorUnavailableError) as e:
+                if isinstance(e, RayTaskError) or attempt == 2:  # the method failed (an engine's death inside it)
+                    raise
+                self._recover(e)
+        raise AssertionError("unreachable")
+
+    def _recover(self, err: BaseException) -> None:
+        import ray
+        from ray.exceptions import ActorUnavailableError, RayActorError
+
+        log.warning("engine pool %s: the controller failed (%s); waiting for Ray to restart it", self.name,
+                    type(err).__name__)
+        deadline = time.perf_counter() + 120
+        while True:
+            try:
+                stats = ray.get(self._controller.stats.remote(), timeout=10)
+                break
+            except (RayActorError, ActorUnavailableError, ray.exceptions.GetTimeoutError):
+                if time.perf_counter() > deadline:
+                    raise
+                time.sleep(0.5)
+        self.controller_restarts += 1
+        if self._pushed is None:  # nothing pushed from here: the initial weights, or another process restores them
+            return  # (a call that names a version fails its version check until then: the worker group restarts)
+        ref, version = self._pushed
+        if stats["version"] != version:
+            ray.get(self._controller.update_weights.remote([ref], version))
+            log.warning("engine pool %s: controller back; weights version %d pushed again", self.name, version)
 
     # ---- generation
     def generate(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
@@ -422,25 +528,44 @@ class EnginePool:
     def generate_units(self, units: Sequence[Sequence[Any]], params: Sequence[Sequence[SamplingParams]], *,
                        version: int | None = None) -> list[list[Completion]]:
         """Each unit generated alone on one engine (its completions a function of its contents only)."""
-        import ray
 
         units, params = _checked_units(units, params)
         if not units:
             return []
-        return ray.get(self._controller.generate_units.remote(units, params, version))
+        return self._call("generate_units", units, params, version)
 
     def submit_units(self, units: Sequence[Sequence[Any]], params: Sequence[Sequence[SamplingParams]], *,
                      version: int | None = None) -> Any:
-        """``generate_units`` without waiting: the ``ObjectRef`` of its result (None for no units). The units
-        are in flight once this returns (the controller admits them in ``begin_units`` before answering), so a
-        later ``update_weights`` waits for them and they run on the weights in place now."""
+        """``generate_units`` without waiting: a handle for ``collect`` (None for no units). The units are in
+        flight once this returns (the controller admits them in ``begin_units`` before answering), so a later
+        ``update_weights`` waits for them and they run on the weights in place now."""
         units, params = _checked_units(units, params)
         if not units:
             return None
-        import ray
+        ticket = self._call("begin_units", units, params, version)
+        return _Submitted(self._controller.result.remote(ticket), units, params, version, self._pushed)
 
-        ticket = ray.get(self._controller.begin_units.remote(units, params, version))
-        return self._controller.result.remote(ticket)
+    def collect(self, submitted: Any) -> list[list[Completion]]:
+        """The completions of ``submit_units``. If the controller died while they were in flight, they are
+        generated again, on the weights in place when they were submitted (the same completions)."""
+        import ray
+        from ray.exceptions import ActorUnavailableError, RayActorError
+
+        if submitted is None:
+            return []
+        try:
+            return ray.get(submitted.ref)
+        except (RayActorError, ActorUnavailableError) as e:
+            if isinstance(e, ray.exceptions.RayTaskError):
+                raise
+            self._recover(e)
+        if submitted.pushed is not None and submitted.pushed != self._pushed:  # submitted before a later push
+            ray.get(self._controller.update_weights.remote([submitted.pushed[0]], submitted.pushed[1]))
+        try:
+            return self._call("generate_units", submitted.units, submitted.params, submitted.version)
+        finally:
+            if submitted.pushed is not None and self._pushed is not None and submitted.pushed != self._pushed:
+                self._call("update_weights", [self._pushed[0]], self._pushed[1])
 
     # ---- weights, size, health
     def update_weights(self, state_dict: Mapping[str, Any], version: int) -> float:
@@ -450,32 +575,33 @@ class EnginePool:
 
         t0 = time.perf_counter()
         ref = ray.put(pack_state_dict(state_dict))
-        ray.get(self._controller.update_weights.remote([ref], int(version)))
+        self._pushed = (ref, int(version))  # kept: a restarted controller gets them again from here
+        self._call("update_weights", [ref], int(version))
         return time.perf_counter() - t0
 
     def resize(self, n: int) -> int:
         """Grow or shrink to ``n`` engines (after the units in flight finish); returns the new size."""
-        import ray
 
-        return ray.get(self._controller.resize.remote(int(n)))
+        return self._call("resize", int(n))
 
     def health(self) -> dict[str, Any]:
         """Ping every engine, replace those that are gone; returns ``stats()``."""
-        import ray
 
-        return ray.get(self._controller.health.remote())
+        return self._call("health")
 
     def stats(self) -> dict[str, Any]:
         """``engines``, weights ``version``, ``replacements`` so far, ``units_done``, ``in_flight``."""
-        import ray
 
-        return ray.get(self._controller.stats.remote())
+        return self._call("stats")
 
     def actors(self) -> list[Any]:
         """The engine actors' handles (tests and drills: ``ray.get(actor.pid.remote())``)."""
-        import ray
 
-        return ray.get(self._controller.actors.remote())
+        return self._call("actors")
+
+    def controller_pid(self) -> int:
+        """The controller's process id (fault drills)."""
+        return int(self._call("pid"))
 
     def size(self) -> int:
         return int(self.stats()["engines"])
@@ -483,11 +609,25 @@ class EnginePool:
     def stop(self) -> None:
         """Stop every engine, free their placement groups and the controller."""
         import ray
+        from ray.exceptions import ActorUnavailableError, RayActorError
 
         try:
             ray.get(self._controller.stop.remote())
+        except (RayActorError, ActorUnavailableError) as e:  # it died: its engines and groups went with it
+            log.warning("engine pool %s: the controller was gone at stop (%s)", self.name, type(e).__name__)
         finally:
             ray.kill(self._controller, no_restart=True)
+
+
+@dataclass
+class _Submitted:
+    """``submit_units``' handle: the result's ref, and what is needed to generate the units again."""
+
+    ref: Any
+    units: list[list[Any]]
+    params: list[list[SamplingParams]]
+    version: int | None
+    pushed: tuple[Any, int] | None
 
 
 def _checked_units(units: Sequence[Sequence[Any]], params: Sequence[Sequence[SamplingParams]]):

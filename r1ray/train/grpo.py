@@ -158,6 +158,10 @@ class GRPOSection(R1Config):
     ``<run_dir>/grpo/rollouts-rank<r>.jsonl`` (local run directories)."""
     kill_engine_at_step: int | None = Field(default=None, ge=1)
     """Fault injection: SIGKILL one rollout engine while it generates this step's rollouts (once per run)."""
+    kill_pool_controller_at_step: int | None = Field(default=None, ge=1)
+    """Fault injection: SIGKILL the engine pool's controller while this step's rollouts are in flight (once per
+    run): Ray restarts it, its engines start again, the learner pushes its weights again and the rollouts are
+    generated again (the same completions)."""
 
 
 class GRPOConfig(TrainJobConfig):
@@ -432,7 +436,7 @@ class GRPOStage(Stage):
         if ref is None:
             return
         g = self.cfg.grpo
-        outs = ray.get(ref)
+        outs = self.pool.collect(ref)  # survives a controller restart (generated again, the same completions)
         times["generate"] += time.perf_counter() - t0
         times["gen_tokens"] += sum(len(c.token_ids) for unit in outs for c in unit)
         t0 = time.perf_counter()
@@ -556,6 +560,20 @@ class GRPOStage(Stage):
                       per_reward={k: [float(x) for x in v] for k, v in d["per_reward"].items()},
                       failures=int(d["failures"]), reward_seconds=float(d["reward_seconds"]))
 
+    def _kill_the_controller_soon(self) -> None:
+        """Fault injection: SIGKILL the pool's controller once units are in flight (a thread)."""
+        pid = self.pool.controller_pid()
+
+        def kill() -> None:
+            deadline = time.time() + 60
+            while self.pool.stats()["in_flight"] == 0 and time.time() < deadline:
+                time.sleep(0.005)
+            time.sleep(0.05)
+            log.warning("fault injection: SIGKILL the engine pool controller pid %d mid-rollout", pid)
+            os.kill(pid, signal.SIGKILL)
+
+        threading.Thread(target=kill, daemon=True).start()
+
     def _kill_an_engine_soon(self) -> None:
         """Fault injection: SIGKILL engine 0 once it is generating (a thread; the rollout goes on meanwhile)."""
         import ray
@@ -589,6 +607,9 @@ class GRPOStage(Stage):
         if (g.kill_engine_at_step == step + 1 and w.rank == 0 and self.run_dir
                 and _fire_once(self.run_dir, f"kill-engine-{step + 1}")):
             self._kill_an_engine_soon()
+        if (g.kill_pool_controller_at_step == step + 1 and w.rank == 0 and self.run_dir
+                and _fire_once(self.run_dir, f"kill-pool-controller-{step + 1}")):
+            self._kill_the_controller_soon()
         micro = self._take_prefetched(step, rows, times, m) if g.async_rollouts else None
         if micro is None:
             micro = [[self._group(i) for i in r] for r in rows]
@@ -817,6 +838,7 @@ class GRPOStage(Stage):
                     **m.local(),
                     "weights_version": self._version, "rollout_version": self._rollout_version,
                     "engine_replacements": stats["replacements"],
+                    "pool_controller_restarts": self.pool.controller_restarts,
                     "sample": {"index": first.index, "question": first.problem.question,
                                "completion": first.completions[0].text, "reward": first.rewards[0]},
                     "completion_hash": hashlib.sha256(json.dumps(
