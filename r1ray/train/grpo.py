@@ -560,32 +560,15 @@ class GRPOStage(Stage):
                       per_reward={k: [float(x) for x in v] for k, v in d["per_reward"].items()},
                       failures=int(d["failures"]), reward_seconds=float(d["reward_seconds"]))
 
-    def _kill_the_controller_soon(self) -> None:
-        """Fault injection: SIGKILL the pool's controller once units are in flight (a thread)."""
-        pid = self.pool.controller_pid()
+    def _kill_mid_rollout(self, pid: int, what: str) -> None:
+        """Fault injection: SIGKILL ``pid`` once units are in flight on the pool (a thread; the rollout goes on)."""
 
         def kill() -> None:
             deadline = time.time() + 60
             while self.pool.stats()["in_flight"] == 0 and time.time() < deadline:
                 time.sleep(0.005)
             time.sleep(0.05)
-            log.warning("fault injection: SIGKILL the engine pool controller pid %d mid-rollout", pid)
-            os.kill(pid, signal.SIGKILL)
-
-        threading.Thread(target=kill, daemon=True).start()
-
-    def _kill_an_engine_soon(self) -> None:
-        """Fault injection: SIGKILL engine 0 once it is generating (a thread; the rollout goes on meanwhile)."""
-        import ray
-
-        pid = ray.get(self.pool.actors()[0].pid.remote())
-
-        def kill() -> None:
-            deadline = time.time() + 60
-            while self.pool.stats()["in_flight"] == 0 and time.time() < deadline:
-                time.sleep(0.005)
-            time.sleep(0.05)
-            log.warning("fault injection: SIGKILL rollout engine pid %d mid-rollout", pid)
+            log.warning("fault injection: SIGKILL %s pid %d mid-rollout", what, pid)
             os.kill(pid, signal.SIGKILL)
 
         threading.Thread(target=kill, daemon=True).start()
@@ -606,10 +589,12 @@ class GRPOStage(Stage):
         times = {"generate": 0.0, "score": 0.0, "gen_tokens": 0.0}
         if (g.kill_engine_at_step == step + 1 and w.rank == 0 and self.run_dir
                 and _fire_once(self.run_dir, f"kill-engine-{step + 1}")):
-            self._kill_an_engine_soon()
+            import ray
+
+            self._kill_mid_rollout(ray.get(self.pool.actors()[0].pid.remote()), "rollout engine")
         if (g.kill_pool_controller_at_step == step + 1 and w.rank == 0 and self.run_dir
                 and _fire_once(self.run_dir, f"kill-pool-controller-{step + 1}")):
-            self._kill_the_controller_soon()
+            self._kill_mid_rollout(self.pool.controller_pid(), "the engine pool controller")
         micro = self._take_prefetched(step, rows, times, m) if g.async_rollouts else None
         if micro is None:
             micro = [[self._group(i) for i in r] for r in rows]
