@@ -69,7 +69,7 @@ def main() -> int:
 
     from r1ray.config import load_config
     from r1ray.testing.chaos import Chaos, leftovers, seconds_to_next_step
-    from r1ray.train.grpo import GRPOConfig, run
+    from r1ray.train.stages.grpo.stage import GRPOConfig, run
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="r1ray-chaos-"))
     policy = build_policy(work)

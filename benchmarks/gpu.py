@@ -10,13 +10,13 @@ Training, the model of the ``--preset`` (default 350m) on random tokens of a 32k
 - plain PyTorch, eager: the model in bf16, ``torch.optim.AdamW(fused=True)``, ``F.cross_entropy`` on the
   fp32-upcast logits (as such a loop is usually written); ``--warmup`` steps, then ``--steps`` timed ones.
 - plain PyTorch, ``torch.compile(model)``: the same, compiled (its first step holds the compile time).
-- r1ray ZeRO-2 / ZeRO-3: ``r1ray.train.pretrain.run`` (Ray Train, one worker, DeepSpeed, bf16) on the same
+- r1ray ZeRO-2 / ZeRO-3: ``r1ray.train.stages.pretrain.run`` (Ray Train, one worker, DeepSpeed, bf16) on the same
   model and batch; throughput is what the loop reports per window of ``--steps`` steps after a warm-up window
   (the last window, which holds the final evaluation, is dropped). A compiled r1ray row appears when the
   training config has a compile option.
 
 MFU is counted twice: 6N (matmul parameters) and 6N + attention (PaLM appendix B), against the card's dense
-bf16 peak (``r1ray.train.flops``). Peak memory is ``torch.cuda.max_memory_allocated`` (the r1ray rows show it
+bf16 peak (``r1ray.train.core.flops``). Peak memory is ``torch.cuda.max_memory_allocated`` (the r1ray rows show it
 only if the loop reports it).
 
 Serving: ``r1ray.infer.make_engine`` (HF engine, bf16) on a randomly initialised ``--serve-preset`` model,
@@ -69,7 +69,7 @@ def make_tokenizer(out: Path, vocab: int) -> str:
 
 
 def make_random_data(work: Path, vocab: int, seq_len: int, train_rows: int, val_rows: int) -> tuple[str, str]:
-    """A data artifact (packed-shard format, as ``r1ray.train.synthetic`` writes) of random token rows."""
+    """A data artifact (packed-shard format, as ``r1ray.data.synthetic_shards`` writes) of random token rows."""
     import shutil
 
     import numpy as np
@@ -104,7 +104,7 @@ def flops_per_token(preset: str, tok_dir: str, seq_len: int) -> tuple[float, flo
 
     from r1ray.model import ModelConfig, build_model
     from r1ray.model.tokenizer import load_tokenizer
-    from r1ray.train.flops import train_flops_per_token
+    from r1ray.train.core.flops import train_flops_per_token
 
     with torch.device("meta"):
         model = build_model(ModelConfig(preset=preset), load_tokenizer(tok_dir))
@@ -124,7 +124,7 @@ def plain_loop(args, tok_dir: str, *, compiled: bool) -> dict[str, Any]:
 
     from r1ray.model import ModelConfig, build_model
     from r1ray.model.tokenizer import load_tokenizer
-    from r1ray.train.optim import param_groups
+    from r1ray.train.core.optim import param_groups
 
     cuda = args.device == "cuda"
     if cuda:
@@ -193,7 +193,7 @@ def _collector(path: str):
 
 def compile_override() -> str | None:
     """The override that turns compilation on in the r1ray loop, if its config has one."""
-    from r1ray.train.config import PretrainConfig
+    from r1ray.train.stages.pretrain import PretrainConfig
 
     for section in ("train", "model"):
         sub = PretrainConfig.model_fields[section].annotation
@@ -204,8 +204,7 @@ def compile_override() -> str | None:
 
 def r1ray_loop(args, data: str, work: Path, zero: int, compile_flag: str | None = None) -> dict[str, Any]:
     from r1ray.config import load_config
-    from r1ray.train.config import PretrainConfig
-    from r1ray.train.pretrain import run
+    from r1ray.train.stages.pretrain import PretrainConfig, run
 
     tag = f"zero{zero}{'-compiled' if compile_flag else ''}"
     root = work / f"r1ray-{tag}"
@@ -358,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("WANDB_MODE", "disabled")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    from r1ray.train.flops import gpu_peak_flops
+    from r1ray.train.core.flops import gpu_peak_flops
 
     t_start = time.perf_counter()
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({os.cpu_count()} cores)"

@@ -106,7 +106,7 @@ class _Deadline:
         self.thread = threading.Thread(target=self._watch, daemon=True)
 
     def _watch(self) -> None:
-        from r1ray.train.loop import STOP_FILE
+        from r1ray.train.core.loop import STOP_FILE
 
         while not self.done.wait(1.0):
             if time.monotonic() >= self.at:
@@ -137,12 +137,12 @@ def run_arm(arm: str, start: str, root: Path, seed: int, minutes: float, args: A
     common = [*BASE, f"storage.root={root}", f"seed={seed}", f"run_name={name}", "checkpoint.every=0",
               "train.eval_every=0"]
     if arm == "grpo":
-        from r1ray.train.grpo import GRPOConfig, run
+        from r1ray.train.stages.grpo.stage import GRPOConfig, run
 
         cfg = load_config(GRPOConfig, [*common, f"model.init_from={start}", "train.max_steps=100000",
                                        "grpo.eval_difficulties=[]", *overrides])
     elif arm == "rft":
-        from r1ray.train.distill import DistillConfig, run
+        from r1ray.train.stages.distill import DistillConfig, run
 
         cfg = load_config(DistillConfig, [*common, f"model.init_from={start}", f"distill.teacher={start}",
                                           "distill.mode=sequence", "distill.keep_correct=true",
@@ -151,7 +151,7 @@ def run_arm(arm: str, start: str, root: Path, seed: int, minutes: float, args: A
                                           "eval.problems_per_difficulty=0", "eval.before=false",
                                           "train.max_steps=100000", "train.eval_samples=2"])
     elif arm in ("sft", "sft-gold"):
-        from r1ray.train.sft import SFTConfig, run
+        from r1ray.train.stages.sft import SFTConfig, run
 
         data = ["data.difficulty=3"] if arm == "sft-gold" else []
         cfg = load_config(SFTConfig, [*common, f"model.init_from={start}", "eval.problems_per_difficulty=0",
@@ -210,7 +210,7 @@ def main(argv: list[str]) -> int:
     else:
         from r1ray.config import load_config
         from r1ray.pipeline.upstream import default_export
-        from r1ray.train.sft import SFTConfig
+        from r1ray.train.stages.sft import SFTConfig
 
         start = default_export("sft", load_config(SFTConfig, [*BASE, f"storage.root={root}"]))
     dev, test3 = split_problems(3, a.dev, a.test)

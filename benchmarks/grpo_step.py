@@ -140,7 +140,7 @@ def _mean(values: list[float | None]) -> float | None:
 def run_r1ray(start: Path, root: Path, prompts_per_step: int, steps: int, max_tokens: int, lr: float,
               seed: int, threads: int = 1, mode: str = "sync", difficulty: int = 1, repeat: int = 0) -> dict[str, Any]:
     from r1ray.config import load_config
-    from r1ray.train.grpo import GRPOConfig, run
+    from r1ray.train.stages.grpo.stage import GRPOConfig, run
 
     micro = min(prompts_per_step, 8)  # one micro-batch (one pool unit) of <= 64 completions, as TRL's one batch
     name = f"r1ray-{mode}-{prompts_per_step}-{threads}-r{repeat}"  # a new name per repeat: a same name resumes

@@ -30,9 +30,9 @@ def layout_speed(init: str, reps: int = 30, micro: int = 8) -> dict[str, float]:
     from r1ray.config import load_config
     from r1ray.model import build_model
     from r1ray.model.tokenizer import load_tokenizer
-    from r1ray.train.losses import causal_lm_loss
-    from r1ray.train.sft import SFTConfig, conversations
-    from r1ray.train.sft_data import IGNORE, collate, tokenize_conversation
+    from r1ray.train.core.losses import causal_lm_loss
+    from r1ray.train.stages.sft import SFTConfig, conversations
+    from r1ray.train.stages.sft_data import IGNORE, collate, tokenize_conversation
 
     cfg = load_config(SFTConfig, [f"model.init_from={init}", "data.train_examples=512", "data.difficulty={1: 1, 2: 1, 3: 1}"])
     tok = load_tokenizer(init)
@@ -84,7 +84,7 @@ def main(argv: list[str]) -> None:
     from r1ray.config import load_config
     from r1ray.observe.log import setup_logging
     from r1ray.pipeline.upstream import prepare
-    from r1ray.train.sft import SFTConfig, eval_problems, greedy_accuracy, run
+    from r1ray.train.stages.sft import SFTConfig, eval_problems, greedy_accuracy, run
 
     setup_logging("INFO")
     torch.set_num_threads(2)

@@ -4,7 +4,7 @@
     python benchmarks/train_step.py --quick              # ~2-3 min: debug preset, short runs, memory on 'tiny'
     python benchmarks/train_step.py --json out.json      # also write the results as JSON (else printed at the end)
 
-1. Throughput. The real code path: ``r1ray.train.pretrain.run`` (Ray Train ``TorchTrainer`` + a DeepSpeed
+1. Throughput. The real code path: ``r1ray.train.stages.pretrain.run`` (Ray Train ``TorchTrainer`` + a DeepSpeed
    engine per worker, the exactly-once sampler, the loop's all-reduces, LR schedule, clipping) trains
    ``--steps`` steps on a synthetic data artifact; a Ray Train callback collects the tokens/s that rank 0
    reports every ``--log-every`` steps. The first window (engine warm-up) and the last one (it holds the
@@ -56,8 +56,8 @@ WORDS = "the a of to and in is it that for on with as was he she they we you at 
 
 def make_data(work: Path, seq_len: int, train_docs: int) -> tuple[str, str]:
     """A tokenizer and a synthetic data artifact in the packed-shard format (no downloads)."""
+    from r1ray.data.synthetic_shards import write_data_artifact
     from r1ray.model.tokenizer import train_tokenizer
-    from r1ray.train.synthetic import write_data_artifact
 
     tok_dir = work / "tokenizer"
     texts = [" ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(30)) + f" {i} + {i + 3} = {2 * i + 3}."
@@ -89,8 +89,7 @@ def _collector(path: str):
 
 def r1ray_throughput(args, data: str, work: Path, workers: int, threads: int, tag: str) -> dict[str, Any]:
     from r1ray.config import load_config
-    from r1ray.train.config import PretrainConfig
-    from r1ray.train.pretrain import run
+    from r1ray.train.stages.pretrain import PretrainConfig, run
 
     root = work / f"r1ray-{tag}"
     metrics_path = root / "metrics.jsonl"
@@ -165,8 +164,8 @@ def bare_throughput(args, data: str, threads: int) -> dict[str, Any]:
     from r1ray.model import build_model
     from r1ray.model.build import ModelConfig
     from r1ray.model.tokenizer import load_tokenizer
-    from r1ray.train.optim import lr_at, param_groups
-    from r1ray.train.sampler import GlobalOrder, step_micro_batches, token_store
+    from r1ray.train.core.optim import lr_at, param_groups
+    from r1ray.train.core.sampler import GlobalOrder, step_micro_batches, token_store
 
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -345,7 +344,7 @@ def _memory_worker(cfg: dict[str, Any]) -> dict[str, Any]:
     from r1ray.model import build_model
     from r1ray.model.build import ModelConfig
     from r1ray.model.tokenizer import load_tokenizer
-    from r1ray.train.deepspeed import build_engine, ds_config
+    from r1ray.train.core.deepspeed import build_engine, ds_config
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()

@@ -9,16 +9,16 @@
 from __future__ import annotations
 
 from r1ray.cli import main
-from r1ray.train.distill import DistillConfig
+from r1ray.train.stages.distill import DistillConfig
 
 CONFIG = DistillConfig
 
 
 def run(cfg: DistillConfig):
     from r1ray.pipeline.upstream import prepare
-    from r1ray.train.distill import run as distill
-    from r1ray.train.distill import summary
-    from r1ray.train.sft import accuracy_table
+    from r1ray.train.stages.distill import run as distill
+    from r1ray.train.stages.distill import summary
+    from r1ray.train.stages.sft import accuracy_table
 
     result = distill(prepare("distill", cfg))
     lines = accuracy_table(result)

@@ -8,15 +8,15 @@
 from __future__ import annotations
 
 from r1ray.cli import main
-from r1ray.train.grpo import GRPOConfig
+from r1ray.train.stages.grpo.stage import GRPOConfig
 
 CONFIG = GRPOConfig
 
 
 def run(cfg: GRPOConfig):
     from r1ray.pipeline.upstream import prepare
-    from r1ray.train.grpo import run as grpo
-    from r1ray.train.grpo import summary
+    from r1ray.train.stages.grpo.stage import run as grpo
+    from r1ray.train.stages.grpo.stage import summary
 
     result = grpo(prepare("grpo", cfg))
     print(summary(result))

@@ -8,15 +8,15 @@
 from __future__ import annotations
 
 from r1ray.cli import main
-from r1ray.train.config import PretrainConfig
+from r1ray.train.stages.pretrain import PretrainConfig
 
 CONFIG = PretrainConfig
 
 
 def run(cfg: PretrainConfig):
     from r1ray.pipeline.upstream import prepare
-    from r1ray.train.pretrain import run as pretrain
-    from r1ray.train.pretrain import summary
+    from r1ray.train.stages.pretrain import run as pretrain
+    from r1ray.train.stages.pretrain import summary
 
     result = pretrain(prepare("pretrain", cfg))
     print(summary(result))

@@ -10,15 +10,15 @@ tokens only, held-out greedy accuracy before and after.
 from __future__ import annotations
 
 from r1ray.cli import main
-from r1ray.train.sft import SFTConfig
+from r1ray.train.stages.sft import SFTConfig
 
 CONFIG = SFTConfig
 
 
 def run(cfg: SFTConfig):
     from r1ray.pipeline.upstream import prepare
-    from r1ray.train.sft import accuracy_table, summary
-    from r1ray.train.sft import run as sft
+    from r1ray.train.stages.sft import accuracy_table, summary
+    from r1ray.train.stages.sft import run as sft
 
     result = sft(prepare("sft", cfg))
     print(summary(result, accuracy_table(result)))

@@ -22,7 +22,7 @@ FP8 (e4m3) weight-only, CUDA GPUs of compute capability >= 8.9 only; ``none``: n
 
 
 class RecoveryConfig(R1Config):
-    """A short fine-tune of the pruned model through the SFT stage (``r1ray.train.sft.run``) before quantizing."""
+    """A short fine-tune of the pruned model through the SFT stage (``r1ray.train.stages.sft.run``) before quantizing."""
 
     enabled: bool = False
     """Fine-tune the pruned model before quantization (needs Ray; minutes)."""

@@ -135,7 +135,7 @@ def _calibration_texts(cfg: CompressConfig, model_dir: str) -> list[str]:
         return texts
     from r1ray.model.tokenizer import load_tokenizer
     from r1ray.tasks.registry import sample_problems
-    from r1ray.train.sft_data import task_conversation
+    from r1ray.train.stages.sft_data import task_conversation
 
     ts = cfg.eval.tasks
     tok = load_tokenizer(model_dir)
@@ -154,7 +154,7 @@ def _merge(base: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
 
 
 def _recovery_config(cfg: CompressConfig, init_from: str) -> Any:
-    from r1ray.train.sft import SFTConfig
+    from r1ray.train.stages.sft import SFTConfig
 
     base = {"seed": cfg.seed, "storage": cfg.storage.model_dump(mode="json"), "ray": cfg.ray.model_dump(mode="json"),
             "logging": cfg.logging.model_dump(mode="json"), "run_name": f"{cfg.run_name}-recovery",
@@ -167,7 +167,7 @@ def _recovery_config(cfg: CompressConfig, init_from: str) -> Any:
 
 def _recover(cfg: CompressConfig, pruned: str) -> str:
     from r1ray.model.export import localize_model
-    from r1ray.train.sft import run as sft
+    from r1ray.train.stages.sft import run as sft
 
     result = sft(_recovery_config(cfg, pruned))
     if result.export_path is None:
@@ -368,7 +368,7 @@ def run(cfg: CompressConfig) -> CompressResult:
             "metric": cfg.gate.accuracy_metric, "max_accuracy_drop_points": cfg.gate.max_accuracy_drop_points,
             "max_perplexity_increase_pct": cfg.gate.max_perplexity_increase_pct})
         if verdict.passed:
-            from r1ray.train.checkpoint import publish_final
+            from r1ray.train.core.checkpoint import publish_final
 
             _write_report(stage_uri, report)
             inputs = [base_uri] if exists(join(base_uri, MANIFEST)) else []

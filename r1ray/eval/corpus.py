@@ -26,7 +26,7 @@ def corpus_perplexity(model_dir: str, data: str, *, split: str = "validation", m
 
     from r1ray.data.shards import DataArtifact
     from r1ray.model.tokenizer import load_tokenizer
-    from r1ray.train.sampler import token_store
+    from r1ray.train.core.sampler import token_store
 
     artifact = DataArtifact.load(data)
     if load_tokenizer(artifact.tokenizer_dir).get_vocab() != load_tokenizer(model_dir).get_vocab():

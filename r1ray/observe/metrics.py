@@ -81,12 +81,12 @@ SPECS: tuple[MetricSpec, ...] = (
     MetricSpec(
         "r1ray_train_checkpoint_save_seconds", "histogram", "Checkpoint save time.", _TRAIN_TAGS, _SAVE_BUCKETS
     ),
-    # ---- SFT (r1ray.train.sft: the stage's own metrics, recorded by the loop under these names)
+    # ---- SFT (r1ray.train.stages.sft: the stage's own metrics, recorded by the loop under these names)
     MetricSpec("r1ray_sft_accuracy", "gauge", "Held-out greedy exact-match accuracy of the last evaluation, 0-1.",
                _TRAIN_TAGS),
     MetricSpec("r1ray_sft_eval_verify_failures", "gauge", "Verifier calls that raised or timed out in the last "
                "evaluation.", _TRAIN_TAGS),
-    # ---- GRPO (r1ray.train.grpo: the stage's own metrics, recorded by the loop under these names)
+    # ---- GRPO (r1ray.train.stages.grpo.stage: the stage's own metrics, recorded by the loop under these names)
     MetricSpec("r1ray_grpo_reward_mean", "gauge", "Mean total (weighted) reward of the rollouts.", _TRAIN_TAGS),
     MetricSpec("r1ray_grpo_reward_std", "gauge", "Std of the total reward over the rollouts.", _TRAIN_TAGS),
     MetricSpec("r1ray_grpo_reward_accuracy", "gauge", "Mean accuracy reward of the rollouts.", _TRAIN_TAGS),

@@ -110,26 +110,25 @@ def serve_model_path(cfg: Any) -> Any:
 
 
 def _pretrain() -> tuple[type, Callable[[Any], Any]]:
-    from r1ray.train.config import PretrainConfig
-    from r1ray.train.pretrain import run
+    from r1ray.train.stages.pretrain import PretrainConfig, run
 
     return PretrainConfig, run
 
 
 def _sft() -> tuple[type, Callable[[Any], Any]]:
-    from r1ray.train.sft import SFTConfig, run
+    from r1ray.train.stages.sft import SFTConfig, run
 
     return SFTConfig, run
 
 
 def _grpo() -> tuple[type, Callable[[Any], Any]]:
-    from r1ray.train.grpo import GRPOConfig, run
+    from r1ray.train.stages.grpo.stage import GRPOConfig, run
 
     return GRPOConfig, run
 
 
 def _distill() -> tuple[type, Callable[[Any], Any]]:
-    from r1ray.train.distill import DistillConfig, run
+    from r1ray.train.stages.distill import DistillConfig, run
 
     return DistillConfig, run
 

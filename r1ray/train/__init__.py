@@ -1,4 +1,4 @@
-"""Training stages on Ray Train + DeepSpeed: the shared per-worker loop (``loop``), the DeepSpeed config
-builder (``deepspeed``), checkpoints (``checkpoint``), the exactly-once sample order (``sampler``), and one
-module per stage (``pretrain``). Importing this package imports nothing heavy.
+"""Training on Ray Train + DeepSpeed. ``stage`` is the public contract a stage implements; ``registry`` declares
+every stage once (config, run function, inputs, default run name); ``core/`` is the loop machinery the stages
+share; ``stages/`` holds pretraining, SFT, distillation and GRPO. Importing this package imports nothing heavy.
 """

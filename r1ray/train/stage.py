@@ -1,7 +1,7 @@
 """The stage contract: what a training stage supplies to the one loop that pretrain, SFT, GRPO and
 distillation share. This module is the documentation of how to add a stage.
 
-The loop (``r1ray.train._loop``, private) owns *how* to train: the DeepSpeed engine, the exactly-once
+The loop (``r1ray.train.core.loop``, private) owns *how* to train: the DeepSpeed engine, the exactly-once
 sample cursor, gradient accumulation and loss normalisation, clipping, the learning-rate schedule,
 non-finite skips, checkpoints (DeepSpeed state + trainer state + HF export), resume at another world size,
 SIGTERM/preemption, fault injection and metrics (Ray Train, Prometheus, W&B). A stage owns *what* to
@@ -10,10 +10,10 @@ loop's guarantees, because a stage never sees the cursor, the engine's step or t
 
 Adding a stage
 --------------
-1. A config class composed from ``r1ray.train.config.TrainJobConfig`` (seed, run_name, train, checkpoint,
+1. A config class composed from ``r1ray.train.core.config.TrainJobConfig`` (seed, run_name, train, checkpoint,
    optim, deepspeed, scaling, faults, ray, storage, logging) plus the stage's own fields.
 2. A ``Stage`` subclass with ``name`` and ``config_class``, implementing the abstract methods below.
-3. A driver call: ``r1ray.train.driver.run_stage(MyStage, cfg) -> TrainResult``, and a thin
+3. A driver call: ``r1ray.train.core.driver.run_stage(MyStage, cfg) -> TrainResult``, and a thin
    ``jobs/<stage>.py`` around it; register it in ``r1ray.tune.stages`` to make it tunable.
 
 One optimizer step, as the loop runs it on every worker::

@@ -1,6 +1,6 @@
 """The registry of tunable stages: name -> (config class, run function), imported lazily.
 
-Every stage's ``run`` is ``r1ray.train.driver.run_stage`` with its stage class and returns a ``TrainResult``;
+Every stage's ``run`` is ``r1ray.train.core.driver.run_stage`` with its stage class and returns a ``TrainResult``;
 a new training stage becomes tunable by adding one entry here.
 """
 
@@ -33,10 +33,10 @@ class StageEntry:
 
 
 STAGES: dict[str, StageEntry] = {
-    "pretrain": StageEntry("pretrain", "r1ray.train.config:PretrainConfig", "r1ray.train.pretrain:run"),
-    "sft": StageEntry("sft", "r1ray.train.sft:SFTConfig", "r1ray.train.sft:run"),
-    "grpo": StageEntry("grpo", "r1ray.train.grpo:GRPOConfig", "r1ray.train.grpo:run"),
-    "distill": StageEntry("distill", "r1ray.train.distill:DistillConfig", "r1ray.train.distill:run"),
+    "pretrain": StageEntry("pretrain", "r1ray.train.stages.pretrain:PretrainConfig", "r1ray.train.stages.pretrain:run"),
+    "sft": StageEntry("sft", "r1ray.train.stages.sft:SFTConfig", "r1ray.train.stages.sft:run"),
+    "grpo": StageEntry("grpo", "r1ray.train.stages.grpo.stage:GRPOConfig", "r1ray.train.stages.grpo.stage:run"),
+    "distill": StageEntry("distill", "r1ray.train.stages.distill:DistillConfig", "r1ray.train.stages.distill:run"),
 }
 
 

@@ -20,7 +20,7 @@ def _inputs(n=8192, h=1024, v=32000, seed=0):
 
 
 def test_bf16_parity_on_cuda():
-    from r1ray.train.losses import chunked_cross_entropy
+    from r1ray.train.core.losses import chunked_cross_entropy
 
     hidden, weight, targets = _inputs(n=2048)
     ref = F.cross_entropy((hidden @ weight.t()).float(), targets, reduction="sum", label_smoothing=0.1)
@@ -42,7 +42,7 @@ def _peak_extra(fn) -> int:
 
 
 def test_peak_memory_is_a_fraction_of_the_plain_loss():
-    from r1ray.train.losses import chunked_cross_entropy
+    from r1ray.train.core.losses import chunked_cross_entropy
 
     hidden, weight, targets = _inputs()
 

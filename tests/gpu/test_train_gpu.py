@@ -1,4 +1,4 @@
-"""A real training run on one GPU: ``r1ray.train.pretrain.run`` (Ray Train + DeepSpeed ZeRO-2, bf16, NCCL)
+"""A real training run on one GPU: ``r1ray.train.stages.pretrain.run`` (Ray Train + DeepSpeed ZeRO-2, bf16, NCCL)
 on a synthetic data artifact, in the environment that broke the first GPU run (``TORCH_CUDA_ARCH_LIST=9.0a``
 and no CUDA toolkit: nothing may need compiling), then the HF export loads and generates on the GPU."""
 
@@ -23,12 +23,11 @@ def test_pretrain_bf16_on_one_gpu_then_export_generates(tiny_tokenizer_dir, tmp_
     import torch
 
     from r1ray.config import load_config
+    from r1ray.data.synthetic_shards import write_data_artifact
     from r1ray.infer import SamplingParams
     from r1ray.infer.hf import HFEngine
-    from r1ray.train.config import PretrainConfig
-    from r1ray.train.preflight import preflight
-    from r1ray.train.pretrain import run
-    from r1ray.train.synthetic import write_data_artifact
+    from r1ray.train.core.preflight import preflight
+    from r1ray.train.stages.pretrain import PretrainConfig, run
 
     data = write_data_artifact(tmp_path / "data", tiny_tokenizer_dir, seq_len=64, train_docs=800, val_docs=80)
     cfg = load_config(PretrainConfig, [

@@ -18,7 +18,7 @@ import numpy as np
 from pydantic import Field
 
 from r1ray.config import R1Config
-from r1ray.train.config import TrainJobConfig
+from r1ray.train.core.config import TrainJobConfig
 from r1ray.train.stage import Metrics, RunPlan, Stage, StepInputs, WorkerInfo
 
 

@@ -235,7 +235,7 @@ def head():
 
 @pytest.fixture(scope="module")
 def data_dir(tiny_tokenizer_dir, tmp_path_factory):
-    from r1ray.train.synthetic import write_data_artifact
+    from r1ray.data.synthetic_shards import write_data_artifact
 
     return write_data_artifact(tmp_path_factory.mktemp("data") / "data", tiny_tokenizer_dir, seq_len=32,
                                train_docs=300, val_docs=40)
@@ -255,7 +255,7 @@ def test_pretrain_job_submitted_to_the_head(head, data_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from r1ray.artifacts import read_manifest
-    from r1ray.train.checkpoint import (
+    from r1ray.train.core.checkpoint import (
         DS_TAG,
         HF_DIR,
         export_is_complete,
@@ -316,7 +316,7 @@ def test_pretrain_job_submitted_to_the_head(head, data_dir, tmp_path):
 
     # and the exported model has learned something: better than a uniform guess on validation rows
     from r1ray.data.shards import DataArtifact
-    from r1ray.train.sampler import token_store
+    from r1ray.train.core.sampler import token_store
 
     val = token_store(DataArtifact.load(data_dir), "validation", str(tmp_path / "cache"))
     ids = torch.from_numpy(np.asarray(val[:8], dtype=np.int64))

@@ -38,7 +38,7 @@ def teacher(tiny_tokenizer_dir, tmp_path_factory):
 
 def test_logit_distillation_lowers_the_kl_to_the_teacher(ray_local, teacher, tmp_path):
     from r1ray.model.export import list_checkpoints
-    from r1ray.train.distill import DistillConfig, run
+    from r1ray.train.stages.distill import DistillConfig, run
 
     cfg = load_config(DistillConfig, [*BASE, f"distill.teacher={teacher}", f"storage.root={tmp_path}",
                                       "distill.temperature=1.0", "run_name=kd"])
@@ -60,7 +60,7 @@ def test_logit_distillation_lowers_the_kl_to_the_teacher(ray_local, teacher, tmp
 
 
 def test_sequence_distillation_trains_on_the_teachers_traces(ray_local, teacher, tmp_path):
-    from r1ray.train.distill import DistillConfig, run
+    from r1ray.train.stages.distill import DistillConfig, run
 
     cfg = load_config(DistillConfig, [*BASE, f"distill.teacher={teacher}", f"storage.root={tmp_path}",
                                       "distill.mode=sequence", "distill.traces=48", "distill.keep_correct=false",

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from r1ray.config import load_config
-from r1ray.train.grpo import GRPOConfig
+from r1ray.train.stages.grpo.stage import GRPOConfig
 
 RAY_NUM_CPUS = 4  # 1 learner + 1 engine + reward tasks, with room to spare
 
@@ -57,7 +57,7 @@ def rollouts(run_dir: str) -> dict[int, dict]:
 
 
 def test_config_errors_name_the_field(model_dir, tmp_path):
-    from r1ray.train.grpo import GRPOStage
+    from r1ray.train.stages.grpo.stage import GRPOStage
 
     with pytest.raises(ValueError, match="grpo.tasks"):
         make_cfg(model_dir, tmp_path, "grpo.tasks={}")
@@ -79,8 +79,8 @@ def test_step_inputs_drop_and_count_zero_variance_groups(ray_local, model_dir, t
     import torch
 
     from r1ray.model.tokenizer import load_tokenizer
-    from r1ray.train.grpo import GRPOStage
     from r1ray.train.stage import Metrics, WorkerInfo
+    from r1ray.train.stages.grpo.stage import GRPOStage
 
     cfg = make_cfg(model_dir, tmp_path, "grpo.dynamic_sampling=true", "grpo.max_refill_rounds=1",
                    "grpo.train_problems=1000", "grpo.max_completion_tokens=6", "grpo.group_size=4")
@@ -129,21 +129,21 @@ ASYNC = ("grpo.async_rollouts=true", "train.max_steps=8", "grpo.tis_cap=2.0")
 @pytest.fixture(scope="module")
 def sync_ref(ray_local, model_dir, tmp_path_factory):
     """The uninterrupted on-policy run the fault tests compare with (shared: one run for every test)."""
-    from r1ray.train.grpo import run
+    from r1ray.train.stages.grpo.stage import run
 
     return run(make_cfg(model_dir, tmp_path_factory.mktemp("ref"), "run_name=ref"))
 
 
 @pytest.fixture(scope="module")
 def async_ref(ray_local, model_dir, tmp_path_factory):
-    from r1ray.train.grpo import run
+    from r1ray.train.stages.grpo.stage import run
 
     return run(make_cfg(model_dir, tmp_path_factory.mktemp("aref"), "run_name=aref", *ASYNC))
 
 
 def test_mean_reward_rises_and_learner_and_engine_sigkills_leave_the_export_bitwise_equal(
         ray_local, model_dir, tmp_path_factory, sync_ref):
-    from r1ray.train.grpo import run
+    from r1ray.train.stages.grpo.stage import run
 
     ref = sync_ref
     assert ref.status == "completed" and ref.steps == 10 and ref.export_path
@@ -180,7 +180,7 @@ def test_async_rollouts_overlap_and_a_sigkill_or_a_new_worker_count_resume_them_
     learned); the rollouts in flight at a checkpoint are saved in it, so a learner SIGKILLed after step 3 resumes
     to the uninterrupted run's completions and a byte-identical export, and a run stopped after step 4 on one
     worker and resumed on two generates nothing for step 5 (it takes the saved rollouts: the same completions)."""
-    from r1ray.train.grpo import run
+    from r1ray.train.stages.grpo.stage import run
 
     # with truncated importance sampling: the saved rollouts carry the engines' logprobs, which the resumes reuse
     extra = ASYNC
@@ -263,8 +263,8 @@ def test_mu2_with_reference_and_zero3_sync(ray_local, model_dir, tmp_path):
     import numpy as np
     import torch
 
-    from r1ray.train.grpo import GRPOStage, run
     from r1ray.train.stage import Metrics, WorkerInfo
+    from r1ray.train.stages.grpo.stage import GRPOStage, run
 
     extra = ("grpo.beta=0.1", "grpo.mu=2", "grpo.max_completion_tokens=8", "train.max_steps=2",
              "grpo.loss_type=grpo")
@@ -327,8 +327,8 @@ def test_one_update_is_the_same_whatever_the_micro_batch_split(ray_local, model_
     import numpy as np
     import torch
 
-    from r1ray.train.grpo import GRPOStage
     from r1ray.train.stage import Metrics, WorkerInfo
+    from r1ray.train.stages.grpo.stage import GRPOStage
 
     cfg = make_cfg(model_dir, tmp_path, f"grpo.loss_type={loss_type}", f"grpo.advantage_estimator={estimator}",
                    "grpo.max_completion_tokens=8", "grpo.group_size=4")
@@ -372,7 +372,7 @@ def test_random_sigkills_of_learner_engines_and_pool_controller_change_nothing(
     import time
 
     from r1ray.testing.chaos import Chaos, leftovers, seconds_to_next_step
-    from r1ray.train.grpo import run
+    from r1ray.train.stages.grpo.stage import run
 
     ref, extra = (sync_ref, ()) if mode == "sync" else (async_ref, ASYNC)
     root = tmp_path_factory.mktemp(f"chaos-{mode}")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from r1ray.config import load_config
-from r1ray.train.config import PretrainConfig
+from r1ray.train.stages.pretrain import PretrainConfig
 
 RAY_NUM_CPUS = 3  # 2 training workers + 1 for Ray Data
 
@@ -27,7 +27,7 @@ BASE = [
 
 @pytest.fixture(scope="module")
 def data_dir(tiny_tokenizer_dir, tmp_path_factory):
-    from r1ray.train.synthetic import write_data_artifact
+    from r1ray.data.synthetic_shards import write_data_artifact
 
     return write_data_artifact(tmp_path_factory.mktemp("data") / "data", tiny_tokenizer_dir, seq_len=32)
 
@@ -39,7 +39,7 @@ def make_cfg(data_dir: str, root: Path, *extra: str) -> PretrainConfig:
 
 @pytest.fixture(scope="module")
 def reference(ray_local, data_dir, tmp_path_factory):
-    from r1ray.train.pretrain import run
+    from r1ray.train.stages.pretrain import run
 
     root = tmp_path_factory.mktemp("ref")
     return run(make_cfg(data_dir, root, "run_name=ref", "logging.wandb.mode=offline"))
@@ -69,7 +69,7 @@ def test_loss_falls_beats_unigram_and_export_matches_engine(reference, data_dir)
     from transformers import AutoModelForCausalLM
 
     from r1ray.artifacts import read_manifest
-    from r1ray.train.checkpoint import newest_export
+    from r1ray.train.core.checkpoint import newest_export
 
     r = reference
     assert r.status == "completed" and r.steps == 12 and r.samples_consumed == 12 * 16
@@ -97,8 +97,8 @@ def test_sigkill_and_kill_during_save_resume_equals_uninterrupted(reference, dat
     """Rank 1 is SIGKILLed while writing the step-4 checkpoint (nothing registered: restart from scratch),
     then rank 1 is SIGKILLed after step 10 (restart from the step-8 checkpoint). The run ends with the
     reference's final losses bit for bit, every sample trained exactly once."""
-    from r1ray.train.checkpoint import export_is_complete, newest_checkpoint
-    from r1ray.train.pretrain import run
+    from r1ray.train.core.checkpoint import export_is_complete, newest_checkpoint
+    from r1ray.train.stages.pretrain import run
 
     cfg = make_cfg(data_dir, tmp_path, "run_name=faulty", "data.validate_with_ray_data=false", "faults.kill_during_save_at_step=4",
                    "faults.kill_rank=1", "faults.kill_at_step=10", "train.max_failures=3")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from r1ray.config import load_config
-from r1ray.train.config import PretrainConfig
+from r1ray.train.stages.pretrain import PretrainConfig
 
 pytestmark = pytest.mark.slow
 
@@ -56,8 +56,8 @@ def test_two_to_one_to_two_workers(tiny_tokenizer_dir, tmp_path):
     import ray
     from ray.cluster_utils import Cluster
 
-    from r1ray.train.pretrain import run
-    from r1ray.train.synthetic import write_data_artifact
+    from r1ray.data.synthetic_shards import write_data_artifact
+    from r1ray.train.stages.pretrain import run
 
     data = write_data_artifact(tmp_path / "data", tiny_tokenizer_dir, seq_len=32)
     if ray.is_initialized():

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from r1ray.config import load_config
-from r1ray.train.config import PretrainConfig
+from r1ray.train.stages.pretrain import PretrainConfig
 
 RAY_NUM_CPUS = 3
 
@@ -29,7 +29,7 @@ BASE = [
 
 @pytest.fixture(scope="module")
 def data_dir(tiny_tokenizer_dir, tmp_path_factory):
-    from r1ray.train.synthetic import write_data_artifact
+    from r1ray.data.synthetic_shards import write_data_artifact
 
     return write_data_artifact(tmp_path_factory.mktemp("data") / "data", tiny_tokenizer_dir, seq_len=32)
 
@@ -40,8 +40,8 @@ def make_cfg(data_dir: str, root: Path, *extra: str) -> PretrainConfig:
 
 
 def test_nonfinite_steps_are_skipped_then_stop_the_run(ray_local, data_dir, tmp_path):
-    from r1ray.train.loop import NonFiniteLossError
-    from r1ray.train.pretrain import run
+    from r1ray.train.core.loop import NonFiniteLossError
+    from r1ray.train.stages.pretrain import run
 
     cfg = make_cfg(data_dir, tmp_path, "run_name=nan", "scaling.num_workers=1", "deepspeed.zero_stage=0",
                    "train.max_steps=8", "checkpoint.every=2", "faults.nonfinite_at_steps=[2,4,5,6]",
@@ -61,7 +61,7 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(ray_local, data_dir, tmp_
 
 
 def test_sigterm_checkpoints_then_resumes_on_fewer_workers_exactly(ray_local, data_dir, tmp_path):
-    from r1ray.train.pretrain import run
+    from r1ray.train.stages.pretrain import run
 
     # (with the easy-to-hard order of the first epoch: the order is a pure function of the data, so the
     # resumed run continues it exactly)

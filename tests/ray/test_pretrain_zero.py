@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from r1ray.config import load_config
-from r1ray.train.config import PretrainConfig
+from r1ray.train.stages.pretrain import PretrainConfig
 
 RAY_NUM_CPUS = 4  # 3 training workers + 1 for Ray Data
 
@@ -30,7 +30,7 @@ BASE = [
 
 @pytest.fixture(scope="module")
 def data_dir(tiny_tokenizer_dir, tmp_path_factory):
-    from r1ray.train.synthetic import write_data_artifact
+    from r1ray.data.synthetic_shards import write_data_artifact
 
     return write_data_artifact(tmp_path_factory.mktemp("data") / "data", tiny_tokenizer_dir, seq_len=32,
                                val_docs=400)
@@ -52,7 +52,7 @@ def test_zero3_three_workers_uneven_eval_sigkill_export_and_resume_from(ray_loca
     from transformers import AutoModelForCausalLM
 
     from r1ray.model.export import list_checkpoints
-    from r1ray.train.pretrain import run
+    from r1ray.train.stages.pretrain import run
 
     zero3 = ["deepspeed.zero_stage=3", "scaling.num_workers=3", "train.max_steps=4", "train.eval_every=2",
              "train.eval_samples=97", "checkpoint.every=2", "checkpoint.keep=3"]
@@ -77,7 +77,7 @@ def test_a_nonfinite_step_is_a_true_skip(ray_local, data_dir, tmp_path, zero):
     import torch
 
     from r1ray.model.export import list_checkpoints
-    from r1ray.train.pretrain import run
+    from r1ray.train.stages.pretrain import run
 
     r = run(make_cfg(data_dir, tmp_path, f"deepspeed.zero_stage={zero}", "scaling.num_workers=1",
                      "train.global_batch_size=8", "train.max_steps=3", "train.eval_every=0",

@@ -180,8 +180,8 @@ def runs(ray_metrics, prometheus, tmp_path_factory):
     from r1ray.data.pipeline import run as run_data
     from r1ray.serve.config import ServeConfig
     from r1ray.serve.launch import deploy
-    from r1ray.train.config import PretrainConfig
-    from r1ray.train.pretrain import run as run_pretrain
+    from r1ray.train.stages.pretrain import PretrainConfig
+    from r1ray.train.stages.pretrain import run as run_pretrain
 
     t_start = time.time()
     tmp = tmp_path_factory.mktemp("runs")
@@ -208,8 +208,8 @@ def runs(ray_metrics, prometheus, tmp_path_factory):
 
     # a short GRPO run on that export fills grpo.json: beta > 0 (kl), dynamic sampling (dropped groups),
     # every reward function named (each exports reward_<fn>), an evaluation (accuracy)
-    from r1ray.train.grpo import GRPOConfig
-    from r1ray.train.grpo import run as run_grpo
+    from r1ray.train.stages.grpo.stage import GRPOConfig
+    from r1ray.train.stages.grpo.stage import run as run_grpo
 
     gcfg = load_config(GRPOConfig, [
         "--config", str(ROOT / "configs" / "grpo" / "debug.yaml"), f"storage.root={tmp / 'out'}",

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from r1ray.config import load_config
-from r1ray.train.sft import SFTConfig
+from r1ray.train.stages.sft import SFTConfig
 
 RAY_NUM_CPUS = 3  # 2 training workers + 1 spare
 
@@ -46,7 +46,7 @@ def make_cfg(init: str, root: Path, *extra: str) -> SFTConfig:
 
 @pytest.fixture(scope="module")
 def reference(ray_local, init_model, tmp_path_factory):
-    from r1ray.train.sft import run
+    from r1ray.train.stages.sft import run
 
     return run(make_cfg(init_model, tmp_path_factory.mktemp("ref"), "run_name=ref", "eval.before=true"))
 
@@ -94,7 +94,7 @@ def trained_samples(run_dir: str) -> dict[int, list[int]]:
 def test_sigkill_mid_run_resumes_to_a_bitwise_equal_export(reference, init_model, tmp_path):
     import torch
 
-    from r1ray.train.sft import run
+    from r1ray.train.stages.sft import run
 
     r = run(make_cfg(init_model, tmp_path, "run_name=killed", "faults.kill_at_step=5", "faults.kill_rank=1",
                      "train.max_failures=2"))

@@ -38,7 +38,7 @@ def tensors(export: str) -> dict:
 
 @pytest.fixture(scope="module")
 def reference(ray_local, tiny_tokenizer_dir, tmp_path_factory):
-    from r1ray.train.driver import run_stage
+    from r1ray.train.core.driver import run_stage
     from tests.ray.contract_stage import ContractStage
 
     root = tmp_path_factory.mktemp("contract-ref")
@@ -76,7 +76,7 @@ def test_a_non_pretraining_stage_runs_through_the_contract(reference):
 def test_sigkill_mid_run_resumes_to_a_bitwise_equal_export(reference, tiny_tokenizer_dir, tmp_path):
     import torch
 
-    from r1ray.train.driver import run_stage
+    from r1ray.train.core.driver import run_stage
     from tests.ray.contract_stage import ContractStage
 
     r = run_stage(ContractStage, make_cfg(tiny_tokenizer_dir, tmp_path, "run_name=killed", "faults.kill_at_step=3",

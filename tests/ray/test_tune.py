@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from r1ray.config import load_config
-from r1ray.train.config import PretrainConfig
+from r1ray.train.stages.pretrain import PretrainConfig
 from r1ray.tune.config import TuneConfig
 
 pytestmark = pytest.mark.slow
@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def data_uri(tmp_path_factory, tiny_tokenizer_dir):
-    from r1ray.train.synthetic import write_data_artifact
+    from r1ray.data.synthetic_shards import write_data_artifact
 
     return write_data_artifact(tmp_path_factory.mktemp("data") / "art", tiny_tokenizer_dir, seq_len=32)
 

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def data_uri(tmp_path_factory, tiny_tokenizer_dir):
-    from r1ray.train.synthetic import write_data_artifact
+    from r1ray.data.synthetic_shards import write_data_artifact
 
     return write_data_artifact(tmp_path_factory.mktemp("data") / "art", tiny_tokenizer_dir, seq_len=32)
 

@@ -218,8 +218,8 @@ def test_every_shipped_yaml_validates(path):
 def test_an_override_inside_a_section_keeps_the_jobs_other_defaults_for_it():
     """PretrainConfig's optim default is OptimConfig(lr=3e-3, warmup_steps=10): overriding one key of the
     section must keep the job's lr, not fall back to OptimConfig's own 1e-3."""
-    from r1ray.train.config import PretrainConfig
-    from r1ray.train.sft import SFTConfig
+    from r1ray.train.stages.pretrain import PretrainConfig
+    from r1ray.train.stages.sft import SFTConfig
 
     cfg = load_config(PretrainConfig, ["optim.warmup_steps=3"])
     assert cfg.optim.lr == 3e-3 and cfg.optim.warmup_steps == 3

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from r1ray.config import ConfigError, load_config
-from r1ray.train.curriculum import Curriculum, CurriculumConfig
+from r1ray.train.stages.curriculum import Curriculum, CurriculumConfig
 
 
 def test_stages_and_ramp_mixes():
@@ -49,7 +49,7 @@ def test_bad_schedules_name_the_field():
 
 
 def test_grpo_prompts_follow_the_schedule_and_its_checkpointed_state():
-    from r1ray.train.grpo import GRPOConfig, GRPOStage
+    from r1ray.train.stages.grpo.stage import GRPOConfig, GRPOStage
 
     cfg = load_config(GRPOConfig, ["curriculum={kind: stages, stages: [[0, {1: 1.0}], [10, {3: 1.0}]]}"])
     stage = GRPOStage(cfg)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from r1ray.config import load_config
-from r1ray.train.config import PretrainConfig
+from r1ray.train.stages.pretrain import PretrainConfig
 from tests.helpers import load_job
 
 REPO = Path(__file__).resolve().parents[2]

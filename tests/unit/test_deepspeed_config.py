@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from r1ray.config import DeepSpeedConfig, OptimConfig
-from r1ray.train import preflight as pf
-from r1ray.train.deepspeed import check_ops, ds_config
-from r1ray.train.preflight import SetupError, choose_optimizer, ops_for_config
+from r1ray.train.core import preflight as pf
+from r1ray.train.core.deepspeed import check_ops, ds_config
+from r1ray.train.core.preflight import SetupError, choose_optimizer, ops_for_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -78,7 +78,7 @@ _INIT_SCRIPT = r"""
 import json, sys, torch, deepspeed
 from transformers import LlamaConfig, LlamaForCausalLM
 from r1ray.config import DeepSpeedConfig, OptimConfig
-from r1ray.train.deepspeed import build_engine, ds_config
+from r1ray.train.core.deepspeed import build_engine, ds_config
 
 deepspeed.init_distributed(dist_backend="gloo")
 stage = int(sys.argv[1])

@@ -10,7 +10,7 @@ torch = pytest.importorskip("torch")
 
 
 def test_divergences_match_the_definitions():
-    from r1ray.train.distill import divergence
+    from r1ray.train.stages.distill import divergence
 
     s = torch.tensor([[0.0, math.log(3.0)]])  # student p = (1/4, 3/4)
     t = torch.tensor([[math.log(3.0), 0.0]])  # teacher q = (3/4, 1/4)
@@ -32,7 +32,7 @@ def test_divergences_match_the_definitions():
 def test_a_student_with_another_tokenizer_is_refused_before_training(tiny_tokenizer_dir, tmp_path):
     from r1ray.model import ModelConfig, build_model, save_model
     from r1ray.model.tokenizer import load_tokenizer, train_tokenizer
-    from r1ray.train.distill import DistillConfig, DistillStage
+    from r1ray.train.stages.distill import DistillConfig, DistillStage
 
     teacher = tmp_path / "teacher"
     tok = load_tokenizer(tiny_tokenizer_dir)

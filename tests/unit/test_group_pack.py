@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from r1ray.train.group_pack import attention_mask_for, padded_batch, shared_batch, shared_row_length
-from r1ray.train.losses import causal_lm_apply, token_logprobs
+from r1ray.train.core.losses import causal_lm_apply, token_logprobs
+from r1ray.train.stages.grpo.pack import attention_mask_for, padded_batch, shared_batch, shared_row_length
 
 PAD = 0
 

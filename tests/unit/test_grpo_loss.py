@@ -1,4 +1,4 @@
-"""The GRPO objective against numbers computed by hand (r1ray.train.grpo_loss)."""
+"""The GRPO objective against numbers computed by hand (r1ray.train.stages.grpo.loss)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from r1ray.train.grpo_loss import (
+from r1ray.train.stages.grpo.loss import (
     group_advantages,
     importance_weights,
     loss_weight,

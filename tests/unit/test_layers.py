@@ -59,7 +59,7 @@ def imports_of(path: Path) -> list[tuple[int, str, str]]:
             else:
                 mod = node.module or ""
             out.append((node.lineno, mod, "from-import"))
-            for a in node.names:  # `from r1ray.train import sft` imports r1ray.train.sft
+            for a in node.names:  # `from r1ray.train.stages import sft` imports r1ray.train.stages.sft
                 if (REPO / Path(*mod.split("."), f"{a.name}.py")).exists():
                     out.append((node.lineno, f"{mod}.{a.name}", "from-import"))
         elif isinstance(node, ast.Constant) and isinstance(node.value, str):
@@ -141,11 +141,11 @@ def test_the_checker_catches_a_violation(tmp_path):
     """The parser sees function-level imports and "module:attr" strings (a checker that cannot fail proves
     nothing)."""
     p = REPO / "r1ray" / "model" / "_layer_probe_tmp.py"
-    p.write_text('def f():\n    from r1ray.train.loop import Loop\n    return "r1ray.serve.app:build_app"\n')
+    p.write_text('def f():\n    from r1ray.train.core.loop import Loop\n    return "r1ray.serve.app:build_app"\n')
     try:
         found = imports_of(p)
     finally:
         p.unlink()
-    assert (2, "r1ray.train.loop", "from-import") in found
+    assert (2, "r1ray.train.core.loop", "from-import") in found
     assert (3, "r1ray.serve.app", "string") in found
-    assert layer_of("r1ray.train.loop") == "train" and layer_of("r1ray.observe.metrics") == "base"
+    assert layer_of("r1ray.train.core.loop") == "train" and layer_of("r1ray.observe.metrics") == "base"

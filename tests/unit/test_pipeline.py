@@ -70,8 +70,8 @@ def test_a_nested_override_sets_one_field_and_keeps_the_stage_defaults(tmp_path)
     that field alone, not replace the stage's ``train`` block with the section's generic defaults (it did: the
     pretraining default of 2,800 steps silently became 200). A dict-typed field is still replaced whole."""
     from r1ray.pipeline.run import resolve_stage
-    from r1ray.train.config import PretrainConfig
-    from r1ray.train.grpo import GRPOConfig
+    from r1ray.train.stages.grpo.stage import GRPOConfig
+    from r1ray.train.stages.pretrain import PretrainConfig
 
     cfg = load_config(PipelineConfig, [f"storage.root={tmp_path}", "pretrain.overrides.train.global_batch_size=8",
                                        "pretrain.overrides.train.micro_batch_size=4", "data.overrides.pack.seq_len=64",

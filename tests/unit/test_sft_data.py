@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from r1ray.train.sft_data import (
+from r1ray.train.stages.sft_data import (
     IGNORE,
     assistant_spans,
     collate,
@@ -76,7 +76,7 @@ def test_every_non_assistant_token_is_masked_token_by_token(tok):
 
 def test_task_conversation_masks_the_prompt_and_trains_the_worked_solution(tok):
     from r1ray.tasks.registry import get_task
-    from r1ray.train.sft_data import task_conversation
+    from r1ray.train.stages.sft_data import task_conversation
 
     p = get_task("arithmetic").problem(3, seed=0, split="train", difficulty=2)
     ex = tokenize_conversation(tok, task_conversation(p))
@@ -145,7 +145,7 @@ def test_packed_loss_equals_each_conversation_alone(tok):
 
     from r1ray.model import build_model
     from r1ray.model.build import ModelConfig
-    from r1ray.train.losses import causal_lm_loss
+    from r1ray.train.core.losses import causal_lm_loss
 
     model = build_model(ModelConfig(preset="debug"), tok, seed=0).eval()
     exs = _examples(tok)
@@ -204,7 +204,7 @@ def test_plan_names_unset_and_bad_inputs(tiny_tokenizer_dir, tmp_path):
     from r1ray.model import build_model, save_model
     from r1ray.model.build import ModelConfig
     from r1ray.model.tokenizer import load_tokenizer
-    from r1ray.train.sft import SFTConfig, SFTStage, plan_problems
+    from r1ray.train.stages.sft import SFTConfig, SFTStage, plan_problems
 
     with pytest.raises(ValueError, match="model.init_from is unset"):
         SFTStage.plan(SFTConfig())
@@ -226,7 +226,7 @@ def test_plan_names_unset_and_bad_inputs(tiny_tokenizer_dir, tmp_path):
 
 def test_generated_lists_are_seeded_disjoint_and_split_by_difficulty_weight():
     from r1ray.config import load_config
-    from r1ray.train.sft import SFTConfig, conversations, eval_problems, task_problems
+    from r1ray.train.stages.sft import SFTConfig, conversations, eval_problems, task_problems
 
     cfg = load_config(SFTConfig, ["data.train_examples=40", "data.difficulty={1: 0.75, 2: 0.25}",
                                   "train.eval_samples=8", "eval.problems_per_difficulty=5"])
@@ -242,7 +242,7 @@ def test_generated_lists_are_seeded_disjoint_and_split_by_difficulty_weight():
 
 def test_jsonl_holdout_is_seeded_and_disjoint(tmp_path):
     from r1ray.config import load_config
-    from r1ray.train.sft import SFTConfig, conversations
+    from r1ray.train.stages.sft import SFTConfig, conversations
 
     f = tmp_path / "c.jsonl"
     rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
@@ -260,12 +260,12 @@ def test_replay_rows_join_the_samples_as_plain_language_modelling(tiny_tokenizer
     """``data.replay``: corpus rows become samples past the conversations (a seeded choice, a pure function of the
     config), every token a target; a missing or differently tokenized corpus is named before any compute."""
     from r1ray.config import load_config
+    from r1ray.data.synthetic_shards import write_data_artifact
     from r1ray.model import build_model, save_model
     from r1ray.model.build import ModelConfig
     from r1ray.model.tokenizer import load_tokenizer, train_tokenizer
-    from r1ray.train.sft import SFTConfig, SFTStage, plan_problems, replay_rows
     from r1ray.train.stage import WorkerInfo
-    from r1ray.train.synthetic import write_data_artifact
+    from r1ray.train.stages.sft import SFTConfig, SFTStage, plan_problems, replay_rows
 
     tok = load_tokenizer(tiny_tokenizer_dir)
     init = save_model(build_model(ModelConfig(preset="debug", max_position_embeddings=256), tok, seed=0), tok,

@@ -7,9 +7,10 @@ import math
 import pytest
 
 from r1ray.config import ConfigError, DeepSpeedConfig, OptimConfig, load_config
-from r1ray.train.config import PretrainConfig, grad_accumulation
-from r1ray.train.deepspeed import ds_config
-from r1ray.train.optim import lr_at, param_groups
+from r1ray.train.core.config import grad_accumulation
+from r1ray.train.core.deepspeed import ds_config
+from r1ray.train.core.optim import lr_at, param_groups
+from r1ray.train.stages.pretrain import PretrainConfig
 
 
 def test_batch_sizes_must_split_for_every_elastic_world_size():
@@ -105,7 +106,7 @@ def test_weight_decay_skips_norms_and_biases(tiny_tokenizer_dir):
 def test_lion_matches_reference_update():
     import torch
 
-    from r1ray.train.optim import Lion
+    from r1ray.train.core.optim import Lion
 
     p = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5]))
     opt = Lion([p], lr=0.1, betas=(0.9, 0.99), weight_decay=0.5)
@@ -118,7 +119,7 @@ def test_lion_matches_reference_update():
 
 
 def test_zero_buckets_follow_the_model_size():
-    from r1ray.train.deepspeed import bucket_elements
+    from r1ray.train.core.deepspeed import bucket_elements
 
     assert bucket_elements(None) == 50_000_000  # unknown model: DeepSpeed's default
     assert bucket_elements(64) == 2_000_000  # floor

@@ -8,7 +8,7 @@ import logging
 def test_ray_trains_report_lines_are_kept_off_the_console_only():
     from ray.train.v2._internal.execution import context as train_context
 
-    from r1ray.train.loop import _quiet_report_lines
+    from r1ray.train.core.loop import _quiet_report_lines
 
     class Capture(logging.Handler):
         def __init__(self) -> None:
@@ -33,7 +33,7 @@ def test_ray_trains_report_lines_are_kept_off_the_console_only():
         ray_logger = logging.getLogger(train_context.__file__)
         ray_logger.info("Reporting training result 3: TrainingReport(...)")
         ray_logger.warning("a warning still shows")
-        logging.getLogger("r1ray.train.launch").info("step 3/80 | train_loss 4.2")
+        logging.getLogger("r1ray.train.core.launch").info("step 3/80 | train_loss 4.2")
     finally:
         root.removeHandler(console)
         root.removeHandler(files)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from r1ray.train.sampler import GlobalOrder, step_micro_batches
+from r1ray.train.core.sampler import GlobalOrder, step_micro_batches
 
 
 def test_order_is_a_pure_function_of_seed_epoch_index():
@@ -23,7 +23,7 @@ def test_order_is_a_pure_function_of_seed_epoch_index():
 
 
 def test_difficulty_curriculum_goes_easy_to_hard_then_shuffles_and_stays_a_pure_function():
-    from r1ray.train.sampler import unigram_surprisal
+    from r1ray.train.core.sampler import unigram_surprisal
 
     rng = np.random.default_rng(0)
     # 200 rows of 16 tokens: row i draws from the i-th slice of a Zipf-ordered vocabulary, so rows differ in
@@ -52,8 +52,8 @@ def test_difficulty_curriculum_goes_easy_to_hard_then_shuffles_and_stays_a_pure_
 
 def test_curriculum_epochs_on_a_stage_without_scores_fails_before_any_compute():
     from r1ray.config import load_config
-    from r1ray.train.driver import run_stage
-    from r1ray.train.sft import SFTConfig, SFTStage
+    from r1ray.train.core.driver import run_stage
+    from r1ray.train.stages.sft import SFTConfig, SFTStage
 
     cfg = load_config(SFTConfig, ["train.curriculum_epochs=1"])
     with pytest.raises(ValueError, match="train.curriculum_epochs=1: the sft stage has no difficulty score"):
@@ -86,8 +86,8 @@ def test_token_store_matches_parquet(tiny_tokenizer_dir, tmp_path):
     import pyarrow.parquet as pq
 
     from r1ray.data.shards import DataArtifact
-    from r1ray.train.sampler import token_store
-    from r1ray.train.synthetic import write_data_artifact
+    from r1ray.data.synthetic_shards import write_data_artifact
+    from r1ray.train.core.sampler import token_store
 
     data = DataArtifact.load(write_data_artifact(tmp_path / "d", tiny_tokenizer_dir, seq_len=16, train_docs=100,
                                                  val_docs=10, rows_per_shard=20))
@@ -101,8 +101,8 @@ def test_token_store_matches_parquet(tiny_tokenizer_dir, tmp_path):
 
 def test_token_store_rejects_a_manifest_that_lies(tiny_tokenizer_dir, tmp_path):
     from r1ray.data.shards import DataArtifact
-    from r1ray.train.sampler import token_store
-    from r1ray.train.synthetic import write_data_artifact
+    from r1ray.data.synthetic_shards import write_data_artifact
+    from r1ray.train.core.sampler import token_store
 
     d = Path(write_data_artifact(tmp_path / "d", tiny_tokenizer_dir, seq_len=16, train_docs=40, val_docs=5))
     m = json.loads((d / "manifest.json").read_text())
@@ -113,7 +113,7 @@ def test_token_store_rejects_a_manifest_that_lies(tiny_tokenizer_dir, tmp_path):
 
 
 def _fake_export(path: Path, *, weights: bytes = b"w" * 10) -> None:
-    from r1ray.train.checkpoint import write_export_manifest
+    from r1ray.train.core.checkpoint import write_export_manifest
 
     path.mkdir(parents=True)
     (path / "model.safetensors").write_bytes(weights)
@@ -122,7 +122,7 @@ def _fake_export(path: Path, *, weights: bytes = b"w" * 10) -> None:
 
 
 def test_newest_export_prefers_final_then_newest_complete_checkpoint(tmp_path):
-    from r1ray.train.checkpoint import COMPLETE, newest_checkpoint, newest_export, publish_final
+    from r1ray.train.core.checkpoint import COMPLETE, newest_checkpoint, newest_export, publish_final
 
     run = tmp_path / "runs" / "r"
     assert newest_export(str(run)) is None
@@ -146,9 +146,9 @@ def test_newest_export_prefers_final_then_newest_complete_checkpoint(tmp_path):
 
 def test_a_stage_that_cannot_build_batches_fails_before_any_compute():
     from r1ray.config import load_config
-    from r1ray.train.driver import run_stage
-    from r1ray.train.sft import SFTConfig
+    from r1ray.train.core.driver import run_stage
     from r1ray.train.stage import Stage
+    from r1ray.train.stages.sft import SFTConfig
 
     class NoBatches(Stage):
         name = "nobatches"

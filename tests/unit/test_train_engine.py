@@ -42,7 +42,7 @@ def _ids(vocab: int, n: int = 4, t: int = 24):
 
 def _one_step_delta(tokenizer_dir, grad_clip: float) -> float:
     from r1ray.config import DeepSpeedConfig, OptimConfig
-    from r1ray.train.deepspeed import build_engine, ds_config
+    from r1ray.train.core.deepspeed import build_engine, ds_config
 
     model = _model(tokenizer_dir)
     before = [p.detach().clone() for p in model.parameters()]
@@ -64,9 +64,8 @@ def test_gradient_clipping_shrinks_the_update(dist, tiny_tokenizer_dir):
 
 
 def test_label_smoothing_is_the_exact_mixture(tiny_tokenizer_dir):
-    from r1ray.train.config import PretrainConfig
-    from r1ray.train.pretrain import PretrainStage
     from r1ray.train.stage import Metrics
+    from r1ray.train.stages.pretrain import PretrainConfig, PretrainStage
 
     model = _model(tiny_tokenizer_dir).eval()
     ids = _ids(model.config.vocab_size)

@@ -4,7 +4,7 @@ transformers model, and a meter that counts only the training steps it is given.
 import pytest
 import torch
 
-from r1ray.train.flops import MfuMeter, gpu_peak, gpu_peak_flops, tf32_enabled, train_flops_per_token
+from r1ray.train.core.flops import MfuMeter, gpu_peak, gpu_peak_flops, tf32_enabled, train_flops_per_token
 
 
 @pytest.mark.parametrize("name, bf16, fp32", [

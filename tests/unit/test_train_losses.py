@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from r1ray.train.losses import (
+from r1ray.train.core.losses import (
     DEFAULT_CHUNK_ELEMENTS,
     causal_lm_apply,
     causal_lm_hidden,
@@ -261,8 +261,8 @@ import torch, torch.nn.functional as F
 import deepspeed
 from transformers import LlamaConfig, LlamaForCausalLM
 from r1ray.config import DeepSpeedConfig, OptimConfig
-from r1ray.train.deepspeed import build_engine, ds_config
-from r1ray.train.losses import causal_lm_loss
+from r1ray.train.core.deepspeed import build_engine, ds_config
+from r1ray.train.core.losses import causal_lm_loss
 
 stage, tie = int(sys.argv[1]), sys.argv[2] == "1"
 deepspeed.init_distributed(dist_backend="gloo")

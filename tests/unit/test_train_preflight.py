@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from r1ray.config import DeepSpeedConfig, OptimConfig
-from r1ray.train import preflight as pf
-from r1ray.train.preflight import (
+from r1ray.train.core import preflight as pf
+from r1ray.train.core.preflight import (
     SetupError,
     apply_cuda_arch_workaround,
     check_op,
@@ -170,7 +170,7 @@ def test_deepspeed_itself_fails_on_9_0a_and_builds_with_the_sanitised_list(monke
 
 def test_apply_workaround_rewrites_env_and_logs(caplog):
     env = {"TORCH_CUDA_ARCH_LIST": "9.0a"}
-    with caplog.at_level(logging.WARNING, logger="r1ray.train.preflight"):
+    with caplog.at_level(logging.WARNING, logger="r1ray.train.core.preflight"):
         assert apply_cuda_arch_workaround(env) == "9.0"
     assert env["TORCH_CUDA_ARCH_LIST"] == "9.0"
     assert "9.0a -> 9.0" in caplog.text and "TORCH_CUDA_ARCH_LIST" in caplog.text

@@ -11,7 +11,7 @@ import textwrap
 def test_sigterm_while_blocked_writes_stop_and_the_driver_survives(tmp_path):
     code = textwrap.dedent(f"""
         import os, signal, subprocess, sys, threading
-        from r1ray.train.launch import _stop_on_sigterm
+        from r1ray.train.core.launch import _stop_on_sigterm
         d = {str(tmp_path)!r}
         signal.signal(signal.SIGTERM, lambda s, f: sys.exit(15))  # what Ray's driver installs
         seen = []

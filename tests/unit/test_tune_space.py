@@ -118,8 +118,8 @@ def test_trials_at_once_count_grpo_engines_and_reward_tasks(monkeypatch):
     trials than the cluster fits, or their engine placement groups wait forever."""
     import ray
 
-    from r1ray.train.config import PretrainConfig
-    from r1ray.train.grpo import GRPOConfig
+    from r1ray.train.stages.grpo.stage import GRPOConfig
+    from r1ray.train.stages.pretrain import PretrainConfig
     from r1ray.tune.config import TuneConfig
     from r1ray.tune.study import _max_concurrent
 

@@ -1,6 +1,6 @@
 """The driver side every training stage shares: build and fit the ``TorchTrainer`` and show progress.
 
-``fit(stage, cfg, name=..., storage_path=...)`` runs ``r1ray.train.loop.worker_main`` on the workers with
+``fit(stage, cfg, name=..., storage_path=...)`` runs ``r1ray.train.core.loop.worker_main`` on the workers with
 Ray Train's failure handling (restarts from the newest checkpoint), checkpoint retention and elastic
 scaling, and returns rank 0's result dict. A run directory that already holds checkpoints of the same
 name is resumed by Ray Train itself.
@@ -71,7 +71,7 @@ def fit(stage: str, cfg: Any, *, name: str, storage_path: str, callbacks: Sequen
     from ray.train.torch import TorchTrainer
 
     from r1ray.artifacts import join
-    from r1ray.train.loop import NonFiniteLossError
+    from r1ray.train.core.loop import NonFiniteLossError
 
     sc = cfg.scaling
     worker_resources = {"CPU": sc.cpus_per_worker, **sc.resources_per_worker}
@@ -107,7 +107,7 @@ def fit(stage: str, cfg: Any, *, name: str, storage_path: str, callbacks: Sequen
     if out.get("status") == "nonfinite":
         raise NonFiniteLossError(out["error"])
     if out.get("status") == "setup_error":
-        from r1ray.train.preflight import SetupError
+        from r1ray.train.core.preflight import SetupError
 
         raise SetupError(f"training run {name} cannot start: {out['error']}")
     return out
@@ -126,7 +126,7 @@ def _stop_on_sigterm(run_dir: str) -> Iterator[None]:
     import threading
 
     from r1ray.artifacts import exists, filesystem, join, write_bytes_atomic
-    from r1ray.train.loop import STOP_FILE
+    from r1ray.train.core.loop import STOP_FILE
 
     stop = join(run_dir, STOP_FILE)
 
@@ -178,6 +178,6 @@ def _stop_on_sigterm(run_dir: str) -> Iterator[None]:
 
 
 def _worker_main(payload: dict[str, Any]) -> dict[str, Any]:
-    from r1ray.train.loop import worker_main
+    from r1ray.train.core.loop import worker_main
 
     return worker_main(payload)

@@ -2,7 +2,7 @@
 ``deepspeed.initialize`` takes. No ds_config.json is ever hand-written.
 
 CPU and GPU get the same config apart from what ``use_gpu`` implies: on CPU DeepSpeed's accelerator falls back
-to gloo (the process group Ray Train created). The optimizer is chosen by ``r1ray.train.preflight.
+to gloo (the process group Ray Train created). The optimizer is chosen by ``r1ray.train.core.preflight.
 choose_optimizer``: torch's AdamW (fused on GPUs) unless optimizer offload needs DeepSpeed's CPU Adam/Lion, so
 the default paths compile nothing; ``build_engine`` checks an op that must be compiled before DeepSpeed tries
 (``SetupError`` naming the cause and the fix). Offloaded optimizer state and parameters live in pinned host
@@ -37,7 +37,7 @@ def ds_config(
         "steps_per_print": 10**9,  # r1ray reports metrics itself
         "wall_clock_breakdown": False,
         "zero_optimization": _zero(ds, hidden_size, use_gpu=use_gpu),
-        # the loop sets the learning rate of every step itself (r1ray.train.optim.lr_at)
+        # the loop sets the learning rate of every step itself (r1ray.train.core.optim.lr_at)
         "zero_allow_untested_optimizer": True,
     }
     if ds.precision == "bf16":
@@ -87,8 +87,8 @@ def _zero(ds: DeepSpeedConfig, hidden_size: int | None = None, *, use_gpu: bool 
 
 def optimizer_section(ds: DeepSpeedConfig, optim: OptimConfig, *, use_gpu: bool) -> dict[str, Any] | None:
     """DeepSpeed's ``optimizer`` section, or None when r1ray passes its own optimizer (Lion, no offload);
-    the rules are ``r1ray.train.preflight.choose_optimizer``'s."""
-    from r1ray.train.preflight import choose_optimizer
+    the rules are ``r1ray.train.core.preflight.choose_optimizer``'s."""
+    from r1ray.train.core.preflight import choose_optimizer
 
     return choose_optimizer(ds, optim, use_gpu=use_gpu).section
 
@@ -97,7 +97,7 @@ def build_engine(model: Any, ds: DeepSpeedConfig, optim: OptimConfig, config: di
     """``deepspeed.initialize`` with r1ray's weight-decay groups; returns the engine."""
     import deepspeed
 
-    from r1ray.train.optim import Lion, param_groups
+    from r1ray.train.core.optim import Lion, param_groups
 
     check_ops(config)
     groups = param_groups(model, optim.weight_decay)
@@ -115,7 +115,7 @@ def check_ops(config: dict[str, Any], *, accelerator: str | None = None) -> None
     """Before ``deepspeed.initialize``: raise ``SetupError`` if the DeepSpeed ops this config builds cannot be
     built here (this worker's machine: the driver's preflight saw only its own), and make a
     ``TORCH_CUDA_ARCH_LIST`` DeepSpeed cannot parse (``9.0a``) parseable when a CUDA op will be built."""
-    from r1ray.train.preflight import (
+    from r1ray.train.core.preflight import (
         OP_KIND,
         apply_cuda_arch_workaround,
         check_op,

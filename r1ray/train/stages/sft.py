@@ -3,11 +3,11 @@ shared training loop.
 
 ``SFTStage`` is what SFT adds to the loop (``r1ray.train.stage``): a fixed, seeded list of conversations as
 samples (so the loop's exactly-once cursor, SIGKILL recovery, elastic resume and HF exports apply unchanged),
-the tokenizer's chat template with an assistant-only target mask (``r1ray.train.sft_data``), a cross-entropy
+the tokenizer's chat template with an assistant-only target mask (``r1ray.train.stages.sft_data``), a cross-entropy
 summed over assistant tokens and normalised by their count (``batch_weight``), and two evaluations every
 ``train.eval_every`` steps: ``val_loss`` on held-out conversations and greedy exact-match ``accuracy`` (and
 ``accuracy_d<level>`` per difficulty) on held-out task problems, by generation. ``run(cfg)`` is
-``r1ray.train.driver.run_stage`` with this stage.
+``r1ray.train.core.driver.run_stage`` with this stage.
 
     python jobs/sft.py                                     # the embedded default (see docs/sft.md)
     python jobs/sft.py --config configs/sft/debug.yaml model.init_from=outputs/runs/default/final
@@ -35,10 +35,10 @@ from pydantic import Field, field_validator, model_validator
 
 from r1ray.config import OptimConfig, R1Config
 from r1ray.observe.log import get_logger
-from r1ray.train.config import CheckpointConfig, TrainJobConfig, TrainLoopConfig
-from r1ray.train.curriculum import Curriculum, CurriculumConfig
-from r1ray.train.driver import TrainResult, run_stage, summary  # noqa: F401 - summary: the job's closing text
+from r1ray.train.core.config import CheckpointConfig, TrainJobConfig, TrainLoopConfig
+from r1ray.train.core.driver import TrainResult, run_stage, summary  # noqa: F401 - summary: the job's closing text
 from r1ray.train.stage import Metrics, RunPlan, Stage, StepInputs, WorkerInfo
+from r1ray.train.stages.curriculum import Curriculum, CurriculumConfig
 
 log = get_logger(__name__)
 
@@ -141,7 +141,7 @@ class SFTConfig(TrainJobConfig):
     eval: SFTEvalConfig = SFTEvalConfig()
     """Generation-based evaluation."""
     curriculum: CurriculumConfig | None = None
-    """A difficulty schedule over generated task data (``r1ray.train.curriculum``: stages, a ramp, or advance
+    """A difficulty schedule over generated task data (``r1ray.train.stages.curriculum``: stages, a ramp, or advance
     when held-out accuracy on a level passes a threshold): the level of each sample is a pure function of the
     step, its index and the schedule's state, which every checkpoint keeps. Unset: ``data.difficulty`` for
     every sample."""
@@ -240,7 +240,7 @@ def eval_problems(cfg: SFTConfig) -> dict[int, list[Any]]:
 
 def conversations(cfg: SFTConfig) -> tuple[list[list[dict[str, Any]]], list[list[dict[str, Any]]]]:
     """(train conversations, held-out validation conversations)."""
-    from r1ray.train.sft_data import load_jsonl, task_conversation
+    from r1ray.train.stages.sft_data import load_jsonl, task_conversation
 
     n_val = cfg.train.eval_samples
     if cfg.data.path is None:
@@ -270,7 +270,7 @@ def replay_rows(cfg: SFTConfig, n_conversations: int) -> tuple[Any, np.ndarray]:
     if n == 0:
         return None, np.zeros(0, dtype=np.int64)
     from r1ray.data.shards import DataArtifact
-    from r1ray.train.sampler import token_store
+    from r1ray.train.core.sampler import token_store
 
     rows = token_store(DataArtifact.load(cfg.data.replay.data), "train")
     rng = np.random.default_rng([cfg.seed, 11])
@@ -307,7 +307,7 @@ def greedy_accuracy(model: Any, tokenizer: Any, problems: dict[int, list[Any]], 
     from transformers import GenerationConfig
 
     from r1ray.tasks.rewards import score
-    from r1ray.train.losses import unwrap
+    from r1ray.train.core.losses import unwrap
 
     m = Metrics()
     items = [(level, p) for level in sorted(problems) for p in problems[level]]
@@ -416,7 +416,7 @@ class SFTStage(Stage):
 
     def _replay(self, row: int) -> Any:
         """Sample ``row`` past the conversations: a corpus row, every token a target."""
-        from r1ray.train.sft_data import Example
+        from r1ray.train.stages.sft_data import Example
 
         ids = np.asarray(self.replay_rows[self.replay_order[row - len(self.train)]], dtype=np.int64)
         return Example(ids=ids, target=np.ones(len(ids), dtype=bool))
@@ -425,7 +425,7 @@ class SFTStage(Stage):
         """A micro-batch of conversations (message lists) and replayed corpus rows (``Example``s)."""
         import torch
 
-        from r1ray.train.sft_data import Example, collate, tokenize_conversation
+        from r1ray.train.stages.sft_data import Example, collate, tokenize_conversation
 
         examples = [c if isinstance(c, Example) else tokenize_conversation(self.tokenizer, c, self.cfg.data.max_length)
                     for c in convs]
@@ -461,7 +461,7 @@ class SFTStage(Stage):
 
     def _curriculum_conversation(self, step: int, row: int, level: int | None = None) -> list[dict[str, Any]]:
         from r1ray.tasks.registry import sample_problems
-        from r1ray.train.sft_data import task_conversation
+        from r1ray.train.stages.sft_data import task_conversation
 
         cfg = self.cfg
         if row >= len(self.train):
@@ -490,8 +490,8 @@ class SFTStage(Stage):
         return float(batch["n_targets"])
 
     def loss(self, model: Any, batch: dict[str, Any], metrics: Metrics) -> Any:
-        from r1ray.train.losses import causal_lm_loss
-        from r1ray.train.sft_data import IGNORE
+        from r1ray.train.core.losses import causal_lm_loss
+        from r1ray.train.stages.sft_data import IGNORE
 
         if batch["n_truncated"]:
             metrics.total("truncated_samples", batch["n_truncated"])
@@ -647,5 +647,5 @@ def _pct(x: float | None) -> str:
 
 def run(cfg: SFTConfig, *, callbacks: Sequence[Any] = (), run_name: str | None = None,
         storage_path: str | None = None) -> TrainResult:
-    """Fine-tune ``cfg`` to the end (or to a preemption): ``r1ray.train.driver.run_stage`` with this stage."""
+    """Fine-tune ``cfg`` to the end (or to a preemption): ``r1ray.train.core.driver.run_stage`` with this stage."""
     return run_stage(SFTStage, cfg, callbacks=callbacks, run_name=run_name, storage_path=storage_path)

@@ -3,7 +3,7 @@
 ``PretrainStage`` is what pretraining adds to the shared loop (``r1ray.train.stage``): rows of the packed
 shards as samples, next-token cross-entropy (with label smoothing) as the loss, the validation split for
 evaluation, and (driver side) a Ray Data scan of every shard plus a unigram baseline before any worker
-starts. ``run(cfg)`` is ``r1ray.train.driver.run_stage`` with this stage.
+starts. ``run(cfg)`` is ``r1ray.train.core.driver.run_stage`` with this stage.
 
     python jobs/pretrain.py                                   # the embedded default
     python jobs/pretrain.py --config configs/pretrain/debug.yaml
@@ -16,12 +16,46 @@ from typing import Any
 
 import numpy as np
 
+from r1ray.config import R1Config
 from r1ray.observe.log import get_logger
-from r1ray.train.config import PretrainConfig
-from r1ray.train.driver import TrainResult, run_stage, summary  # noqa: F401 - summary: the job's closing text
+from r1ray.train.core.config import CheckpointConfig, OptimConfig, TrainJobConfig, TrainLoopConfig
+from r1ray.train.core.driver import TrainResult, run_stage, summary  # noqa: F401 - summary: the job's closing text
 from r1ray.train.stage import Metrics, RunPlan, Stage, WorkerInfo
 
 log = get_logger(__name__)
+
+
+class PretrainDataConfig(R1Config):
+    """Which packed shards to train on."""
+
+    path: str | None = None
+    """A data artifact (``<root>/data/<name>``, written by jobs/prepare_data.py). Unset: the data stage's default
+    artifact ``<storage.root>/data/default``, prepared first if it is missing."""
+    validate_with_ray_data: bool = True
+    """Before training, scan every shard with Ray Data: row counts must match the manifest and every row
+    must hold exactly ``seq_len`` token ids in the vocabulary."""
+    cache_dir: str | None = None
+    """Node-local directory of the token cache (a memory-mapped copy of the shards for O(1) random
+    access). Unset: ``$R1RAY_CACHE`` or ``~/.cache/r1ray``."""
+
+
+
+class PretrainConfig(TrainJobConfig):
+    """Pretrain a causal LM on packed shards with Ray Train + DeepSpeed: elastic, fault tolerant, with
+    exactly-once data order and Hugging Face exports of every checkpoint."""
+
+    data: PretrainDataConfig = PretrainDataConfig()
+    """Training data."""
+    train: TrainLoopConfig = TrainLoopConfig(max_steps=2800, global_batch_size=16, micro_batch_size=8,
+                                             eval_every=1400, eval_samples=128, log_every=50)
+    """The training loop (pretraining's defaults: 2800 steps of 16 rows, about two passes over the default corpus;
+    measured: after 1400 the model worked 0% of the corpus's three- and four-operation stories, after 2800 30%,
+    docs/reasoning.md)."""
+    checkpoint: CheckpointConfig = CheckpointConfig(every=1400)
+    """Checkpoints and exports (pretraining's default: every 1400 steps)."""
+    optim: OptimConfig = OptimConfig(lr=3e-3, warmup_steps=30)
+    """Optimizer and learning-rate schedule (pretraining's defaults: lr 3e-3, 30 warmup steps, which suit the
+    small presets; use ~6e-4 for 125m and ~3e-4 for 1b)."""
 
 
 class PretrainStage(Stage):
@@ -47,7 +81,7 @@ class PretrainStage(Stage):
     def setup(self, worker: WorkerInfo, resources: dict[str, Any]) -> None:
         from r1ray.data.shards import DataArtifact
         from r1ray.model.tokenizer import load_tokenizer
-        from r1ray.train.sampler import token_store
+        from r1ray.train.core.sampler import token_store
 
         cfg: PretrainConfig = self.cfg
         self.data = DataArtifact.load(cfg.data.path)
@@ -68,7 +102,7 @@ class PretrainStage(Stage):
 
     def sample_difficulty(self) -> np.ndarray:
         """Mean unigram surprisal of each training row (``train.curriculum_epochs``: rows of common tokens first)."""
-        from r1ray.train.sampler import unigram_surprisal
+        from r1ray.train.core.sampler import unigram_surprisal
 
         return unigram_surprisal(self.train_rows, len(self.tokenizer))
 
@@ -83,9 +117,9 @@ class PretrainStage(Stage):
         return {"input_ids": ids, "n_tokens": ids.numel() - ids.shape[0]}
 
     def loss(self, model: Any, batch: dict[str, Any], metrics: Metrics) -> Any:
-        from r1ray.train.losses import causal_lm_loss
+        from r1ray.train.core.losses import causal_lm_loss
 
-        # chunked: the fp32 logits of the whole micro-batch are never materialised (r1ray.train.losses)
+        # chunked: the fp32 logits of the whole micro-batch are never materialised (r1ray.train.core.losses)
         ids = batch["input_ids"]
         return causal_lm_loss(model, ids[:, :-1], ids[:, 1:], label_smoothing=self.cfg.train.label_smoothing,
                               reduction="sum")
@@ -195,7 +229,7 @@ def unigram_baseline(data: Any, cache_dir: str | None = None, max_tokens: int = 
     """Validation cross-entropy (nats/token) of add-one-smoothed unigram frequencies of the train split,
     on the same shifted targets the model's validation loss uses."""
     from r1ray.model.tokenizer import load_tokenizer
-    from r1ray.train.sampler import token_store
+    from r1ray.train.core.sampler import token_store
 
     if not data.rows("validation"):
         return None
@@ -215,5 +249,5 @@ PretrainResult = TrainResult
 
 def run(cfg: PretrainConfig, *, callbacks: Sequence[Any] = (), run_name: str | None = None,
         storage_path: str | None = None) -> TrainResult:
-    """Train ``cfg`` to the end (or to a preemption): ``r1ray.train.driver.run_stage`` with this stage."""
+    """Train ``cfg`` to the end (or to a preemption): ``r1ray.train.core.driver.run_stage`` with this stage."""
     return run_stage(PretrainStage, cfg, callbacks=callbacks, run_name=run_name, storage_path=storage_path)

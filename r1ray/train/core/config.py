@@ -1,8 +1,8 @@
 """Typed configs of the training stages (import-light: pydantic only, so a typo fails in well under 2 s).
 
-``TrainLoopConfig``, ``CheckpointConfig`` and ``FaultConfig`` are shared by every training stage (pretrain
-now; SFT, GRPO and distillation later); ``PretrainConfig`` composes them with the shared sub-configs of
-``r1ray.config`` and the model config of ``r1ray.model``.
+``TrainLoopConfig``, ``CheckpointConfig`` and ``FaultConfig`` are shared by every training stage;
+``TrainJobConfig`` composes them with the shared sub-configs of ``r1ray.config`` and the model config of
+``r1ray.model``, and each stage's config (``r1ray.train.stages.*``) extends it with its data and its section.
 
 Batch sizes: ``global_batch_size`` samples make one optimizer step, whatever the number of workers;
 each worker runs ``micro_batch_size`` samples per forward/backward, and the gradient accumulation is
@@ -98,20 +98,6 @@ class FaultConfig(R1Config):
     """Append every sample index each worker trains on to ``<run_dir>/samples/`` (exactly-once checks)."""
 
 
-class PretrainDataConfig(R1Config):
-    """Which packed shards to train on."""
-
-    path: str | None = None
-    """A data artifact (``<root>/data/<name>``, written by jobs/prepare_data.py). Unset: the data stage's default
-    artifact ``<storage.root>/data/default``, prepared first if it is missing."""
-    validate_with_ray_data: bool = True
-    """Before training, scan every shard with Ray Data: row counts must match the manifest and every row
-    must hold exactly ``seq_len`` token ids in the vocabulary."""
-    cache_dir: str | None = None
-    """Node-local directory of the token cache (a memory-mapped copy of the shards for O(1) random
-    access). Unset: ``$R1RAY_CACHE`` or ``~/.cache/r1ray``."""
-
-
 class TrainJobConfig(JobConfig):
     """Base of every training stage's config (pretrain, sft, grpo, distill): the shared loop's blocks. A stage
     config adds its data, its model and its own section, and may redeclare a block to change its defaults."""
@@ -152,24 +138,6 @@ class TrainJobConfig(JobConfig):
         """CPUs and GPUs a run holds for its whole length besides its worker group (GRPO: its rollout engines
         and reward tasks); Ray Tune sizes the trials it runs at once with it."""
         return {}
-
-
-class PretrainConfig(TrainJobConfig):
-    """Pretrain a causal LM on packed shards with Ray Train + DeepSpeed: elastic, fault tolerant, with
-    exactly-once data order and Hugging Face exports of every checkpoint."""
-
-    data: PretrainDataConfig = PretrainDataConfig()
-    """Training data."""
-    train: TrainLoopConfig = TrainLoopConfig(max_steps=2800, global_batch_size=16, micro_batch_size=8,
-                                             eval_every=1400, eval_samples=128, log_every=50)
-    """The training loop (pretraining's defaults: 2800 steps of 16 rows, about two passes over the default corpus;
-    measured: after 1400 the model worked 0% of the corpus's three- and four-operation stories, after 2800 30%,
-    docs/reasoning.md)."""
-    checkpoint: CheckpointConfig = CheckpointConfig(every=1400)
-    """Checkpoints and exports (pretraining's default: every 1400 steps)."""
-    optim: OptimConfig = OptimConfig(lr=3e-3, warmup_steps=30)
-    """Optimizer and learning-rate schedule (pretraining's defaults: lr 3e-3, 30 warmup steps, which suit the
-    small presets; use ~6e-4 for 125m and ~3e-4 for 1b)."""
 
 
 def batch_size_problems(train: TrainLoopConfig, scaling: ScalingConfig) -> list[str]:

@@ -32,8 +32,8 @@ from typing import Any
 import numpy as np
 
 from r1ray.observe.log import get_logger, setup_logging
-from r1ray.train.flops import gpu_peak_flops, train_flops_per_token
-from r1ray.train.preflight import SetupError
+from r1ray.train.core.flops import gpu_peak_flops, train_flops_per_token
+from r1ray.train.core.preflight import SetupError
 from r1ray.train.stage import Metrics, Stage, StepInputs, WorkerInfo
 
 log = get_logger(__name__)
@@ -289,7 +289,7 @@ class Loop:
             ckpt, from_ray = Checkpoint(self.cfg.checkpoint.resume_from), False
         if ckpt is None:
             return None, {}, False
-        from r1ray.train.checkpoint import read_trainer_state
+        from r1ray.train.core.checkpoint import read_trainer_state
 
         self._ckpt_ctx = ckpt.as_directory()
         local = self._ckpt_ctx.__enter__()
@@ -306,8 +306,8 @@ class Loop:
 
     # ---- phase: models and the DeepSpeed engine
     def _build_engine(self, load_universal: bool) -> None:
-        from r1ray.train.config import grad_accumulation
-        from r1ray.train.deepspeed import build_engine, ds_config
+        from r1ray.train.core.config import grad_accumulation
+        from r1ray.train.core.deepspeed import build_engine, ds_config
 
         cfg, w = self.cfg, self.worker
         model = self.stage.build_model()
@@ -347,7 +347,7 @@ class Loop:
     # ---- phase: restore the checkpoint's state
     def _load_checkpoint(self, local: str, state: dict[str, Any], from_ray: bool, universal: bool) -> _RunState:
         from r1ray.observe.metrics import record
-        from r1ray.train.checkpoint import DS_TAG, convert_to_universal
+        from r1ray.train.core.checkpoint import DS_TAG, convert_to_universal
 
         w = self.worker
         load_dir, conv_dir = local, None
@@ -412,7 +412,7 @@ class Loop:
     def run(self) -> dict[str, Any]:
         from r1ray.observe.metrics import record
         from r1ray.observe.wandb import WandbRun
-        from r1ray.train.sampler import GlobalOrder
+        from r1ray.train.core.sampler import GlobalOrder
 
         cfg = self.cfg
         self._setup_worker()
@@ -536,9 +536,9 @@ class Loop:
     def _train_step(self, step: int, signals: _Signals, window_metrics: Metrics) -> dict[str, Any]:
         import torch
 
-        from r1ray.train.deepspeed import set_lr
-        from r1ray.train.optim import lr_at
-        from r1ray.train.sampler import step_micro_batches
+        from r1ray.train.core.deepspeed import set_lr
+        from r1ray.train.core.optim import lr_at
+        from r1ray.train.core.sampler import step_micro_batches
 
         cfg, tcfg, w, engine = self.cfg, self.cfg.train, self.worker, self.engine
         # RNG is a pure function of (seed, step, rank): exact after a resume on any number of workers
@@ -638,7 +638,7 @@ class Loop:
             return batches[0]
         if self._last_batch is not None:
             return self._last_batch
-        from r1ray.train.sampler import step_micro_batches
+        from r1ray.train.core.sampler import step_micro_batches
 
         idx = step_micro_batches(0, self.cfg.train.global_batch_size, self.cfg.train.micro_batch_size, 0, 1)[0]
         return self.stage.make_batch(self.order.rows(idx), self.worker.device)
@@ -721,7 +721,7 @@ class Loop:
 
         from r1ray.artifacts import join
         from r1ray.observe.metrics import record
-        from r1ray.train.checkpoint import (
+        from r1ray.train.core.checkpoint import (
             COMPLETE,
             DS_TAG,
             HF_DIR,
@@ -760,7 +760,7 @@ class Loop:
                     "optim_fingerprint": fingerprint, "stage": self.stage.name,
                     "stage_state": stage_state,
                     "rng": "torch.manual_seed((seed * 1000003 + step) * 1009 + rank) before every step",
-                    "lr_schedule": "r1ray.train.optim.lr_at(optim, step, train.max_steps)",
+                    "lr_schedule": "r1ray.train.core.optim.lr_at(optim, step, train.max_steps)",
                     "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
                 })
             metrics = dict(metrics, checkpoint_save_seconds=time.perf_counter() - t0)

@@ -41,10 +41,10 @@ from pydantic import Field, model_validator
 
 from r1ray.config import OptimConfig, R1Config, ScalingConfig
 from r1ray.observe.log import get_logger
-from r1ray.train.config import CheckpointConfig, TrainJobConfig, TrainLoopConfig
-from r1ray.train.curriculum import Curriculum, CurriculumConfig
-from r1ray.train.driver import TrainResult, run_stage, summary  # noqa: F401 - summary: the job's closing text
+from r1ray.train.core.config import CheckpointConfig, TrainJobConfig, TrainLoopConfig
+from r1ray.train.core.driver import TrainResult, run_stage, summary  # noqa: F401 - summary: the job's closing text
 from r1ray.train.stage import Metrics, RunPlan, Stage, StepInputs, WorkerInfo
+from r1ray.train.stages.curriculum import Curriculum, CurriculumConfig
 
 log = get_logger(__name__)
 
@@ -94,15 +94,15 @@ class GRPOSection(R1Config):
     """KL coefficient to the frozen reference (k3 estimator). 0: no reference model is built at all."""
     loss_type: Literal["grpo", "dr_grpo", "dapo"] = "dapo"
     """Normalisation: ``grpo`` per-sequence mean; ``dapo`` token mean over the update; ``dr_grpo`` token sum
-    over a constant ``max_completion_tokens`` (see ``r1ray.train.grpo_loss``)."""
+    over a constant ``max_completion_tokens`` (see ``r1ray.train.stages.grpo.loss``)."""
     scale_rewards: bool = True
     """Divide advantages by the group's reward std (off: Dr. GRPO's unbiased advantages; ``grpo`` and ``rloo``)."""
     advantage_estimator: str = "grpo"
-    """``r1ray.train.grpo_loss.ADVANTAGES``: ``grpo`` (group mean baseline), ``rloo`` (leave-one-out baseline),
+    """``r1ray.train.stages.grpo.loss.ADVANTAGES``: ``grpo`` (group mean baseline), ``rloo`` (leave-one-out baseline),
     ``reinforce_pp`` (group mean removed, normalised over the whole step: REINFORCE++'s baseline variant);
     ``register_advantage`` adds one."""
     policy_loss: str = "clip"
-    """``r1ray.train.grpo_loss.POLICY_LOSSES``: ``clip`` (PPO's per-token clipped surrogate) or ``gspo`` (one
+    """``r1ray.train.stages.grpo.loss.POLICY_LOSSES``: ``clip`` (PPO's per-token clipped surrogate) or ``gspo`` (one
     ratio per sequence); ``register_policy_loss`` adds one."""
     tis_cap: float | None = Field(default=None, gt=0)
     """Truncated importance sampling: the engines return each sampled token's logprob (at the sampling
@@ -134,13 +134,13 @@ class GRPOSection(R1Config):
     number of workers equals an uninterrupted one. Refills (``dynamic_sampling``) are generated on-policy."""
     share_prompt: bool = True
     """Learner layout: each group's prompt runs once, its completions as branches behind a block mask
-    (``r1ray.train.group_pack``), instead of one padded row per completion. Same logprobs (to float rounding),
+    (``r1ray.train.stages.grpo.pack``), instead of one padded row per completion. Same logprobs (to float rounding),
     fewer positions when prompts are long next to completions; a micro-batch whose row would pass
     ``share_prompt_max_row`` positions uses the padded layout (attention is quadratic in the row)."""
     share_prompt_max_row: int = Field(default=2048, ge=2)
     """Longest shared row (prompt + every completion of a group) before a micro-batch falls back to padding."""
     logprob_chunk_tokens: int | None = Field(default=None, ge=1)
-    """Tokens per chunk of the chunked logprob/entropy head (``r1ray.train.losses``); None: by vocabulary."""
+    """Tokens per chunk of the chunked logprob/entropy head (``r1ray.train.core.losses``); None: by vocabulary."""
     num_engines: int = Field(default=1, ge=1)
     """Rollout engine actors (each in its own placement group, apart from the learner's)."""
     cpus_per_engine: float = Field(default=1.0, gt=0)
@@ -184,7 +184,7 @@ class GRPOConfig(TrainJobConfig):
     grpo: GRPOSection = GRPOSection()
     """GRPO."""
     curriculum: CurriculumConfig | None = CurriculumConfig(kind="fixed", levels=[1, 2, 3], weights=[0.2, 0.3, 0.5])
-    """A difficulty schedule for the training prompts (``r1ray.train.curriculum``): each prompt's level is a pure
+    """A difficulty schedule for the training prompts (``r1ray.train.stages.curriculum``): each prompt's level is a pure
     function of the step, its problem index and the schedule's state (saved in every checkpoint). GRPO's
     evaluation reports ``accuracy`` at ``grpo.difficulty``: an ``advance`` schedule reads it with
     ``metric: accuracy``. Unset (``curriculum=null``): ``grpo.difficulty`` for every prompt. Default: a fixed mix,
@@ -205,7 +205,7 @@ class GRPOConfig(TrainJobConfig):
             problems.append("grpo.tasks: give at least one task with a positive weight, e.g. {arithmetic: 1.0}")
         if not self.grpo.rewards:
             problems.append("grpo.rewards: give at least one reward, e.g. {accuracy: 1.0}")
-        from r1ray.train.grpo_loss import ADVANTAGES, POLICY_LOSSES
+        from r1ray.train.stages.grpo.loss import ADVANTAGES, POLICY_LOSSES
 
         if self.grpo.advantage_estimator not in ADVANTAGES:
             problems.append(f"grpo.advantage_estimator={self.grpo.advantage_estimator!r}: expected one of "
@@ -575,7 +575,7 @@ class GRPOStage(Stage):
 
     # ------------------------------------------------------------------ one step
     def step_inputs(self, step: int, rows: list[np.ndarray], model: Any) -> StepInputs:
-        from r1ray.train.sampler import step_micro_batches
+        from r1ray.train.core.sampler import step_micro_batches
 
         cfg, g, w = self.cfg, self.cfg.grpo, self.worker
         m = Metrics()
@@ -648,8 +648,8 @@ class GRPOStage(Stage):
         back to a [completions, completion tokens] grid, the loss mask on that grid, and the advantages."""
         import torch
 
-        from r1ray.train.group_pack import padded_batch, shared_batch, shared_row_length
-        from r1ray.train.grpo_loss import group_advantages, loss_weight
+        from r1ray.train.stages.grpo.loss import group_advantages, loss_weight
+        from r1ray.train.stages.grpo.pack import padded_batch, shared_batch, shared_row_length
 
         g = self.cfg.grpo
         adv, zero = group_advantages(torch.tensor([grp.rewards for grp in unit], dtype=torch.float64),
@@ -688,8 +688,8 @@ class GRPOStage(Stage):
 
     def _forward_logprobs(self, model: Any, batch: dict[str, Any], *, with_entropy: bool = False):
         """Per-token logprobs of the completions (and their entropies), [completions, completion tokens]."""
-        from r1ray.train.group_pack import attention_mask_for
-        from r1ray.train.losses import causal_lm_apply, entropy, token_logprobs, unwrap
+        from r1ray.train.core.losses import causal_lm_apply, entropy, token_logprobs, unwrap
+        from r1ray.train.stages.grpo.pack import attention_mask_for
 
         g = self.cfg.grpo
         ent: list[Any] = []
@@ -725,7 +725,7 @@ class GRPOStage(Stage):
         return float(batch["weight"])
 
     def loss(self, model: Any, batch: dict[str, Any], metrics: Metrics) -> Any:
-        from r1ray.train.grpo_loss import per_token_loss, reduce_loss
+        from r1ray.train.stages.grpo.loss import per_token_loss, reduce_loss
 
         g = self.cfg.grpo
         self._metrics_sink = metrics
@@ -735,7 +735,7 @@ class GRPOStage(Stage):
         mask = batch["mask"]
         is_w = None
         if "sampling_logp" in batch:
-            from r1ray.train.grpo_loss import importance_weights
+            from r1ray.train.stages.grpo.loss import importance_weights
 
             is_w = importance_weights(old, batch["sampling_logp"], g.tis_cap)
         per_token, stats = per_token_loss(
@@ -770,7 +770,7 @@ class GRPOStage(Stage):
         every rank waits for it, so no rank's next rollout can run on the old policy."""
         import torch.distributed as dist
 
-        from r1ray.train.losses import unwrap
+        from r1ray.train.core.losses import unwrap
 
         w = self.worker
         module = unwrap(model)
@@ -896,5 +896,5 @@ def _lineage_inputs(init_from: str | None) -> list[str]:
 
 def run(cfg: GRPOConfig, *, callbacks: Sequence[Any] = (), run_name: str | None = None,
         storage_path: str | None = None) -> TrainResult:
-    """Train ``cfg`` to the end (or to a preemption): ``r1ray.train.driver.run_stage`` with ``GRPOStage``."""
+    """Train ``cfg`` to the end (or to a preemption): ``r1ray.train.core.driver.run_stage`` with ``GRPOStage``."""
     return run_stage(GRPOStage, cfg, callbacks=callbacks, run_name=run_name, storage_path=storage_path)

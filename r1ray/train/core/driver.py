@@ -1,6 +1,6 @@
 """The one driver of every training job: plan -> resources -> fit -> publish -> result.
 
-``run_stage(StageClass, cfg)`` is what ``r1ray.train.pretrain.run``, ``sft.run``, ``grpo.run`` and
+``run_stage(StageClass, cfg)`` is what ``r1ray.train.stages.pretrain.run``, ``sft.run``, ``grpo.run`` and
 ``distill.run`` are: the stage checks and resolves its inputs (``Stage.plan``, before any worker starts),
 starts what its workers need for the whole fit (``Stage.resources``, e.g. a rollout engine pool), Ray Train
 fits the shared loop, the newest checkpoint's HF export is published as ``<run_dir>/final`` (an artifact whose
@@ -89,9 +89,9 @@ def run_stage(
     """
     from r1ray.artifacts import join
     from r1ray.runtime import ray_session
-    from r1ray.train.checkpoint import HF_DIR, publish_final
-    from r1ray.train.launch import fit
-    from r1ray.train.preflight import preflight, raise_on_problems
+    from r1ray.train.core.checkpoint import HF_DIR, publish_final
+    from r1ray.train.core.launch import fit
+    from r1ray.train.core.preflight import preflight, raise_on_problems
 
     t0 = time.perf_counter()
     stage_ref = f"{stage_cls.__module__}:{stage_cls.__qualname__}"

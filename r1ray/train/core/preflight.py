@@ -11,7 +11,7 @@ The optimizer rules (``choose_optimizer``), for DeepSpeed 0.19.8:
 |------------|-------------------|--------|------------------------------------|--------------------|
 | adamw      | no                | any    | torch.optim.AdamW(fused=True)      | none               |
 | adamw      | yes               | any    | DeepSpeedCPUAdam                   | cpu_adam (C++)     |
-| lion       | no                | any    | r1ray.train.optim.Lion (torch)     | none               |
+| lion       | no                | any    | r1ray.train.core.optim.Lion (torch)     | none               |
 | lion       | yes               | any    | DeepSpeedCPULion                   | cpu_lion (C++)     |
 
 DeepSpeed takes torch's AdamW through ``optimizer.params.torch_adam: true`` and passes the remaining params to

@@ -32,7 +32,7 @@ __all__ = ["Curriculum", "CurriculumConfig"]
 
 
 class CurriculumConfig(R1Config):
-    """A schedule over the tasks' difficulty levels (see ``r1ray.train.curriculum``)."""
+    """A schedule over the tasks' difficulty levels (see ``r1ray.train.stages.curriculum``)."""
 
     kind: Literal["fixed", "stages", "ramp", "advance"] = "fixed"
     """``fixed`` (no curriculum), ``stages`` (mixes from given steps on), ``ramp`` (linear from the first to the

@@ -36,9 +36,9 @@ from pydantic import Field
 from r1ray.config import R1Config
 from r1ray.model.build import ModelConfig
 from r1ray.observe.log import get_logger
-from r1ray.train.driver import TrainResult, run_stage, summary  # noqa: F401 - summary: the job's closing text
-from r1ray.train.sft import SFTConfig, SFTDataConfig, SFTStage, accuracy_before, plan_problems
+from r1ray.train.core.driver import TrainResult, run_stage, summary  # noqa: F401 - summary: the job's closing text
 from r1ray.train.stage import Metrics, RunPlan, WorkerInfo
+from r1ray.train.stages.sft import SFTConfig, SFTDataConfig, SFTStage, accuracy_before, plan_problems
 
 log = get_logger(__name__)
 
@@ -201,7 +201,7 @@ class DistillStage(SFTStage):
         import torch
         import torch.nn.functional as F
 
-        from r1ray.train.sft_data import IGNORE
+        from r1ray.train.stages.sft_data import IGNORE
 
         d = self.cfg.distill
         kwargs = {k: batch[k] for k in ("attention_mask", "position_ids") if k in batch}
@@ -251,7 +251,7 @@ def _teacher_traces(cfg: DistillConfig) -> Path:
     from r1ray.infer import SamplingParams
     from r1ray.infer.pool import EnginePool
     from r1ray.tasks.rewards import score
-    from r1ray.train.sft import task_problems
+    from r1ray.train.stages.sft import task_problems
 
     d = cfg.distill
     out = _traces_path(cfg)
@@ -313,5 +313,5 @@ def _with_traces(cfg: DistillConfig, path: Path) -> DistillConfig:
 
 def run(cfg: DistillConfig, *, callbacks: Sequence[Any] = (), run_name: str | None = None,
         storage_path: str | None = None) -> TrainResult:
-    """Distil ``cfg`` to the end (or to a preemption): ``r1ray.train.driver.run_stage`` with this stage."""
+    """Distil ``cfg`` to the end (or to a preemption): ``r1ray.train.core.driver.run_stage`` with this stage."""
     return run_stage(DistillStage, cfg, callbacks=callbacks, run_name=run_name, storage_path=storage_path)
