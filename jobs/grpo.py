@@ -5,23 +5,11 @@
     python jobs/grpo.py model.init_from=outputs/runs/sft/final grpo.beta=0.04 grpo.loss_type=grpo
 """
 
-from __future__ import annotations
-
 from r1ray.cli import main
-from r1ray.train.stages.grpo.stage import GRPOConfig
+from r1ray.pipeline.upstream import job
+from r1ray.train.stages.grpo.stage import GRPOConfig as CONFIG
 
-CONFIG = GRPOConfig
-
-
-def run(cfg: GRPOConfig):
-    from r1ray.pipeline.upstream import prepare
-    from r1ray.train.stages.grpo.stage import run as grpo
-    from r1ray.train.stages.grpo.stage import summary
-
-    result = grpo(prepare("grpo", cfg))
-    print(summary(result))
-    return result
-
+run = job("grpo")  # prepare missing upstream defaults, train, print the summary (r1ray.train.registry)
 
 if __name__ == "__main__":
     main(CONFIG, run)

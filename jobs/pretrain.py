@@ -5,23 +5,11 @@
     ray job submit -- python jobs/pretrain.py --config configs/pretrain/small.yaml
 """
 
-from __future__ import annotations
-
 from r1ray.cli import main
-from r1ray.train.stages.pretrain import PretrainConfig
+from r1ray.pipeline.upstream import job
+from r1ray.train.stages.pretrain import PretrainConfig as CONFIG
 
-CONFIG = PretrainConfig
-
-
-def run(cfg: PretrainConfig):
-    from r1ray.pipeline.upstream import prepare
-    from r1ray.train.stages.pretrain import run as pretrain
-    from r1ray.train.stages.pretrain import summary
-
-    result = pretrain(prepare("pretrain", cfg))
-    print(summary(result))
-    return result
-
+run = job("pretrain")  # prepare missing upstream defaults, train, print the summary (r1ray.train.registry)
 
 if __name__ == "__main__":
     main(CONFIG, run)

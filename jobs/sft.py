@@ -7,23 +7,11 @@ tokens only, held-out greedy accuracy before and after.
     python jobs/sft.py data.path=chats.jsonl model.init_from=<HF model directory>
 """
 
-from __future__ import annotations
-
 from r1ray.cli import main
-from r1ray.train.stages.sft import SFTConfig
+from r1ray.pipeline.upstream import job
+from r1ray.train.stages.sft import SFTConfig as CONFIG
 
-CONFIG = SFTConfig
-
-
-def run(cfg: SFTConfig):
-    from r1ray.pipeline.upstream import prepare
-    from r1ray.train.stages.sft import accuracy_table, summary
-    from r1ray.train.stages.sft import run as sft
-
-    result = sft(prepare("sft", cfg))
-    print(summary(result, accuracy_table(result)))
-    return result
-
+run = job("sft")  # prepare missing upstream defaults, train, print the summary (r1ray.train.registry)
 
 if __name__ == "__main__":
     main(CONFIG, run)

@@ -367,6 +367,13 @@ def parse_args(argv: Sequence[str]) -> tuple[list[str], list[tuple[str, str]], s
     return files, overrides, flags
 
 
+def get_dotted(obj: Any, path: str) -> Any:
+    """The value at dotted ``path`` of a config (or a dict): ``get_dotted(cfg, "model.init_from")``."""
+    for part in path.split("."):
+        obj = obj.get(part) if isinstance(obj, dict) else getattr(obj, part)
+    return obj
+
+
 def set_dotted(data: dict, path: str, value: Any) -> None:
     """``set_dotted(d, "optim.lr", 1e-3)`` sets ``d["optim"]["lr"]``, creating sections as needed."""
     parts = path.split(".")

@@ -140,8 +140,10 @@ def load_model(path: str | Path, *, dtype: Any = None, attn_implementation: str 
     dynamic-quantized exports (``r1ray.model.quantized``)."""
     from transformers import AutoModelForCausalLM
 
+    from r1ray.model.export import localize_model
     from r1ray.model.quantized import is_quantized_export, load_quantized
 
+    path = localize_model(str(path))  # an object-store export: a node-local copy
     if is_quantized_export(path):
         return load_quantized(path, dtype=dtype, attn_implementation=attn_implementation)
 

@@ -18,9 +18,11 @@ from typing import Any
 from pydantic import Field, field_validator, model_validator
 
 from r1ray.config import JobConfig, R1Config
+from r1ray.train.registry import STAGES as TRAIN_STAGES
 
-STAGE_ORDER = ("data", "pretrain", "sft", "grpo", "distill", "evaluate", "compress", "serve")
-"""The order stages run in; a pipeline runs a subsequence of it."""
+STAGE_ORDER = ("data", *TRAIN_STAGES, "evaluate", "compress", "serve")
+"""The order stages run in (the training stages as ``r1ray.train.registry`` lists them); a pipeline runs a
+subsequence of it."""
 
 
 class StageSpec(R1Config):

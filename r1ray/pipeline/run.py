@@ -31,14 +31,15 @@ from typing import Any
 from r1ray.artifacts import canonical_json, is_complete, manifest_sha256, sha256_bytes, write_bytes_atomic
 from r1ray.config import dotted_values, load_config
 from r1ray.observe.log import get_logger
-from r1ray.pipeline.config import PipelineConfig
+from r1ray.pipeline.config import STAGE_ORDER, PipelineConfig
+from r1ray.train.registry import STAGES as TRAIN_REGISTRY
 
 log = get_logger(__name__)
 
 __all__ = ["PipelineFailed", "PipelineResult", "StageOutcome", "resolve_stage", "run", "serve_forever", "stage_key",
            "summary"]
 
-TRAIN_STAGES = ("pretrain", "sft", "grpo", "distill")
+TRAIN_STAGES = tuple(TRAIN_REGISTRY)
 
 
 class PipelineFailed(RuntimeError):
@@ -79,8 +80,9 @@ class PipelineResult:
 class _Adapter:
     config: str
     """``module:Class`` of the stage's config."""
-    wire: Callable[[PipelineConfig, dict[str, str]], dict[str, Any]]
-    """Dotted overrides that connect the stage to the upstream artifacts (and name its outputs)."""
+    wire: Callable[..., dict[str, Any]]
+    """Dotted overrides that connect the stage to the upstream artifacts (and name its outputs):
+    ``wire(pipeline_config, upstream)``; a training stage's also takes its unwired config."""
     execute: Callable[[Any], tuple[str | None, dict[str, Any]]]
     """Run the stage: (artifact, summary)."""
     inputs: tuple[str, ...]
@@ -94,9 +96,9 @@ def _import(ref: str) -> Any:
     return getattr(importlib.import_module(mod), attr)
 
 
-def _train(ref: str) -> Callable[[Any], tuple[str | None, dict[str, Any]]]:
+def _train(stage: str) -> Callable[[Any], tuple[str | None, dict[str, Any]]]:
     def execute(cfg: Any) -> tuple[str | None, dict[str, Any]]:
-        result = _import(ref)(cfg)
+        result = TRAIN_REGISTRY[stage].run_function()(cfg)
         if result.status != "completed" or not result.export_path:
             raise PipelineFailed(f"training ended {result.status!r} without an export ({result.run_dir}); rerun the "
                                  "pipeline to resume it")
@@ -143,17 +145,6 @@ def _serve(cfg: Any) -> tuple[str | None, dict[str, Any]]:
 ADAPTERS: dict[str, _Adapter] = {
     "data": _Adapter("r1ray.data.config:PrepareDataConfig",
                      lambda p, up: {"name": f"{p.name}-data"}, _data, ()),
-    "pretrain": _Adapter("r1ray.train.stages.pretrain:PretrainConfig",
-                         lambda p, up: {"data.path": up["data"]}, _train("r1ray.train.stages.pretrain:run"), ("data",)),
-    "sft": _Adapter("r1ray.train.stages.sft:SFTConfig",
-                    lambda p, up: {"model.init_from": up["model"],
-                                   **({"data.replay.data": up["data"]} if "data" in up else {})},
-                    _train("r1ray.train.stages.sft:run"), ("model",)),
-    "grpo": _Adapter("r1ray.train.stages.grpo.stage:GRPOConfig",
-                     lambda p, up: {"model.init_from": up["model"]}, _train("r1ray.train.stages.grpo.stage:run"), ("model",)),
-    "distill": _Adapter("r1ray.train.stages.distill:DistillConfig",
-                        lambda p, up: {"distill.teacher": up["model"]}, _train("r1ray.train.stages.distill:run"),
-                        ("model",)),
     "evaluate": _Adapter("r1ray.eval.config:EvaluateConfig",
                          lambda p, up: {"model": {"path": up["model"], "name": p.name},
                                         "name": f"{p.name}-evaluate",
@@ -166,6 +157,13 @@ ADAPTERS: dict[str, _Adapter] = {
     "serve": _Adapter("r1ray.serve.config:ServeConfig",
                       lambda p, up: {"model_path": up["model"], "model_name": f"r1ray-{p.name}"}, _serve, ("model",)),
 }
+ADAPTERS.update({
+    # the training stages as the registry declares them: optional inputs (SFT's corpus replay) are wired when
+    # the stage's config wants them, so the wiring needs the config (``resolve_stage`` passes it)
+    name: _Adapter(entry.config, lambda p, up, cfg=None, e=entry: e.wire(up, cfg), _train(name), entry.required)
+    for name, entry in TRAIN_REGISTRY.items()
+})
+ADAPTERS = {name: ADAPTERS[name] for name in STAGE_ORDER}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -191,13 +189,17 @@ def resolve_stage(p: PipelineConfig, stage: str, upstream: dict[str, str]) -> An
         shared["run_name"] = f"{p.name}-serve"
     # the pipeline's shared blocks and run names win over the stage's files; the stage's overrides come
     # next; the wiring to the upstream artifacts is last (never set by hand)
-    values = {**{k: v for k, v in shared.items() if k in cls.model_fields}, **dotted_values(cls, dict(spec.overrides)),
-              **adapter.wire(p, upstream)}
+    values = {**{k: v for k, v in shared.items() if k in cls.model_fields}, **dotted_values(cls, dict(spec.overrides))}
     argv = [a for f in spec.config for a in ("--config", f)]
     try:
-        return load_config(cls, argv, values=values)
+        unwired = load_config(cls, argv, values=values) if stage in TRAIN_STAGES else None
+        return load_config(cls, argv, values={**values, **_wire(adapter, p, upstream, unwired)})
     except Exception as e:  # noqa: BLE001 - name the stage with the config error
         raise PipelineFailed(f"the {stage} stage's config is invalid: {e}") from e
+
+
+def _wire(adapter: _Adapter, p: PipelineConfig, upstream: dict[str, str], cfg: Any) -> dict[str, Any]:
+    return adapter.wire(p, upstream, cfg) if cfg is not None else adapter.wire(p, upstream)
 
 
 def check_stage_configs(p: PipelineConfig) -> list[str]:

@@ -14,6 +14,7 @@ just the dotted overrides (what Tune adds to every trial's base config).
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -21,10 +22,8 @@ from r1ray.observe.log import get_logger
 
 log = get_logger(__name__)
 
-__all__ = ["DEFAULT_RUNS", "default_export", "inputs_for", "prepare", "prepare_compress", "prepare_evaluate", "serve_model_path"]
-
-DEFAULT_RUNS = {"pretrain": "default", "sft": "sft", "grpo": "grpo", "distill": "distill"}
-"""Run name of each training stage's embedded default (``<storage.root>/runs/<name>``)."""
+__all__ = ["default_export", "inputs_for", "job", "prepare", "prepare_compress", "prepare_evaluate",
+           "serve_model_path"]
 
 
 def _with(cfg: Any, overrides: dict[str, Any]) -> Any:
@@ -47,45 +46,65 @@ def _shared(cfg: Any) -> dict[str, Any]:
 def default_export(stage: str, cfg: Any) -> str:
     """The export of ``stage``'s embedded default run under ``cfg.storage``, trained first when missing."""
     from r1ray.model.export import newest_export
+    from r1ray.train.registry import get_stage
 
-    run_dir = cfg.storage.uri("runs", DEFAULT_RUNS[stage])
+    entry = get_stage(stage)
+    run_dir = cfg.storage.uri("runs", entry.default_run)
     found = newest_export(run_dir)
     if found is not None:
         return found
     log.info("no %s export in %s yet: running the default %s stage first", stage, run_dir, stage)
-    config_cls, run = _STAGE_DEFAULTS[stage]()
-    upstream_cfg = config_cls.model_validate({**_shared(cfg), "run_name": DEFAULT_RUNS[stage]})
-    result = run(prepare(stage, upstream_cfg))
+    upstream_cfg = entry.config_class().model_validate({**_shared(cfg), "run_name": entry.default_run})
+    result = entry.run_function()(prepare(stage, upstream_cfg))
     if result.export_path is None:
         raise RuntimeError(f"the default {stage} run ended {result.status} without an export ({run_dir})")
     return result.export_path
 
 
 def inputs_for(stage: str, cfg: Any) -> dict[str, Any]:
-    """Dotted overrides that fill ``cfg``'s unset inputs with the upstream defaults (prepared if missing)."""
-    if stage == "pretrain":
-        if cfg.data.path:
-            return {}
-        from r1ray.data.pipeline import ensure_default
+    """Dotted overrides that fill ``cfg``'s unset inputs (``r1ray.train.registry``) with the upstream defaults,
+    prepared if missing: a data input with the default data artifact, a model input with the default export of
+    the stage the registry names. An optional input is filled only when every required one was (so both come
+    from one chain: SFT replays the corpus its default pretrained model was trained on) and its ``when`` holds."""
+    from r1ray.config import get_dotted
+    from r1ray.train.registry import get_stage
 
-        return {"data.path": ensure_default(cfg.storage, cfg.ray)}
-    if stage == "sft":
-        out = {} if cfg.model.init_from else {"model.init_from": default_export("pretrain", cfg)}
-        if cfg.data.replay.fraction > 0 and not cfg.data.replay.data and not cfg.model.init_from:
+    entry = get_stage(stage)
+    out: dict[str, Any] = {}
+    defaulted = True
+    for i in entry.inputs:
+        if get_dotted(cfg, i.field):
+            defaulted = defaulted and not i.required
+            continue
+        if not i.required and not (defaulted and (i.when is None or i.when(cfg))):
+            continue
+        if i.kind == "data":
             from r1ray.data.pipeline import ensure_default
 
-            out["data.replay.data"] = ensure_default(cfg.storage, cfg.ray)  # the default export's corpus
-        return out
-    if stage == "distill":
-        return {} if cfg.distill.teacher else {"distill.teacher": default_export("sft", cfg)}
-    if stage == "grpo":
-        return {} if cfg.model.init_from else {"model.init_from": default_export("sft", cfg)}
-    raise ValueError(f"no upstream defaults for stage {stage!r}; choose one of {sorted(DEFAULT_RUNS)}")
+            out[i.field] = ensure_default(cfg.storage, cfg.ray)
+        else:
+            out[i.field] = default_export(entry.model_from, cfg)
+    return out
 
 
 def prepare(stage: str, cfg: Any) -> Any:
     """``cfg`` with every unset input filled by the upstream default (see the module doc)."""
     return _with(cfg, inputs_for(stage, cfg))
+
+
+def job(stage: str) -> Callable[[Any], Any]:
+    """``run(cfg)`` of ``jobs/<stage>.py``: fill unset inputs with the upstream defaults, train, print the stage's
+    summary, return the ``TrainResult``."""
+
+    def run(cfg: Any) -> Any:
+        from r1ray.train.registry import get_stage
+
+        entry = get_stage(stage)
+        result = entry.run_function()(prepare(stage, cfg))
+        sys.stdout.write(entry.summary(result) + "\n")
+        return result
+
+    return run
 
 
 def serve_model_path(cfg: Any) -> Any:
@@ -98,44 +117,18 @@ def serve_model_path(cfg: Any) -> Any:
     run_dir = cfg.storage.uri("runs", cfg.run_name)
     found = newest_export(run_dir)
     if found is None and cfg.train_if_missing:
-        stage = next((s for s, name in DEFAULT_RUNS.items() if name == cfg.run_name), None)
+        from r1ray.train.registry import STAGES
+
+        defaults = {e.name: e.default_run for e in STAGES.values()}
+        stage = next((s for s, name in defaults.items() if name == cfg.run_name), None)
         if stage is None:
             raise FileNotFoundError(f"no model export in {run_dir} and run {cfg.run_name!r} is no stage's default "
-                                    f"run ({DEFAULT_RUNS}); set model_path or train the run first")
+                                    f"run ({defaults}); set model_path or train the run first")
         found = default_export(stage, cfg)
     if found is None:
         raise FileNotFoundError(f"no model export in {run_dir}: train it first (python jobs/pretrain.py) or set "
                                 "model_path to a Hugging Face model directory")
     return cfg.model_copy(update={"model_path": found, "model_name": cfg.model_name or f"r1ray-{cfg.run_name}"})
-
-
-def _pretrain() -> tuple[type, Callable[[Any], Any]]:
-    from r1ray.train.stages.pretrain import PretrainConfig, run
-
-    return PretrainConfig, run
-
-
-def _sft() -> tuple[type, Callable[[Any], Any]]:
-    from r1ray.train.stages.sft import SFTConfig, run
-
-    return SFTConfig, run
-
-
-def _grpo() -> tuple[type, Callable[[Any], Any]]:
-    from r1ray.train.stages.grpo.stage import GRPOConfig, run
-
-    return GRPOConfig, run
-
-
-def _distill() -> tuple[type, Callable[[Any], Any]]:
-    from r1ray.train.stages.distill import DistillConfig, run
-
-    return DistillConfig, run
-
-
-_STAGE_DEFAULTS: dict[str, Callable[[], tuple[type, Callable[[Any], Any]]]] = {
-    "pretrain": _pretrain, "sft": _sft, "grpo": _grpo, "distill": _distill,
-}
 
 
 def prepare_compress(cfg: Any) -> Any:

@@ -98,8 +98,8 @@ class TuneConfig(JobConfig):
     @model_validator(mode="after")
     def _check_space(self) -> TuneConfig:
         from r1ray.config import set_dotted
+        from r1ray.train.registry import get_stage
         from r1ray.tune.space import parse_space
-        from r1ray.tune.stages import get_stage
 
         stage = get_stage(self.stage)  # raises naming the valid stages
         base: dict = {}

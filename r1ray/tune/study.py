@@ -32,9 +32,9 @@ from r1ray.artifacts import join, now, write_bytes_atomic, write_manifest
 from r1ray.config import R1Config, load_config, set_dotted, to_yaml
 from r1ray.observe.log import get_logger
 from r1ray.runtime import ray_session
+from r1ray.train.registry import get_stage
 from r1ray.tune.config import TuneConfig
 from r1ray.tune.space import Domain, parse_space
-from r1ray.tune.stages import get_stage
 
 log = get_logger(__name__)
 

@@ -37,8 +37,16 @@ from r1ray.config import R1Config
 from r1ray.model.build import ModelConfig
 from r1ray.observe.log import get_logger
 from r1ray.train.core.driver import TrainResult, run_stage, summary  # noqa: F401 - summary: the job's closing text
+from r1ray.train.core.inputs import lineage_inputs, start_problems
 from r1ray.train.stage import Metrics, RunPlan, WorkerInfo
-from r1ray.train.stages.sft import SFTConfig, SFTDataConfig, SFTStage, accuracy_before, plan_problems
+from r1ray.train.stages.sft import (
+    SFTConfig,
+    SFTDataConfig,
+    SFTStage,
+    accuracy_before,
+    accuracy_table,
+    plan_problems,
+)
 
 log = get_logger(__name__)
 
@@ -134,15 +142,14 @@ class DistillStage(SFTStage):
     # ---- driver side
     @classmethod
     def plan(cls, cfg: DistillConfig) -> RunPlan:
-        from r1ray.artifacts import is_complete
 
         d = cfg.distill
-        if not d.teacher:
-            raise ValueError("distill.teacher is unset: set it to a Hugging Face model directory or an r1ray export "
-                             "(e.g. outputs/runs/sft/final), or run python jobs/distill.py, which fills it with "
-                             "the default SFT export")
-        if not (Path(d.teacher) / "config.json").is_file():
-            raise ValueError(f"distill.teacher={d.teacher!r} is not a Hugging Face model directory (no config.json)")
+        problems = start_problems(d.teacher, "distill.teacher",
+                                  unset="set it to a Hugging Face model directory or an r1ray export (e.g. "
+                                        "outputs/runs/sft/final), or run python jobs/distill.py, which fills it "
+                                        "with the default SFT export")
+        if problems:
+            raise ValueError(problems[0])
         if d.mode == "logit":
             problems = tokenizer_problems(d.teacher, cfg.model.init_from)
             if problems:
@@ -167,7 +174,7 @@ class DistillStage(SFTStage):
             teacher_view = sft_view.model_copy(update={"model": ModelConfig(init_from=d.teacher)})
             baselines = {k.replace("accuracy_before", "teacher_accuracy", 1): v
                          for k, v in accuracy_before(teacher_view).items()}
-        inputs = [p for p in (d.teacher, cfg.model.init_from) if p and is_complete(p)]
+        inputs = lineage_inputs(d.teacher, cfg.model.init_from)
         return RunPlan(config=resolved, inputs=inputs, baselines=baselines)
 
     # ---- worker side
@@ -226,10 +233,9 @@ class DistillStage(SFTStage):
         return total
 
     def export_inputs(self) -> list[str]:
-        from r1ray.artifacts import is_complete
 
         d = self.cfg.distill
-        return [p for p in (d.teacher, self.cfg.model.init_from) if p and is_complete(p)]
+        return lineage_inputs(d.teacher, self.cfg.model.init_from)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -315,3 +321,14 @@ def run(cfg: DistillConfig, *, callbacks: Sequence[Any] = (), run_name: str | No
         storage_path: str | None = None) -> TrainResult:
     """Distil ``cfg`` to the end (or to a preemption): ``r1ray.train.core.driver.run_stage`` with this stage."""
     return run_stage(DistillStage, cfg, callbacks=callbacks, run_name=run_name, storage_path=storage_path)
+
+
+def job_summary(result: TrainResult) -> str:
+    """What ``jobs/distill.py`` prints: the run's summary, the accuracy table and how much of the teacher's
+    accuracy the student keeps."""
+    lines = accuracy_table(result)
+    teacher = result.metrics.get("teacher_accuracy")
+    if teacher is not None and result.metrics.get("accuracy") is not None:
+        kept = result.metrics["accuracy"] / teacher if teacher else float("nan")
+        lines.append(f"  teacher accuracy {100 * teacher:.1f}%; the student keeps {100 * kept:.0f}% of it")
+    return summary(result, lines)

@@ -37,6 +37,7 @@ from r1ray.config import OptimConfig, R1Config
 from r1ray.observe.log import get_logger
 from r1ray.train.core.config import CheckpointConfig, TrainJobConfig, TrainLoopConfig
 from r1ray.train.core.driver import TrainResult, run_stage, summary  # noqa: F401 - summary: the job's closing text
+from r1ray.train.core.inputs import lineage_inputs, local_start, start_config, start_problems
 from r1ray.train.stage import Metrics, RunPlan, Stage, StepInputs, WorkerInfo
 from r1ray.train.stages.curriculum import Curriculum, CurriculumConfig
 
@@ -371,7 +372,6 @@ class SFTStage(Stage):
     # ---- driver side
     @classmethod
     def plan(cls, cfg: SFTConfig) -> RunPlan:
-        from r1ray.artifacts import is_complete
 
         problems = plan_problems(cfg)
         if problems:
@@ -385,7 +385,7 @@ class SFTStage(Stage):
         baselines: dict[str, float] = {}
         if cfg.eval.before and cfg.eval_tasks:
             baselines = accuracy_before(cfg)
-        inputs = [cfg.model.init_from] if is_complete(cfg.model.init_from) else []
+        inputs = lineage_inputs(cfg.model.init_from)
         if replay_count(cfg, len(train)):
             inputs.append(cfg.data.replay.data)
             log.info("replaying %d rows of %s among the %d conversations (data.replay.fraction=%s)",
@@ -397,7 +397,7 @@ class SFTStage(Stage):
         from r1ray.model.tokenizer import load_tokenizer
 
         cfg: SFTConfig = self.cfg
-        self.tokenizer = load_tokenizer(cfg.model.init_from)
+        self.tokenizer = load_tokenizer(local_start(cfg.model.init_from))
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None \
             else self.tokenizer.eos_token_id
         self.train, self.val = conversations(cfg)
@@ -517,10 +517,7 @@ class SFTStage(Stage):
         return m
 
     def export_inputs(self) -> list[str]:
-        from r1ray.artifacts import is_complete
-
-        inputs = [self.cfg.model.init_from] if is_complete(self.cfg.model.init_from) else []
-        return inputs + ([self.cfg.data.replay.data] if len(self.replay_order) else [])
+        return lineage_inputs(self.cfg.model.init_from) + ([self.cfg.data.replay.data] if len(self.replay_order) else [])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -530,25 +527,19 @@ class SFTStage(Stage):
 
 def plan_problems(cfg: SFTConfig) -> list[str]:
     """Every reason ``cfg`` cannot run, found before any worker starts (each names its field)."""
-    import json
-    from pathlib import Path
 
     from r1ray.tasks.registry import get_task
 
+    problems = start_problems(
+        cfg.model.init_from, "model.init_from",
+        unset="set it to a Hugging Face model directory or an r1ray export (e.g. outputs/runs/default/final), or "
+              "run python jobs/sft.py, which fills it with the default pretraining export (trained first when "
+              "missing)",
+        tokenizer_why="SFT renders conversations with the model's own tokenizer and chat template")
     if not cfg.model.init_from:
-        return ["model.init_from is unset: set it to a Hugging Face model directory or an r1ray export (e.g. "
-                "outputs/runs/default/final), or run python jobs/sft.py, which fills it with the default "
-                "pretraining export (trained first when missing)"]
-    problems = []
-    init = Path(cfg.model.init_from)
-    if not (init / "config.json").is_file():
-        problems.append(f"model.init_from={cfg.model.init_from!r} is not a Hugging Face model directory "
-                        "(no config.json)")
-    elif not (init / "tokenizer_config.json").is_file():
-        problems.append(f"model.init_from={cfg.model.init_from!r} holds no tokenizer (tokenizer_config.json); "
-                        "SFT renders conversations with the model's own tokenizer and chat template")
-    else:
-        positions = json.loads((init / "config.json").read_text()).get("max_position_embeddings")
+        return problems
+    if not problems:
+        positions = start_config(cfg.model.init_from).get("max_position_embeddings")
         if positions and cfg.data.max_length > positions:
             problems.append(f"data.max_length={cfg.data.max_length} > the model's max_position_embeddings "
                             f"{positions}")
@@ -601,8 +592,9 @@ def replay_problems(cfg: SFTConfig) -> list[str]:
     data = DataArtifact.load(r.data)
     if not data.rows("train"):
         return [f"data.replay.data={r.data!r} has no train rows"]
-    if (Path(cfg.model.init_from) / "tokenizer_config.json").is_file() and \
-            load_tokenizer(data.tokenizer_dir).get_vocab() != load_tokenizer(cfg.model.init_from).get_vocab():
+    start = local_start(cfg.model.init_from)
+    if (Path(start) / "tokenizer_config.json").is_file() and \
+            load_tokenizer(data.tokenizer_dir).get_vocab() != load_tokenizer(start).get_vocab():
         return [f"data.replay.data={r.data!r} is tokenized with another tokenizer than model.init_from="
                 f"{cfg.model.init_from!r}: replay the corpus the model was pretrained on"]
     return []
@@ -616,7 +608,7 @@ def accuracy_before(cfg: SFTConfig) -> dict[str, float]:
     from r1ray.model.tokenizer import load_tokenizer
 
     t0 = time.perf_counter()
-    tokenizer = load_tokenizer(cfg.model.init_from)
+    tokenizer = load_tokenizer(local_start(cfg.model.init_from))
     model = build_model(cfg.model, tokenizer, precision=cfg.deepspeed.precision).eval()
     m = greedy_accuracy(model, tokenizer, eval_problems(cfg), max_new_tokens=cfg.eval.max_new_tokens,
                         batch_size=cfg.eval.batch_size).local()
@@ -639,6 +631,11 @@ def accuracy_table(result: TrainResult) -> list[str]:
         after = m.get(f"accuracy{key}")
         lines.append(f"    {label:<6} {_pct(before):>7} {_pct(after):>7}")
     return lines
+
+
+def job_summary(result: TrainResult) -> str:
+    """What ``jobs/sft.py`` prints: the run's summary with the before/after accuracy table."""
+    return summary(result, accuracy_table(result))
 
 
 def _pct(x: float | None) -> str:

@@ -43,6 +43,7 @@ from r1ray.config import OptimConfig, R1Config, ScalingConfig
 from r1ray.observe.log import get_logger
 from r1ray.train.core.config import CheckpointConfig, TrainJobConfig, TrainLoopConfig
 from r1ray.train.core.driver import TrainResult, run_stage, summary  # noqa: F401 - summary: the job's closing text
+from r1ray.train.core.inputs import lineage_inputs, local_start, start_problems
 from r1ray.train.stage import Metrics, RunPlan, Stage, StepInputs, WorkerInfo
 from r1ray.train.stages.curriculum import Curriculum, CurriculumConfig
 
@@ -275,14 +276,10 @@ class GRPOStage(Stage):
         from r1ray.tasks.registry import get_task
         from r1ray.tasks.rewards import get_reward
 
-        problems = []
-        if not cfg.model.init_from:
-            problems.append("model.init_from is unset: set it to an SFT export (python jobs/sft.py writes one) or any "
-                            "Hugging Face model directory, or run python jobs/grpo.py, which prepares the default "
-                            "SFT run first")
-        elif not os.path.isfile(os.path.join(cfg.model.init_from, "config.json")) and "://" not in cfg.model.init_from:
-            problems.append(f"model.init_from={cfg.model.init_from} is not a Hugging Face model directory (no "
-                            "config.json)")
+        problems = start_problems(
+            cfg.model.init_from, "model.init_from",
+            unset="set it to an SFT export (python jobs/sft.py writes one) or any Hugging Face model directory, or "
+                  "run python jobs/grpo.py, which prepares the default SFT run first")
         for name in cfg.grpo.tasks:
             try:
                 get_task(name, **cfg.grpo.task_options.get(name, {}))
@@ -295,7 +292,7 @@ class GRPOStage(Stage):
                 problems.append(f"grpo.rewards: {e}")
         if problems:
             raise ValueError("GRPO config cannot run:\n  - " + "\n  - ".join(problems))
-        return RunPlan(config=cfg, inputs=_lineage_inputs(cfg.model.init_from))
+        return RunPlan(config=cfg, inputs=lineage_inputs(cfg.model.init_from))
 
     @classmethod
     @contextmanager
@@ -322,7 +319,7 @@ class GRPOStage(Stage):
         from r1ray.model.tokenizer import load_tokenizer
 
         cfg: GRPOConfig = self.cfg
-        self.tokenizer = load_tokenizer(cfg.model.init_from)
+        self.tokenizer = load_tokenizer(local_start(cfg.model.init_from))
         self.pool = EnginePool.connect(resources["pool"])
         self.run_dir = resources.get("run_dir")
         self.seq_len = 0
@@ -883,15 +880,7 @@ class GRPOStage(Stage):
         return kw
 
     def export_inputs(self) -> list[str]:
-        return _lineage_inputs(self.cfg.model.init_from)
-
-
-def _lineage_inputs(init_from: str | None) -> list[str]:
-    """The policy's start as a lineage input when it is an r1ray artifact (an SFT export has a manifest); a plain
-    Hugging Face directory has no lineage to record."""
-    from r1ray.artifacts import is_complete
-
-    return [init_from] if init_from and is_complete(init_from) else []
+        return lineage_inputs(self.cfg.model.init_from)
 
 
 def run(cfg: GRPOConfig, *, callbacks: Sequence[Any] = (), run_name: str | None = None,
