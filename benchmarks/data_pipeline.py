@@ -170,7 +170,7 @@ def bench_datatrove(corpus_dir: Path, n: int, work: Path):
 
 def _stage_config(corpus_dir: Path, out: Path, name: str) -> dict:
     return {
-        "name": name, "storage": {"root": str(out)},
+        "run_name": name, "storage": {"root": str(out)},
         "sources": [{"name": "labelled", "path": str(corpus_dir), "quality_filters": False,
                      "collapse_whitespace": False, "id_field": "id"}],
         "tokenizer": {"vocab_size": 8192, "sample_chars": 2_000_000},

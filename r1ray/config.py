@@ -223,12 +223,21 @@ class JobConfig(R1Config):
 
     seed: int = 0
     """Seed of every random choice the job makes (each job documents what it seeds)."""
+    run_name: str = "default"
+    """Name of this run: where its output goes under ``storage.root`` (each job says where)."""
     ray: RayConfig = RayConfig()
     """Where Ray runs."""
     storage: StorageConfig = StorageConfig()
     """Where artifacts live."""
     logging: LoggingConfig = LoggingConfig()
     """Logs and W&B."""
+
+    @field_validator("run_name")
+    @classmethod
+    def _check_run_name(cls, v: str) -> str:
+        if not v.strip() or "/" in v or v in (".", ".."):
+            raise ValueError(f"must be a plain directory name (non-empty, no '/'), got {v!r}")
+        return v
 
 
 # --------------------------------------------------------------------------------------------------

@@ -165,13 +165,6 @@ class CompressConfig(JobConfig):
     device: Literal["cpu", "cuda"] = "cpu"
     """Where the compression and the speed measurements run (``fp8`` needs ``cuda``)."""
 
-    @field_validator("run_name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        if not v or "/" in v or v in (".", ".."):
-            raise ValueError(f"must be a plain directory name, got {v!r}")
-        return v
-
     @model_validator(mode="after")
     def _check(self) -> CompressConfig:
         problems = []

@@ -73,7 +73,7 @@ def evaluate_pair(base_dir: str, compressed_dir: str, cfg: CompressConfig) -> tu
 
     ec = cfg.eval
     ecfg = EvaluateConfig(
-        seed=cfg.seed, ray=cfg.ray, storage=cfg.storage, logging=cfg.logging, name=f"compress-{cfg.run_name}",
+        seed=cfg.seed, ray=cfg.ray, storage=cfg.storage, logging=cfg.logging, run_name=f"compress-{cfg.run_name}",
         model=ModelSpec(path=base_dir, name=BASE), compare=ModelSpec(path=compressed_dir, name=COMPRESSED),
         engine=ec.engine, perplexity=ec.perplexity, tasks=ec.tasks, reference=ec.reference,
     )

@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from r1ray.config import LoggingConfig, R1Config, RayConfig, StorageConfig
+from r1ray.config import JobConfig, R1Config, StorageConfig
 
 __all__ = [
     "SourceConfig",
@@ -269,16 +269,16 @@ DEFAULT_SOURCES = [
 ]
 
 
-class PrepareDataConfig(R1Config):
+class PrepareDataConfig(JobConfig):
     """Prepare a corpus: read sources, clean, dedup, scrub PII, decontaminate, tokenize and pack into
     Parquet shards with a manifest, streaming on Ray Data."""
 
     seed: int = 0
     """Seed of every random choice (generated samples, train/validation split, mixing)."""
-    name: str = "default"
-    """Artifact name: the output goes to ``<storage.root>/data/<name>`` unless ``output`` is set."""
+    run_name: str = "default"
+    """Artifact name: the output goes to ``<storage.root>/data/<run_name>`` unless ``output`` is set."""
     output: str | None = None
-    """Explicit artifact directory (local path or URI); overrides ``name``."""
+    """Explicit artifact directory (local path or URI); overrides ``run_name``."""
     overwrite: bool = True
     """Replace an existing artifact at the output (its manifest is removed first, so it is never half-valid)."""
     sources: list[SourceConfig] = Field(default_factory=lambda: list(DEFAULT_SOURCES))
@@ -301,12 +301,6 @@ class PrepareDataConfig(R1Config):
     read whole, one task per file)."""
     keep_work_dir: bool = False
     """Keep ``<output>/_work`` (the cleaned, staged text) after the run, for inspection."""
-    ray: RayConfig = RayConfig()
-    """Where Ray runs."""
-    storage: StorageConfig = StorageConfig()
-    """Artifact storage root."""
-    logging: LoggingConfig = LoggingConfig()
-    """Logging."""
 
     @model_validator(mode="after")
     def _check(self) -> PrepareDataConfig:
@@ -329,7 +323,7 @@ class PrepareDataConfig(R1Config):
         return self
 
     def artifact_uri(self) -> str:
-        """Where the artifact goes: ``output`` or ``<storage.root>/data/<name>``."""
+        """Where the artifact goes: ``output`` or ``<storage.root>/data/<run_name>``."""
         if self.output:
             return self.output if "://" in self.output else StorageConfig(root=self.output).uri()
-        return self.storage.uri("data", self.name)
+        return self.storage.uri("data", self.run_name)

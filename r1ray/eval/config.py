@@ -195,13 +195,13 @@ class ReferenceSuite(R1Config):
 class EvaluateConfig(JobConfig):
     """Evaluate a model (an export or an OpenAI-compatible endpoint) on perplexity, task accuracy (greedy,
     pass@k, maj@k) and BLEU/ROUGE, with batch inference on Ray Data; optionally compare a second model on the
-    same items with bootstrap confidence intervals. Writes ``<storage.root>/eval/<name>/``."""
+    same items with bootstrap confidence intervals. Writes ``<storage.root>/eval/<run_name>/``."""
 
     seed: int = 0
     """Seed of the task problems drawn, of the sampled completions (sample j of a problem is seeded by a hash
     of (seed, the problem's uid, j): the same for every model and every run) and of the bootstrap."""
-    name: str = "default"
-    """Name of the output artifact: ``<storage.root>/eval/<name>/`` (replaced when it exists)."""
+    run_name: str = "default"
+    """Name of the output artifact: ``<storage.root>/eval/<run_name>/`` (replaced when it exists)."""
     model: ModelSpec | None = None
     """The model to evaluate. Unset: ``python jobs/evaluate.py`` evaluates the default pretraining run's newest
     export (trained first when missing); the library's ``run`` refuses an unset model."""
@@ -223,13 +223,6 @@ class EvaluateConfig(JobConfig):
     """Confidence level of each comparison's interval."""
     progress_every_s: float = Field(default=10.0, gt=0)
     """Seconds between progress/ETA log lines."""
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        if not v or "/" in v or v in (".", ".."):
-            raise ValueError(f"must be a plain directory name, got {v!r}")
-        return v
 
     @model_validator(mode="after")
     def _check(self) -> EvaluateConfig:

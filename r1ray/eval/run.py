@@ -666,7 +666,7 @@ def run(cfg: EvaluateConfig) -> EvalResult:
         for suite in ("perplexity", "tasks", "reference"):
             if suite in res:
                 audit += [{"model": label, **a} for a in res[suite].get("audit", res[suite].get("records", []))]
-    artifact = cfg.storage.uri("eval", cfg.name)
+    artifact = cfg.storage.uri("eval", cfg.run_name)
     extra = {"models": models, "items": _items_manifest(cfg, problems, ppl, refs)}
     _write(artifact, cfg, rows, comparisons, summary, audit, extra, inputs, started)
     seconds = time.perf_counter() - t0

@@ -7,7 +7,7 @@
     sft: {overrides: {train.max_steps: 60}}
 
 Every stage gets the pipeline's ``seed``, ``ray``, ``storage`` and ``logging`` and the run name
-``<name>-<stage>``; its input (``data.path``, ``model.init_from``, ``distill.teacher``, the model to evaluate,
+``<run_name>-<stage>``; its input (``data.path``, ``model.init_from``, ``distill.teacher``, the model to evaluate,
 compress or serve) is wired from the artifact of the stage before it, never set by hand.
 """
 
@@ -39,7 +39,7 @@ class PipelineConfig(JobConfig):
     compress (with its quality gate) -> serve. A stage whose artifact exists with the same resolved config and
     the same input hashes is skipped; anything else reruns, and so does every stage after it."""
 
-    name: str = "default"
+    run_name: str = "default"
     """Pipeline name: its state and report live in ``<storage.root>/pipeline/<name>/``, its runs are
     ``<storage.root>/runs/<name>-<stage>``."""
     stages: list[str] = Field(default_factory=lambda: ["data", "pretrain", "sft", "grpo", "evaluate", "compress",
@@ -91,8 +91,6 @@ class PipelineConfig(JobConfig):
         if not problems and self.from_stage and self.until_stage and \
                 self.stages.index(self.from_stage) > self.stages.index(self.until_stage):
             problems.append(f"from_stage={self.from_stage!r} comes after until_stage={self.until_stage!r}")
-        if not self.name.strip() or "/" in self.name:
-            problems.append(f"name: must be a non-empty name without '/', got {self.name!r}")
         if problems:
             raise ValueError("; ".join(problems))
         return self

@@ -51,7 +51,7 @@ def write_report(root: Path, p: Any, outcomes: list[Any], chain: list[dict[str, 
     """Write the report card and its plots under ``root``; returns the Markdown file's path."""
     plots = root / "plots"
     plots.mkdir(parents=True, exist_ok=True)
-    lines = [f"# Pipeline `{p.name}`", "", "| stage | status | seconds | artifact |", "|---|---|---|---|"]
+    lines = [f"# Pipeline `{p.run_name}`", "", "| stage | status | seconds | artifact |", "|---|---|---|---|"]
     for o in outcomes:
         lines.append(f"| {o.stage} | {o.status} | {o.seconds:.0f} | `{o.artifact or ''}` |")
     lines.append("")

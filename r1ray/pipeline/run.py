@@ -144,10 +144,9 @@ def _serve(cfg: Any) -> tuple[str | None, dict[str, Any]]:
 
 ADAPTERS: dict[str, _Adapter] = {
     "data": _Adapter("r1ray.data.config:PrepareDataConfig",
-                     lambda p, up: {"name": f"{p.name}-data"}, _data, ()),
+                     lambda p, up: {}, _data, ()),
     "evaluate": _Adapter("r1ray.eval.config:EvaluateConfig",
-                         lambda p, up: {"model": {"path": up["model"], "name": p.name},
-                                        "name": f"{p.name}-evaluate",
+                         lambda p, up: {"model": {"path": up["model"], "name": p.run_name},
                                         **({"perplexity.data": up["data"]} if "data" in up else {})},
                          _evaluate, ("model",)),
     "compress": _Adapter("r1ray.compress.config:CompressConfig",
@@ -155,7 +154,7 @@ ADAPTERS: dict[str, _Adapter] = {
                                         **({"eval.perplexity.data": up["data"]} if "data" in up else {})},
                          _compress, ("model",)),
     "serve": _Adapter("r1ray.serve.config:ServeConfig",
-                      lambda p, up: {"model_path": up["model"], "model_name": f"r1ray-{p.name}"}, _serve, ("model",)),
+                      lambda p, up: {"model_path": up["model"], "model_name": f"r1ray-{p.run_name}"}, _serve, ("model",)),
 }
 ADAPTERS.update({
     # the training stages as the registry declares them: optional inputs (SFT's corpus replay) are wired when
@@ -183,10 +182,7 @@ def resolve_stage(p: PipelineConfig, stage: str, upstream: dict[str, str]) -> An
     shared: dict[str, Any] = {"seed": p.seed, "ray": p.ray.model_dump(mode="json"),
                               "storage": p.storage.model_dump(mode="json"),
                               "logging": p.logging.model_dump(mode="json")}
-    if stage in (*TRAIN_STAGES, "compress"):
-        shared["run_name"] = f"{p.name}-{stage}"
-    if stage == "serve":
-        shared["run_name"] = f"{p.name}-serve"
+    shared["run_name"] = f"{p.run_name}-{stage}"
     # the pipeline's shared blocks and run names win over the stage's files; the stage's overrides come
     # next; the wiring to the upstream artifacts is last (never set by hand)
     values = {**{k: v for k, v in shared.items() if k in cls.model_fields}, **dotted_values(cls, dict(spec.overrides))}
@@ -299,7 +295,7 @@ def run(p: PipelineConfig, *, on_served: Callable[[PipelineResult], None] | None
     problems = check_stage_configs(p)
     if problems:
         raise PipelineFailed("invalid stage config(s), nothing was run:\n  - " + "\n  - ".join(problems))
-    root = Path(p.storage.uri("pipeline", p.name))
+    root = Path(p.storage.uri("pipeline", p.run_name))
     root.mkdir(parents=True, exist_ok=True)
     state = _State(root / "state.json")
     upstream: dict[str, str] = {}
@@ -327,7 +323,7 @@ def run(p: PipelineConfig, *, on_served: Callable[[PipelineResult], None] | None
             from r1ray.pipeline.report import write_report
 
             report = write_report(root, p, outcomes, chain)
-        result = PipelineResult(p.name, str(root), outcomes, model, chain, report, serve_url,
+        result = PipelineResult(p.run_name, str(root), outcomes, model, chain, report, serve_url,
                                 time.perf_counter() - t0)
         if serve_url and on_served is not None:
             on_served(result)  # the job prints the summary and keeps serving inside this Ray session
@@ -357,7 +353,7 @@ def _run_stage(p: PipelineConfig, stage: str, upstream: dict[str, str], state: _
     key = stage_key(stage, cfg, upstream, adapter.inputs)
     entry = state.get(stage)
     if stage != "serve" and entry.get("key") == key and entry.get("status") == "done" and _artifact_ok(entry):
-        log.info("pipeline %s: %s unchanged, reusing %s", p.name, stage, entry["artifact"])
+        log.info("pipeline %s: %s unchanged, reusing %s", p.run_name, stage, entry["artifact"])
         return StageOutcome(stage, "skipped", entry["artifact"], 0.0, entry.get("summary", {}), str(log_path))
     if reuse_only:
         raise PipelineFailed(f"--from {p.from_stage}: stage {stage} has no reusable artifact for its current config "
@@ -365,7 +361,7 @@ def _run_stage(p: PipelineConfig, stage: str, upstream: dict[str, str], state: _
     if stage in TRAIN_STAGES and entry.get("key") != key:
         _fresh_run_dir(cfg)
     state.put(stage, key=key, status="running", log=str(log_path))
-    log.info("pipeline %s: running %s (log: %s)", p.name, stage, log_path)
+    log.info("pipeline %s: running %s (log: %s)", p.run_name, stage, log_path)
     t0 = time.perf_counter()
     with _StageLog(log_path):
         try:
@@ -383,7 +379,7 @@ def _run_stage(p: PipelineConfig, stage: str, upstream: dict[str, str], state: _
     sha = manifest_sha256(artifact) if artifact else None
     state.put(stage, status="done", artifact=artifact, manifest_sha256=sha, seconds=seconds,
               summary=_jsonable(info))
-    log.info("pipeline %s: %s done in %.0fs -> %s", p.name, stage, seconds, artifact)
+    log.info("pipeline %s: %s done in %.0fs -> %s", p.run_name, stage, seconds, artifact)
     return StageOutcome(stage, "served" if stage == "serve" else "ran", artifact, seconds, info, str(log_path))
 
 
@@ -407,7 +403,7 @@ def serve_forever(p: PipelineConfig) -> None:
     except KeyboardInterrupt:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C does not cut the shutdown short
-        log.info("pipeline %s: stopping the server", p.name)
+        log.info("pipeline %s: stopping the server", p.run_name)
 
 
 def summary(result: PipelineResult) -> str:

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 
-from r1ray.config import LoggingConfig, R1Config, RayConfig, StorageConfig
+from r1ray.config import JobConfig, R1Config
 
 
 class HttpConfig(R1Config):
@@ -200,7 +200,7 @@ class RouterConfig(R1Config):
     holds a request while a variant has no replica up); past it the router answers 503."""
 
 
-class ServeConfig(R1Config):
+class ServeConfig(JobConfig):
     """Serve a Hugging Face model directory over an OpenAI-compatible HTTP API with Ray Serve.
 
     With no arguments: the newest export of the default pretraining run (trained first when there is none),
@@ -245,12 +245,6 @@ class ServeConfig(R1Config):
     """Thinking budgets of ``reasoning_effort``."""
     auth: AuthConfig = AuthConfig()
     """API-key auth."""
-    ray: RayConfig = RayConfig()
-    """Ray."""
-    storage: StorageConfig = StorageConfig()
-    """Where the default pretraining run lives."""
-    logging: LoggingConfig = LoggingConfig()
-    """Logging."""
 
     @model_validator(mode="after")
     def _check(self) -> ServeConfig:

@@ -55,8 +55,8 @@ class SchedulerConfig(R1Config):
 class TuneConfig(JobConfig):
     """Search the hyperparameters of a training stage with Ray Tune; each trial is one full training run."""
 
-    name: str = "tune-default"
-    """Study name: results live under ``<storage.root>/tune/<name>``; rerunning the same name resumes the
+    run_name: str = "tune-default"
+    """Study name: results live under ``<storage.root>/tune/<run_name>``; rerunning the same name resumes the
     study and skips finished trials."""
     stage: str = "pretrain"
     """Training stage to tune (its config class validates ``base`` and ``space``)."""

@@ -316,14 +316,14 @@ def run(cfg: TuneConfig, *, prepare_inputs: Callable[[str, Any], dict[str, Any]]
     domains = parse_space(cfg.space, stage_cls, base=base, base_files=stage_files)
     base_cfg = load_config(stage_cls, [a for f in stage_files for a in ("--config", f)], base=base)
     study_root = cfg.storage.uri("tune")
-    study_dir = join(study_root, cfg.name)
+    study_dir = join(study_root, cfg.run_name)
     started = now()
     max_steps = int(_get_path(base_cfg, "train.max_steps"))
     eval_every = int(_get_path(base_cfg, "train.eval_every") or 0)
     eval_reports = max(1, math.ceil(max_steps / eval_every) if eval_every else 1)
     spec = {
         "stage": cfg.stage,
-        "name": cfg.name,
+        "name": cfg.run_name,
         "stage_config": stage_files,
         "base": base,
         "metric": cfg.search.metric,
@@ -363,7 +363,7 @@ def run(cfg: TuneConfig, *, prepare_inputs: Callable[[str, Any], dict[str, Any]]
                     reuse_actors=False,
                 ),
                 run_config=RunConfig(
-                    name=cfg.name,
+                    name=cfg.run_name,
                     storage_path=study_root,
                     failure_config=FailureConfig(max_failures=cfg.trial_max_failures),
                     verbose=1,
@@ -414,7 +414,7 @@ def _summarise(cfg: TuneConfig, grid: Any, domains: list[Domain], default_point:
         stage_cls = get_stage(cfg.stage).config_class()
         argv = [a for f in stage_files for a in ("--config", f)]
         best_cfg = load_config(stage_cls, argv, base=_nested(cfg.base),
-                               values={**best[1], "run_name": f"{cfg.name}-best"})
+                               values={**best[1], "run_name": f"{cfg.run_name}-best"})
         best_config_path = join(study_dir, "best.yaml")
         write_bytes_atomic(best_config_path, to_yaml(best_cfg).encode())
     errored = sum(1 for r in rows if r["status"] == "ERROR")

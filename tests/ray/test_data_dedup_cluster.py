@@ -44,7 +44,7 @@ def main(work: Path) -> None:
 
         def stage(name: str, cluster_above: int) -> str:
             return run(PrepareDataConfig.model_validate({
-                "name": name, "storage": {"root": str(work / "out")},
+                "run_name": name, "storage": {"root": str(work / "out")},
                 # small read ranges: several read tasks, spread over both nodes
                 "sources": [{"name": "syn", "path": str(corpus), "quality_filters": False, "id_field": "id"}],
                 "read_chunk_bytes": 16384, "batch_size": 32,

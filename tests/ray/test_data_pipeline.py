@@ -116,7 +116,7 @@ EXPECTED = {
 
 def _cfg(tmp_path, sources, evals, name, **over) -> PrepareDataConfig:
     data = {
-        "name": name, "sources": sources, "storage": {"root": str(tmp_path / "out")},
+        "run_name": name, "sources": sources, "storage": {"root": str(tmp_path / "out")},
         "clean": {"max_chars": 5000, "max_line_bytes": 20_000, "quality": {"min_words": 5}},
         "decontam": {"eval_files": evals, "ngram": 13},
         "tokenizer": {"vocab_size": 512, "sample_chars": 200_000},

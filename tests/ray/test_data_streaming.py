@@ -66,7 +66,7 @@ def test_corpus_larger_than_object_store_streams_through(small_store_ray, tmp_pa
     assert corpus_bytes > 2.9 * OBJECT_STORE
     _word_tokenizer(tmp_path / "tok", words)
     cfg = PrepareDataConfig.model_validate({
-        "name": "big", "storage": {"root": str(tmp_path / "out")},
+        "run_name": "big", "storage": {"root": str(tmp_path / "out")},
         "sources": [{"name": "big", "path": str(src), "quality_filters": False}],
         "clean": {"pii": {"enabled": False}},
         "dedup": {"near": False},

@@ -90,7 +90,7 @@ def test_export_and_serve_endpoint_agree_item_by_item(tmp_path, model_dir, data_
 
     data, rows = data_dir
     cfg = _cfg(
-        tmp_path, name="parity", model={"path": model_dir, "name": "export"},
+        tmp_path, run_name="parity", model={"path": model_dir, "name": "export"},
         compare={"endpoint": {"url": endpoint.url + "/v1", "model": "tiny"}, "name": "serve"},
         perplexity={"data": data, "max_rows": 12, "batch_rows": 3},
         tasks={"difficulties": [1, 2], "items_per_level": 3, "samples": 2, "k": [1, 2], "max_tokens": 24,
@@ -153,7 +153,7 @@ def test_chat_format_files_and_reference_suites(tmp_path, model_dir, endpoint):
     refs = tmp_path / "refs.jsonl"
     refs.write_text("\n".join(json.dumps({"prompt": f"{i} + {i + 3} =", "reference": f"{2 * i + 3}."})
                               for i in range(4)) + "\n")
-    cfg = _cfg(tmp_path, name="chat", model={"path": model_dir, "name": "export"},
+    cfg = _cfg(tmp_path, run_name="chat", model={"path": model_dir, "name": "export"},
                compare={"endpoint": {"url": endpoint.url + "/v1", "model": "tiny"}, "name": "serve"},
                perplexity={"files": [str(docs)], "chunk_chars": 40},
                tasks={"difficulties": [1], "items_per_level": 3, "samples": 0, "max_tokens": 16,

@@ -27,7 +27,7 @@ SFT = {"train.max_steps": 2, "train.eval_every": 2, "train.log_every": 1, "check
 
 def make(root: Path, **sft_extra) -> PipelineConfig:
     return load_config(PipelineConfig, [
-        "name=t", f"storage.root={root}", "stages=[data, pretrain, sft]", "report=true",
+        "run_name=t", f"storage.root={root}", "stages=[data, pretrain, sft]", "report=true",
         "logging.wandb.mode=disabled", "ray.include_dashboard=false",
         "data.config=[configs/prepare_data/debug.yaml]", "pretrain.config=[configs/pretrain/debug.yaml]",
         "sft.config=[configs/sft/debug.yaml]",

@@ -54,7 +54,7 @@ def base(data_uri: str, **extra) -> dict:
 
 def tune_cfg(tmp_path, data_uri, **kw) -> TuneConfig:
     values = {
-        "name": "study",
+        "run_name": "study",
         "storage.root": str(tmp_path),
         "search.max_concurrent_trials": 1,
         "logging.wandb.mode": "disabled",
@@ -197,7 +197,7 @@ def test_grpo_trials_under_asha_with_their_engine_pools(ray_local, tmp_path, tin
         "curriculum": None, "grpo.difficulty": 1, "grpo.eval_difficulties": [],
     }
     cfg = load_config(TuneConfig, [], base={"base": grpo_base}, values={
-        "name": "grpo-study", "stage": "grpo", "storage.root": str(tmp_path), "logging.wandb.mode": "disabled",
+        "run_name": "grpo-study", "stage": "grpo", "storage.root": str(tmp_path), "logging.wandb.mode": "disabled",
         "search.metric": "eval_reward", "search.mode": "max", "search.algorithm": "grid",
         "space": {"optim.lr": "grid([0.02, 1e-07])"},
         "scheduler.name": "asha", "scheduler.grace_period": 1, "scheduler.reduction_factor": 2,

@@ -34,7 +34,7 @@ def test_killed_study_resumes_without_rerunning_finished_trials(tmp_path, data_u
     """The study driver is SIGKILLed after its first trial finished; rerunning the same name restores it."""
     cfg_file = tmp_path / "tune.yaml"
     cfg_file.write_text(yaml.safe_dump({
-        "name": "resumable",
+        "run_name": "resumable",
         "storage": {"root": str(tmp_path)},
         "base": base(data_uri),
         "space": {"optim.lr": "grid([0.01, 0.003])"},

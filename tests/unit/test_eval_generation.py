@@ -67,10 +67,10 @@ def test_config_model_forms_and_errors():
                                        "compare.endpoint.model=m"])
     assert cfg.model.path == "outputs/runs/sft" and cfg.compare.endpoint.url == "http://h:8000/v1"
     with pytest.raises(ConfigError) as e:
-        load_config(EvaluateConfig, ["tasks.samples=2", "tasks.k=[1,4]", "name=a/b",
+        load_config(EvaluateConfig, ["tasks.samples=2", "tasks.k=[1,4]", "run_name=a/b",
                                      "model.path=x", "model.endpoint.url=http://h", "model.endpoint.model=m"])
     text = str(e.value)
-    assert "k: every k must be in [1, samples=2]" in text and "name:" in text and "exactly one of path" in text
+    assert "k: every k must be in [1, samples=2]" in text and "run_name:" in text and "exactly one of path" in text
     with pytest.raises(ConfigError, match="prefill_think with an endpoint"):
         load_config(EvaluateConfig, ["model.endpoint.url=http://h", "model.endpoint.model=m",
                                      "tasks.prefill_think=true"])
@@ -79,7 +79,7 @@ def test_config_model_forms_and_errors():
 @pytest.mark.parametrize("name", ["debug", "default"])
 def test_shipped_configs_validate(name):
     cfg = load_config(EvaluateConfig, ["--config", str(ROOT / "configs" / "evaluate" / f"{name}.yaml")])
-    assert cfg.name == name and cfg.model is None
+    assert cfg.run_name == name and cfg.model is None
 
 
 def test_plan_problems_gsm8k_file_levels_and_caps(tmp_path):

@@ -18,10 +18,10 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_stage_flags_and_the_embedded_default():
     job = load_job("pipeline")
-    argv = job.argv_with_stage_flags(["--from", "sft", "--until=evaluate", "name=x"])
+    argv = job.argv_with_stage_flags(["--from", "sft", "--until=evaluate", "run_name=x"])
     assert argv[:2] == ["--config", str(REPO / "configs" / "pipeline" / "default.yaml")]
     cfg = load_config(PipelineConfig, argv)
-    assert (cfg.from_stage, cfg.until_stage, cfg.name) == ("sft", "evaluate", "x")
+    assert (cfg.from_stage, cfg.until_stage, cfg.run_name) == ("sft", "evaluate", "x")
 
 
 def test_bad_pipeline_configs_name_the_field():
@@ -45,7 +45,7 @@ def test_every_stage_config_is_checked_before_anything_runs():
 def test_wiring_shared_blocks_and_run_names(tmp_path):
     from r1ray.pipeline.run import resolve_stage
 
-    cfg = load_config(PipelineConfig, ["name=demo", f"storage.root={tmp_path}", "seed=7",
+    cfg = load_config(PipelineConfig, ["run_name=demo", f"storage.root={tmp_path}", "seed=7",
                                        "pretrain.config=[configs/pretrain/debug.yaml]",
                                        "pretrain.overrides={train.max_steps: 5}"])
     pre = resolve_stage(cfg, "pretrain", {"data": "/data/art"})

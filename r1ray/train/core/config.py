@@ -124,8 +124,6 @@ class TrainJobConfig(JobConfig):
     @model_validator(mode="after")
     def _check_train(self) -> TrainJobConfig:
         problems = batch_size_problems(self.train, self.scaling)
-        if not self.run_name.strip() or "/" in self.run_name:
-            problems.append(f"run_name: must be a non-empty name without '/', got {self.run_name!r}")
         if problems:
             raise ValueError("; ".join(problems))
         return self
