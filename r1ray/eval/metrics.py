@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from r1ray.tasks.accuracy import maj_at_k, pass_at_k  # noqa: F401 - part of this module's API
+
 __all__ = [
     "BootstrapCI",
     "bits_per_byte",
@@ -86,43 +88,6 @@ def exact_match(prediction: str | None, reference: str, *, normalize: bool = Tru
     if normalize:
         return float(normalize_text(prediction) == normalize_text(reference))
     return float(prediction == reference)
-
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """The unbiased pass@k estimator of Chen et al. 2021 (Codex): ``1 - C(n-c, k) / C(n, k)``, the chance that
-    at least one of ``k`` samples drawn without replacement from ``n`` samples, ``c`` of them correct, is
-    correct. Computed as ``1 - prod_{i=n-c+1}^{n} (1 - k/i)`` (the paper's numerically stable form: no huge
-    binomials)."""
-    if not (isinstance(n, int) and isinstance(c, int) and isinstance(k, int)):
-        raise ValueError(f"pass_at_k: n, c and k must be integers, got n={n!r}, c={c!r}, k={k!r}")
-    if n < 1 or not 0 <= c <= n or not 1 <= k <= n:
-        raise ValueError(f"pass_at_k needs n >= 1, 0 <= c <= n and 1 <= k <= n; got n={n}, c={c}, k={k}")
-    if n - c < k:
-        return 1.0
-    return 1.0 - float(np.prod(1.0 - k / np.arange(n - c + 1, n + 1, dtype=np.float64)))
-
-
-def maj_at_k(answers: Sequence[str | None], scores: Sequence[float], k: int) -> float:
-    """maj@k (self-consistency): the score of the most frequent answer among the first ``k`` samples.
-
-    ``answers[i]`` is sample i's extracted answer in a canonical form (equal strings = the same answer; None =
-    no answer, which does not vote) and ``scores[i]`` its score. Ties go to the answer that appeared first;
-    no answer at all scores 0."""
-    if len(answers) != len(scores):
-        raise ValueError(f"maj_at_k: {len(answers)} answers but {len(scores)} scores")
-    if not 1 <= k <= len(answers):
-        raise ValueError(f"maj_at_k needs 1 <= k <= {len(answers)} samples, got k={k}")
-    counts: dict[str, int] = {}
-    first: dict[str, int] = {}
-    for i, a in enumerate(answers[:k]):
-        if a is None:
-            continue
-        counts[a] = counts.get(a, 0) + 1
-        first.setdefault(a, i)
-    if not counts:
-        return 0.0
-    best = max(counts, key=lambda a: (counts[a], -first[a]))
-    return float(scores[first[best]])
 
 
 # --------------------------------------------------------------------------------------------------

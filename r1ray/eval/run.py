@@ -4,7 +4,7 @@ Items first, models second: the perplexity rows/chunks, the task problems (per d
 registry's eval split) and the reference pairs are fixed from the config alone, so every model, and a second
 model under ``compare``, sees exactly the same items and, for pass@k/maj@k, the same per-sample seeds. Each
 model is then an export (served by a pool of engine actors started here, ``r1ray.infer.pool``) or an
-OpenAI-compatible endpoint; its requests stream through Ray Data (``r1ray.eval.backends``).
+OpenAI-compatible endpoint; its requests stream through Ray Data (``r1ray.infer.batch``).
 
 Outputs, in ``<storage.root>/eval/<name>/`` (the manifest written last)::
 
@@ -29,16 +29,16 @@ from pathlib import Path
 from typing import Any
 
 from r1ray.eval import metrics as M
-from r1ray.eval.backends import endpoint_spec, pool_spec, run_units, sample_seed
 from r1ray.eval.config import EvaluateConfig, ModelSpec
-from r1ray.eval.generation import (
+from r1ray.infer.batch import endpoint_spec, pool_spec, run_units, sample_seed
+from r1ray.observe.log import get_logger
+from r1ray.tasks.accuracy import (
     NO_THINK_MAX_TOKENS,
     answer_key,
     render_prompt,
     score_no_think,
-    score_problems,
+    score_samples,
 )
-from r1ray.observe.log import get_logger
 
 log = get_logger(__name__)
 
@@ -378,17 +378,10 @@ def _tasks_suite(t: _Target, cfg: EvaluateConfig, problems: list[Any]) -> dict[s
                         for p, o, req, sc in zip(problems, outs[-n:], reqs[-n:], direct, strict=True)]
         outs, texts, reqs = outs[:-n], texts[:-n], reqs[:-n]
     every_problem = problems * (1 + ts.samples)
-    scores, failures = score_problems(texts, every_problem, prefilled_think=ts.prefill_think,
-                                      timeout_s=ts.verify_timeout_s)
-    greedy = scores[:n]
-    samples = [[scores[n * (1 + j) + i] for j in range(ts.samples)] for i in range(n)]
-    keys = [[answer_key(texts[n * (1 + j) + i]) for j in range(ts.samples)] for i in range(n)]
-    per_item: dict[str, list[float]] = {"accuracy": greedy}
-    if no_think:
-        per_item["accuracy_no_think"] = direct
-    for k in ts.k if ts.samples else []:
-        per_item[f"pass@{k}"] = [M.pass_at_k(ts.samples, int(round(sum(s))), k) for s in samples]
-        per_item[f"maj@{k}"] = [M.maj_at_k(keys[i], samples[i], k) for i in range(n)]
+    per_item, scores, failures = score_samples(texts, problems, ts.samples, ts.k, prefilled_think=ts.prefill_think,
+                                               timeout_s=ts.verify_timeout_s)
+    if no_think:  # the table lists it right after greedy accuracy
+        per_item = {"accuracy": per_item.pop("accuracy"), "accuracy_no_think": direct, **per_item}
     audit = []
     for idx, (o, s, p, req) in enumerate(zip(outs, scores, every_problem, reqs, strict=True)):
         audit.append({"suite": "tasks", "item": _item_id(p), "task": p.task, "level": p.difficulty,

@@ -117,6 +117,14 @@ def _data(cfg: Any) -> tuple[str | None, dict[str, Any]]:
     return uri, {"counts": read_manifest(uri).get("counts", {})}
 
 
+def _traces(cfg: Any) -> tuple[str | None, dict[str, Any]]:
+    from r1ray.artifacts import read_manifest
+    from r1ray.train.stages.traces import generate
+
+    uri = generate(cfg)
+    return uri, {"counts": read_manifest(uri).get("counts", {})}
+
+
 def _evaluate(cfg: Any) -> tuple[str | None, dict[str, Any]]:
     from r1ray.eval.run import run
 
@@ -163,6 +171,9 @@ ADAPTERS.update({
     for name, entry in TRAIN_REGISTRY.items()
 })
 ADAPTERS = {name: ADAPTERS[name] for name in STAGE_ORDER}
+ADAPTERS["traces"] = _Adapter("r1ray.train.stages.traces:TracesConfig", lambda p, up: {}, _traces, ("model",))
+"""``traces`` is no stage of its own in ``stages``: the pipeline runs it before a sequence-mode distillation, with
+its own key, state entry, log and artifact."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -170,8 +181,17 @@ ADAPTERS = {name: ADAPTERS[name] for name in STAGE_ORDER}
 # --------------------------------------------------------------------------------------------------
 
 
+def _wants_traces(p: PipelineConfig, upstream: dict[str, str]) -> bool:
+    return resolve_stage(p, "distill", upstream).distill.mode == "sequence"
+
+
 def resolve_stage(p: PipelineConfig, stage: str, upstream: dict[str, str]) -> Any:
-    """The stage's config: its YAML files and overrides, the pipeline's shared blocks, its wired inputs."""
+    """The stage's config: its YAML files and overrides, the pipeline's shared blocks, its wired inputs. The
+    ``traces`` step (sequence-mode distillation) is derived from the distillation stage's config."""
+    if stage == "traces":
+        from r1ray.train.stages.distill import traces_config
+
+        return traces_config(resolve_stage(p, "distill", {k: v for k, v in upstream.items() if k != "traces"}))
     adapter = ADAPTERS[stage]
     cls = _import(adapter.config)
     spec = p.spec(stage)
@@ -305,6 +325,10 @@ def run(p: PipelineConfig, *, on_served: Callable[[PipelineResult], None] | None
     serve_url = None
     with ray_session(p.ray):
         for i, stage in enumerate(p.stages[:end]):
+            if stage == "distill" and _wants_traces(p, upstream):  # sequence mode: the teacher's traces first
+                traces = _run_stage(p, "traces", upstream, state, root, reuse_only=i < start)
+                outcomes.append(traces)
+                upstream["traces"] = str(traces.artifact)
             outcome = _run_stage(p, stage, upstream, state, root, reuse_only=i < start)
             outcomes.append(outcome)
             if outcome.stage == "serve":
@@ -350,7 +374,9 @@ def _run_stage(p: PipelineConfig, stage: str, upstream: dict[str, str], state: _
     cfg = resolve_stage(p, stage, upstream)
     if stage == "serve":
         cfg = cfg.model_copy(update={"blocking": False})  # the pipeline keeps serving itself, after the report
-    key = stage_key(stage, cfg, upstream, adapter.inputs)
+    inputs = tuple(i.kind for i in TRAIN_REGISTRY[stage].wired(upstream, cfg)) if stage in TRAIN_REGISTRY \
+        else adapter.inputs
+    key = stage_key(stage, cfg, upstream, inputs)
     entry = state.get(stage)
     if stage != "serve" and entry.get("key") == key and entry.get("status") == "done" and _artifact_ok(entry):
         log.info("pipeline %s: %s unchanged, reusing %s", p.run_name, stage, entry["artifact"])

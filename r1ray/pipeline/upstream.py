@@ -64,8 +64,9 @@ def default_export(stage: str, cfg: Any) -> str:
 def inputs_for(stage: str, cfg: Any) -> dict[str, Any]:
     """Dotted overrides that fill ``cfg``'s unset inputs (``r1ray.train.registry``) with the upstream defaults,
     prepared if missing: a data input with the default data artifact, a model input with the default export of
-    the stage the registry names. An optional input is filled only when every required one was (so both come
-    from one chain: SFT replays the corpus its default pretrained model was trained on) and its ``when`` holds."""
+    the stage the registry names, teacher traces with the traces step of the config (generated, or reused when
+    the same config made them). An optional input is filled only when its ``when`` holds and, for a
+    ``same_chain`` one, when every required input was filled here too (so both come from one chain)."""
     from r1ray.config import get_dotted
     from r1ray.train.registry import get_stage
 
@@ -76,15 +77,27 @@ def inputs_for(stage: str, cfg: Any) -> dict[str, Any]:
         if get_dotted(cfg, i.field):
             defaulted = defaulted and not i.required
             continue
-        if not i.required and not (defaulted and (i.when is None or i.when(cfg))):
+        if not i.required and ((i.when is not None and not i.when(cfg)) or (i.same_chain and not defaulted)):
             continue
         if i.kind == "data":
             from r1ray.data.pipeline import ensure_default
 
             out[i.field] = ensure_default(cfg.storage, cfg.ray)
+        elif i.kind == "traces":
+            out[i.field] = _traces(_with(cfg, out))
         else:
             out[i.field] = default_export(entry.model_from, cfg)
     return out
+
+
+def _traces(cfg: Any) -> str:
+    """The teacher traces of a sequence-mode distillation config (its traces step, in a Ray session)."""
+    from r1ray.runtime import ray_session
+    from r1ray.train.stages.distill import traces_config
+    from r1ray.train.stages.traces import generate, traces_file
+
+    with ray_session(cfg.ray):
+        return traces_file(generate(traces_config(cfg)))
 
 
 def prepare(stage: str, cfg: Any) -> Any:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 from collections.abc import Callable
 from functools import lru_cache
@@ -112,4 +113,25 @@ def sample_problems(
     for k in range(start, start + n):
         name = _pick(entries, total, seed, k)
         out.append(tasks[name].problem(k, seed=seed, split=split, difficulty=levels[name]))
+    return out
+
+
+def level_shares(n: int, weights: dict[int, float]) -> dict[int, int]:
+    """``n`` split over difficulty levels by ``weights``, by largest remainder (the counts sum to ``n``)."""
+    total = sum(weights.values())
+    raw = {k: n * w / total for k, w in weights.items()}
+    out = {k: int(math.floor(v)) for k, v in raw.items()}
+    for k in sorted(raw, key=lambda k: (out[k] - raw[k], k))[: n - sum(out.values())]:
+        out[k] += 1
+    return out
+
+
+def sample_problems_by_level(mix: dict[str, float], levels: dict[int, float], n: int, *, seed: int, split: str,
+                             options: dict[str, dict] | None = None) -> list[Problem]:
+    """``n`` problems of the task mix, shared over the difficulty ``levels`` by weight (``level_shares``), level by
+    level in ascending order of the levels' keys as given."""
+    out: list[Problem] = []
+    for level, count in level_shares(n, levels).items():
+        if count:
+            out += sample_problems(mix, count, seed=seed, split=split, difficulty=level, options=options)
     return out

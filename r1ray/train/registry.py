@@ -28,13 +28,17 @@ class Input:
     """One upstream artifact a stage reads."""
 
     kind: str
-    """``data`` (a data artifact) or ``model`` (a model export)."""
+    """``data`` (a data artifact), ``model`` (a model export) or ``traces`` (a teacher-traces artifact, made by
+    ``r1ray.train.stages.traces`` from the stage's own config: the field gets its ``traces.jsonl``)."""
     field: str
     """The dotted config field it fills (``data.path``, ``model.init_from``, ``distill.teacher``)."""
     required: bool = True
     """A required input left unset fails the stage's ``plan``; an optional one is filled only when ``when``."""
     when: Callable[[Any], bool] | None = None
     """Optional inputs: filled only when this holds for the config (SFT's corpus replay when its fraction > 0)."""
+    same_chain: bool = False
+    """Optional inputs: a job's upstream preparation fills it only when it also filled every required input (SFT
+    replays the corpus its default pretrained model was trained on, not the corpus of a model you named)."""
 
 
 @dataclass(frozen=True)
@@ -66,19 +70,32 @@ class StageEntry:
     def wire(self, upstream: dict[str, str], cfg: Any = None) -> dict[str, Any]:
         """Dotted overrides that connect the stage to ``upstream`` artifacts (``{"data": uri, "model": uri}``):
         every required input, and each optional one whose ``when`` holds for ``cfg``."""
-        out: dict[str, Any] = {}
-        for i in self.inputs:
-            if i.kind in upstream and (i.required or i.when is None or (cfg is not None and i.when(cfg))):
-                out[i.field] = upstream[i.kind]
-        return out
+        return {i.field: _value(i, upstream[i.kind]) for i in self.wired(upstream, cfg)}
+
+    def wired(self, upstream: dict[str, str], cfg: Any = None) -> tuple[Input, ...]:
+        """The inputs ``wire`` connects: the pipeline keys the stage on their artifacts."""
+        return tuple(i for i in self.inputs if i.kind in upstream
+                     and (i.required or i.when is None or (cfg is not None and i.when(cfg))))
 
     @property
     def required(self) -> tuple[str, ...]:
         return tuple(i.kind for i in self.inputs if i.required)
 
 
+def _value(i: Input, artifact: str) -> str:
+    if i.kind == "traces":
+        from r1ray.train.stages.traces import traces_file
+
+        return traces_file(artifact)
+    return artifact
+
+
 def _replays(cfg: Any) -> bool:
     return cfg.data.replay.fraction > 0
+
+
+def _sequence(cfg: Any) -> bool:
+    return cfg.distill.mode == "sequence"
 
 
 _PRE = "r1ray.train.stages."
@@ -87,13 +104,14 @@ STAGES: dict[str, StageEntry] = {
                            (Input("data", "data.path"),), default_run="default", model_from=None,
                            job_summary=_PRE + "pretrain:summary"),
     "sft": StageEntry("sft", _PRE + "sft:SFTConfig", _PRE + "sft:run",
-                      (Input("model", "model.init_from"), Input("data", "data.replay.data", False, _replays)),
+                      (Input("model", "model.init_from"), Input("data", "data.replay.data", False, _replays, True)),
                       default_run="sft", model_from="pretrain", job_summary=_PRE + "sft:job_summary"),
     "grpo": StageEntry("grpo", _PRE + "grpo.stage:GRPOConfig", _PRE + "grpo.stage:run",
                        (Input("model", "model.init_from"),), default_run="grpo", model_from="sft",
                        job_summary=_PRE + "grpo.stage:summary"),
     "distill": StageEntry("distill", _PRE + "distill:DistillConfig", _PRE + "distill:run",
-                          (Input("model", "distill.teacher"),), default_run="distill", model_from="sft",
+                          (Input("model", "distill.teacher"), Input("traces", "data.path", False, _sequence)),
+                          default_run="distill", model_from="sft",
                           job_summary=_PRE + "distill:job_summary"),
 }
 """The training stages, in pipeline order."""

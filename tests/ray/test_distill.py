@@ -60,20 +60,29 @@ def test_logit_distillation_lowers_the_kl_to_the_teacher(ray_local, teacher, tmp
 
 
 def test_sequence_distillation_trains_on_the_teachers_traces(ray_local, teacher, tmp_path):
+    """The traces are a step of their own (an artifact with a manifest, made before the stage runs); the stage's
+    plan only reads them, and refuses to run without them."""
+    from r1ray.artifacts import lineage, read_manifest
+    from r1ray.pipeline.upstream import prepare
     from r1ray.train.stages.distill import DistillConfig, run
 
     cfg = load_config(DistillConfig, [*BASE, f"distill.teacher={teacher}", f"storage.root={tmp_path}",
                                       "distill.mode=sequence", "distill.traces=48", "distill.keep_correct=false",
                                       "distill.max_new_tokens=12", "distill.cpus_per_engine=0.5", "train.max_steps=2",
                                       "run_name=seq"])
-    r = run(cfg)
+    with pytest.raises(ValueError, match="data.path is unset"):
+        run(cfg)
+    ready = prepare("distill", cfg)
+    traces = Path(tmp_path, "traces", "seq")
+    assert ready.data.path == str(traces / "traces.jsonl")
+    counts = read_manifest(str(traces), stage="traces")["counts"]
+    assert counts["traces"] == counts["kept"] == 48
+    rows = [json.loads(t)["messages"] for t in (traces / "traces.jsonl").read_text().splitlines()]
+    assert len(rows) == 48 and all(m[-1]["role"] == "assistant" for m in rows)
+    assert prepare("distill", cfg).data.path == ready.data.path  # the same config reuses them
+    r = run(ready)
     assert r.status == "completed"
-    traces = Path(r.run_dir, "teacher_traces.jsonl").read_text().splitlines()
-    assert len(traces) == 48
-    rows = [json.loads(t)["messages"] for t in traces]
-    assert all(m[-1]["role"] == "assistant" for m in rows)
-    # the resolved config (what the manifest records) trains on the traces
-    from r1ray.artifacts import read_manifest
-
+    # the resolved config (what the manifest records) trains on the traces, and the lineage names them
     m = read_manifest(r.export_path, stage="distill")
-    assert m["config"]["data"]["path"].endswith("teacher_traces.jsonl")
+    assert m["config"]["data"]["path"].endswith("traces/seq/traces.jsonl")
+    assert str(traces) in [e["uri"] for e in lineage(r.export_path)]

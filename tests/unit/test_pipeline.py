@@ -134,3 +134,53 @@ def test_ctrl_c_stops_serving_cleanly_even_when_pressed_twice():
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert "stopped" in out and "Traceback" not in err, err
+
+
+def test_the_registry_is_the_one_list_of_training_stages():
+    """Tune, the pipeline and the jobs' upstream preparation read r1ray.train.registry; every entry resolves."""
+    from r1ray.pipeline.config import STAGE_ORDER
+    from r1ray.pipeline.run import ADAPTERS
+    from r1ray.train.registry import STAGES, get_stage
+
+    assert list(STAGE_ORDER) == ["data", *STAGES, "evaluate", "compress", "serve"]
+    for name, entry in STAGES.items():
+        cls = entry.config_class()
+        assert cls().run_name == entry.default_run, name  # a job's default run is the registry's
+        assert callable(entry.run_function()) and ADAPTERS[name].config == entry.config
+        assert entry.model_from is None or entry.model_from in STAGES
+    with pytest.raises(ValueError, match="unknown training stage 'finetune'"):
+        get_stage("finetune")
+
+
+def test_optional_inputs_are_wired_only_when_the_config_wants_them(tmp_path):
+    from r1ray.pipeline.run import resolve_stage, stage_key
+
+    up = {"data": "/data/art", "model": "/runs/p/final"}
+    on = load_config(PipelineConfig, [f"storage.root={tmp_path}", "sft.overrides={data.replay.fraction: 0.2}"])
+    off = load_config(PipelineConfig, [f"storage.root={tmp_path}", "sft.overrides={data.replay.fraction: 0.0}"])
+    assert resolve_stage(on, "sft", up).data.replay.data == "/data/art"
+    assert resolve_stage(off, "sft", up).data.replay.data is None
+    # sequence-mode distillation reads a traces step derived from its own config, with a key of its own
+    seq = load_config(PipelineConfig, [f"storage.root={tmp_path}", "run_name=k", "stages=[distill]",
+                                       "distill.overrides={distill.mode: sequence, distill.traces: 64}"])
+    traces = resolve_stage(seq, "traces", {"model": "/t"})
+    assert (traces.teacher, traces.count, traces.run_name) == ("/t", 64, "k-distill")
+    assert traces.artifact_uri() == str(tmp_path / "traces" / "k-distill")
+    distill = resolve_stage(seq, "distill", {"model": "/t", "traces": traces.artifact_uri()})
+    assert distill.data.path == str(tmp_path / "traces" / "k-distill" / "traces.jsonl")
+    logit = load_config(PipelineConfig, [f"storage.root={tmp_path}", "stages=[distill]"])
+    assert resolve_stage(logit, "distill", {"model": "/t", "traces": "/x"}).data.path is None
+    assert stage_key("traces", traces, {}, ()) != stage_key("traces", traces.model_copy(update={"count": 65}), {}, ())
+
+
+def test_a_job_fills_only_its_unset_inputs(tmp_path):
+    """``inputs_for`` prepares nothing a config names (no compute here): the upstream defaults are for unset
+    inputs only, and SFT's replay follows its model's chain."""
+    from r1ray.pipeline.upstream import inputs_for
+    from r1ray.train.stages.distill import DistillConfig
+    from r1ray.train.stages.sft import SFTConfig
+
+    named = load_config(SFTConfig, [f"storage.root={tmp_path}", "model.init_from=/m", "data.replay.fraction=0.2"])
+    assert inputs_for("sft", named) == {}  # a model you named: no default corpus replayed behind your back
+    logit = load_config(DistillConfig, [f"storage.root={tmp_path}", "distill.teacher=/t"])
+    assert inputs_for("distill", logit) == {}

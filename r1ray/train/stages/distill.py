@@ -28,7 +28,6 @@ held-out assistant tokens) and ``val_kd_loss``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field
@@ -38,7 +37,7 @@ from r1ray.model.build import ModelConfig
 from r1ray.observe.log import get_logger
 from r1ray.train.core.driver import TrainResult, run_stage, summary  # noqa: F401 - summary: the job's closing text
 from r1ray.train.core.inputs import lineage_inputs, start_problems
-from r1ray.train.stage import Metrics, RunPlan, WorkerInfo
+from r1ray.train.stage import Metrics, RunPlan
 from r1ray.train.stages.sft import (
     SFTConfig,
     SFTDataConfig,
@@ -47,6 +46,7 @@ from r1ray.train.stages.sft import (
     accuracy_table,
     plan_problems,
 )
+from r1ray.train.stages.traces import TRACES_FILE, TracesConfig
 
 log = get_logger(__name__)
 
@@ -156,10 +156,11 @@ class DistillStage(SFTStage):
                 raise ValueError("the distillation config cannot run:\n  - " + "\n  - ".join(problems))
         resolved = cfg
         if d.mode == "sequence":
-            if cfg.data.path and cfg.data.path != str(_traces_path(cfg)):
-                raise ValueError("distill.mode=sequence trains on the teacher's own traces: unset data.path (or "
-                                 "use distill.mode=logit to distil on data.path)")
-            resolved = _with_traces(cfg, _teacher_traces(cfg))
+            if not cfg.data.path:
+                raise ValueError("distill.mode=sequence fine-tunes on the teacher's traces and data.path is unset: "
+                                 "python jobs/distill.py (or the pipeline) generates them as an artifact of their "
+                                 "own (r1ray.train.stages.traces) and sets data.path to its traces.jsonl")
+            resolved = _with_traces(cfg)
         # SFT's checks with the student's tokenizer source (its own directory, or the teacher's); the accuracy
         # measured before training is the teacher's: the reference the student is held to
         sft_view = resolved.model_copy(update={
@@ -174,18 +175,12 @@ class DistillStage(SFTStage):
             teacher_view = sft_view.model_copy(update={"model": ModelConfig(init_from=d.teacher)})
             baselines = {k.replace("accuracy_before", "teacher_accuracy", 1): v
                          for k, v in accuracy_before(teacher_view).items()}
-        inputs = lineage_inputs(d.teacher, cfg.model.init_from)
-        return RunPlan(config=resolved, inputs=inputs, baselines=baselines)
+        return RunPlan(config=resolved, inputs=_lineage(resolved), baselines=baselines)
 
     # ---- worker side
-    def setup(self, worker: WorkerInfo, resources: dict[str, Any]) -> None:
-        cfg: DistillConfig = self.cfg
-        if cfg.model.init_from is None:  # SFT's setup reads the tokenizer of model.init_from
-            self.cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"init_from": cfg.distill.teacher})})
-            super().setup(worker, resources)
-            self.cfg = cfg
-        else:
-            super().setup(worker, resources)
+    def tokenizer_source(self) -> str:
+        """The student's own directory, or (a fresh student) the teacher's: logit KD compares the same ids."""
+        return self.cfg.model.init_from or self.cfg.distill.teacher
 
     def build_model(self) -> Any:
         from r1ray.model import build_model
@@ -233,88 +228,40 @@ class DistillStage(SFTStage):
         return total
 
     def export_inputs(self) -> list[str]:
-
-        d = self.cfg.distill
-        return lineage_inputs(d.teacher, self.cfg.model.init_from)
+        return _lineage(self.cfg)
 
 
 # --------------------------------------------------------------------------------------------------
-# Sequence mode: teacher traces on Ray Data through an engine pool (driver side)
+# Sequence mode: the teacher's traces (an artifact of their own: r1ray.train.stages.traces)
 # --------------------------------------------------------------------------------------------------
 
 
-def _traces_path(cfg: DistillConfig) -> Path:
-    return Path(cfg.storage.uri("runs", cfg.run_name, "teacher_traces.jsonl"))
-
-
-def _teacher_traces(cfg: DistillConfig) -> Path:
-    """Generate (or reuse: a pure function of the config) the teacher's traces as a jsonl of conversations."""
-    import json
-    import time
-
-    import ray
-
-    from r1ray.infer import SamplingParams
-    from r1ray.infer.pool import EnginePool
-    from r1ray.tasks.rewards import score
-    from r1ray.train.stages.sft import task_problems
-
+def traces_config(cfg: DistillConfig) -> TracesConfig:
+    """The traces step of a sequence-mode config: the teacher answers ``distill.traces`` prompts of the student's
+    task mix and levels (the train split); at least ``train.eval_samples`` must be kept for validation."""
     d = cfg.distill
-    out = _traces_path(cfg)
-    done = out.with_suffix(".done")
-    if done.exists():
-        log.info("reusing the teacher's traces in %s", out)
-        return out
-    t0 = time.perf_counter()
-    problems = task_problems(cfg, d.traces, "train")
-    pool_name = f"r1ray-distill-{cfg.run_name}"
-    pool = EnginePool.start(pool_name, d.teacher, n=d.num_engines, cpus_per_engine=d.cpus_per_engine)
-    try:
-        def generate(batch: dict[str, Any]) -> dict[str, Any]:
-            from r1ray.infer.pool import EnginePool as Pool
-            from r1ray.model.tokenizer import load_tokenizer
-
-            tok = load_tokenizer(d.teacher)
-            prompts = [tok.apply_chat_template(json.loads(m), tokenize=True, add_generation_prompt=True,
-                                               return_dict=False) for m in batch["messages"]]
-            params = [SamplingParams(max_tokens=d.max_new_tokens, temperature=d.teacher_temperature,
-                                     seed=int(cfg.seed * 1_000_003 + i)) for i in batch["index"]]
-            done = Pool.connect(pool_name).generate(prompts, params)
-            return {"index": batch["index"], "text": [c.text for c in done]}
-
-        items = [{"index": i, "messages": json.dumps(p.messages())} for i, p in enumerate(problems)]
-        rows = ray.data.from_items(items).map_batches(generate, batch_size=64, num_cpus=0.1).take_all()
-    finally:
-        pool.stop()
-    texts = {int(r["index"]): r["text"] for r in rows}
-    completions = [texts[i] for i in range(len(problems))]
-    correct = score(completions, problems, {"accuracy": 1.0}).per_reward["accuracy"]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    kept = 0
-    with open(out.with_suffix(".tmp"), "w") as f:
-        for p, text, ok in zip(problems, completions, correct, strict=True):
-            if d.keep_correct and ok < 1.0:
-                continue
-            f.write(json.dumps({"messages": [*p.messages(), {"role": "assistant", "content": text}]}) + "\n")
-            kept += 1
-    if kept <= cfg.train.eval_samples:
-        raise RuntimeError(f"the teacher's traces kept {kept} of {len(problems)} (keep_correct={d.keep_correct}): "
-                           f"not more than the {cfg.train.eval_samples} held out for validation; raise "
-                           "distill.traces, set distill.keep_correct=false, or use a stronger teacher")
-    out.with_suffix(".tmp").replace(out)
-    done.write_text(json.dumps({"traces": len(problems), "kept": kept}))
-    log.info("teacher traces: %d of %d kept (teacher accuracy %.3f) in %.0fs -> %s", kept, len(problems),
-             sum(correct) / len(correct), time.perf_counter() - t0, out)
-    return out
+    if not d.teacher:
+        raise ValueError("distill.teacher is unset: the traces step needs the teacher")
+    return TracesConfig(teacher=d.teacher, run_name=cfg.run_name, seed=cfg.seed, tasks=dict(cfg.data.tasks),
+                        levels=dict(cfg.data.levels), task_options=dict(cfg.data.task_options), count=d.traces,
+                        keep_correct=d.keep_correct, min_kept=cfg.train.eval_samples,
+                        temperature=d.teacher_temperature, max_new_tokens=d.max_new_tokens,
+                        num_engines=d.num_engines, cpus_per_engine=d.cpus_per_engine, storage=cfg.storage)
 
 
-def _with_traces(cfg: DistillConfig, path: Path) -> DistillConfig:
-    """The config that fine-tunes the student on the traces (SFT on ``data.path``; sequence mode's loss)."""
-    data = cfg.data.model_copy(update={"path": str(path)})
-    # held-out accuracy keeps using the tasks' eval split
+def _lineage(cfg: DistillConfig) -> list[str]:
+    """The teacher, a student start and (sequence mode) the traces artifact, where they are r1ray artifacts."""
+    traces = None
+    if cfg.distill.mode == "sequence" and cfg.data.path and cfg.data.path.endswith("/" + TRACES_FILE):
+        traces = cfg.data.path[: -len(TRACES_FILE) - 1]
+    return lineage_inputs(cfg.distill.teacher, cfg.model.init_from, traces)
+
+
+def _with_traces(cfg: DistillConfig) -> DistillConfig:
+    """Sequence mode's resolved config: SFT on the traces in ``data.path``, held-out accuracy on the tasks' eval
+    split of the student's task mix."""
     eval_cfg = cfg.eval if cfg.eval.tasks is not None else cfg.eval.model_copy(update={"tasks": dict(cfg.data.tasks)})
-    return cfg.model_copy(update={"data": data, "eval": eval_cfg,
-                                  "distill": cfg.distill.model_copy(update={"mode": "sequence"})})
+    return cfg.model_copy(update={"eval": eval_cfg})
 
 
 def run(cfg: DistillConfig, *, callbacks: Sequence[Any] = (), run_name: str | None = None,

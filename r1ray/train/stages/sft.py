@@ -203,28 +203,13 @@ class SFTConfig(TrainJobConfig):
 # --------------------------------------------------------------------------------------------------
 
 
-def _shares(n: int, weights: dict[int, float]) -> dict[int, int]:
-    """``n`` split over ``weights`` by largest remainder (the counts sum to ``n``)."""
-    total = sum(weights.values())
-    raw = {k: n * w / total for k, w in weights.items()}
-    out = {k: int(math.floor(v)) for k, v in raw.items()}
-    for k in sorted(raw, key=lambda k: (out[k] - raw[k], k))[: n - sum(out.values())]:
-        out[k] += 1
-    return out
-
-
 def task_problems(cfg: SFTConfig, n: int, split: str, mix: dict[str, float] | None = None,
                   levels: dict[int, float] | None = None) -> list[Any]:
     """``n`` problems of the task mix, shared over the difficulty levels by weight (level by level)."""
-    from r1ray.tasks.registry import sample_problems
+    from r1ray.tasks.registry import sample_problems_by_level
 
-    mix = mix or cfg.data.tasks
-    out: list[Any] = []
-    for level, count in _shares(n, levels or cfg.data.levels).items():
-        if count:
-            out += sample_problems(mix, count, seed=cfg.seed, split=split, difficulty=level,
-                                   options=cfg.data.task_options)
-    return out
+    return sample_problems_by_level(mix or cfg.data.tasks, levels or cfg.data.levels, n, seed=cfg.seed, split=split,
+                                    options=cfg.data.task_options)
 
 
 def eval_problems(cfg: SFTConfig) -> dict[int, list[Any]]:
@@ -307,7 +292,7 @@ def greedy_accuracy(model: Any, tokenizer: Any, problems: dict[int, list[Any]], 
     import torch
     from transformers import GenerationConfig
 
-    from r1ray.tasks.rewards import score
+    from r1ray.tasks.accuracy import score_problems
     from r1ray.train.core.losses import unwrap
 
     m = Metrics()
@@ -349,11 +334,11 @@ def greedy_accuracy(model: Any, tokenizer: Any, problems: dict[int, list[Any]], 
             for row in out[:, width:].tolist():
                 cut = next((i for i, t in enumerate(row) if t in stop), len(row))
                 completions.append(tokenizer.decode(row[:cut], skip_special_tokens=False))
-    result = score(completions, [p for _, p in mine], {"accuracy": 1.0})
-    for (level, _), value in zip(mine, result.per_reward["accuracy"], strict=True):
+    scores, failures = score_problems(completions, [p for _, p in mine])
+    for (level, _), value in zip(mine, scores, strict=True):
         m.mean("accuracy", value)
         m.mean(f"accuracy_d{level}", value)
-    m.total("eval_verify_failures", float(sum(result.failures.values())))
+    m.total("eval_verify_failures", float(failures))
     return m
 
 
@@ -393,11 +378,15 @@ class SFTStage(Stage):
         return RunPlan(config=cfg, inputs=inputs, baselines=baselines)
 
     # ---- worker side
+    def tokenizer_source(self) -> str:
+        """The model directory whose tokenizer (and chat template) renders the conversations."""
+        return self.cfg.model.init_from
+
     def setup(self, worker: WorkerInfo, resources: dict[str, Any]) -> None:
         from r1ray.model.tokenizer import load_tokenizer
 
         cfg: SFTConfig = self.cfg
-        self.tokenizer = load_tokenizer(local_start(cfg.model.init_from))
+        self.tokenizer = load_tokenizer(local_start(self.tokenizer_source()))
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None \
             else self.tokenizer.eos_token_id
         self.train, self.val = conversations(cfg)

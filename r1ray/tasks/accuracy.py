@@ -1,11 +1,12 @@
-"""Task accuracy by generation, shared by the evaluation job and the training stages' in-loop evaluation.
+"""Task accuracy (greedy, pass@k, maj@k, per level), shared by the evaluation job, the training stages' in-loop
+evaluation and the benchmarks.
 
 A generation function is any callable ``problems -> completions`` (the caller renders prompts the way its
 model expects: a chat template, a prefilled ``<think>``, the pretraining layout), so the SFT stage's HF
 ``generate``, GRPO's engine pool, the evaluation job's Ray Data pipeline and a test's lambda all score the
 same way::
 
-    from r1ray.eval.generation import task_accuracy
+    from r1ray.tasks.accuracy import task_accuracy
     m = task_accuracy(lambda ps: [p.completion for p in ps], problems)   # {"accuracy": 1.0, "accuracy_d1": ...}
 
 Completions are verified by each task's verifier in the reward sandbox (``r1ray.tasks.rewards.score``:
@@ -17,7 +18,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
+import numpy as np
+
 from r1ray.tasks.base import Problem, extract_answer
+from r1ray.tasks.rewards import DEFAULT_TIMEOUT_S
 
 __all__ = [
     "NO_THINK_MAX_TOKENS",
@@ -25,9 +29,12 @@ __all__ = [
     "GenerateFn",
     "answer_key",
     "level_metrics",
+    "maj_at_k",
+    "pass_at_k",
     "render_prompt",
     "score_no_think",
     "score_problems",
+    "score_samples",
     "task_accuracy",
 ]
 
@@ -81,7 +88,7 @@ def answer_key(completion: str) -> str | None:
 
 
 def score_problems(completions: Sequence[str], problems: Sequence[Problem], *, prefilled_think: bool = False,
-                   timeout_s: float = 2.0) -> tuple[list[float], int]:
+                   timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[list[float], int]:
     """Each completion's accuracy under its task's verifier (0 or 1; a verifier that fails scores 0) and the
     number of verifier failures."""
     from r1ray.tasks.rewards import score
@@ -95,7 +102,7 @@ def score_problems(completions: Sequence[str], problems: Sequence[Problem], *, p
     return list(res.per_reward["accuracy"]), int(sum(res.failures.values()))
 
 
-def score_no_think(completions: Sequence[str], problems: Sequence[Problem], *, timeout_s: float = 2.0
+def score_no_think(completions: Sequence[str], problems: Sequence[Problem], *, timeout_s: float = DEFAULT_TIMEOUT_S
                    ) -> tuple[list[float], int]:
     """``score_problems`` for completions of ``render_prompt(..., no_think=True)``, whose prompt opened the
     answer: each is scored as ``<answer>`` + completion."""
@@ -119,7 +126,7 @@ def level_metrics(scores: Sequence[float], problems: Sequence[Problem], prefix: 
 
 
 def task_accuracy(generate_fn: GenerateFn, problems: Sequence[Problem], *, prefilled_think: bool = False,
-                  timeout_s: float = 2.0, batch_size: int | None = None) -> dict[str, float]:
+                  timeout_s: float = DEFAULT_TIMEOUT_S, batch_size: int | None = None) -> dict[str, float]:
     """Greedy accuracy of ``generate_fn`` on ``problems``: ``accuracy``, ``accuracy_d<level>`` per difficulty,
     ``n`` and ``eval_verify_failures``. ``generate_fn`` gets the problems (in ``batch_size`` slices when given)
     and returns one completion each; decoding is its business (the training stages pass greedy decoding).
@@ -138,3 +145,61 @@ def task_accuracy(generate_fn: GenerateFn, problems: Sequence[Problem], *, prefi
     m["n"] = float(len(problems))
     m["eval_verify_failures"] = float(failures)
     return m
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The unbiased pass@k estimator of Chen et al. 2021 (Codex): ``1 - C(n-c, k) / C(n, k)``, the chance that
+    at least one of ``k`` samples drawn without replacement from ``n`` samples, ``c`` of them correct, is
+    correct. Computed as ``1 - prod_{i=n-c+1}^{n} (1 - k/i)`` (the paper's numerically stable form: no huge
+    binomials)."""
+    if not (isinstance(n, int) and isinstance(c, int) and isinstance(k, int)):
+        raise ValueError(f"pass_at_k: n, c and k must be integers, got n={n!r}, c={c!r}, k={k!r}")
+    if n < 1 or not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass_at_k needs n >= 1, 0 <= c <= n and 1 <= k <= n; got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - float(np.prod(1.0 - k / np.arange(n - c + 1, n + 1, dtype=np.float64)))
+
+
+def maj_at_k(answers: Sequence[str | None], scores: Sequence[float], k: int) -> float:
+    """maj@k (self-consistency): the score of the most frequent answer among the first ``k`` samples.
+
+    ``answers[i]`` is sample i's extracted answer in a canonical form (equal strings = the same answer; None =
+    no answer, which does not vote) and ``scores[i]`` its score. Ties go to the answer that appeared first;
+    no answer at all scores 0."""
+    if len(answers) != len(scores):
+        raise ValueError(f"maj_at_k: {len(answers)} answers but {len(scores)} scores")
+    if not 1 <= k <= len(answers):
+        raise ValueError(f"maj_at_k needs 1 <= k <= {len(answers)} samples, got k={k}")
+    counts: dict[str, int] = {}
+    first: dict[str, int] = {}
+    for i, a in enumerate(answers[:k]):
+        if a is None:
+            continue
+        counts[a] = counts.get(a, 0) + 1
+        first.setdefault(a, i)
+    if not counts:
+        return 0.0
+    best = max(counts, key=lambda a: (counts[a], -first[a]))
+    return float(scores[first[best]])
+
+
+def score_samples(texts: Sequence[str], problems: Sequence[Problem], samples: int, ks: Sequence[int], *,
+                  prefilled_think: bool = False, timeout_s: float = DEFAULT_TIMEOUT_S
+                  ) -> tuple[dict[str, list[float]], list[float], int]:
+    """Per-item task accuracy of one greedy completion and ``samples`` sampled ones per problem: ``texts`` holds
+    the greedy completions of ``problems`` first, then each round of samples in the same order. Returns
+    ``({"accuracy": greedy, "pass@k": ..., "maj@k": ...}, every completion's score, verifier failures)``;
+    ``level_metrics`` makes per-level means of any of them."""
+    n = len(problems)
+    if len(texts) != n * (1 + samples):
+        raise ValueError(f"{len(texts)} completions for {n} problems with {samples} samples each (+1 greedy)")
+    scores, failures = score_problems(texts, list(problems) * (1 + samples), prefilled_think=prefilled_think,
+                                      timeout_s=timeout_s)
+    drawn = [[scores[n * (1 + j) + i] for j in range(samples)] for i in range(n)]
+    keys = [[answer_key(texts[n * (1 + j) + i]) for j in range(samples)] for i in range(n)]
+    per_item: dict[str, list[float]] = {"accuracy": scores[:n]}
+    for k in ks if samples else []:
+        per_item[f"pass@{k}"] = [pass_at_k(samples, int(round(sum(s))), k) for s in drawn]
+        per_item[f"maj@{k}"] = [maj_at_k(keys[i], drawn[i], k) for i in range(n)]
+    return per_item, scores, failures

@@ -1,4 +1,4 @@
-"""r1ray.eval.generation (task accuracy shared with the training stages) and the evaluation config."""
+"""r1ray.tasks.accuracy (task accuracy shared with the training stages) and the evaluation config."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 
 from r1ray.config import ConfigError, load_config
 from r1ray.eval.config import EvaluateConfig
-from r1ray.eval.generation import answer_key, render_prompt, task_accuracy
+from r1ray.tasks.accuracy import answer_key, render_prompt, task_accuracy
 from r1ray.tasks.registry import sample_problems
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -117,8 +117,8 @@ def test_no_think_prompt_opens_the_answer_and_leaves_no_room_to_think(problems, 
     """``accuracy_no_think``: the prompt closes an empty reasoning and opens the answer, and the completion gets
     16 tokens, so a model that writes its worked solution after ``</think>`` anyway (measured: the default model
     does) cannot reach an answer tag; a direct answer scores."""
-    from r1ray.eval.generation import NO_THINK_MAX_TOKENS, score_no_think
     from r1ray.model.tokenizer import load_tokenizer
+    from r1ray.tasks.accuracy import NO_THINK_MAX_TOKENS, score_no_think
 
     p = next(q for q in problems if q.task == "arithmetic")
     assert render_prompt(p, "question", no_think=True) == f"Question: {p.question}\n<think>\n</think>\n<answer>"
