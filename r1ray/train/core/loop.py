@@ -5,8 +5,9 @@ The loop owns *how* to train: the DeepSpeed engine (and the placement of a stage
 the exactly-once cursor, accumulation and loss normalisation, clipping, the learning-rate schedule,
 non-finite skips, evaluation and checkpoint cadence, resume (also at another data-parallel size),
 SIGTERM/preemption checkpoints, fault injection and metrics. ``Loop.run`` is a sequence of named phases:
-``_open_checkpoint`` -> ``_build_engine`` -> ``_load_checkpoint`` -> ``_train`` (``_train_step`` and
-``_after_step`` per step) -> ``_finish``.
+``_setup_worker`` -> ``checkpoints.open`` -> ``_build_engine`` -> ``checkpoints.load`` -> ``_train``
+(``_train_step`` and ``_after_step`` per step) -> ``_finish``. Checkpoint I/O is the ``CheckpointManager`` of
+``r1ray.train.core.checkpoint``; fault injection and drill instruments are ``r1ray.train.core.faults``.
 
 Loss normalisation: a stage returns the *sum* of its per-unit losses and declares each micro-batch's
 weight (``batch_weight``) up front; the loop divides by the update's global weight (all workers, all
@@ -21,7 +22,6 @@ from __future__ import annotations
 import importlib
 import math
 import os
-import shutil
 import signal
 import tempfile
 import time
@@ -32,6 +32,8 @@ from typing import Any
 import numpy as np
 
 from r1ray.observe.log import get_logger, setup_logging
+from r1ray.train.core.checkpoint import CheckpointManager, RunState
+from r1ray.train.core.faults import FaultHooks
 from r1ray.train.core.flops import gpu_peak_flops, train_flops_per_token
 from r1ray.train.core.preflight import SetupError
 from r1ray.train.stage import Metrics, Stage, StepInputs, WorkerInfo
@@ -108,23 +110,6 @@ class _Signals:
             signal.signal(signal.SIGTERM, self._old)
 
 
-def _fire_once(run_dir: str, name: str) -> bool:
-    """True the first time ``name`` is asked for in this run (a marker file in the run directory)."""
-    from pathlib import Path
-
-    from r1ray.artifacts import filesystem
-
-    _, path = filesystem(run_dir)
-    marker = Path(path) / "faults" / name
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        return False
-    os.close(fd)
-    return True
-
-
 _REPORT_GAP_S = 1.25 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2.0"))
 """Least time between two metrics-only ``ray.train.report`` calls. Ray Train V2 hands a worker's reports to
 its controller through a queue of size 1 that the controller drains once per health check (every 2 s): a
@@ -132,28 +117,6 @@ second report inside that window blocks the training thread until the next poll.
 ``log_every`` steps of a fast model stalled training for most of each window (the loop ran at ~0.6x a bare
 PyTorch loop). Metrics-only reports closer than this are skipped (Prometheus, W&B and the run's history
 still get every ``log_every`` window); reports with a checkpoint or an evaluation are never skipped."""
-
-
-@dataclass
-class _RunState:
-    """What the loop tracks across steps (and writes into each checkpoint's trainer state)."""
-
-    step: int = 0
-    consumed: int = 0
-    restarts: int = 0
-    nonfinite_total: int = 0
-    in_row: int = 0
-    last_ckpt: str | None = None
-    saved_at: int = -1
-    status: str = "completed"
-    error: str | None = None
-    last: dict[str, Any] = field(default_factory=dict)  # loss, grad_norm, lr of the newest good step
-    val: dict[str, float] = field(default_factory=dict)  # newest evaluation
-    history: list[list[Any]] = field(default_factory=list)  # [step, mean train loss since last report, val loss]
-    reports: list[dict[str, float]] = field(default_factory=list)  # every report's scalar metrics (report cards)
-    resumed_fingerprint: float | None = None
-    saved_fingerprint: float | None = None
-    stage_state: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -204,6 +167,7 @@ class Loop:
         self.stage, self.cfg, self.payload = stage, cfg, payload
         self.run_dir: str = payload["run_dir"]
         self.tags = {"run": cfg.run_name, "stage": stage.name}
+        self.checkpoints = CheckpointManager(self)
         self._last_batch: dict[str, Any] | None = None
         self._reported_at = -math.inf
 
@@ -267,42 +231,7 @@ class Loop:
             torch.set_num_threads(threads)
         self.worker = WorkerInfo(rank, world, local_rank, use_gpu, device)
         self.stage.worker = self.worker
-
-    # ---- phase: find the checkpoint to resume from
-    def _open_checkpoint(self) -> tuple[str | None, dict[str, Any], bool]:
-        """(local checkpoint dir or None, its trainer state, whether Ray Train restarted us)."""
-        import ray.train
-        from ray.train import Checkpoint
-
-        from r1ray.model.export import checkpoint_step, newest_checkpoint
-
-        ckpt, from_ray = ray.train.get_checkpoint(), True
-        # Ray Train registers a reported checkpoint only when its controller next polls the workers (every
-        # 2 s): a worker killed within that window restarts from the checkpoint before, losing an interval.
-        # r1ray's own marker (written once every rank's files are stored) closes that gap.
-        newest = newest_checkpoint(self.run_dir)
-        if newest is not None and (ckpt is None or (checkpoint_step(newest.rstrip("/").rsplit("/", 1)[-1]) or 0)
-                                   > (checkpoint_step(ckpt.path.rstrip("/").rsplit("/", 1)[-1]) or 0)):
-            log.info("resuming from %s, newer than Ray Train's registered checkpoint", newest)
-            ckpt = Checkpoint(newest)
-        if ckpt is None and self.cfg.checkpoint.resume_from:
-            ckpt, from_ray = Checkpoint(self.cfg.checkpoint.resume_from), False
-        if ckpt is None:
-            return None, {}, False
-        from r1ray.train.core.checkpoint import read_trainer_state
-
-        self._ckpt_ctx = ckpt.as_directory()
-        local = self._ckpt_ctx.__enter__()
-        state = read_trainer_state(local)
-        if state["zero_stage"] != self.cfg.deepspeed.zero_stage:
-            raise ValueError(
-                f"checkpoint {local} was saved with deepspeed.zero_stage={state['zero_stage']}; resume with "
-                f"the same stage (got {self.cfg.deepspeed.zero_stage})")
-        if state["global_batch_size"] != self.cfg.train.global_batch_size:
-            raise ValueError(
-                f"checkpoint {local} was trained with train.global_batch_size={state['global_batch_size']}; "
-                f"resume with it (got {self.cfg.train.global_batch_size}): the sample cursor counts in it")
-        return local, state, from_ray
+        self.faults = FaultHooks(self.cfg.faults, self.run_dir, rank, world, self.payload.get("driver_pid"))
 
     # ---- phase: models and the DeepSpeed engine
     def _build_engine(self, load_universal: bool) -> None:
@@ -344,70 +273,6 @@ class Loop:
             return engine
         return model.to(device=self.worker.device, dtype=dtype)
 
-    # ---- phase: restore the checkpoint's state
-    def _load_checkpoint(self, local: str, state: dict[str, Any], from_ray: bool, universal: bool) -> _RunState:
-        from r1ray.observe.metrics import record
-        from r1ray.train.core.checkpoint import DS_TAG, convert_to_universal
-
-        w = self.worker
-        load_dir, conv_dir = local, None
-        if universal:
-            import ray.util
-
-            # one conversion per host, by local rank 0: Ray Train numbers local ranks per node IP
-            host = ray.util.get_node_ip_address().replace(":", "_")
-            conv_dir = os.path.join(tempfile.gettempdir(),
-                                    f"r1ray-universal-{state['attempt']}-{state['step']}-{host}")
-            if w.local_rank == 0 and not os.path.exists(os.path.join(conv_dir, "done")):
-                t1 = time.perf_counter()
-                convert_to_universal(local, conv_dir)
-                open(os.path.join(conv_dir, "done"), "w").close()
-                log.info("converted a %d-worker checkpoint to universal in %.1fs", state["world_size"],
-                         time.perf_counter() - t1)
-            self._barrier()
-            load_dir = conv_dir
-        path, _ = self.engine.load_checkpoint(load_dir, tag=DS_TAG, load_lr_scheduler_states=False)
-        if path is None:
-            raise RuntimeError(f"DeepSpeed could not load the checkpoint at {load_dir}/{DS_TAG}")
-        rs = _RunState(step=int(state["step"]), consumed=int(state["samples_consumed"]),
-                       nonfinite_total=int(state.get("nonfinite_total", 0)),
-                       restarts=int(state.get("restarts", 0)) + (1 if from_ray else 0),
-                       last_ckpt=state.get("checkpoint"), saved_at=int(state["step"]),
-                       saved_fingerprint=state.get("optim_fingerprint"),
-                       stage_state=state.get("stage_state") or {})
-        rs.resumed_fingerprint = self._optim_fingerprint()
-        self.stage.load_state_dict(rs.stage_state)
-        log.info("resumed from %s at step %d, %d samples consumed (saved on %d worker(s), now %d)",
-                 local, rs.step, rs.consumed, state["world_size"], w.world_size)
-        if rs.consumed != rs.step * self.cfg.train.global_batch_size:
-            raise ValueError(f"checkpoint {local}: samples_consumed={rs.consumed} != step {rs.step} x "
-                             f"train.global_batch_size {self.cfg.train.global_batch_size}")
-        self._ckpt_ctx.__exit__(None, None, None)
-        if conv_dir:
-            self._barrier()
-            if w.local_rank == 0:
-                shutil.rmtree(conv_dir, ignore_errors=True)
-        if from_ray and rs.restarts:
-            record("r1ray_train_restarts", 1, **self.tags)
-        return rs
-
-    def _optim_fingerprint(self) -> float:
-        """Sum of |state| over every optimizer state tensor of every rank: equal before a save and after a
-        load at any data-parallel size iff the optimizer state was carried over (not reset)."""
-        import torch
-
-        opt = self.engine.optimizer
-        inner = getattr(opt, "optimizer", opt)
-        total = 0.0
-        for state in inner.state.values():
-            for v in state.values():
-                if torch.is_tensor(v) and v.dim() > 0:
-                    total += float(v.detach().double().abs().sum())
-        total = self._allreduce([total])[0]
-        if self.cfg.deepspeed.zero_stage == 0:
-            total /= self.worker.world_size  # replicated, not partitioned
-        return total
-
     # ---- the run
     def run(self) -> dict[str, Any]:
         from r1ray.observe.metrics import record
@@ -424,10 +289,10 @@ class Loop:
                              "sample; set it to 0 (SFT and GRPO order task difficulty with their curriculum block)")
         self.order = GlobalOrder(self.stage.num_samples(), cfg.seed, difficulty, cfg.train.curriculum_epochs,
                                  cfg.train.curriculum_buckets)
-        local, state, from_ray = self._open_checkpoint()
+        local, state, from_ray = self.checkpoints.open()
         universal = bool(local) and state["world_size"] != w.world_size and state["zero_stage"] > 0
         self._build_engine(load_universal=universal)
-        rs = self._load_checkpoint(local, state, from_ray, universal) if local else _RunState()
+        rs = self.checkpoints.load(local, state, from_ray, universal) if local else RunState()
         self.attempt = self._broadcast_str(uuid.uuid4().hex[:8])
         self.wandb = WandbRun(cfg.logging.wandb, name=cfg.run_name, run_dir=_local_or_tmp(self.run_dir),
                               config=cfg.model_dump(mode="json"), enabled=w.rank == 0)
@@ -441,7 +306,7 @@ class Loop:
         return self._finish(rs)
 
     # ---- phase: the step loop
-    def _train(self, rs: _RunState, signals: _Signals) -> None:
+    def _train(self, rs: RunState, signals: _Signals) -> None:
         tcfg = self.cfg.train
         end = min(tcfg.max_steps, tcfg.stop_after_steps or tcfg.max_steps)
         win = _Window()
@@ -454,7 +319,7 @@ class Loop:
             win.tokens += out["tokens"]
             if not self._after_step(rs, out, win):
                 break  # too many non-finite steps in a row
-            self._maybe_kill("kill_at_step", rs.step)
+            self.faults.maybe_kill("kill_at_step", rs.step)
             if self.cfg.faults.step_delay_s:
                 time.sleep(self.cfg.faults.step_delay_s)
             stop = out["stop"] or (rs.step % tcfg.log_every == 0 and self._preempted())
@@ -473,7 +338,7 @@ class Loop:
                 rs.reports.append({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))
                                    and k not in ("time", "max_steps")})
                 if do_ckpt:
-                    rs.last_ckpt, rs.saved_at = self._save(rs, metrics), rs.step
+                    rs.last_ckpt, rs.saved_at = self.checkpoints.save(rs, metrics), rs.step
                     self._reported_at = time.monotonic()
                 elif do_eval or time.monotonic() - self._reported_at >= _REPORT_GAP_S:
                     import ray.train
@@ -488,9 +353,9 @@ class Loop:
             rs.status = "stopped"  # at train.stop_after_steps: a segment, resumable
         if rs.status in ("completed", "stopped") and rs.saved_at != rs.step:
             rs.val = rs.val or self._evaluate()
-            rs.last_ckpt, rs.saved_at = self._save(rs, self._metrics(rs, rs.val, win)), rs.step
+            rs.last_ckpt, rs.saved_at = self.checkpoints.save(rs, self._metrics(rs, rs.val, win)), rs.step
 
-    def _after_step(self, rs: _RunState, out: dict[str, Any], win: _Window) -> bool:
+    def _after_step(self, rs: RunState, out: dict[str, Any], win: _Window) -> bool:
         """Book-keeping of one finished step; False ends the run (too many non-finite steps in a row)."""
         from r1ray.observe.metrics import record
 
@@ -514,14 +379,14 @@ class Loop:
         return False
 
     # ---- phase: the result
-    def _finish(self, rs: _RunState) -> dict[str, Any]:
+    def _finish(self, rs: RunState) -> dict[str, Any]:
         return {
             "status": rs.status, "step": rs.step, "samples_consumed": rs.consumed,
             "world_size": self.worker.world_size, "restarts": rs.restarts, "nonfinite_total": rs.nonfinite_total,
             "train_loss": rs.last.get("loss"), "metrics": {k: v for k, v in rs.val.items()},
             "val_loss": rs.val.get("val_loss"), "checkpoint": rs.last_ckpt,
             "resumed_fingerprint": rs.resumed_fingerprint, "saved_fingerprint": rs.saved_fingerprint,
-            "final_fingerprint": self._optim_fingerprint(), "error": rs.error, "history": rs.history,
+            "final_fingerprint": self.checkpoints.optim_fingerprint(), "error": rs.error, "history": rs.history,
             "reports": rs.reports,
             "param_checksum": self._param_checksum(),
         }
@@ -544,8 +409,7 @@ class Loop:
         # RNG is a pure function of (seed, step, rank): exact after a resume on any number of workers
         torch.manual_seed((cfg.seed * 1_000_003 + step) * 1009 + w.rank)
         micro = step_micro_batches(step, tcfg.global_batch_size, tcfg.micro_batch_size, w.rank, w.world_size)
-        if cfg.faults.record_samples:
-            self._record_samples(step, micro)
+        self.faults.record_samples(step, getattr(self, "attempt", "x"), micro)
         lr = lr_at(cfg.optim, step, tcfg.max_steps)
         set_lr(engine, lr)
         engine.train()
@@ -559,7 +423,7 @@ class Loop:
         local = [sum(self.stage.batch_weight(b) for b in update) for update in inputs.updates]
         local.append(float(sum(int(b.get("n_tokens", 0)) for update in inputs.updates for b in update)))
         *weights, tokens = self._allreduce(local)
-        inject_nan = (step + 1) in cfg.faults.nonfinite_at_steps
+        inject_nan = self.faults.nonfinite(step)
         losses, nonfinite_any, grad_norm = [], False, None
         for u, (update, weight) in enumerate(zip(inputs.updates, weights, strict=True)):
             if weight <= 0:
@@ -588,7 +452,7 @@ class Loop:
             else:
                 nonfinite_any = True
             self.stage.after_update(engine, step, u)
-        self._maybe_sigterm_driver(step)
+        self.faults.maybe_sigterm_driver(step)
         stop = self._allreduce([float(signals.requested(step + 1, tcfg.log_every))])[0]
         return {
             "loss": float(np.mean(losses)) if losses else None, "tokens": int(tokens), "lr": lr,
@@ -657,7 +521,7 @@ class Loop:
         return m
 
     # ---- metrics
-    def _metrics(self, rs: _RunState, val: dict[str, float], win: _Window) -> dict[str, Any]:
+    def _metrics(self, rs: RunState, val: dict[str, float], win: _Window) -> dict[str, Any]:
         from r1ray.observe.metrics import record, stage_metric_name
 
         seconds = time.perf_counter() - win.t0
@@ -713,98 +577,6 @@ class Loop:
             return ray.train.get_preemption_info() is not None
         except Exception:  # noqa: BLE001 - an API that may be missing in other Ray versions
             return False
-
-    # ---- checkpoints
-    def _save(self, rs: _RunState, metrics: dict) -> str:
-        import ray.train
-        from ray.train import Checkpoint
-
-        from r1ray.artifacts import join
-        from r1ray.observe.metrics import record
-        from r1ray.train.core.checkpoint import (
-            COMPLETE,
-            DS_TAG,
-            HF_DIR,
-            TRAINER_STATE,
-            checkpoint_name,
-            export_hf,
-            write_export_manifest,
-            write_json,
-        )
-
-        cfg, w, step = self.cfg, self.worker, rs.step
-        t0 = time.perf_counter()
-        name = checkpoint_name(step, self.attempt)
-        tmp = tempfile.mkdtemp(prefix=f"r1ray-{name}-r{w.rank}-")
-        try:
-            self.engine.save_checkpoint(tmp, tag=DS_TAG)
-            fingerprint = self._optim_fingerprint()
-            if cfg.faults.kill_during_save_at_step == step and w.rank == cfg.faults.kill_rank:
-                self._maybe_kill("kill_during_save_at_step", step)
-            if cfg.checkpoint.export_hf:
-                export_hf(self.engine, self.stage.tokenizer, os.path.join(tmp, HF_DIR),
-                          zero_stage=cfg.deepspeed.zero_stage, is_rank0=w.rank == 0)
-            stage_state = self.stage.state_dict()  # every rank: a stage may gather its workers' state
-            if w.rank == 0:
-                if cfg.checkpoint.export_hf:
-                    write_export_manifest(
-                        os.path.join(tmp, HF_DIR), stage=self.stage.name, config=cfg,
-                        inputs=self.stage.export_inputs(), checkpoint_step=step,
-                        counts={"step": step, "samples_consumed": rs.consumed},
-                    )
-                write_json(os.path.join(tmp, TRAINER_STATE), {
-                    "step": step, "samples_consumed": rs.consumed, "world_size": w.world_size,
-                    "zero_stage": cfg.deepspeed.zero_stage, "global_batch_size": cfg.train.global_batch_size,
-                    "seed": cfg.seed, "nonfinite_total": rs.nonfinite_total, "restarts": rs.restarts,
-                    "attempt": self.attempt, "checkpoint": join(self.run_dir, name),
-                    "optim_fingerprint": fingerprint, "stage": self.stage.name,
-                    "stage_state": stage_state,
-                    "rng": "torch.manual_seed((seed * 1000003 + step) * 1009 + rank) before every step",
-                    "lr_schedule": "r1ray.train.core.optim.lr_at(optim, step, train.max_steps)",
-                    "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
-                })
-            metrics = dict(metrics, checkpoint_save_seconds=time.perf_counter() - t0)
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        uri = join(self.run_dir, name)
-        # every rank's files are in the run's storage once every rank is past its report (each uploads its
-        # part before returning): only then is the checkpoint marked complete
-        self._barrier()
-        if w.rank == 0:
-            write_json(join(uri, COMPLETE), {"step": step, "samples_consumed": rs.consumed})
-        seconds = time.perf_counter() - t0
-        record("r1ray_train_checkpoint_save_seconds", seconds, **self.tags)
-        log.info("checkpoint step %d -> %s (%.1fs)", step, uri, seconds)
-        self._barrier()
-        return uri
-
-    # ---- faults
-    def _maybe_kill(self, kind: str, step: int) -> None:
-        f = self.cfg.faults
-        target = getattr(f, kind)
-        if target == step and self.worker.rank == f.kill_rank and _fire_once(self.run_dir, f"{kind}-{step}"):
-            log.warning("fault injection: SIGKILL rank %d at step %d (%s)", self.worker.rank, step, kind)
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    def _maybe_sigterm_driver(self, step: int) -> None:
-        if (self.cfg.faults.sigterm_at_step == step + 1 and self.worker.rank == 0 and self.payload.get("driver_pid")
-                and _fire_once(self.run_dir, f"sigterm-{step + 1}")):
-            # as a preemption would: SIGTERM to the job's driver, which asks the workers to stop
-            os.kill(int(self.payload["driver_pid"]), signal.SIGTERM)
-
-    def _record_samples(self, step: int, micro: list[np.ndarray]) -> None:
-        from pathlib import Path
-
-        from r1ray.artifacts import filesystem
-
-        _, path = filesystem(self.run_dir)
-        d = Path(path) / "samples"
-        d.mkdir(parents=True, exist_ok=True)
-        idx = " ".join(str(int(i)) for m in micro for i in m)
-        with open(d / f"{getattr(self, 'attempt', 'x')}-rank{self.worker.rank}.txt", "a") as fh:
-            fh.write(f"{step + 1} {self.worker.world_size} {idx}\n")
-
 
 def _quiet_report_lines() -> None:
     """Keep Ray Train's per-report INFO line ("Reporting training result N: TrainingReport(...)", one per

@@ -43,6 +43,7 @@ from r1ray.config import OptimConfig, R1Config, ScalingConfig
 from r1ray.observe.log import get_logger
 from r1ray.train.core.config import CheckpointConfig, TrainJobConfig, TrainLoopConfig
 from r1ray.train.core.driver import TrainResult, run_stage, summary  # noqa: F401 - summary: the job's closing text
+from r1ray.train.core.faults import fire_once
 from r1ray.train.core.inputs import lineage_inputs, local_start, start_problems
 from r1ray.train.stage import Metrics, RunPlan, Stage, StepInputs, WorkerInfo
 from r1ray.train.stages.curriculum import Curriculum, CurriculumConfig
@@ -250,18 +251,6 @@ class _Group:
     @property
     def zero_variance(self) -> bool:
         return max(self.rewards) == min(self.rewards)
-
-
-def _fire_once(run_dir: str, name: str) -> bool:
-    from pathlib import Path
-
-    marker = Path(run_dir) / "faults" / name
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-    except FileExistsError:
-        return False
-    return True
 
 
 class GRPOStage(Stage):
@@ -585,12 +574,12 @@ class GRPOStage(Stage):
             self._sync(model, version=step, metrics=m)
         times = {"generate": 0.0, "score": 0.0, "gen_tokens": 0.0}
         if (g.kill_engine_at_step == step + 1 and w.rank == 0 and self.run_dir
-                and _fire_once(self.run_dir, f"kill-engine-{step + 1}")):
+                and fire_once(self.run_dir, f"kill-engine-{step + 1}")):
             import ray
 
             self._kill_mid_rollout(ray.get(self.pool.actors()[0].pid.remote()), "rollout engine")
         if (g.kill_pool_controller_at_step == step + 1 and w.rank == 0 and self.run_dir
-                and _fire_once(self.run_dir, f"kill-pool-controller-{step + 1}")):
+                and fire_once(self.run_dir, f"kill-pool-controller-{step + 1}")):
             self._kill_mid_rollout(self.pool.controller_pid(), "the engine pool controller")
         micro = self._take_prefetched(step, rows, times, m) if g.async_rollouts else None
         if micro is None:
