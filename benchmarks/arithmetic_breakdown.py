@@ -37,10 +37,10 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from r1ray.tasks.accuracy import render_prompt
     from r1ray.infer.hf import HFEngine
     from r1ray.infer.types import SamplingParams
     from r1ray.model.tokenizer import load_tokenizer
+    from r1ray.tasks.accuracy import render_prompt
     from r1ray.tasks.arithmetic import ArithmeticTask
 
     torch.set_num_threads(args.threads)

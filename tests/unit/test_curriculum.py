@@ -54,10 +54,8 @@ def test_grpo_prompts_follow_the_schedule_and_its_checkpointed_state():
     cfg = load_config(GRPOConfig, ["curriculum={kind: stages, stages: [[0, {1: 1.0}], [10, {3: 1.0}]]}"])
     stage = GRPOStage(cfg)
     stage._curriculum_setup()
-    stage._curriculum_step = 9
-    assert stage._problem(4).difficulty == 1
-    stage._curriculum_step = 10
-    assert stage._problem(4).difficulty == 3
+    assert stage._problem_at(9, 4).difficulty == 1
+    assert stage._problem_at(10, 4).difficulty == 3
     assert stage._problem(4, split="eval").difficulty == cfg.grpo.difficulty  # evaluation stays put
     adv = GRPOStage(load_config(GRPOConfig, ["curriculum={kind: advance, levels: [1, 2], metric: accuracy}"]))
     adv._curriculum_setup()
@@ -66,5 +64,4 @@ def test_grpo_prompts_follow_the_schedule_and_its_checkpointed_state():
     resumed = GRPOStage(adv.cfg)
     resumed._curriculum_setup()
     resumed.load_state_dict(adv.state_dict())
-    resumed._curriculum_step = 21
-    assert resumed._problem(0).difficulty == 2
+    assert resumed._problem_at(21, 0).difficulty == 2

@@ -27,13 +27,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
-import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -47,6 +44,7 @@ from r1ray.train.core.faults import fire_once
 from r1ray.train.core.inputs import lineage_inputs, local_start, start_problems
 from r1ray.train.stage import Metrics, RunPlan, Stage, StepInputs, WorkerInfo
 from r1ray.train.stages.curriculum import Curriculum, CurriculumConfig
+from r1ray.train.stages.grpo.rollouts import Group, Rollouts, new_times, sampling_seed
 
 log = get_logger(__name__)
 
@@ -228,31 +226,6 @@ class GRPOConfig(TrainJobConfig):
         return self
 
 
-def sampling_seed(seed: int, step: int, problem_index: int, sample: int) -> int:
-    """The sampling seed of completion ``sample`` of problem ``problem_index`` at ``step``: a restarted run
-    regenerates exactly the same rollouts."""
-    h = hashlib.sha256(f"r1ray-grpo:{seed}:{step}:{problem_index}:{sample}".encode()).hexdigest()
-    return int(h[:15], 16)
-
-
-@dataclass
-class _Group:
-    """One prompt's G rollouts."""
-
-    problem: Any
-    index: int
-    prompt_ids: list[int]
-    completions: list[Any] = field(default_factory=list)
-    rewards: list[float] = field(default_factory=list)
-    per_reward: dict[str, list[float]] = field(default_factory=dict)
-    failures: int = 0
-    reward_seconds: float = 0.0
-
-    @property
-    def zero_variance(self) -> bool:
-        return max(self.rewards) == min(self.rewards)
-
-
 class GRPOStage(Stage):
     """GRPO on the shared loop (see the module doc)."""
 
@@ -319,10 +292,7 @@ class GRPOStage(Stage):
         self._eval_levels: dict[int, list[Any]] = {}
         self._curriculum_setup()
         self._attempt = uuid.uuid4().hex[:8]
-        self._next_rows: tuple[int, list[list[int]]] | None = None  # prefetch(): the following step's rows
-        self._pending: dict[str, Any] | None = None  # async rollouts: the following step's, in flight or restored
-        self._rollout_version: int | None = None  # the weights version that generated this step's rollouts
-        self._executor = None
+        self.rollouts = Rollouts(cfg, self.pool, self.tokenizer, worker, self._problem_at)
 
     def build_model(self) -> Any:
         from r1ray.model import build_model
@@ -342,14 +312,18 @@ class GRPOStage(Stage):
         return self.cfg.grpo.train_problems
 
     # ------------------------------------------------------------------ problems and prompts
-    def _problem(self, index: int, split: str = "train") -> Any:
+    def _problem_at(self, step: int, index: int) -> Any:
+        """Training problem ``index`` at ``step``'s difficulty (the curriculum's level for it)."""
+        return self._problem(index, step=step)
+
+    def _problem(self, index: int, split: str = "train", step: int = 0) -> Any:
         from r1ray.tasks.registry import sample_problems
 
         g = self.cfg.grpo
         difficulty = g.difficulty
         curriculum = getattr(self, "curriculum", None)
         if curriculum is not None and split == "train":
-            difficulty = curriculum.level_of(self._curriculum_step, int(index), self.curriculum_state)
+            difficulty = curriculum.level_of(step, int(index), self.curriculum_state)
         return sample_problems(g.tasks, 1, seed=self.cfg.seed, split=split, difficulty=difficulty, start=int(index),
                                options=g.task_options)[0]
 
@@ -357,7 +331,6 @@ class GRPOStage(Stage):
     def _curriculum_setup(self) -> None:
         self.curriculum = Curriculum(self.cfg.curriculum, self.cfg.seed) if self.cfg.curriculum else None
         self.curriculum_state = self.curriculum.initial_state() if self.curriculum else {}
-        self._curriculum_step = 0
 
     def after_evaluation(self, step: int, metrics: dict[str, float]) -> None:
         if self.curriculum is not None:
@@ -366,249 +339,45 @@ class GRPOStage(Stage):
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"curriculum": self.curriculum_state} if self.curriculum is not None else {}
         if self.cfg.grpo.async_rollouts:
-            state["pending_rollouts"] = self._pending_state()
+            state["pending_rollouts"] = self.rollouts.pending_state()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.curriculum is not None and "curriculum" in state:
             self.curriculum_state = dict(state["curriculum"])
-        pending = state.get("pending_rollouts")
-        if self.cfg.grpo.async_rollouts and pending and pending.get("groups"):
-            self._pending = {"step": int(pending["step"]), "version": pending.get("version"),
-                             "by_index": {int(d["index"]): self._group_from_state(d) for d in pending["groups"]}}
-
-    def _prompt_ids(self, problem: Any) -> list[int]:
-        text = self.tokenizer.apply_chat_template(problem.messages(), add_generation_prompt=True, tokenize=False)
-        if self.cfg.grpo.prefill_think:
-            from r1ray.model.tokenizer import THINK
-
-            text += THINK + "\n"
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    def _group(self, index: int) -> _Group:
-        p = self._problem(index)
-        return _Group(problem=p, index=int(index), prompt_ids=self._prompt_ids(p))
-
-    # ------------------------------------------------------------------ rollouts
-    def _rollout(self, step: int, units: list[list[_Group]], times: dict[str, float]) -> None:
-        """Generate and score every group of ``units`` (one pool unit each), in place."""
-        self._collect(*self._submit(step, units), times)
-
-    def _submit(self, step: int, units: list[list[_Group]]) -> tuple[list[list[_Group]], Any, float]:
-        """Put ``units`` in flight on the pool (on the weights it holds now); ``_collect`` finishes them."""
-        from r1ray.infer.types import SamplingParams
-
-        g = self.cfg.grpo
-        units = [u for u in units if u]
-        if not units:
-            return units, None, 0.0
-        prompts, params = [], []
-        for unit in units:
-            prompts.append([grp.prompt_ids for grp in unit for _ in range(g.group_size)])
-            params.append([SamplingParams(max_tokens=g.max_completion_tokens, temperature=g.temperature, top_p=g.top_p,
-                                          seed=sampling_seed(self.cfg.seed, step, grp.index, k),
-                                          logprobs=0 if g.tis_cap is not None else None,
-                                          processed_logprobs=g.tis_cap is not None)
-                           for grp in unit for k in range(g.group_size)])
-        t0 = time.perf_counter()
-        return units, self.pool.submit_units(prompts, params, version=self._version), t0
-
-    def _collect(self, units: list[list[_Group]], ref: Any, t0: float, times: dict[str, float]) -> None:
-        """Wait for ``_submit``'s completions and score them (reward tasks), into the groups."""
-        import ray
-
-        from r1ray.tasks.remote import score_remote
-
-        if ref is None:
-            return
-        g = self.cfg.grpo
-        outs = self.pool.collect(ref)  # survives a controller restart (generated again, the same completions)
-        times["generate"] += time.perf_counter() - t0
-        times["gen_tokens"] += sum(len(c.token_ids) for unit in outs for c in unit)
-        t0 = time.perf_counter()
-        refs = []
-        for unit, comps in zip(units, outs, strict=True):
-            for i, grp in enumerate(unit):
-                grp.completions = comps[i * g.group_size:(i + 1) * g.group_size]
-            texts = [c.text for c in comps]
-            probs = [grp.problem for grp in unit for _ in range(g.group_size)]
-            refs.append(score_remote(texts, probs, g.rewards, **self._score_options(comps)))
-        for unit, res in zip(units, ray.get(refs), strict=True):
-            for i, grp in enumerate(unit):
-                sl = slice(i * g.group_size, (i + 1) * g.group_size)
-                grp.rewards = list(res.total[sl])
-                grp.per_reward = {k: list(v[sl]) for k, v in res.per_reward.items()}
-                grp.failures = 0
-            unit[0].failures = sum(res.failures.values())
-            unit[0].reward_seconds = res.seconds
-        times["score"] += time.perf_counter() - t0
-
-    # ------------------------------------------------------------------ async rollouts (one step off-policy)
-    def prefetch(self, step: int, rows: list[np.ndarray]) -> None:
         if self.cfg.grpo.async_rollouts:
-            self._next_rows = (step, [[int(i) for i in r] for r in rows])
+            self.rollouts.load_pending(state.get("pending_rollouts"))
 
-    def _launch_following(self, step: int) -> None:
-        """Put step ``step + 1``'s rollouts in flight on the weights the pool holds now (the policy of step
-        ``step``); scored in a background thread while the learner trains."""
-        from concurrent.futures import ThreadPoolExecutor
-
-        if self._next_rows is None or self._next_rows[0] != step + 1:
-            return
-        _, rows = self._next_rows
-        self._next_rows = None
-        self._curriculum_step = step + 1  # the problems at their own step's difficulty
-        try:
-            micro = [[self._group(i) for i in r] for r in rows]
-        finally:
-            self._curriculum_step = step
-        times = {"generate": 0.0, "score": 0.0, "gen_tokens": 0.0}
-        units, ref, t0 = self._submit(step + 1, micro)
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(1, thread_name_prefix="r1ray-grpo-rollouts")
-        self._pending = {"step": step + 1, "micro": micro, "times": times, "version": self._version,
-                         "future": self._executor.submit(self._collect, units, ref, t0, times)}
-
-    def _take_prefetched(self, step: int, rows: list[np.ndarray], times: dict[str, float],
-                         m: Metrics) -> list[list[_Group]] | None:
-        """Step ``step``'s rollouts, started during the previous step (or restored from the checkpoint); None
-        if there are none (the run's first step)."""
-        p, self._pending = self._pending, None
-        if p is None:
-            return None
-        self._rollout_version = p["version"]
-        if p["step"] != step:
-            raise RuntimeError(f"grpo.async_rollouts: the rollouts in flight are step {p['step']}'s, the loop asks "
-                               f"for step {step}'s")
-        want = [[int(i) for i in r] for r in rows]
-        if "by_index" in p:  # restored from a checkpoint (saved on any number of workers)
-            missing = sorted(i for r in want for i in r if i not in p["by_index"])
-            if missing:
-                raise RuntimeError(f"grpo.async_rollouts: the checkpoint's in-flight rollouts of step {step} lack "
-                                   f"problems {missing[:5]}")
-            return [[p["by_index"][i] for i in r] for r in want]
-        t0 = time.perf_counter()
-        p["future"].result()
-        m.mean("rollout_wait_seconds", time.perf_counter() - t0)
-        if [[grp.index for grp in unit] for unit in p["micro"]] != want:
-            raise RuntimeError(f"grpo.async_rollouts: step {step}'s rollouts were started for other problems")
-        for k, v in p["times"].items():
-            times[k] += v
-        return p["micro"]
-
-    def _pending_state(self) -> dict[str, Any]:
-        """The following step's rollouts (every worker's), as the checkpoint keeps them."""
-        import torch.distributed as dist
-
-        p = self._pending
-        groups: list[dict[str, Any]] = []
-        step = version = None
-        if p is not None:
-            step, version = p["step"], p["version"]
-            if "future" in p:
-                p["future"].result()
-                groups = [self._group_state(grp) for unit in p["micro"] for grp in unit]
-            else:
-                groups = [self._group_state(grp) for grp in p["by_index"].values()]
-        if dist.is_initialized() and self.worker.world_size > 1:
-            every: list[Any] = [None] * self.worker.world_size
-            dist.all_gather_object(every, {"step": step, "version": version, "groups": groups})
-            steps = {e["step"] for e in every if e["step"] is not None}
-            if len(steps) > 1:
-                raise RuntimeError(f"grpo.async_rollouts: workers hold rollouts of different steps {sorted(steps)}")
-            step = steps.pop() if steps else None
-            version = next((e["version"] for e in every if e["step"] is not None), None)
-            groups = [d for e in every for d in e["groups"]]
-        return {"step": step, "version": version, "groups": groups}
-
-    @staticmethod
-    def _group_state(grp: _Group) -> dict[str, Any]:
-        return {"index": grp.index, "problem": grp.problem.to_dict(), "prompt_ids": list(grp.prompt_ids),
-                "completions": [{"text": c.text, "token_ids": list(c.token_ids), "finish_reason": c.finish_reason,
-                                 **({"logprobs": [e.logprob for e in c.logprobs]} if c.logprobs else {})}
-                                for c in grp.completions],
-                "rewards": list(grp.rewards), "per_reward": grp.per_reward, "failures": grp.failures,
-                "reward_seconds": grp.reward_seconds}
-
-    @staticmethod
-    def _group_from_state(d: dict[str, Any]) -> _Group:
-        from r1ray.infer.types import Completion, TokenLogprob
-        from r1ray.tasks.base import Problem
-
-        prompt = [int(t) for t in d["prompt_ids"]]
-        comps = [Completion(text=c["text"], token_ids=[int(t) for t in c["token_ids"]], prompt_token_ids=prompt,
-                            finish_reason=c["finish_reason"],
-                            logprobs=[TokenLogprob(int(t), "", float(v)) for t, v in
-                                      zip(c["token_ids"], c.get("logprobs", []), strict=False)],
-                            prompt_logprobs=None, ttft_s=0.0, latency_s=0.0) for c in d["completions"]]
-        return _Group(problem=Problem.from_dict(d["problem"]), index=int(d["index"]), prompt_ids=prompt,
-                      completions=comps, rewards=[float(r) for r in d["rewards"]],
-                      per_reward={k: [float(x) for x in v] for k, v in d["per_reward"].items()},
-                      failures=int(d["failures"]), reward_seconds=float(d["reward_seconds"]))
-
-    def _kill_mid_rollout(self, pid: int, what: str) -> None:
-        """Fault injection: SIGKILL ``pid`` once units are in flight on the pool (a thread; the rollout goes on)."""
-
-        def kill() -> None:
-            deadline = time.time() + 60
-            while self.pool.stats()["in_flight"] == 0 and time.time() < deadline:
-                time.sleep(0.005)
-            time.sleep(0.05)
-            log.warning("fault injection: SIGKILL %s pid %d mid-rollout", what, pid)
-            os.kill(pid, signal.SIGKILL)
-
-        threading.Thread(target=kill, daemon=True).start()
+    def prefetch(self, step: int, rows: list[np.ndarray]) -> None:
+        self.rollouts.prefetch(step, rows)
 
     # ------------------------------------------------------------------ one step
     def step_inputs(self, step: int, rows: list[np.ndarray], model: Any) -> StepInputs:
+        """One GRPO step, top to bottom: generate -> score -> (refill) -> advantages -> old/ref logprobs; the loop
+        then runs the ``mu`` updates and ``after_update`` syncs the engines."""
         from r1ray.train.core.sampler import step_micro_batches
 
         cfg, g, w = self.cfg, self.cfg.grpo, self.worker
-        m = Metrics()
-        self._curriculum_step = step
+        m, times = Metrics(), new_times()
         if self.curriculum is not None:
             for r in rows:
                 for index in r:
                     m.mean("curriculum_level", float(self.curriculum.level_of(step, int(index), self.curriculum_state)))
         if self._version is None:  # first step of this attempt: the engines get exactly our weights
             self._sync(model, version=step, metrics=m)
-        times = {"generate": 0.0, "score": 0.0, "gen_tokens": 0.0}
-        if (g.kill_engine_at_step == step + 1 and w.rank == 0 and self.run_dir
-                and fire_once(self.run_dir, f"kill-engine-{step + 1}")):
-            import ray
-
-            self._kill_mid_rollout(ray.get(self.pool.actors()[0].pid.remote()), "rollout engine")
-        if (g.kill_pool_controller_at_step == step + 1 and w.rank == 0 and self.run_dir
-                and fire_once(self.run_dir, f"kill-pool-controller-{step + 1}")):
-            self._kill_mid_rollout(self.pool.controller_pid(), "the engine pool controller")
-        micro = self._take_prefetched(step, rows, times, m) if g.async_rollouts else None
-        if micro is None:
-            micro = [[self._group(i) for i in r] for r in rows]
-            self._rollout_version = self._version
-            self._rollout(step, micro, times)
+        self._inject_faults(step)
+        # generate and score (or collect what the previous step started)
+        micro = self.rollouts.take(step, rows, self._version, times, m)
         zero_first = [grp.zero_variance for unit in micro for grp in unit]
         dropped = refilled = 0
         if g.dynamic_sampling:
-            # slot = global cursor position of the prompt: world-size independent; candidate r of slot p is problem
-            # train_problems + p * max_refill_rounds + r, outside the cursor's range, so exactly-once still holds
             positions = step_micro_batches(step, cfg.train.global_batch_size, cfg.train.micro_batch_size, w.rank,
                                            w.world_size)
-            for r in range(g.max_refill_rounds):
-                want = [[(j, k) for k, grp in enumerate(unit) if grp.zero_variance] for j, unit in enumerate(micro)]
-                if not any(want):
-                    break
-                cands = [[self._group(g.train_problems + int(positions[j][k]) * g.max_refill_rounds + r)
-                          for j, k in unit] for unit in want]
-                self._rollout(step, cands, times)
-                for unit, cunit in zip(want, cands, strict=True):
-                    for (j, k), cand in zip(unit, cunit, strict=True):
-                        if not cand.zero_variance:
-                            micro[j][k] = cand
-                            refilled += 1
-            dropped = sum(grp.zero_variance for unit in micro for grp in unit)
+            dropped, refilled = self.rollouts.refill(step, micro, positions, self._version, times)
             m.total("refill_cap_hits", float(dropped > 0))
         if g.async_rollouts:
-            self._launch_following(step)  # generated while this step learns
+            self.rollouts.launch_following(step, self._version)  # generated while this step learns
+        # advantages, then the old and reference logprobs of every micro-batch
         step_rewards = self._all_rewards(micro) if g.advantage_estimator == "reinforce_pp" else None
         batches = [self._batch(unit, drop_zero=g.dynamic_sampling, step_rewards=step_rewards) for unit in micro]
         self._logprobs(model, batches)
@@ -616,7 +385,19 @@ class GRPOStage(Stage):
         self._t_learn = time.perf_counter()
         return StepInputs(updates=[batches] * g.mu, metrics=m)
 
-    def _all_rewards(self, micro: list[list[_Group]]) -> Any:
+    def _inject_faults(self, step: int) -> None:
+        """``grpo.kill_engine_at_step`` / ``kill_pool_controller_at_step``: a SIGKILL once units are in flight."""
+        g, w = self.cfg.grpo, self.worker
+        if (g.kill_engine_at_step == step + 1 and w.rank == 0 and self.run_dir
+                and fire_once(self.run_dir, f"kill-engine-{step + 1}")):
+            import ray
+
+            self.rollouts.kill_mid_rollout(ray.get(self.pool.actors()[0].pid.remote()), "rollout engine")
+        if (g.kill_pool_controller_at_step == step + 1 and w.rank == 0 and self.run_dir
+                and fire_once(self.run_dir, f"kill-pool-controller-{step + 1}")):
+            self.rollouts.kill_mid_rollout(self.pool.controller_pid(), "the engine pool controller")
+
+    def _all_rewards(self, micro: list[list[Group]]) -> Any:
         """Every group's rewards of the step, from every worker (rank by rank): the batch an estimator that
         normalises over the step sees, on any worker count."""
         import torch
@@ -629,7 +410,7 @@ class GRPOStage(Stage):
             mine = [r for part in parts for r in part]
         return torch.tensor(mine, dtype=torch.float64)
 
-    def _batch(self, unit: list[_Group], *, drop_zero: bool, step_rewards: Any = None) -> dict[str, Any]:
+    def _batch(self, unit: list[Group], *, drop_zero: bool, step_rewards: Any = None) -> dict[str, Any]:
         """One micro-batch: the forward's input in the shared-prompt or padded layout (``group_pack``), the index
         back to a [completions, completion tokens] grid, the loss mask on that grid, and the advantages."""
         import torch
@@ -776,7 +557,7 @@ class GRPOStage(Stage):
         self._version = version
 
     # ------------------------------------------------------------------ metrics
-    def _step_metrics(self, step: int, m: Metrics, micro: list[list[_Group]], zero_first: list[bool], dropped: int,
+    def _step_metrics(self, step: int, m: Metrics, micro: list[list[Group]], zero_first: list[bool], dropped: int,
                       refilled: int, times: dict[str, float]) -> None:
         groups = [grp for unit in micro for grp in unit]
         rewards = np.array([r for grp in groups for r in grp.rewards], dtype=np.float64)
@@ -807,7 +588,7 @@ class GRPOStage(Stage):
             first = groups[0]
             line = {"step": step + 1, "rank": self.worker.rank, "attempt": self._attempt, "time": time.time(),
                     **m.local(),
-                    "weights_version": self._version, "rollout_version": self._rollout_version,
+                    "weights_version": self._version, "rollout_version": self.rollouts.version,
                     "engine_replacements": stats["replacements"],
                     "pool_controller_restarts": self.pool.controller_restarts,
                     "sample": {"index": first.index, "question": first.problem.question,
@@ -842,11 +623,11 @@ class GRPOStage(Stage):
         sets = [("", self._eval_problems)] + [(f"_d{lv}", ps) for lv, ps in self._eval_levels.items()]
         probs = [p for _, ps in sets for p in ps]
         params = SamplingParams(max_tokens=g.max_completion_tokens, temperature=0.0)
-        outs = self.pool.generate([self._prompt_ids(p) for p in probs], params, version=self._version)
+        outs = self.pool.generate([self.rollouts.prompt_ids(p) for p in probs], params, version=self._version)
         # Accuracy, and the run's own weighted reward on the same greedy completions (``eval_reward``: what the
         # policy is optimised for, a Tune metric when accuracy stays flat, as on a tiny model).
         weights = {**g.rewards, "accuracy": g.rewards.get("accuracy", 0.0)}
-        res = ray.get(score_remote([o.text for o in outs], probs, weights, **self._score_options(outs)))
+        res = ray.get(score_remote([o.text for o in outs], probs, weights, **self.rollouts.score_options(outs)))
         at = 0
         for suffix, ps in sets:
             acc = res.per_reward["accuracy"][at:at + len(ps)]
@@ -858,15 +639,6 @@ class GRPOStage(Stage):
                 m.mean("eval_reward", float(np.mean(res.total[:len(ps)])), len(ps))
             at += len(ps)
         return m
-
-    def _score_options(self, completions: Sequence[Any]) -> dict[str, Any]:
-        """``score_remote``'s options for these completions (the ``length`` reward needs their token counts)."""
-        g = self.cfg.grpo
-        kw: dict[str, Any] = dict(timeout_s=g.reward_timeout_s, prefilled_think=g.prefill_think)
-        if "length" in g.rewards:
-            kw.update(max_completion_tokens=g.max_completion_tokens, overlong_buffer=g.overlong_buffer,
-                      completion_tokens=[len(c.token_ids) for c in completions])
-        return kw
 
     def export_inputs(self) -> list[str]:
         return lineage_inputs(self.cfg.model.init_from)
