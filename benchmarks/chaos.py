@@ -46,14 +46,6 @@ def build_policy(out: Path) -> str:
     return str(save_model(model, tok, out / "policy"))
 
 
-def records(run_dir: str) -> dict[int, dict]:
-    out: dict[int, dict] = {}
-    for line in Path(run_dir, "grpo", "rollouts-rank0.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        out[rec["step"]] = rec
-    return out
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=60)
@@ -69,6 +61,7 @@ def main() -> int:
 
     from r1ray.config import load_config
     from r1ray.testing.chaos import Chaos, leftovers, seconds_to_next_step
+    from r1ray.testing.runs import grpo_rollouts
     from r1ray.train.stages.grpo.stage import GRPOConfig, run
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="r1ray-chaos-"))
@@ -93,7 +86,7 @@ def main() -> int:
                progress=progress, wait_until=rec_path.exists) as chaos:
         out = run(cfg("chaos"))
     chaos_s = time.time() - t0
-    a, b = records(ref.run_dir), records(out.run_dir)
+    a, b = grpo_rollouts(ref.run_dir), grpo_rollouts(out.run_dir)
     times = [(s, r["time"]) for s, r in sorted(b.items())]
     diverged = [s for s in sorted(a) if a[s]["completion_hash"] != b.get(s, {}).get("completion_hash")]
     same_export = Path(ref.export_path, "model.safetensors").read_bytes() == \

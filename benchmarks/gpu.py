@@ -28,7 +28,6 @@ Needs a CUDA GPU: on a machine without one it exits with status 2 and says so.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -42,7 +41,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import argument_parser, metrics_collector, write_json  # noqa: E402 - the benchmarks' shared module
 
 # --------------------------------------------------------------------------------------------------
 # data: a word-level tokenizer with exactly --vocab entries, random token rows
@@ -177,20 +177,6 @@ def plain_loop(args, tok_dir: str, *, compiled: bool) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------
 
 
-def _collector(path: str):
-    from ray.train.v2.api.callback import UserCallback
-
-    class Collect(UserCallback):
-        """In Ray Train's controller: append rank 0's reported metrics to a JSON-lines file."""
-
-        def after_report(self, run_context, metrics, checkpoint) -> None:  # noqa: ARG002
-            if metrics:
-                with open(path, "a") as f:
-                    f.write(json.dumps({k: v for k, v in metrics[0].items() if isinstance(v, (int, float))}) + "\n")
-
-    return Collect()
-
-
 def compile_override() -> str | None:
     """The override that turns compilation on in the r1ray loop, if its config has one."""
     from r1ray.train.stages.pretrain import PretrainConfig
@@ -224,7 +210,7 @@ def r1ray_loop(args, data: str, work: Path, zero: int, compile_flag: str | None 
     ] + ([compile_flag] if compile_flag else [])
     cfg = load_config(PretrainConfig, overrides)
     t0 = time.perf_counter()
-    result = run(cfg, callbacks=[_collector(str(metrics_path))])
+    result = run(cfg, callbacks=[metrics_collector(str(metrics_path))])
     wall = time.perf_counter() - t0
     rows = sorted((json.loads(x) for x in metrics_path.read_text().splitlines()), key=lambda r: r.get("step", 0))
     rows = [r for r in rows if "tokens_per_second" in r]
@@ -323,8 +309,7 @@ def print_report(res: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argument_parser(__doc__)
     ap.add_argument("--preset", default="350m", help="training model preset (default 350m)")
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--micro-batch", type=int, default=16)
@@ -400,12 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         res["serving"] = serving(args, tok_dir, work)
     res["seconds"] = time.perf_counter() - t_start
     print_report(res)
-    text = json.dumps(res, indent=2, default=str)
-    if args.json:
-        Path(args.json).write_text(text)
-        print(f"JSON written to {args.json}")
-    else:
-        print(text)
+    write_json(res, args.json)
     import shutil
 
     shutil.rmtree(work, ignore_errors=True)

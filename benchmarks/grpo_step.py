@@ -140,6 +140,7 @@ def _mean(values: list[float | None]) -> float | None:
 def run_r1ray(start: Path, root: Path, prompts_per_step: int, steps: int, max_tokens: int, lr: float,
               seed: int, threads: int = 1, mode: str = "sync", difficulty: int = 1, repeat: int = 0) -> dict[str, Any]:
     from r1ray.config import load_config
+    from r1ray.testing.runs import grpo_rollouts
     from r1ray.train.stages.grpo.stage import GRPOConfig, run
 
     micro = min(prompts_per_step, 8)  # one micro-batch (one pool unit) of <= 64 completions, as TRL's one batch
@@ -161,10 +162,7 @@ def run_r1ray(start: Path, root: Path, prompts_per_step: int, steps: int, max_to
     t0 = time.perf_counter()
     result = run(cfg)
     wall = time.perf_counter() - t0
-    recs: dict[int, dict] = {}
-    for line in Path(result.run_dir, "grpo", "rollouts-rank0.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        recs[r["step"]] = r
+    recs = grpo_rollouts(result.run_dir)
     # step s's time: from step s-1's record to step s's (records are written at the same point of every step)
     step_cps = {s: prompts_per_step * G / (recs[s]["time"] - recs[s - 1]["time"]) for s in sorted(recs)
                 if s - 1 in recs}

@@ -23,13 +23,14 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from r1ray.testing.ports import free_port
 
 
 @dataclass
@@ -72,17 +73,6 @@ class LevelResult:
 
 HEADER = ("| setup | concurrency | requests | req/s | tokens/s | p50 ms | p99 ms | TTFT p50 ms | non-200 |\n"
           "|---|---|---|---|---|---|---|---|---|")
-
-
-def free_port(start: int) -> int:
-    for port in range(start, start + 1000):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no free port in {start}-{start + 1000}")
 
 
 def build_model(out: Path, preset: str) -> str:
@@ -187,11 +177,14 @@ def main() -> int:
     ap.add_argument("--model", help="HF model directory to serve (default: build a random --preset model)")
     ap.add_argument("--preset", default="debug", help="model preset when --model is not given")
     ap.add_argument("--concurrency", default="1,4,16,32", help="comma-separated concurrency levels")
-    ap.add_argument("--duration", type=float, default=10.0, help="seconds per level")
-    ap.add_argument("--max-tokens", type=int, default=32, help="tokens generated per request")
-    ap.add_argument("--baseline-concurrency", type=int, default=16, help="concurrency of the baseline runs")
-    ap.add_argument("--max-batch-size", type=int, default=32, help="engine.max_batch_size of the batched app")
-    ap.add_argument("--replica-cpus", type=float, default=1.0, help="deployment.num_cpus (= torch threads)")
+    for flag, kind, default, text in (
+        ("--duration", float, 10.0, "seconds per level"),
+        ("--max-tokens", int, 32, "tokens generated per request"),
+        ("--baseline-concurrency", int, 16, "concurrency of the baseline runs"),
+        ("--max-batch-size", int, 32, "engine.max_batch_size of the batched app"),
+        ("--replica-cpus", float, 1.0, "deployment.num_cpus (= torch threads)"),
+    ):
+        ap.add_argument(flag, type=kind, default=default, help=text)
     ap.add_argument("--stream", action="store_true",
                     help="every client streams (default: only client 0 does, to measure time to first token)")
     ap.add_argument("--skip-baselines", action="store_true", help="skip the unbatched and in-process runs")

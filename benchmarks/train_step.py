@@ -45,6 +45,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import argument_parser, metrics_collector, write_json  # noqa: E402 - the benchmarks' shared module
 
 WORDS = "the a of to and in is it that for on with as was he she they we you at by".split()
 
@@ -73,20 +75,6 @@ def make_data(work: Path, seq_len: int, train_docs: int) -> tuple[str, str]:
 # --------------------------------------------------------------------------------------------------
 
 
-def _collector(path: str):
-    from ray.train.v2.api.callback import UserCallback
-
-    class Collect(UserCallback):
-        """Runs in Ray Train's controller: appends rank 0's reported metrics to a JSON-lines file."""
-
-        def after_report(self, run_context, metrics, checkpoint) -> None:  # noqa: ARG002
-            if metrics:
-                with open(path, "a") as f:
-                    f.write(json.dumps({k: v for k, v in metrics[0].items() if isinstance(v, (int, float))}) + "\n")
-
-    return Collect()
-
-
 def r1ray_throughput(args, data: str, work: Path, workers: int, threads: int, tag: str) -> dict[str, Any]:
     from r1ray.config import load_config
     from r1ray.train.stages.pretrain import PretrainConfig, run
@@ -105,7 +93,7 @@ def r1ray_throughput(args, data: str, work: Path, workers: int, threads: int, ta
         f"ray.include_dashboard={str(args.dashboard).lower()}", f"ray.num_cpus={max(workers, threads * workers) + 1}",
     ])
     t0 = time.perf_counter()
-    result = retry_ray_start(lambda: run(cfg, callbacks=[_collector(str(metrics_path))]))
+    result = retry_ray_start(lambda: run(cfg, callbacks=[metrics_collector(str(metrics_path))]))
     wall = time.perf_counter() - t0
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
     rows = sorted((r for r in rows if "time" in r and "step" in r), key=lambda r: r["step"])
@@ -480,8 +468,7 @@ def print_report(res: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argument_parser(__doc__)
     ap.add_argument("--preset", default="tiny", help="model preset of the throughput runs (default tiny)")
     ap.add_argument("--seq-len", type=int, default=128, help="tokens per sample (default 128)")
     ap.add_argument("--global-batch", type=int, default=16, help="samples per optimizer step (default 16)")
@@ -573,12 +560,7 @@ def main(argv: list[str] | None = None) -> int:
         res["memory"] = zero_memory(args, tokenizer, work)
     res["load_average_end"] = load_average()
     print_report(res)
-    text = json.dumps(res, indent=2, default=str)
-    if args.json:
-        Path(args.json).write_text(text)
-        print(f"JSON written to {args.json}")
-    else:
-        print(text)
+    write_json(res, args.json)
     import shutil
 
     shutil.rmtree(work, ignore_errors=True)

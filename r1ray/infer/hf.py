@@ -33,7 +33,7 @@ from typing import Any
 
 from r1ray.infer.text import find_stop, stop_holdback
 from r1ray.infer.types import Completion, EngineFullError, Guidance, SamplingParams, StepEvent, TokenLogprob
-from r1ray.model.tokenizer import END_THINK, THINK
+from r1ray.model.tokenizer import END_THINK, THINK, stop_token_ids, token_id
 from r1ray.observe.log import get_logger
 
 log = get_logger(__name__)
@@ -261,11 +261,7 @@ class HFEngine:
         self.max_model_len = min(max_model_len, ctx) if max_model_len else ctx
         self.on_batch = on_batch
         self._rng = random.Random(seed)
-        stop_ids = {tokenizer.eos_token_id}
-        im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-        if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
-            stop_ids.add(im_end)
-        self.stop_token_ids = {i for i in stop_ids if i is not None}
+        self.stop_token_ids = stop_token_ids(tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self._inbox: queue.Queue[_Seq] = queue.Queue()
         self._lock = threading.Lock()
@@ -278,17 +274,13 @@ class HFEngine:
         self._step_lock = threading.Lock()  # held by the scheduler for each step; weight updates take it
         self.weights_version = 0
         self.vocab_size = int(model.get_input_embeddings().num_embeddings)
-        self.think_id, self.end_think_id = self._token_id(THINK), self._token_id(END_THINK)
+        self.think_id, self.end_think_id = token_id(tokenizer, THINK), token_id(tokenizer, END_THINK)
         self._grammars: Any = None  # r1ray.infer.guided.GrammarCache, made on the first guided request
         self.prefix_cache = PrefixCache(int(prefix_cache_mb * 2**20), prefix_block_tokens) if prefix_cache_mb else None
         self.prefix_stats = {"prefill_tokens": 0, "cached_tokens": 0, "shared_tokens": 0}
         """Prompt tokens prefilled, those whose KV came from the prefix cache, and those computed once for several
         identical prompts of one batch (``n > 1``, GRPO groups); read by metrics and benchmarks."""
         self._bitmask: dict[str, Any] = {}
-
-    def _token_id(self, token: str) -> int | None:
-        tid = self.tokenizer.convert_tokens_to_ids(token)
-        return tid if isinstance(tid, int) and tid != self.tokenizer.unk_token_id else None
 
     def compile_guidance(self, guidance: Guidance) -> Any:
         """The compiled grammar of ``guidance`` (cached); ``ValueError`` naming the problem if it is invalid."""
@@ -550,17 +542,25 @@ class HFEngine:
         except Exception:  # its consumer is gone (e.g. a closed event loop): nothing left to tell
             log.warning("could not deliver the error event of a failed sequence", exc_info=True)
 
-    def _prefill_isolated(self, seqs: list[_Seq]):
-        """``_prefill`` of the batch; if it raises, each sequence alone, failing only those that raise again.
-        Returns the surviving sequences and their merged cache, mask and last logits."""
+    def _whole_batch(self, seqs: list[_Seq], what: str, step: Callable[[], tuple]) -> tuple | None:
+        """``step()`` on the whole batch. If it raises: a lone sequence fails (no survivors: ``[], None, None,
+        None``); a larger batch gives None, after a warning, and the caller retries its sequences one by one."""
         try:
-            return (seqs, *self._prefill(seqs))
+            return step()
         except Exception as e:
             if len(seqs) == 1:
                 self._fail(seqs[0], e)
                 return [], None, None, None
-            log.warning("prefill of %d sequences failed (%s: %s): retrying them one by one", len(seqs),
+            log.warning("%s of %d sequences failed (%s: %s): retrying them one by one", what, len(seqs),
                         type(e).__name__, e)
+        return None
+
+    def _prefill_isolated(self, seqs: list[_Seq]):
+        """``_prefill`` of the batch; if it raises, each sequence alone, failing only those that raise again.
+        Returns the surviving sequences and their merged cache, mask and last logits."""
+        whole = self._whole_batch(seqs, "prefill", lambda: (seqs, *self._prefill(seqs)))
+        if whole is not None:
+            return whole
         ok: list[_Seq] = []
         kv = mask = logits = None
         for s in seqs:
@@ -578,15 +578,14 @@ class HFEngine:
         """``_decode`` of the batch; if it raises, each row alone (its slice of the cache), failing only the
         rows that raise again. Returns the surviving sequences with their cache, mask and logits."""
         torch = self._torch
-        try:
+
+        def whole_step() -> tuple:
             logits, kv_out, mask_out = self._decode(seqs, kv, mask)
             return seqs, kv_out, mask_out, logits
-        except Exception as e:
-            if len(seqs) == 1:
-                self._fail(seqs[0], e)
-                return [], None, None, None
-            log.warning("decode step of %d sequences failed (%s: %s): retrying them one by one", len(seqs),
-                        type(e).__name__, e)
+
+        whole = self._whole_batch(seqs, "decode step", whole_step)
+        if whole is not None:
+            return whole
         ok, parts = [], []
         for r, s in enumerate(seqs):
             kv_r = [(k[r:r + 1], v[r:r + 1]) for k, v in kv]

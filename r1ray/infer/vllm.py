@@ -137,7 +137,7 @@ class VLLMEngine:
                  start_timeout_s: float = 600.0):
         from vllm import AsyncEngineArgs
 
-        from r1ray.model.tokenizer import load_tokenizer
+        from r1ray.model.tokenizer import load_tokenizer, stop_token_ids
 
         self.model_path = str(model_path)
         self.tokenizer = load_tokenizer(model_path)
@@ -145,11 +145,7 @@ class VLLMEngine:
         self.max_batch_size = max_batch_size
         self.on_batch = on_batch
         self.weights_version = 0
-        stop_ids = {self.tokenizer.eos_token_id}
-        im_end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
-        if isinstance(im_end, int) and im_end != self.tokenizer.unk_token_id:
-            stop_ids.add(im_end)
-        self.stop_token_ids = sorted(i for i in stop_ids if i is not None)
+        self.stop_token_ids = sorted(stop_token_ids(self.tokenizer))
         self._shapes = _param_shapes(self.model_path)
         self._pending = 0
         self._lock = threading.Lock()

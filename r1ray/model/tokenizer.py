@@ -103,6 +103,18 @@ def load_tokenizer(path: str | Path):
     return _checked(AutoTokenizer.from_pretrained(str(path)), path)
 
 
+def token_id(tokenizer, token: str) -> int | None:
+    """The id of ``token`` as one token of ``tokenizer``'s vocabulary, or None when it has none (the tokenizer
+    would map it to its unknown token)."""
+    tid = tokenizer.convert_tokens_to_ids(token)
+    return tid if isinstance(tid, int) and tid != tokenizer.unk_token_id else None
+
+
+def stop_token_ids(tokenizer) -> set[int]:
+    """The ids that end a generation: EOS, and ``<|im_end|>`` (the end of a chat turn) where the vocabulary has it."""
+    return {i for i in (tokenizer.eos_token_id, token_id(tokenizer, IM_END)) if i is not None}
+
+
 def _checked(tok, path: str | Path):
     if tok.eos_token_id is None:
         raise ValueError(f"tokenizer at {path} has no EOS token; r1ray packs documents with EOS separators")

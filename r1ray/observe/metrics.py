@@ -56,6 +56,12 @@ _TRAIN_TAGS = ("run", "stage")
 # model=variant="unrouted".
 _SERVE_TAGS = ("model", "variant")
 
+
+def _train_gauges(*rows: tuple[str, str]) -> tuple[MetricSpec, ...]:
+    """Gauges of the training stages (tags ``run`` and ``stage``), one per (name, description) row."""
+    return tuple(MetricSpec(name, "gauge", description, _TRAIN_TAGS) for name, description in rows)
+
+
 SPECS: tuple[MetricSpec, ...] = (
     # ---- data stage (emitted by Ray Data tasks; `source` is the source tag)
     MetricSpec("r1ray_data_docs_read", "counter", "Documents read from a source.", ("source",)),
@@ -66,56 +72,53 @@ SPECS: tuple[MetricSpec, ...] = (
     MetricSpec("r1ray_data_pii_replaced", "counter", "PII spans replaced by typed placeholders.", ("kind",)),
     MetricSpec("r1ray_data_tokens_written", "counter", "Tokens written to packed shards.", ("split",)),
     # ---- training stages (pretrain, sft, grpo, distill share these; `stage` tells them apart)
-    MetricSpec("r1ray_train_loss", "gauge", "Training loss of the last optimizer step.", _TRAIN_TAGS),
-    MetricSpec("r1ray_train_val_loss", "gauge", "Validation loss of the last evaluation.", _TRAIN_TAGS),
-    MetricSpec("r1ray_train_lr", "gauge", "Learning rate of the last optimizer step.", _TRAIN_TAGS),
-    MetricSpec("r1ray_train_grad_norm", "gauge", "Global gradient norm before clipping.", _TRAIN_TAGS),
-    MetricSpec("r1ray_train_tokens_per_second", "gauge", "Training tokens per second, all workers.", _TRAIN_TAGS),
-    MetricSpec("r1ray_train_mfu", "gauge", "Model FLOPs utilisation (GPU only), 0-1.", _TRAIN_TAGS),
-    MetricSpec("r1ray_train_step", "gauge", "Optimizer steps completed.", _TRAIN_TAGS),
-    MetricSpec("r1ray_train_samples_consumed", "gauge", "Global samples consumed (the data cursor).", _TRAIN_TAGS),
-    MetricSpec("r1ray_train_workers", "gauge", "Training workers in the current group.", _TRAIN_TAGS),
+    *_train_gauges(
+        ("r1ray_train_loss", "Training loss of the last optimizer step."),
+        ("r1ray_train_val_loss", "Validation loss of the last evaluation."),
+        ("r1ray_train_lr", "Learning rate of the last optimizer step."),
+        ("r1ray_train_grad_norm", "Global gradient norm before clipping."),
+        ("r1ray_train_tokens_per_second", "Training tokens per second, all workers."),
+        ("r1ray_train_mfu", "Model FLOPs utilisation (GPU only), 0-1."),
+        ("r1ray_train_step", "Optimizer steps completed."),
+        ("r1ray_train_samples_consumed", "Global samples consumed (the data cursor)."),
+        ("r1ray_train_workers", "Training workers in the current group."),
+    ),
     MetricSpec("r1ray_train_restarts", "counter", "Worker-group restarts resumed from a checkpoint.", _TRAIN_TAGS),
     MetricSpec("r1ray_train_nonfinite_steps", "counter", "Steps skipped for a non-finite loss or gradient.", _TRAIN_TAGS),
     MetricSpec("r1ray_train_memory_bytes", "gauge", "Worker memory: kind=rss or cuda_allocated.", (*_TRAIN_TAGS, "kind")),
     MetricSpec(
         "r1ray_train_checkpoint_save_seconds", "histogram", "Checkpoint save time.", _TRAIN_TAGS, _SAVE_BUCKETS
     ),
-    # ---- SFT (r1ray.train.stages.sft: the stage's own metrics, recorded by the loop under these names)
-    MetricSpec("r1ray_sft_accuracy", "gauge", "Held-out greedy exact-match accuracy of the last evaluation, 0-1.",
-               _TRAIN_TAGS),
-    MetricSpec("r1ray_sft_eval_verify_failures", "gauge", "Verifier calls that raised or timed out in the last "
-               "evaluation.", _TRAIN_TAGS),
-    # ---- GRPO (r1ray.train.stages.grpo.stage: the stage's own metrics, recorded by the loop under these names)
-    MetricSpec("r1ray_grpo_reward_mean", "gauge", "Mean total (weighted) reward of the rollouts.", _TRAIN_TAGS),
-    MetricSpec("r1ray_grpo_reward_std", "gauge", "Std of the total reward over the rollouts.", _TRAIN_TAGS),
-    MetricSpec("r1ray_grpo_reward_accuracy", "gauge", "Mean accuracy reward of the rollouts.", _TRAIN_TAGS),
-    MetricSpec("r1ray_grpo_reward_format", "gauge", "Mean format reward of the rollouts.", _TRAIN_TAGS),
-    MetricSpec("r1ray_grpo_reward_tag_count", "gauge", "Mean tag_count reward of the rollouts.", _TRAIN_TAGS),
-    MetricSpec("r1ray_grpo_reward_length", "gauge", "Mean overlong (length) reward of the rollouts.", _TRAIN_TAGS),
-    MetricSpec("r1ray_grpo_reward_language", "gauge", "Mean language-consistency reward.", _TRAIN_TAGS),
-    MetricSpec("r1ray_grpo_reward_failures", "gauge", "Reward calls that raised or timed out, per report.", _TRAIN_TAGS),
-    MetricSpec("r1ray_grpo_frac_zero_variance_groups", "gauge", "Share of groups whose rewards all agree.",
-               _TRAIN_TAGS),
-    MetricSpec("r1ray_grpo_dropped_groups", "gauge", "Groups dropped by dynamic sampling, per report.", _TRAIN_TAGS),
-    MetricSpec("r1ray_grpo_completion_length_mean", "gauge", "Mean completion length (tokens).", _TRAIN_TAGS),
-    MetricSpec("r1ray_grpo_completion_length_max", "gauge", "Longest completion (tokens).", _TRAIN_TAGS),
-    MetricSpec("r1ray_grpo_completion_clipped_fraction", "gauge", "Share of completions cut at the maximum length.",
-               _TRAIN_TAGS),
-    MetricSpec("r1ray_grpo_kl", "gauge", "Mean k3 KL to the reference policy per token (beta > 0).", _TRAIN_TAGS),
-    MetricSpec("r1ray_grpo_entropy", "gauge", "Mean policy entropy per completion token (nats).", _TRAIN_TAGS),
-    MetricSpec("r1ray_grpo_clip_fraction", "gauge", "Share of completion tokens where the ratio clip is active.",
-               _TRAIN_TAGS),
-    MetricSpec("r1ray_grpo_rollout_tokens_per_second", "gauge", "Completion tokens generated per second.",
-               _TRAIN_TAGS),
-    MetricSpec("r1ray_grpo_generate_seconds", "gauge", "Seconds per step generating rollouts.", _TRAIN_TAGS),
-    MetricSpec("r1ray_grpo_score_seconds", "gauge", "Seconds per step waiting for rewards.", _TRAIN_TAGS),
-    MetricSpec("r1ray_grpo_reward_seconds", "gauge", "Seconds per step the reward tasks computed.", _TRAIN_TAGS),
-    MetricSpec("r1ray_grpo_learn_seconds", "gauge", "Seconds per step in forward/backward/optimizer.", _TRAIN_TAGS),
-    MetricSpec("r1ray_grpo_sync_seconds", "gauge", "Seconds per weight sync to the rollout engines.", _TRAIN_TAGS),
-    MetricSpec("r1ray_grpo_engine_replacements", "gauge", "Rollout engines replaced so far (pool total).",
-               _TRAIN_TAGS),
-    MetricSpec("r1ray_grpo_accuracy", "gauge", "Held-out greedy accuracy of the last evaluation.", _TRAIN_TAGS),
+    *_train_gauges(
+        # ---- SFT (r1ray.train.stages.sft: the stage's own metrics, recorded by the loop under these names)
+        ("r1ray_sft_accuracy", "Held-out greedy exact-match accuracy of the last evaluation, 0-1."),
+        ("r1ray_sft_eval_verify_failures", "Verifier calls that raised or timed out in the last evaluation."),
+        # ---- GRPO (r1ray.train.stages.grpo.stage: the stage's own metrics, recorded by the loop under these names)
+        ("r1ray_grpo_reward_mean", "Mean total (weighted) reward of the rollouts."),
+        ("r1ray_grpo_reward_std", "Std of the total reward over the rollouts."),
+        ("r1ray_grpo_reward_accuracy", "Mean accuracy reward of the rollouts."),
+        ("r1ray_grpo_reward_format", "Mean format reward of the rollouts."),
+        ("r1ray_grpo_reward_tag_count", "Mean tag_count reward of the rollouts."),
+        ("r1ray_grpo_reward_length", "Mean overlong (length) reward of the rollouts."),
+        ("r1ray_grpo_reward_language", "Mean language-consistency reward."),
+        ("r1ray_grpo_reward_failures", "Reward calls that raised or timed out, per report."),
+        ("r1ray_grpo_frac_zero_variance_groups", "Share of groups whose rewards all agree."),
+        ("r1ray_grpo_dropped_groups", "Groups dropped by dynamic sampling, per report."),
+        ("r1ray_grpo_completion_length_mean", "Mean completion length (tokens)."),
+        ("r1ray_grpo_completion_length_max", "Longest completion (tokens)."),
+        ("r1ray_grpo_completion_clipped_fraction", "Share of completions cut at the maximum length."),
+        ("r1ray_grpo_kl", "Mean k3 KL to the reference policy per token (beta > 0)."),
+        ("r1ray_grpo_entropy", "Mean policy entropy per completion token (nats)."),
+        ("r1ray_grpo_clip_fraction", "Share of completion tokens where the ratio clip is active."),
+        ("r1ray_grpo_rollout_tokens_per_second", "Completion tokens generated per second."),
+        ("r1ray_grpo_generate_seconds", "Seconds per step generating rollouts."),
+        ("r1ray_grpo_score_seconds", "Seconds per step waiting for rewards."),
+        ("r1ray_grpo_reward_seconds", "Seconds per step the reward tasks computed."),
+        ("r1ray_grpo_learn_seconds", "Seconds per step in forward/backward/optimizer."),
+        ("r1ray_grpo_sync_seconds", "Seconds per weight sync to the rollout engines."),
+        ("r1ray_grpo_engine_replacements", "Rollout engines replaced so far (pool total)."),
+        ("r1ray_grpo_accuracy", "Held-out greedy accuracy of the last evaluation."),
+    ),
     # ---- serving
     MetricSpec("r1ray_serve_requests", "counter", "HTTP requests by route and status code.", (*_SERVE_TAGS, "route", "status")),
     MetricSpec(

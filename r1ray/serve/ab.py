@@ -46,22 +46,10 @@ from ray import serve
 
 from r1ray.observe.log import get_logger, setup_logging
 from r1ray.observe.metrics import record
+from r1ray.serve import protocol as P
 from r1ray.serve import schemas as S
 from r1ray.serve.config import ServeConfig
-from r1ray.serve.protocol import (
-    ROUTE_CHAT,
-    ROUTE_COMPLETIONS,
-    ROUTE_DETOKENIZE,
-    ROUTE_HEALTH,
-    ROUTE_MODEL,
-    ROUTE_MODELS,
-    ROUTE_TOKENIZE,
-    ROUTE_TOKENIZER_INFO,
-    APIError,
-    check_auth,
-    parse_json_body,
-    read_body,
-)
+from r1ray.serve.protocol import APIError, check_auth, parse_json_body, read_body
 
 log = get_logger(__name__)
 
@@ -204,23 +192,16 @@ class ABRouter:
                                  media_type=head["media_type"])
 
     # ------------------------------------------------------------------ routes
-    @router_app.post(ROUTE_COMPLETIONS)
-    async def completions(self, request: Request) -> Response:
-        return await self._route(ROUTE_COMPLETIONS, request)
+    # The POST routes a variant answers: one endpoint, each route under its own name, relaying on the route the
+    # request came in on (decorators apply bottom-up: the app lists completions, chat, tokenize, detokenize).
+    @router_app.post(P.ROUTE_DETOKENIZE, name="detokenize")
+    @router_app.post(P.ROUTE_TOKENIZE, name="tokenize")
+    @router_app.post(P.ROUTE_CHAT, name="chat")
+    @router_app.post(P.ROUTE_COMPLETIONS, name="completions")
+    async def relay(self, request: Request) -> Response:
+        return await self._route(request.scope["route"].path, request)
 
-    @router_app.post(ROUTE_CHAT)
-    async def chat(self, request: Request) -> Response:
-        return await self._route(ROUTE_CHAT, request)
-
-    @router_app.post(ROUTE_TOKENIZE)
-    async def tokenize(self, request: Request) -> Response:
-        return await self._route(ROUTE_TOKENIZE, request)
-
-    @router_app.post(ROUTE_DETOKENIZE)
-    async def detokenize(self, request: Request) -> Response:
-        return await self._route(ROUTE_DETOKENIZE, request)
-
-    @router_app.get(ROUTE_TOKENIZER_INFO)
+    @router_app.get(P.ROUTE_TOKENIZER_INFO)
     async def tokenizer_info(self, request: Request, model: str | None = None) -> Response:
         """The tokenizer of the variant ``?model=`` names (an alias or none: the first variant)."""
         try:
@@ -230,10 +211,10 @@ class ABRouter:
                 self.choose(model, None)  # 404 naming the served ids
             variant = variant or self.names[0]
         except APIError as e:
-            return self._refused(ROUTE_TOKENIZER_INFO, e)
-        return await self._forward(variant, "GET", ROUTE_TOKENIZER_INFO, request, b"")
+            return self._refused(P.ROUTE_TOKENIZER_INFO, e)
+        return await self._forward(variant, "GET", P.ROUTE_TOKENIZER_INFO, request, b"")
 
-    @router_app.get(ROUTE_HEALTH)
+    @router_app.get(P.ROUTE_HEALTH)
     async def health(self) -> Response:
         """``ok`` once every variant answers ``ok``; 503 ``loading`` (or ``error``) otherwise, per variant."""
         async def one(name: str) -> dict[str, Any]:
@@ -262,24 +243,24 @@ class ABRouter:
         return S.ModelCard(id=alias, created=S.now(), max_model_len=min(lens),
                            split={n: w / total for n, w in self.weights.items() if w > 0})
 
-    @router_app.get(ROUTE_MODELS)
+    @router_app.get(P.ROUTE_MODELS)
     async def models(self, request: Request) -> Response:
         try:
             check_auth(self.api_key, request.headers)
         except APIError as e:
-            return self._refused(ROUTE_MODELS, e)
+            return self._refused(P.ROUTE_MODELS, e)
         cards = [S.ModelCard.model_validate(await self._card(n)) for n in self.names]
         cards += [await self._alias_card(a) for a in self.aliases]
         return JSONResponse(S.ModelList(data=cards).model_dump())
 
-    @router_app.get(ROUTE_MODEL)
+    @router_app.get(P.ROUTE_MODEL)
     async def model(self, model_id: str, request: Request) -> Response:
         try:
             check_auth(self.api_key, request.headers)
             if model_id not in self.handles and model_id not in self.aliases:
                 self.choose(model_id, None)
         except APIError as e:
-            return self._refused(ROUTE_MODELS, e)
+            return self._refused(P.ROUTE_MODELS, e)
         card = await self._alias_card(model_id) if model_id in self.aliases else \
             S.ModelCard.model_validate(await self._card(model_id))
         return JSONResponse(card.model_dump())

@@ -36,7 +36,7 @@ from ray import serve
 
 from r1ray.infer import EngineFullError, SamplingParams, StepEvent, make_engine
 from r1ray.infer.text import ReasoningStream, count_reasoning_tokens, prompt_opens_think, split_reasoning
-from r1ray.model.tokenizer import CHAT_TEMPLATE, END_THINK, THINK
+from r1ray.model.tokenizer import CHAT_TEMPLATE, END_THINK, THINK, token_id
 from r1ray.observe.log import get_logger, setup_logging
 from r1ray.observe.metrics import record
 from r1ray.serve import schemas as S
@@ -168,7 +168,7 @@ class OpenAIModel:
             return
         self.tokenizer = engine.tokenizer
         self.vocab_size = len(self.tokenizer)
-        self._think_ids = tuple(_token_id(self.tokenizer, t) for t in (THINK, END_THINK))
+        self._think_ids = tuple(token_id(self.tokenizer, t) for t in (THINK, END_THINK))
         self.engine = engine  # set last: routes treat a non-None engine as ready
         log.info("serving %s as %r in %.1f s (engine=%s, max_batch_size=%d, max_queue=%d, context=%d, auth=%s)",
                  self.model_path, self.model_name, time.perf_counter() - t0, engine.backend, e.max_batch_size,
@@ -225,14 +225,21 @@ class OpenAIModel:
     async def _body(self, request: Request) -> bytes:
         return await read_body(request, self.cfg.limits.max_body_bytes)
 
-    async def _parse(self, request: Request, cls: type[S._Req]) -> Any:
-        data = parse_json_body(await self._body(request), self.cfg.limits.max_json_depth)
+    async def _json(self, request: Request) -> dict:
+        return parse_json_body(await self._body(request), self.cfg.limits.max_json_depth)
+
+    def _validated(self, data: dict, cls: type[S._Req]) -> Any:
+        """``data`` as a ``cls`` request for this replica's model (else a 400 naming the field or the model)."""
         try:
             req = cls.model_validate(data)
         except ValidationError as e:
             msg, param = _describe_validation(e)
             raise APIError(400, msg, param=param) from None
         self._check_model(req.model)
+        return req
+
+    async def _parse(self, request: Request, cls: type[S._Req]) -> Any:
+        req = self._validated(await self._json(request), cls)
         lim = self.cfg.limits
         if getattr(req, "n", 1) > lim.max_n:
             raise APIError(400, f"n: at most {lim.max_n} choices per prompt (limits.max_n), got {req.n}", param="n")
@@ -437,11 +444,28 @@ class OpenAIModel:
 
     @fastapi_app.post(ROUTE_TOKENIZE)
     async def tokenize(self, request: Request) -> Response:
-        return await self._handle(ROUTE_TOKENIZE, request, self._tokenize)
+        async def fn(request: Request, t0: float) -> Response:
+            data = await self._json(request)
+            req = self._validated(data, S.TokenizeChatRequest if "messages" in data else S.TokenizeCompletionRequest)
+            if isinstance(req, S.TokenizeChatRequest):
+                text = self._render_chat(req.messages, add_generation_prompt=req.add_generation_prompt)
+                ids = self.tokenizer(text, add_special_tokens=req.add_special_tokens)["input_ids"]
+            else:
+                ids = self.tokenizer(req.prompt, add_special_tokens=req.add_special_tokens)["input_ids"]
+            strs = self.tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
+            return JSONResponse(S.TokenizeResponse(count=len(ids), max_model_len=self.engine.max_model_len,
+                                                   tokens=ids, token_strs=strs).model_dump())
+
+        return await self._handle(ROUTE_TOKENIZE, request, fn)
 
     @fastapi_app.post(ROUTE_DETOKENIZE)
     async def detokenize(self, request: Request) -> Response:
-        return await self._handle(ROUTE_DETOKENIZE, request, self._detokenize)
+        async def fn(request: Request, t0: float) -> Response:
+            req: S.DetokenizeRequest = await self._parse(request, S.DetokenizeRequest)
+            self._check_vocab(req.tokens, "tokens")
+            return JSONResponse({"prompt": self.tokenizer.decode(req.tokens)})
+
+        return await self._handle(ROUTE_DETOKENIZE, request, fn)
 
     @fastapi_app.get(ROUTE_TOKENIZER_INFO)
     async def tokenizer_info(self, request: Request) -> Response:
@@ -454,29 +478,6 @@ class OpenAIModel:
             ).model_dump())
 
         return await self._handle(ROUTE_TOKENIZER_INFO, request, fn)
-
-    async def _tokenize(self, request: Request, t0: float) -> Response:
-        data = parse_json_body(await self._body(request), self.cfg.limits.max_json_depth)
-        cls = S.TokenizeChatRequest if "messages" in data else S.TokenizeCompletionRequest
-        try:
-            req = cls.model_validate(data)
-        except ValidationError as e:
-            msg, param = _describe_validation(e)
-            raise APIError(400, msg, param=param) from None
-        self._check_model(req.model)
-        if isinstance(req, S.TokenizeChatRequest):
-            text = self._render_chat(req.messages, add_generation_prompt=req.add_generation_prompt)
-            ids = self.tokenizer(text, add_special_tokens=req.add_special_tokens)["input_ids"]
-        else:
-            ids = self.tokenizer(req.prompt, add_special_tokens=req.add_special_tokens)["input_ids"]
-        strs = self.tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
-        return JSONResponse(S.TokenizeResponse(count=len(ids), max_model_len=self.engine.max_model_len,
-                                               tokens=ids, token_strs=strs).model_dump())
-
-    async def _detokenize(self, request: Request, t0: float) -> Response:
-        req: S.DetokenizeRequest = await self._parse(request, S.DetokenizeRequest)
-        self._check_vocab(req.tokens, "tokens")
-        return JSONResponse({"prompt": self.tokenizer.decode(req.tokens)})
 
     @fastapi_app.post(ROUTE_COMPLETIONS)
     async def completions(self, request: Request) -> Response:
@@ -763,11 +764,6 @@ class OpenAIModel:
                 finish_reason=fr, logprobs=self._chat_logprobs(lps[k], top) if req.logprobs else None))
         return JSONResponse(S.ChatResponse(id=rid, created=created, model=self.model_name, choices=choices,
                                            usage=usage(ntok, reasoning_tokens)).model_dump())
-
-
-def _token_id(tokenizer: Any, token: str) -> int | None:
-    tid = tokenizer.convert_tokens_to_ids(token)
-    return tid if isinstance(tid, int) and tid != tokenizer.unk_token_id else None
 
 
 def _json_or_text(arguments: str) -> Any:

@@ -9,7 +9,16 @@ import os
 import re
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from r1ray.config import JobConfig, R1Config
 
@@ -35,15 +44,15 @@ class HttpConfig(R1Config):
 class AutoscalingConfig(R1Config):
     """Serve autoscaling: replicas follow the number of ongoing requests."""
 
-    min_replicas: int = Field(default=1, ge=0)
+    min_replicas: NonNegativeInt = 1
     """Fewest replicas (0 lets the app scale to zero; the first request then waits for a cold start)."""
     max_replicas: int = Field(default=2, ge=1)
     """Most replicas."""
-    target_ongoing_requests: float = Field(default=8.0, gt=0)
+    target_ongoing_requests: PositiveFloat = 8.0
     """Ongoing requests per replica the autoscaler aims for; more than that adds replicas."""
-    upscale_delay_s: float = Field(default=10.0, ge=0)
+    upscale_delay_s: NonNegativeFloat = 10.0
     """How long the load must stay high before a replica is added."""
-    downscale_delay_s: float = Field(default=60.0, ge=0)
+    downscale_delay_s: NonNegativeFloat = 60.0
     """How long the load must stay low before a replica is removed."""
 
     @model_validator(mode="after")

@@ -11,7 +11,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from r1ray.observe.log import get_logger
 from r1ray.serve.config import ServeConfig
@@ -19,8 +19,10 @@ from r1ray.serve.config import ServeConfig
 log = get_logger(__name__)
 
 
-@dataclass(frozen=True)
-class ServeInfo:
+class ServeInfo(NamedTuple):
+    """What ``deploy`` returns (and ``run`` announces): the app's base URL, the model id clients name, its model, and
+    a curl command to try it."""
+
     url: str
     model_name: str
     model_path: str

@@ -132,25 +132,14 @@ class _Sampling(_Req):
         elif rf is not None and rf.type == "json_schema":
             found.append((Guidance("json_schema", _schema_text(rf.json_schema.schema_)), "response_format"))
         so = self.structured_outputs
-        if so is not None:
-            if so.json_ is not None:
-                found.append((Guidance("json_schema", _schema_text(so.json_)), "structured_outputs"))
-            elif so.regex is not None:
-                found.append((Guidance("regex", so.regex), "structured_outputs"))
-            elif so.choice is not None:
-                found.append((Guidance("choice", choices=tuple(so.choice)), "structured_outputs"))
-            elif so.grammar is not None:
-                found.append((Guidance("grammar", so.grammar), "structured_outputs"))
-            else:
-                found.append((Guidance("json_object"), "structured_outputs"))
-        if self.guided_json is not None:
-            found.append((Guidance("json_schema", _schema_text(self.guided_json)), "guided_json"))
-        if self.guided_regex is not None:
-            found.append((Guidance("regex", self.guided_regex), "guided_regex"))
-        if self.guided_choice is not None:
-            found.append((Guidance("choice", choices=tuple(self.guided_choice)), "guided_choice"))
-        if self.guided_grammar is not None:
-            found.append((Guidance("grammar", self.guided_grammar), "guided_grammar"))
+        if so is not None:  # exactly one of its fields is set (json_object: none of these)
+            values = (so.json_, so.regex, so.choice, so.grammar)
+            given = [(k, v) for k, v in zip(_GUIDE_KINDS, values, strict=True) if v is not None]
+            found.append((_guide(*given[0]) if given else Guidance("json_object"), "structured_outputs"))
+        guided = ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
+        for kind, name in zip(_GUIDE_KINDS, guided, strict=True):
+            if (value := getattr(self, name)) is not None:
+                found.append((_guide(kind, value), name))
         return found[0] if found else (None, None)
 
     @field_validator("stop")
@@ -194,6 +183,20 @@ class _Sampling(_Req):
 
 def _schema_text(schema: Any) -> str:
     return schema if isinstance(schema, str) else json.dumps(schema)
+
+
+_GUIDE_KINDS = ("json_schema", "regex", "choice", "grammar")
+"""The guidance kinds of the constraint fields, in order: ``structured_outputs.json``/``regex``/``choice``/``grammar``
+and vLLM's older ``guided_json``/``guided_regex``/``guided_choice``/``guided_grammar``."""
+
+
+def _guide(kind: str, value: Any) -> Guidance:
+    """The ``Guidance`` one constraint field's ``value`` asks for."""
+    if kind == "json_schema":
+        return Guidance("json_schema", _schema_text(value))
+    if kind == "choice":
+        return Guidance("choice", choices=tuple(value))
+    return Guidance(kind, value)
 
 
 class CompletionRequest(_Sampling):
@@ -385,11 +388,17 @@ class CompletionChoice(BaseModel):
     finish_reason: str | None = None
 
 
-class CompletionResponse(BaseModel):
+class _Response(BaseModel):
+    """What every completion answer starts with, whole or streamed (``object`` names which it is)."""
+
     id: str
-    object: Literal["text_completion"] = "text_completion"
+    object: str
     created: int
     model: str
+
+
+class CompletionResponse(_Response):
+    object: Literal["text_completion"] = "text_completion"
     choices: list[CompletionChoice]
     usage: Usage | None = None
 
@@ -424,21 +433,15 @@ class ChatChoice(BaseModel):
     finish_reason: str | None = None
 
 
-class ChatResponse(BaseModel):
-    id: str
+class ChatResponse(_Response):
     object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
     choices: list[ChatChoice]
     usage: Usage
 
 
-class Delta(BaseModel):
+class Delta(AssistantMessage):
+    # a streamed piece of the assistant's message: the same fields, and `role` only in the first piece
     role: Literal["assistant"] | None = None
-    content: str | None = None
-    reasoning_content: str | None = None
-    reasoning: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
 
 
 class ChatChunkChoice(BaseModel):
@@ -448,11 +451,8 @@ class ChatChunkChoice(BaseModel):
     finish_reason: str | None = None
 
 
-class ChatChunk(BaseModel):
-    id: str
+class ChatChunk(_Response):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
 

@@ -22,6 +22,7 @@ worked solution, so a procedure that skips or miscomputes a step cannot ship.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 __all__ = ["PLACES", "add_lines", "check_lines", "div_lines", "mul_lines", "op_lines", "sub_lines"]
 
@@ -154,12 +155,23 @@ def _check_operands(a: int, b: int) -> None:
 
 # --- Checking: every line re-executed ----------------------------------------------------------------------
 
-_COL_ADD = re.compile(r"^(?:[a-z-]+ )?(\d)\+(\d)\+(\d)=(\d+), write (\d), carry (\d)$")
-_COL_SUB = re.compile(r"^(?:[a-z-]+ )?(\d)-(\d)-(\d)=(\d), write (\d), borrow 0$")
-_COL_BORROW = re.compile(r"^(?:[a-z-]+ )?(\d)-(\d)-(\d) is below 0, so 1(\d)-(\d)-(\d)=(\d+), write (\d), borrow 1$")
-_COL_MUL = re.compile(r"^(?:[a-z-]+ )?(\d)\*(\d)=(\d+), (\d+)\+(\d+)=(\d+), write (\d), carry (\d+)$")
-_DIV = re.compile(r"^(\d+)/(\d+)=(\d+), (\d+)\*(\d+)=(\d+), (\d+)-(\d+)=(\d+)$")
-_FACT = re.compile(r"^(\d+)([-+*/])(\d+)=(\d+)$")
+# Each line shape whose arithmetic can be re-executed, and what must hold of its numbers (in the order they
+# appear; a fact's operator stays a string).
+_CHECKS: tuple[tuple[re.Pattern[str], Callable[..., bool]], ...] = (
+    (re.compile(r"^(?:[a-z-]+ )?(\d)\+(\d)\+(\d)=(\d+), write (\d), carry (\d)$"),  # a column of an addition
+     lambda x, y, c, t, w, c2: x + y + c == t and w == t % 10 and c2 == t // 10),
+    (re.compile(r"^(?:[a-z-]+ )?(\d)-(\d)-(\d)=(\d), write (\d), borrow 0$"),  # a subtraction column, no borrow
+     lambda x, y, c, t, w: x - y - c == t and w == t),
+    (re.compile(r"^(?:[a-z-]+ )?(\d)-(\d)-(\d) is below 0, so 1(\d)-(\d)-(\d)=(\d+), write (\d), borrow 1$"),
+     lambda x, y, c, x2, y2, c2, t, w: x - y - c < 0 and (x2, y2, c2) == (x, y, c) and 10 + x - y - c == t and w == t),
+    (re.compile(r"^(?:[a-z-]+ )?(\d)\*(\d)=(\d+), (\d+)\+(\d+)=(\d+), write (\d), carry (\d+)$"),  # a product digit
+     lambda x, y, p, p2, c, t, w, c2: x * y == p == p2 and p + c == t and w == t % 10 and c2 == t // 10),
+    (re.compile(r"^(\d+)/(\d+)=(\d+), (\d+)\*(\d+)=(\d+), (\d+)-(\d+)=(\d+)$"),  # a long-division step
+     lambda cur, b, q, q2, b2, p, cur2, p2, r: (q2, b2, cur2, p2) == (q, b, cur, p) and q == cur // b and p == q * b
+     and r == cur - p),
+    (re.compile(r"^(\d+)([-+*/])(\d+)=(\d+)$"),  # a fact a op b = c
+     lambda a, op, b, c: (op != "/" or (b and a % b == 0)) and (op != "-" or a >= b) and _VALUE[op](a, b) == c),
+)
 
 
 def check_lines(lines: list[str]) -> str | None:
@@ -167,26 +179,9 @@ def check_lines(lines: list[str]) -> str | None:
     Lines of other shapes (headers, prose) are skipped."""
     for line in lines:
         s = line.strip().rstrip(".")
-        if m := _COL_ADD.match(s):
-            x, y, c, t, w, c2 = map(int, m.groups())
-            ok = x + y + c == t and w == t % 10 and c2 == t // 10
-        elif m := _COL_SUB.match(s):
-            x, y, c, t, w = map(int, m.groups())
-            ok = x - y - c == t and w == t
-        elif m := _COL_BORROW.match(s):
-            x, y, c, x2, y2, c2, t, w = map(int, m.groups())
-            ok = x - y - c < 0 and (x2, y2, c2) == (x, y, c) and 10 + x - y - c == t and w == t
-        elif m := _COL_MUL.match(s):
-            x, y, p, p2, c, t, w, c2 = map(int, m.groups())
-            ok = x * y == p == p2 and p + c == t and w == t % 10 and c2 == t // 10
-        elif m := _DIV.match(s):
-            cur, b, q, q2, b2, p, cur2, p2, r = map(int, m.groups())
-            ok = (q2, b2, cur2, p2) == (q, b, cur, p) and q == cur // b and p == q * b and r == cur - p
-        elif m := _FACT.match(s):
-            a, op, b, c = int(m.group(1)), m.group(2), int(m.group(3)), int(m.group(4))
-            ok = (op != "/" or (b and a % b == 0)) and (op != "-" or a >= b) and _VALUE[op](a, b) == c
-        else:
-            continue
-        if not ok:
-            return line
+        for pattern, holds in _CHECKS:
+            if m := pattern.match(s):
+                if not holds(*(int(g) if g.isdigit() else g for g in m.groups())):
+                    return line
+                break
     return None

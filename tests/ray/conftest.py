@@ -1,4 +1,5 @@
-"""One local Ray per test module (``num_cpus=2`` unless the module sets ``RAY_NUM_CPUS``)."""
+"""One local Ray per test module (``num_cpus=2`` unless the module sets ``RAY_NUM_CPUS``), and the synthetic data
+artifact the pretraining modules train on."""
 
 from __future__ import annotations
 
@@ -21,3 +22,12 @@ def ray_local(request):
     )
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def data_dir(tiny_tokenizer_dir, tmp_path_factory):
+    """Packed shards of 32 tokens (``r1ray.data.synthetic_shards``) for a module's pretraining runs; a module that
+    needs other data defines its own ``data_dir``."""
+    from r1ray.data.synthetic_shards import write_data_artifact
+
+    return write_data_artifact(tmp_path_factory.mktemp("data") / "data", tiny_tokenizer_dir, seq_len=32)

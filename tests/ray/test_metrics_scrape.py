@@ -24,7 +24,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from r1ray.observe.metrics import BY_NAME, SPECS
-from tests.helpers import dashboards_generator, free_port
+from tests.helpers import dashboards_generator, start_ray_with_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 PROBE = "probe"
@@ -117,29 +117,7 @@ class Scraper:
 def ray_metrics():
     import ray
 
-    if ray.is_initialized():
-        ray.shutdown()
-    for attempt in (1, 2):
-        port = free_port()
-        try:
-            ctx = ray.init(
-                address="local",
-                num_cpus=3,
-                include_dashboard=True,
-                dashboard_host="127.0.0.1",
-                dashboard_port=free_port(),
-                _metrics_export_port=port,
-                logging_level="WARNING",
-                configure_logging=False,
-            )
-            break
-        except Exception as e:  # noqa: BLE001 - Ray's own "node timed out during startup" is a bare Exception
-            # On an overloaded machine the dashboard agent can miss the raylet's 30 s start-up window.
-            ray.shutdown()
-            if attempt == 2 or "timed out during startup" not in str(e):
-                raise
-            print(f"ray.init failed ({e}); retrying once")
-    session_dir = ray._private.worker._global_node.get_session_dir_path()
+    ctx, port, session_dir = start_ray_with_metrics()
     scraper = Scraper(f"http://127.0.0.1:{port}/metrics")
     yield {"port": port, "session_dir": session_dir, "scraper": scraper, "ctx": ctx}
     scraper.stop()

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from r1ray.config import load_config
 from r1ray.train.stages.pretrain import PretrainConfig
+from tests.helpers import pretrain_cfg
 
 RAY_NUM_CPUS = 3  # 2 training workers + 1 for Ray Data
 
@@ -25,16 +25,8 @@ BASE = [
 ]
 
 
-@pytest.fixture(scope="module")
-def data_dir(tiny_tokenizer_dir, tmp_path_factory):
-    from r1ray.data.synthetic_shards import write_data_artifact
-
-    return write_data_artifact(tmp_path_factory.mktemp("data") / "data", tiny_tokenizer_dir, seq_len=32)
-
-
 def make_cfg(data_dir: str, root: Path, *extra: str) -> PretrainConfig:
-    return load_config(PretrainConfig, [*BASE, f"data.path={data_dir}", f"storage.root={root}",
-                                        f"data.cache_dir={root}/cache", *extra])
+    return pretrain_cfg(BASE, data_dir, root, *extra)
 
 
 @pytest.fixture(scope="module")

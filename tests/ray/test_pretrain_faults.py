@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from r1ray.config import load_config
 from r1ray.train.stages.pretrain import PretrainConfig
+from tests.helpers import pretrain_cfg
 
 RAY_NUM_CPUS = 3
 
@@ -27,16 +27,8 @@ BASE = [
 ]
 
 
-@pytest.fixture(scope="module")
-def data_dir(tiny_tokenizer_dir, tmp_path_factory):
-    from r1ray.data.synthetic_shards import write_data_artifact
-
-    return write_data_artifact(tmp_path_factory.mktemp("data") / "data", tiny_tokenizer_dir, seq_len=32)
-
-
 def make_cfg(data_dir: str, root: Path, *extra: str) -> PretrainConfig:
-    return load_config(PretrainConfig, [*BASE, f"data.path={data_dir}", f"storage.root={root}",
-                                        f"data.cache_dir={root}/cache", *extra])
+    return pretrain_cfg(BASE, data_dir, root, *extra)
 
 
 def test_nonfinite_steps_are_skipped_then_stop_the_run(ray_local, data_dir, tmp_path):

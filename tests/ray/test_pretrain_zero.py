@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from r1ray.config import load_config
 from r1ray.train.stages.pretrain import PretrainConfig
+from tests.helpers import pretrain_cfg
 
 RAY_NUM_CPUS = 4  # 3 training workers + 1 for Ray Data
 
@@ -37,8 +37,7 @@ def data_dir(tiny_tokenizer_dir, tmp_path_factory):
 
 
 def make_cfg(data_dir: str, root: Path, *extra: str) -> PretrainConfig:
-    return load_config(PretrainConfig, [*BASE, f"data.path={data_dir}", f"storage.root={root}",
-                                        f"data.cache_dir={root}/cache", *extra])
+    return pretrain_cfg(BASE, data_dir, root, *extra)
 
 
 def tensors(export: str) -> dict:

@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import dashboards_generator, free_port
+from tests.helpers import dashboards_generator, free_port, start_ray_with_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 INSTALL = "apt-get install -y --no-install-recommends prometheus"
@@ -69,23 +69,10 @@ def _get(url: str, timeout: float = 30) -> dict:
 def ray_metrics():
     import ray
 
-    if ray.is_initialized():
-        ray.shutdown()
     # Ray's workers export their metric values every metrics_report_interval_ms (10 s by default) and do not
     # flush when they exit: a debug run's last ~10 s of records (here its checkpoint saves) could be lost.
     # 1 s (Ray's floor) keeps every record of these short runs; docs/observability.md says so for users.
-    for attempt in (1, 2):
-        port = free_port()
-        try:
-            ray.init(address="local", num_cpus=3, include_dashboard=True, dashboard_host="127.0.0.1",
-                     dashboard_port=free_port(), _metrics_export_port=port, logging_level="WARNING",
-                     configure_logging=False, _system_config={"metrics_report_interval_ms": 1000})
-            break
-        except Exception as e:  # noqa: BLE001 - Ray's own "node timed out during startup" is a bare Exception
-            ray.shutdown()  # on an overloaded machine the dashboard agent can miss the raylet's 30 s window
-            if attempt == 2 or "timed out during startup" not in str(e):
-                raise
-    session_dir = ray._private.worker._global_node.get_session_dir_path()
+    _, port, session_dir = start_ray_with_metrics(_system_config={"metrics_report_interval_ms": 1000})
     yield {"port": port, "session_dir": session_dir, "t0": time.time()}
     ray.shutdown()
 

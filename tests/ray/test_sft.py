@@ -12,6 +12,7 @@ import pytest
 
 from r1ray.config import load_config
 from r1ray.train.stages.sft import SFTConfig
+from tests.helpers import save_tiny_model
 
 RAY_NUM_CPUS = 3  # 2 training workers + 1 spare
 
@@ -31,13 +32,7 @@ BASE = [
 
 @pytest.fixture(scope="module")
 def init_model(tiny_tokenizer_dir, tmp_path_factory):
-    from r1ray.model import build_model, save_model
-    from r1ray.model.build import ModelConfig
-    from r1ray.model.tokenizer import load_tokenizer
-
-    tok = load_tokenizer(tiny_tokenizer_dir)
-    model = build_model(ModelConfig(preset="debug", max_position_embeddings=256), tok, seed=0)
-    return str(save_model(model, tok, tmp_path_factory.mktemp("init") / "model"))
+    return save_tiny_model(tiny_tokenizer_dir, tmp_path_factory.mktemp("init") / "model", max_positions=256, seed=0)
 
 
 def make_cfg(init: str, root: Path, *extra: str) -> SFTConfig:

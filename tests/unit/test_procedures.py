@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import re
+import textwrap
 
 import pytest
 
@@ -12,50 +13,55 @@ from r1ray.tasks.arithmetic import ArithmeticTask, generate_many
 from r1ray.tasks.procedures import add_lines, check_lines, div_lines, mul_lines, op_lines, sub_lines
 
 
+def worked(text: str) -> list[str]:
+    """A worked solution written as it reads, one line per line."""
+    return textwrap.dedent(text).strip().splitlines()
+
+
 def test_column_addition_by_hand():
-    assert add_lines(367, 125) == [
-        "ones 7+5+0=12, write 2, carry 1",
-        "tens 6+2+1=9, write 9, carry 0",
-        "hundreds 3+1+0=4, write 4, carry 0",
-        "367+125=492",
-    ]
+    assert add_lines(367, 125) == worked("""
+        ones 7+5+0=12, write 2, carry 1
+        tens 6+2+1=9, write 9, carry 0
+        hundreds 3+1+0=4, write 4, carry 0
+        367+125=492
+    """)
     # a final carry gets a column of its own; a missing digit is 0
-    assert add_lines(95, 7) == [
-        "ones 5+7+0=12, write 2, carry 1",
-        "tens 9+0+1=10, write 0, carry 1",
-        "hundreds 0+0+1=1, write 1, carry 0",
-        "95+7=102",
-    ]
+    assert add_lines(95, 7) == worked("""
+        ones 5+7+0=12, write 2, carry 1
+        tens 9+0+1=10, write 0, carry 1
+        hundreds 0+0+1=1, write 1, carry 0
+        95+7=102
+    """)
     assert add_lines(3, 4) == ["3+4=7"]
 
 
 def test_column_subtraction_borrows_by_hand():
-    assert sub_lines(402, 158) == [
-        "ones 2-8-0 is below 0, so 12-8-0=4, write 4, borrow 1",
-        "tens 0-5-1 is below 0, so 10-5-1=4, write 4, borrow 1",
-        "hundreds 4-1-1=2, write 2, borrow 0",
-        "402-158=244",
-    ]
+    assert sub_lines(402, 158) == worked("""
+        ones 2-8-0 is below 0, so 12-8-0=4, write 4, borrow 1
+        tens 0-5-1 is below 0, so 10-5-1=4, write 4, borrow 1
+        hundreds 4-1-1=2, write 2, borrow 0
+        402-158=244
+    """)
     with pytest.raises(ValueError, match="a >= b"):
         sub_lines(3, 5)
 
 
 def test_partial_products_and_long_division_by_hand():
-    assert mul_lines(47, 8) == [
-        "ones 7*8=56, 56+0=56, write 6, carry 5",
-        "tens 4*8=32, 32+5=37, write 7, carry 3",
-        "hundreds write 3",
-        "47*8=376",
-    ]
+    assert mul_lines(47, 8) == worked("""
+        ones 7*8=56, 56+0=56, write 6, carry 5
+        tens 4*8=32, 32+5=37, write 7, carry 3
+        hundreds write 3
+        47*8=376
+    """)
     lines = mul_lines(47, 23)  # a partial product per digit of 23, then their column sum
     assert "47*3=141" in lines and "47*20=940" in lines and "141+940=1081" in lines
     assert lines[-1] == "47*23=1081" and check_lines(lines) is None
-    assert div_lines(376, 8) == [
-        "3/8=0, 0*8=0, 3-0=3",
-        "37/8=4, 4*8=32, 37-32=5",
-        "56/8=7, 7*8=56, 56-56=0",
-        "376/8=47",
-    ]
+    assert div_lines(376, 8) == worked("""
+        3/8=0, 0*8=0, 3-0=3
+        37/8=4, 4*8=32, 37-32=5
+        56/8=7, 7*8=56, 56-56=0
+        376/8=47
+    """)
     with pytest.raises(ValueError, match="exact division"):
         div_lines(10, 3)
 
