@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,20 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
 
 def join(base: str, *parts: str) -> str:
     return "/".join([str(base).rstrip("/"), *(str(p).strip("/") for p in parts if p)])
+
+
+def jsonl_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
+    """``(where, row)`` for every non-blank line of a local jsonl file, ``where`` being ``<path>:<line>``; a line
+    that is not JSON is a ValueError naming it."""
+    p = Path(path)
+    with p.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield f"{p}:{n}", json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{p}:{n}: not valid JSON ({e})") from None
 
 
 def canonical_json(obj: Any) -> bytes:

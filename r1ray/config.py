@@ -461,19 +461,12 @@ def load_config(
         if not all(parts):
             problems.append(f"override {key}={raw}: malformed key")
             continue
-        node = data
-        for j, part in enumerate(parts[:-1]):
-            nxt = node.get(part)
-            if nxt is None:
-                nxt = node[part] = {}
-            elif not isinstance(nxt, dict):
-                problems.append(f"override {key}={raw}: {'.'.join(parts[: j + 1])} is not a section")
-                break
-            node = nxt
-        else:
-            parent = _model_at(cls, parts[:-1])
-            field = parent.model_fields.get(parts[-1]) if parent is not None else None
-            node[parts[-1]] = _coerce_override(raw, field.annotation if field is not None else None)
+        parent = _model_at(cls, parts[:-1])
+        field = parent.model_fields.get(parts[-1]) if parent is not None else None
+        try:
+            set_dotted(data, key, _coerce_override(raw, field.annotation if field is not None else None))
+        except ConfigError as e:
+            problems.append(f"override {key}={raw}: {e.problems[0].split(': ', 1)[1]}")
     for key, value in (values or {}).items():
         try:
             set_dotted(data, key, value)

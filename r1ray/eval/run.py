@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from r1ray.artifacts import jsonl_rows
 from r1ray.eval import metrics as M
 from r1ray.eval.config import EvaluateConfig, ModelSpec
 from r1ray.infer.batch import endpoint_spec, pool_spec, run_units, sample_seed
@@ -130,18 +131,11 @@ def file_documents(path: str, text_field: str) -> Iterator[tuple[str, str]]:
     if not p.is_file():
         raise ValueError(f"perplexity.files: {path} is not a file")
     if p.suffix in (".jsonl", ".json"):
-        with p.open(encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    doc = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{p}:{n}: not JSON ({e})") from None
-                if not isinstance(doc, dict) or not isinstance(doc.get(text_field), str):
-                    raise ValueError(f"{p}:{n}: expected an object with a string field {text_field!r} "
-                                     "(perplexity.text_field)")
-                yield f"{p.name}:{n}", doc[text_field]
+        for where, doc in jsonl_rows(p):
+            if not isinstance(doc, dict) or not isinstance(doc.get(text_field), str):
+                raise ValueError(f"{where}: expected an object with a string field {text_field!r} "
+                                 "(perplexity.text_field)")
+            yield f"{p.name}:{where.rsplit(':', 1)[1]}", doc[text_field]
     else:
         yield p.name, p.read_text(encoding="utf-8")
 
@@ -221,21 +215,15 @@ def plan_reference(cfg: EvaluateConfig) -> list[dict[str, str]]:
     if not p.is_file():
         raise ValueError(f"reference.path: {rc.path} is not a file")
     items = []
-    with p.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                d = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{p}:{n}: not JSON ({e})") from None
-            if not isinstance(d, dict) or not isinstance(d.get(rc.prompt_field), str) \
-                    or not isinstance(d.get(rc.reference_field), str):
-                raise ValueError(f"{p}:{n}: expected string fields {rc.prompt_field!r} and {rc.reference_field!r} "
-                                 "(reference.prompt_field / reference.reference_field)")
-            items.append({"id": f"{p.name}:{n}", "prompt": d[rc.prompt_field], "reference": d[rc.reference_field]})
-            if rc.max_items and len(items) >= rc.max_items:
-                break
+    for where, d in jsonl_rows(p):
+        if not isinstance(d, dict) or not isinstance(d.get(rc.prompt_field), str) \
+                or not isinstance(d.get(rc.reference_field), str):
+            raise ValueError(f"{where}: expected string fields {rc.prompt_field!r} and {rc.reference_field!r} "
+                             "(reference.prompt_field / reference.reference_field)")
+        items.append({"id": f"{p.name}:{where.rsplit(':', 1)[1]}", "prompt": d[rc.prompt_field],
+                      "reference": d[rc.reference_field]})
+        if rc.max_items and len(items) >= rc.max_items:
+            break
     if not items:
         raise ValueError(f"reference.path: {rc.path} holds no lines")
     return items

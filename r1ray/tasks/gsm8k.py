@@ -9,11 +9,11 @@ seed does not reorder anything (the file's order is the order); there is one dif
 
 from __future__ import annotations
 
-import json
 import re
 from functools import cached_property
 from pathlib import Path
 
+from r1ray.artifacts import jsonl_rows
 from r1ray.tasks import base, mathcheck
 
 __all__ = ["Gsm8kTask", "parse_record"]
@@ -39,16 +39,7 @@ def _load(path: str | Path) -> list[tuple[str, str, str]]:
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"gsm8k: path={str(path)!r} is not a file")
-    out = []
-    with p.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{p}:{n}: not JSON ({e})") from None
-            out.append(parse_record(record, f"{p}:{n}"))
+    out = [parse_record(record, where) for where, record in jsonl_rows(p)]
     if not out:
         raise ValueError(f"gsm8k: {p} holds no records")
     return out

@@ -28,13 +28,14 @@ Packing measured faster on CPU for short conversations (docs/sft.md), so it is t
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from r1ray.artifacts import jsonl_rows
 
 __all__ = [
     "IGNORE",
@@ -99,18 +100,10 @@ def load_jsonl(path: str | Path) -> list[list[dict[str, Any]]]:
     if not p.is_file():
         raise ValueError(f"data.path={str(path)!r} is not a file (expected a jsonl of {{\"messages\": [...]}} rows)")
     out = []
-    with p.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{p}:{n}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e})") from None
-            if not isinstance(row, dict) or "messages" not in row:
-                raise ValueError(f"{where}: expected an object with a 'messages' list")
-            out.append(check_messages(row["messages"], where))
+    for where, row in jsonl_rows(p):
+        if not isinstance(row, dict) or "messages" not in row:
+            raise ValueError(f"{where}: expected an object with a 'messages' list")
+        out.append(check_messages(row["messages"], where))
     if not out:
         raise ValueError(f"{p}: no conversations (the file is empty)")
     return out
