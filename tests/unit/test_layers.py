@@ -1,8 +1,10 @@
 """The layer order of r1ray, enforced on every import (module level, function level, ``"module:attr"``
 strings and ``importlib.import_module("...")`` calls), plus no import cycles between files.
 
-    base (config, cli, runtime, artifacts, observe) <- model <- infer <- tasks <- data <- train <- eval
+    base (config, cli, runtime, artifacts, observe, testing) <- model <- infer <- tasks <- data <- train <- eval
     <- compress <- tune <- serve <- pipeline <- jobs
+
+and inside train: stage.py (the contract) <- core/ (the loop machinery) <- stages/ <- registry.py.
 
 A module may import its own layer and earlier ones. Exclusions: serve imports only base, model and infer;
 model, infer and tasks import no later layer (already implied by the order). A failure names the file, the
@@ -87,6 +89,30 @@ def test_every_import_respects_the_layer_order():
             elif mine in ONLY and theirs not in ONLY[mine]:
                 problems.append(f"{rel}:{line}: {how} of {mod} ({theirs}): {mine} may import only {sorted(ONLY[mine])}")
     assert not problems, "layer violations:\n" + "\n".join(problems)
+
+
+TRAIN_ROOMS = ["r1ray.train.stage", "r1ray.train.core", "r1ray.train.stages", "r1ray.train.registry"]
+"""Inside train/, bottom to top: the stage contract, the loop machinery, the stages, the registry of stages."""
+
+
+def _train_room(module: str) -> int | None:
+    return next((i for i, room in enumerate(TRAIN_ROOMS) if module == room or module.startswith(room + ".")), None)
+
+
+def test_train_machinery_sits_below_the_stages():
+    """core/ (the loop, checkpoints, faults ...) knows no stage; the stages know no registry; the contract
+    (train/stage.py) imports neither; strings and function-level imports count too."""
+    problems = []
+    for path in sorted(REPO.glob("r1ray/train/**/*.py")):
+        mine = _train_room(module_name(path))
+        if mine is None:
+            continue
+        for line, mod, how in imports_of(path):
+            theirs = _train_room(mod)
+            if theirs is not None and theirs > mine:
+                problems.append(f"{path.relative_to(REPO)}:{line}: {how} of {mod} ({TRAIN_ROOMS[theirs]}) from "
+                                f"{TRAIN_ROOMS[mine]}")
+    assert not problems, "train/ layering:\n" + "\n".join(problems)
 
 
 def test_no_import_cycles_between_files():
