@@ -51,7 +51,7 @@ def run(cfg: PipelineConfig):
     try:
         result = run_pipeline(cfg, on_served=on_served)
     except PipelineFailed as e:
-        print(f"pipeline {cfg.name}: {e}", file=sys.stderr, flush=True)
+        print(f"pipeline {cfg.run_name}: {e}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
     if not result.serve_url:
         print(summary(result))

@@ -96,7 +96,9 @@ def save_quantized(model: Any, tokenizer: Any, out_dir: str | Path) -> Path:
         if owner in modules:
             continue
         tensors[key] = t.detach().contiguous().clone()
-    save_file(tensors, str(out / WEIGHTS), metadata={"format": "pt", "r1ray": METHOD})
+    # one metadata key: safetensors writes the header's metadata in hash-map order, so two keys came out in either
+    # order from run to run and the same weights gave different bytes (the method is in config.json)
+    save_file(tensors, str(out / WEIGHTS), metadata={"format": "pt"})
     config = model.config
     tied = bool(getattr(config, "tie_word_embeddings", False))
     if "lm_head" in modules:

@@ -40,8 +40,8 @@ class PipelineConfig(JobConfig):
     the same input hashes is skipped; anything else reruns, and so does every stage after it."""
 
     run_name: str = "default"
-    """Pipeline name: its state and report live in ``<storage.root>/pipeline/<name>/``, its runs are
-    ``<storage.root>/runs/<name>-<stage>``."""
+    """Pipeline name: its state and report live in ``<storage.root>/pipeline/<run_name>/``, its runs are
+    ``<storage.root>/runs/<run_name>-<stage>``."""
     stages: list[str] = Field(default_factory=lambda: ["data", "pretrain", "sft", "grpo", "evaluate", "compress",
                                                        "serve"])
     """Stages to run, in pipeline order (a subsequence of data, pretrain, sft, grpo, distill, evaluate,

@@ -1,4 +1,4 @@
-"""The pipeline's report card: ``<storage.root>/pipeline/<name>/report.md`` with PNG plots, in the spirit of
+"""The pipeline's report card: ``<storage.root>/pipeline/<run_name>/report.md`` with PNG plots, in the spirit of
 nanochat's report: what a person would rather look at than read from logs.
 
 Sections: per-stage timing; held-out corpus perplexity after every training stage (forgetting); loss curves of

@@ -6,13 +6,13 @@ before, skipping those whose artifact is already there for the same resolved con
 
 Caching. A stage's key is the SHA-256 of its resolved config (inputs wired in; ``ray`` and ``logging`` left
 out, they do not change results) and of the manifest hashes of its input artifacts. The pipeline's state
-(``<storage.root>/pipeline/<name>/state.json``) records each stage's key, artifact and artifact manifest hash;
+(``<storage.root>/pipeline/<run_name>/state.json``) records each stage's key, artifact and artifact manifest hash;
 a stage is skipped when its key is unchanged and its artifact is still the one recorded. Changing one stage's
 config changes its key, and its new artifact changes the keys of every stage after it, so exactly those rerun.
 A training stage that reruns for a new key starts from an empty run directory (a stale checkpoint of another
 config is never resumed); one that failed reruns with the same key and resumes from its newest checkpoint.
 
-Failures. Each stage logs to ``<storage.root>/pipeline/<name>/logs/<stage>.log``; a failing stage is named
+Failures. Each stage logs to ``<storage.root>/pipeline/<run_name>/logs/<stage>.log``; a failing stage is named
 with that path, the state says ``failed``, and rerunning the pipeline resumes there.
 """
 

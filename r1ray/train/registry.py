@@ -2,7 +2,8 @@
 config field each fills), the stage whose default export it starts from, and the run name of its embedded
 default. Ray Tune (``r1ray.tune``), the pipeline (``r1ray.pipeline.run``), the standalone jobs' upstream
 preparation (``r1ray.pipeline.upstream``) and ``jobs/<stage>.py`` all read this one table; adding a stage is
-one entry here (plus its module under ``r1ray.train.stages``).
+one entry here, its module under ``r1ray.train.stages`` and a ``StageSpec`` field of its name in the pipeline's
+config (``r1ray.train.stage`` lists the steps).
 
 References are ``"module:attr"`` strings, so reading the table imports nothing heavy.
 """

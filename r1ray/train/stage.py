@@ -13,8 +13,11 @@ Adding a stage
 1. A config class composed from ``r1ray.train.core.config.TrainJobConfig`` (seed, run_name, train, checkpoint,
    optim, deepspeed, scaling, faults, ray, storage, logging) plus the stage's own fields.
 2. A ``Stage`` subclass with ``name`` and ``config_class``, implementing the abstract methods below.
-3. A driver call: ``r1ray.train.core.driver.run_stage(MyStage, cfg) -> TrainResult``, and a thin
-   ``jobs/<stage>.py`` around it; register it in ``r1ray.tune.stages`` to make it tunable.
+3. A ``run(cfg) -> TrainResult`` that calls ``r1ray.train.core.driver.run_stage(MyStage, cfg)``, and a function
+   giving the text its job prints.
+4. One entry in ``r1ray.train.registry`` (config, run, inputs and the field each fills, default run name, summary):
+   Tune, the pipeline's wiring and the jobs' upstream preparation read it; ``jobs/<stage>.py`` is three lines
+   (``run = job("<stage>")``); the pipeline's config gets a ``StageSpec`` field of the stage's name.
 
 One optimizer step, as the loop runs it on every worker::
 

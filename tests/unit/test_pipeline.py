@@ -184,3 +184,18 @@ def test_a_job_fills_only_its_unset_inputs(tmp_path):
     assert inputs_for("sft", named) == {}  # a model you named: no default corpus replayed behind your back
     logit = load_config(DistillConfig, [f"storage.root={tmp_path}", "distill.teacher=/t"])
     assert inputs_for("distill", logit) == {}
+
+
+def test_a_failed_pipeline_exits_1_naming_itself(monkeypatch, capsys):
+    """The job's failure path (no Ray: the library's run is replaced by one that fails as a stage would)."""
+    import r1ray.pipeline.run as pipeline_run
+
+    def failing(cfg, on_served=None):
+        raise pipeline_run.PipelineFailed("stage sft failed: boom")
+
+    monkeypatch.setattr(pipeline_run, "run", failing)
+    job = load_job("pipeline")
+    with pytest.raises(SystemExit) as e:
+        job.run(load_config(PipelineConfig, ["run_name=demo"]))
+    assert e.value.code == 1
+    assert "pipeline demo: stage sft failed: boom" in capsys.readouterr().err
