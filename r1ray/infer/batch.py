@@ -266,6 +266,7 @@ def run_units(spec: dict[str, Any], payloads: Sequence[dict[str, Any]], *, what:
 
 def sample_seed(seed: int, uid: str, sample: int) -> int:
     """Seed of sample ``sample`` of the problem with uid ``uid``: the same for every model and every run."""
-    import hashlib
 
-    return int(hashlib.sha256(f"r1ray-eval:{seed}:{uid}:{sample}".encode()).hexdigest()[:15], 16)
+    from r1ray.seeds import hashed_seed
+
+    return hashed_seed("eval", seed, uid, sample)

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from r1ray.observe.log import get_logger, setup_logging
+from r1ray.seeds import step_seed
 from r1ray.train.core.checkpoint import CheckpointManager, RunState
 from r1ray.train.core.faults import FaultHooks
 from r1ray.train.core.flops import gpu_peak_flops, train_flops_per_token
@@ -407,7 +408,7 @@ class Loop:
 
         cfg, tcfg, w, engine = self.cfg, self.cfg.train, self.worker, self.engine
         # RNG is a pure function of (seed, step, rank): exact after a resume on any number of workers
-        torch.manual_seed((cfg.seed * 1_000_003 + step) * 1009 + w.rank)
+        torch.manual_seed(step_seed(cfg.seed, step, w.rank))
         micro = step_micro_batches(step, tcfg.global_batch_size, tcfg.micro_batch_size, w.rank, w.world_size)
         self.faults.record_samples(step, getattr(self, "attempt", "x"), micro)
         lr = lr_at(cfg.optim, step, tcfg.max_steps)

@@ -6,7 +6,7 @@ names the teacher).
 Generation is a step, not part of a stage's ``plan``: the pipeline runs it with its own cache key (this config
 and the teacher's manifest) and records it in its state; ``python jobs/distill.py distill.mode=sequence``
 prepares it through ``r1ray.pipeline.upstream``; the distillation stage only reads ``data.path``. The traces are
-a pure function of the config (problems drawn by seed, sample ``i`` seeded by ``seed * 1_000_003 + i``), so a
+a pure function of the config (problems drawn by seed, sample ``i`` seeded by ``r1ray.seeds.trace_seed``), so a
 complete artifact whose manifest holds the same config is reused.
 """
 
@@ -20,6 +20,7 @@ from pydantic import Field
 
 from r1ray.config import R1Config, StorageConfig
 from r1ray.observe.log import get_logger
+from r1ray.seeds import trace_seed
 
 log = get_logger(__name__)
 
@@ -112,7 +113,7 @@ def generate(cfg: TracesConfig) -> str:
     requests = [{"prompt": tok.apply_chat_template(p.messages(), tokenize=True, add_generation_prompt=True,
                                                    return_dict=False),
                  "max_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
-                 "seed": int(cfg.seed * 1_000_003 + i)} for i, p in enumerate(problems)]
+                 "seed": trace_seed(cfg.seed, i)} for i, p in enumerate(problems)]
     unit = 64
     payloads = [{"kind": "requests", "requests": requests[i:i + unit]} for i in range(0, len(requests), unit)]
     pool_name = f"r1ray-traces-{cfg.run_name}"

@@ -11,7 +11,6 @@ the same completions.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 import threading
@@ -23,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from r1ray.observe.log import get_logger
+from r1ray.seeds import hashed_seed
 from r1ray.train.stage import Metrics
 
 log = get_logger(__name__)
@@ -33,8 +33,7 @@ __all__ = ["Group", "Rollouts", "sampling_seed"]
 def sampling_seed(seed: int, step: int, problem_index: int, sample: int) -> int:
     """The sampling seed of completion ``sample`` of problem ``problem_index`` at ``step``: a restarted run
     regenerates exactly the same rollouts."""
-    h = hashlib.sha256(f"r1ray-grpo:{seed}:{step}:{problem_index}:{sample}".encode()).hexdigest()
-    return int(h[:15], 16)
+    return hashed_seed("grpo", seed, step, problem_index, sample)
 
 
 @dataclass
