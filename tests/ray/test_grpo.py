@@ -325,7 +325,7 @@ def test_one_update_is_the_same_whatever_the_micro_batch_split(ray_local, model_
         stage.worker = WorkerInfo(0, 1, 0, False, torch.device("cpu"))
         stage.setup(stage.worker, res)
         model = stage.build_model()
-        collect = stage._collect
+        collect = stage.rollouts._collect
 
         def varied(units, ref, t0, times):  # a reward of the completion that varies within a group (a random
             collect(units, ref, t0, times)  # policy rarely writes a tag in 8 tokens): distinct tokens, mod 3
@@ -333,7 +333,7 @@ def test_one_update_is_the_same_whatever_the_micro_batch_split(ray_local, model_
                 for grp in unit:
                     grp.rewards = [float(len(set(c.token_ids)) % 3) for c in grp.completions]
 
-        stage._collect = varied
+        stage.rollouts._collect = varied
         problems = np.arange(8)
         grads = []
         for per in (4, 2, 1):
