@@ -25,14 +25,22 @@ from tests.helpers import save_tiny_model
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
-ARGS = [
-    "train.max_steps=6", "train.global_batch_size=8", "train.micro_batch_size=4", "train.eval_every=0",
-    "train.log_every=1", "checkpoint.every=2", "checkpoint.keep=3", "optim.lr=0.02", "optim.warmup_steps=0",
-    "optim.schedule=constant", "deepspeed.zero_stage=2", "scaling.num_workers=1", "grpo.group_size=8",
-    "grpo.rewards={tag_count: 1.0}", "grpo.max_completion_tokens=24", "grpo.temperature=1.0", "grpo.eval_problems=8",
-    "curriculum=null", "grpo.difficulty=1", "grpo.eval_difficulties=[]", "logging.wandb.mode=disabled",
-    "ray.include_dashboard=false", "ray.num_cpus=3",
-]
+SETTINGS = {  # the debug policy, a reward it learns in a few steps, a checkpoint every 2 of 6 steps
+    "train": {"max_steps": 6, "global_batch_size": 8, "micro_batch_size": 4, "eval_every": 0, "log_every": 1},
+    "checkpoint": {"every": 2, "keep": 3},
+    "optim": {"lr": 0.02, "warmup_steps": 0, "schedule": "constant"},
+    "deepspeed": {"zero_stage": 2}, "scaling": {"num_workers": 1},
+    "grpo": {"group_size": 8, "rewards": "{tag_count: 1.0}", "max_completion_tokens": 24, "temperature": 1.0,
+             "eval_problems": 8, "difficulty": 1, "eval_difficulties": "[]"},
+    "curriculum": "null", "logging": {"wandb": {"mode": "disabled"}}, "ray": {"include_dashboard": "false", "num_cpus": 3},
+}
+
+
+def _flat(d: dict, prefix: str = "") -> list[str]:
+    return [a for k, v in d.items() for a in (_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}={v}"])]
+
+
+ARGS = _flat(SETTINGS)
 
 
 def _command(model_dir: str, root: Path, run_name: str) -> list[str]:
