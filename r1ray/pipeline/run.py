@@ -31,7 +31,7 @@ from typing import Any
 from r1ray.artifacts import canonical_json, is_complete, manifest_sha256, sha256_bytes, write_bytes_atomic
 from r1ray.config import dotted_values, load_config
 from r1ray.observe.log import get_logger
-from r1ray.pipeline.config import STAGE_ORDER, PipelineConfig
+from r1ray.pipeline.config import PipelineConfig
 from r1ray.train.registry import STAGES as TRAIN_REGISTRY
 
 log = get_logger(__name__)
@@ -80,9 +80,9 @@ class PipelineResult:
 class _Adapter:
     config: str
     """``module:Class`` of the stage's config."""
-    wire: Callable[..., dict[str, Any]]
-    """Dotted overrides that connect the stage to the upstream artifacts (and name its outputs):
-    ``wire(pipeline_config, upstream)``; a training stage's also takes its unwired config."""
+    wire: Callable[[PipelineConfig, dict[str, str], Any], dict[str, Any]]
+    """Dotted overrides that connect the stage to the upstream artifacts: ``wire(pipeline_config, upstream,
+    unwired)``, ``unwired`` being the stage's config before the wiring (training stages; None for the others)."""
     execute: Callable[[Any], tuple[str | None, dict[str, Any]]]
     """Run the stage: (artifact, summary)."""
     inputs: tuple[str, ...]
@@ -150,30 +150,31 @@ def _serve(cfg: Any) -> tuple[str | None, dict[str, Any]]:
     return None, {"url": info.url, "model_name": info.model_name, "curl": info.curl}
 
 
+def _train_adapter(name: str) -> _Adapter:
+    """A training stage as the registry declares it: its optional inputs (SFT's corpus replay) are wired when its
+    config wants them, so its wiring reads the stage's unwired config."""
+    entry = TRAIN_REGISTRY[name]
+    return _Adapter(entry.config, lambda p, up, cfg: entry.wire(up, cfg), _train(name), entry.required)
+
+
 ADAPTERS: dict[str, _Adapter] = {
-    "data": _Adapter("r1ray.data.config:PrepareDataConfig",
-                     lambda p, up: {}, _data, ()),
+    "data": _Adapter("r1ray.data.config:PrepareDataConfig", lambda p, up, cfg: {}, _data, ()),
+    **{name: _train_adapter(name) for name in TRAIN_REGISTRY},
+    # not a stage of its own in ``stages``: run before a sequence-mode distillation, with its own key, state
+    # entry, log and artifact
+    "traces": _Adapter("r1ray.train.stages.traces:TracesConfig", lambda p, up, cfg: {}, _traces, ("model",)),
     "evaluate": _Adapter("r1ray.eval.config:EvaluateConfig",
-                         lambda p, up: {"model": {"path": up["model"], "name": p.run_name},
-                                        **({"perplexity.data": up["data"]} if "data" in up else {})},
+                         lambda p, up, cfg: {"model": {"path": up["model"], "name": p.run_name},
+                                             **({"perplexity.data": up["data"]} if "data" in up else {})},
                          _evaluate, ("model",)),
     "compress": _Adapter("r1ray.compress.config:CompressConfig",
-                         lambda p, up: {"model": up["model"],
-                                        **({"eval.perplexity.data": up["data"]} if "data" in up else {})},
+                         lambda p, up, cfg: {"model": up["model"],
+                                             **({"eval.perplexity.data": up["data"]} if "data" in up else {})},
                          _compress, ("model",)),
     "serve": _Adapter("r1ray.serve.config:ServeConfig",
-                      lambda p, up: {"model_path": up["model"], "model_name": f"r1ray-{p.run_name}"}, _serve, ("model",)),
+                      lambda p, up, cfg: {"model_path": up["model"], "model_name": f"r1ray-{p.run_name}"}, _serve,
+                      ("model",)),
 }
-ADAPTERS.update({
-    # the training stages as the registry declares them: optional inputs (SFT's corpus replay) are wired when
-    # the stage's config wants them, so the wiring needs the config (``resolve_stage`` passes it)
-    name: _Adapter(entry.config, lambda p, up, cfg=None, e=entry: e.wire(up, cfg), _train(name), entry.required)
-    for name, entry in TRAIN_REGISTRY.items()
-})
-ADAPTERS = {name: ADAPTERS[name] for name in STAGE_ORDER}
-ADAPTERS["traces"] = _Adapter("r1ray.train.stages.traces:TracesConfig", lambda p, up: {}, _traces, ("model",))
-"""``traces`` is no stage of its own in ``stages``: the pipeline runs it before a sequence-mode distillation, with
-its own key, state entry, log and artifact."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -209,13 +210,9 @@ def resolve_stage(p: PipelineConfig, stage: str, upstream: dict[str, str]) -> An
     argv = [a for f in spec.config for a in ("--config", f)]
     try:
         unwired = load_config(cls, argv, values=values) if stage in TRAIN_STAGES else None
-        return load_config(cls, argv, values={**values, **_wire(adapter, p, upstream, unwired)})
+        return load_config(cls, argv, values={**values, **adapter.wire(p, upstream, unwired)})
     except Exception as e:  # noqa: BLE001 - name the stage with the config error
         raise PipelineFailed(f"the {stage} stage's config is invalid: {e}") from e
-
-
-def _wire(adapter: _Adapter, p: PipelineConfig, upstream: dict[str, str], cfg: Any) -> dict[str, Any]:
-    return adapter.wire(p, upstream, cfg) if cfg is not None else adapter.wire(p, upstream)
 
 
 def check_stage_configs(p: PipelineConfig) -> list[str]:
