@@ -18,6 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from r1ray.tasks.base import MAX_COMPLETION_TOKENS  # noqa: E402
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -25,7 +27,7 @@ def main() -> None:
     ap.add_argument("--levels", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--problems", type=int, default=100, help="eval-split problems per level")
     ap.add_argument("--format", choices=["chat", "question"], default="chat")
-    ap.add_argument("--max-tokens", type=int, default=320)
+    ap.add_argument("--max-tokens", type=int, default=MAX_COMPLETION_TOKENS)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--lengths", type=int, default=None, metavar="SEQ_LEN",

@@ -40,6 +40,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from r1ray.tasks.base import MAX_COMPLETION_TOKENS  # noqa: E402
+
 BASE = ["ray.include_dashboard=false", "logging.wandb.mode=disabled"]
 
 
@@ -66,7 +68,7 @@ def split_problems(level: int, n_dev: int, n_test: int, seed: int = 0) -> tuple[
     return dev, test
 
 
-def score(model_dir: str, problems: list[Any], samples: int = 0, max_tokens: int = 320) -> dict[str, float]:
+def score(model_dir: str, problems: list[Any], samples: int = 0, max_tokens: int = MAX_COMPLETION_TOKENS) -> dict[str, float]:
     """Greedy pass@1 and (with ``samples``) pass@``samples`` at temperature 1, through ``HFEngine``."""
     from r1ray.infer.hf import HFEngine
     from r1ray.infer.types import SamplingParams
@@ -147,7 +149,7 @@ def run_arm(arm: str, start: str, root: Path, seed: int, minutes: float, args: A
         cfg = load_config(DistillConfig, [*common, f"model.init_from={start}", f"distill.teacher={start}",
                                           "distill.mode=sequence", "distill.keep_correct=true",
                                           "distill.teacher_temperature=1.0", f"distill.traces={args.rft_prompts}",
-                                          "distill.max_new_tokens=320", "data.difficulty=3", "data.max_length=640",
+                                          "data.difficulty=3", "data.max_length=640",
                                           "eval.problems_per_difficulty=0", "eval.before=false",
                                           "train.max_steps=100000", "train.eval_samples=2"])
     elif arm in ("sft", "sft-gold"):

@@ -10,6 +10,7 @@ from pydantic import Field, field_validator, model_validator
 
 from r1ray.config import JobConfig, R1Config
 from r1ray.eval.config import EngineSettings, PerplexitySuite, ReferenceSuite, TasksSuite
+from r1ray.tasks.base import MAX_COMPLETION_TOKENS
 
 __all__ = ["CompressConfig", "CompressEvalConfig", "GateConfig", "GGUFConfig", "PruneConfig", "QuantizeConfig",
            "RecoveryConfig", "ReportConfig", "QUANT_METHODS"]
@@ -95,7 +96,7 @@ class CompressEvalConfig(R1Config):
     perplexity: PerplexitySuite = PerplexitySuite()
     """Perplexity suite (``files`` or ``data``; without either the job's embedded default fills ``data`` with
     the default data artifact)."""
-    tasks: TasksSuite = TasksSuite(difficulties=[1, 2, 3], items_per_level=100, samples=0, k=[], max_tokens=320,
+    tasks: TasksSuite = TasksSuite(difficulties=[1, 2, 3], items_per_level=100, samples=0, k=[], max_tokens=MAX_COMPLETION_TOKENS,
                                    no_think=False)
     """Task accuracy (greedy, 100 held-out problems of each arithmetic level)."""
     reference: ReferenceSuite = ReferenceSuite()

@@ -9,6 +9,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from r1ray.config import JobConfig, R1Config
+from r1ray.tasks.base import MAX_COMPLETION_TOKENS
 
 __all__ = ["EndpointConfig", "EngineSettings", "EvaluateConfig", "ModelSpec", "PerplexitySuite", "ReferenceSuite",
            "TasksSuite"]
@@ -143,7 +144,7 @@ class TasksSuite(R1Config):
     prefill_think: bool = False
     """End each prompt with ``<think>\\n`` (templates that prefill the reasoning). Not with an endpoint in
     chat format (the chat API cannot prefill)."""
-    max_tokens: int = Field(default=320, ge=1)
+    max_tokens: int = Field(default=MAX_COMPLETION_TOKENS, ge=1)
     """Longest completion, in tokens."""
     no_think: bool = True
     """Also score greedy completions with the thinking suppressed: the prompt ends in ``<think>\n</think>\n<answer>``

@@ -134,3 +134,21 @@ def test_ten_thousand_worked_solutions_per_level_of_the_other_tasks_are_verified
             assert task.verify(p.completion, p) == 1.0, p.solution
             if name == "countdown":
                 assert check_lines(p.solution.split("\n")) is None, p.solution
+
+
+def test_the_longest_worked_solution_fits_the_default_completion_cap(tmp_path):
+    """Every stage that generates answers stops at ``MAX_COMPLETION_TOKENS`` by default: a cap below the longest
+    worked solution scores a correct answer 0 (320 tokens cut half of the four-operation stories). Measured with a
+    digit-splitting BPE trained like the data stage's, on the task's own documents (merges at least as good as
+    the default corpus's, so its count is a lower bound: the constant keeps a margin above it)."""
+    from r1ray.model.tokenizer import train_tokenizer
+    from r1ray.tasks.base import MAX_COMPLETION_TOKENS
+
+    tok = train_tokenizer((d.text for d in generate_many(0, 6000, chat_fraction=0.5)), tmp_path, vocab_size=2048)
+    task = ArithmeticTask()
+    longest = {lv: max(len(tok(task.problem(i, seed=0, split="eval" if i % 10 == 0 else "train",
+                                            difficulty=lv).completion + "<|im_end|>")["input_ids"])
+                       for i in range(10_000 if lv == 3 else 1000)) for lv in (1, 2, 3)}
+    assert longest[1] < longest[2] < longest[3] <= MAX_COMPLETION_TOKENS, longest
+    assert longest[3] > 320, longest  # the old cap: four-operation stories pass it
+    assert MAX_COMPLETION_TOKENS - longest[3] <= 64, longest  # a margin, not a blank cheque for rambling

@@ -35,6 +35,7 @@ from pydantic import Field
 from r1ray.config import R1Config
 from r1ray.model.build import ModelConfig
 from r1ray.observe.log import get_logger
+from r1ray.tasks.base import MAX_COMPLETION_TOKENS
 from r1ray.train.core.driver import TrainResult, run_stage, summary  # noqa: F401 - summary: the job's closing text
 from r1ray.train.core.inputs import lineage_inputs, start_problems
 from r1ray.train.stage import Metrics, RunPlan
@@ -75,7 +76,7 @@ class DistillSection(R1Config):
     """Sequence mode: keep only traces whose answer the task's verifier accepts (rejection sampling)."""
     teacher_temperature: float = Field(default=0.0, ge=0)
     """Sequence mode: sampling temperature of the teacher (0: greedy)."""
-    max_new_tokens: int = Field(default=160, ge=1)
+    max_new_tokens: int = Field(default=MAX_COMPLETION_TOKENS, ge=1)
     """Sequence mode: longest trace generated."""
     num_engines: int = Field(default=1, ge=1)
     """Sequence mode: teacher engine actors generating the traces."""

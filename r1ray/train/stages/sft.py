@@ -35,6 +35,7 @@ from pydantic import Field, field_validator, model_validator
 
 from r1ray.config import OptimConfig, R1Config
 from r1ray.observe.log import get_logger
+from r1ray.tasks.base import MAX_COMPLETION_TOKENS
 from r1ray.train.core.config import CheckpointConfig, TrainJobConfig, TrainLoopConfig
 from r1ray.train.core.driver import TrainResult, run_stage, summary  # noqa: F401 - summary: the job's closing text
 from r1ray.train.core.inputs import lineage_inputs, local_start, start_config, start_problems
@@ -123,7 +124,7 @@ class SFTEvalConfig(R1Config):
     tasks: dict[str, float] | None = None
     """Task mix of the held-out problems. Unset: ``data.tasks`` when the data is generated from tasks; none
     (no accuracy) when the data is ``data.path``."""
-    max_new_tokens: int = Field(default=320, ge=1)
+    max_new_tokens: int = Field(default=MAX_COMPLETION_TOKENS, ge=1)
     """Longest completion generated; a completion cut here usually scores 0."""
     batch_size: int = Field(default=64, ge=1)
     """Prompts per ``generate`` call on each worker."""

@@ -38,6 +38,7 @@ from pydantic import Field, model_validator
 
 from r1ray.config import OptimConfig, R1Config, ScalingConfig
 from r1ray.observe.log import get_logger
+from r1ray.tasks.base import MAX_COMPLETION_TOKENS
 from r1ray.train.core.config import CheckpointConfig, TrainJobConfig, TrainLoopConfig
 from r1ray.train.core.driver import TrainResult, run_stage, summary  # noqa: F401 - summary: the job's closing text
 from r1ray.train.core.faults import fire_once
@@ -84,7 +85,7 @@ class GRPOSection(R1Config):
     """Sampling temperature of the rollouts (the policy's logprobs are taken at the same temperature)."""
     top_p: float = Field(default=1.0, gt=0, le=1)
     """Nucleus sampling of the rollouts."""
-    max_completion_tokens: int = Field(default=320, ge=1)
+    max_completion_tokens: int = Field(default=MAX_COMPLETION_TOKENS, ge=1)
     """Longest completion; longer ones stop there (``finish_reason == "length"``)."""
     clip_eps_low: float = Field(default=0.2, gt=0, lt=1)
     """Lower clip of the ratio: ``1 - clip_eps_low``."""
