@@ -27,7 +27,7 @@ PRESETS: dict[str, dict[str, int]] = {
     "mini": dict(hidden_size=128, intermediate_size=344, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2),
     # ~3M non-embedding params.
     "tiny": dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=2),
-    "mini-student": dict(hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+    "mini-student": dict(hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1),
     "tiny-student": dict(hidden_size=48, intermediate_size=128, num_hidden_layers=2, num_attention_heads=3, num_key_value_heads=1),
     # GPT-2-small class.
     "125m": dict(hidden_size=768, intermediate_size=2560, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=12),

@@ -61,3 +61,56 @@ def test_student_presets_are_a_quarter_of_their_teachers():
 
     for teacher in ("debug", "tiny", "125m"):
         assert params(f"{teacher}-student") <= 0.25 * params(teacher), teacher
+    assert params("mini-student", 2052) <= 0.25 * params("mini", 2052)  # the default pair, its default vocabulary
+
+
+def _llama(layers: int = 4, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    c = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)
+    model = LlamaForCausalLM(c).eval()
+    with torch.no_grad():  # norms away from their all-ones start, so each layer's can be told apart
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+def test_shrink_keeps_the_model_at_its_own_shape_and_cuts_along_every_axis(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from r1ray.model.shrink import ShrinkShape, shrink_model
+
+    model = _llama()
+    calib = [[(i * 7 + j) % 64 for j in range(20)] for i in range(6)]
+    ids = torch.tensor([calib[0]])
+    same = shrink_model(model, ShrinkShape(32, 4, 2, 48), calib)
+    with torch.no_grad():
+        assert torch.equal(same(input_ids=ids).logits, model(input_ids=ids).logits)
+    # the second layer made an identity (its attention and MLP write nothing): the layer that goes
+    with torch.no_grad():
+        model.model.layers[1].self_attn.o_proj.weight.zero_()
+        model.model.layers[1].mlp.down_proj.weight.zero_()
+    small = shrink_model(model, ShrinkShape(16, 3, 1, 24), calib)
+    c = small.config
+    assert (c.hidden_size, c.num_hidden_layers, c.num_key_value_heads, c.num_attention_heads, c.intermediate_size,
+            c.head_dim) == (16, 3, 1, 2, 24, 8)
+    # every student weight is a slice of the teacher's: embedding columns, and the layers other than layer 1
+    emb_t, emb_s = model.model.embed_tokens.weight, small.model.embed_tokens.weight
+    cols = [next(j for j in range(32) if torch.equal(emb_t[:, j], emb_s[:, k])) for k in range(16)]
+    assert cols == sorted(cols) and len(set(cols)) == 16
+    for j, src in enumerate([0, 2, 3]):
+        assert torch.equal(small.model.layers[j].input_layernorm.weight,
+                           model.model.layers[src].input_layernorm.weight[cols])
+        down_t = model.model.layers[src].mlp.down_proj.weight[cols]
+        assert all(any(torch.equal(down_t[:, i], col) for i in range(48))
+                   for col in small.model.layers[j].mlp.down_proj.weight.T)
+    assert small.lm_head.weight.data_ptr() == small.model.embed_tokens.weight.data_ptr()  # still tied
+    small.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=ids).logits, small(input_ids=ids).logits)
+    with pytest.raises(ValueError, match="num_hidden_layers 5 is not in 1..4"):
+        shrink_model(model, ShrinkShape(16, 5, 1, 24), calib)

@@ -37,7 +37,7 @@ from r1ray.model.build import ModelConfig
 from r1ray.observe.log import get_logger
 from r1ray.tasks.base import MAX_COMPLETION_TOKENS
 from r1ray.train.core.driver import TrainResult, run_stage, summary  # noqa: F401 - summary: the job's closing text
-from r1ray.train.core.inputs import lineage_inputs, start_problems
+from r1ray.train.core.inputs import lineage_inputs, local_start, start_problems
 from r1ray.train.stage import Metrics, RunPlan
 from r1ray.train.stages.sft import (
     SFTConfig,
@@ -70,6 +70,13 @@ class DistillSection(R1Config):
     """``jsd``: mixture weight of the teacher, m = beta * teacher + (1 - beta) * student."""
     ce_weight: float = Field(default=0.0, ge=0)
     """Logit mode: weight of the data's cross-entropy added to the divergence (0: pure distillation)."""
+    student_init: Literal["prune", "fresh"] = "prune"
+    """How a student without ``model.init_from`` starts: ``prune`` cuts it out of the teacher in the shape of
+    ``model.preset`` (hidden width, layers, KV heads, MLP channels; the teacher's head size), keeping what matters
+    most on ``calibration_samples`` training conversations (``r1ray.model.shrink``: Minitron's prune, then
+    distil); ``fresh``: random weights, so the student learns language and the task from the teacher alone."""
+    calibration_samples: int = Field(default=64, ge=1)
+    """``prune``: training conversations the importance of every channel, head and layer is measured on."""
     traces: int = Field(default=2000, ge=1)
     """Sequence mode: task prompts the teacher answers (the student's training conversations)."""
     keep_correct: bool = True
@@ -186,10 +193,31 @@ class DistillStage(SFTStage):
     def build_model(self) -> Any:
         from r1ray.model import build_model
 
-        model = build_model(self.cfg.model, self.tokenizer, seed=self.cfg.seed, precision=self.cfg.deepspeed.precision)
-        log.info("student: %.2fM parameters (%s)", sum(p.numel() for p in model.parameters()) / 1e6,
-                 self.cfg.model.init_from or f"preset {self.cfg.model.preset}")
+        cfg = self.cfg
+        if cfg.model.init_from is None and cfg.distill.student_init == "prune":
+            model, how = self._pruned_student(), f"cut out of the teacher in the shape of preset {cfg.model.preset}"
+        else:
+            model = build_model(cfg.model, self.tokenizer, seed=cfg.seed, precision=cfg.deepspeed.precision)
+            how = cfg.model.init_from or f"preset {cfg.model.preset}, fresh"
+        log.info("student: %.3fM parameters (%s)", sum(p.numel() for p in model.parameters()) / 1e6, how)
         return model
+
+    def _pruned_student(self) -> Any:
+        """The teacher, cut to ``model.preset``'s shape on the first ``calibration_samples`` conversations."""
+        import torch
+
+        from r1ray.model.build import PRECISION_DTYPES, PRESETS, load_model
+        from r1ray.model.shrink import ShrinkShape, shrink_model
+        from r1ray.train.stages.sft_data import tokenize_conversation
+
+        cfg = self.cfg
+        p = PRESETS[cfg.model.preset]
+        shape = ShrinkShape(p["hidden_size"], p["num_hidden_layers"], p["num_key_value_heads"], p["intermediate_size"])
+        teacher = load_model(local_start(cfg.distill.teacher))
+        calib = [tokenize_conversation(self.tokenizer, c, cfg.data.max_length).ids.tolist()
+                 for c in self.train[: cfg.distill.calibration_samples]]
+        student = shrink_model(teacher, shape, calib)
+        return student.to(getattr(torch, PRECISION_DTYPES[cfg.deepspeed.precision]))
 
     def frozen_models(self) -> dict[str, Any]:
         if self.cfg.distill.mode != "logit":
