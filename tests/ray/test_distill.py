@@ -41,7 +41,7 @@ def test_logit_distillation_lowers_the_kl_to_the_teacher(ray_local, teacher, tmp
     from r1ray.train.stages.distill import DistillConfig, run
 
     cfg = load_config(DistillConfig, [*BASE, f"distill.teacher={teacher}", f"storage.root={tmp_path}",
-                                      "distill.temperature=1.0", "run_name=kd"])
+                                      "distill.temperature=1.0", "distill.student_init=fresh", "run_name=kd"])
     r = run(cfg)
     assert r.status == "completed" and r.stage == "distill"
     kl = []
@@ -86,3 +86,7 @@ def test_sequence_distillation_trains_on_the_teachers_traces(ray_local, teacher,
     m = read_manifest(r.export_path, stage="distill")
     assert m["config"]["data"]["path"].endswith("traces/seq/traces.jsonl")
     assert str(traces) in [e["uri"] for e in lineage(r.export_path)]
+    # the default student is cut out of the teacher (r1ray.model.shrink): the preset's width, the teacher's head
+    # size (16; a fresh debug-student's is 8)
+    student = json.loads(Path(r.export_path, "config.json").read_text())
+    assert (student["hidden_size"], student["head_dim"], student["num_key_value_heads"]) == (16, 16, 1)

@@ -285,6 +285,14 @@ def test_replay_rows_join_the_samples_as_plain_language_modelling(tiny_tokenizer
     row = np.asarray(rows[order[5]], dtype=np.int64)
     assert batch["input_ids"][0, -31:].tolist() == row[:-1].tolist()  # the row, packed after the conversation
     assert batch["targets"][0, -31:].tolist() == row[1:].tolist()  # every token of it a target
+    # data.replay.rows=2: a sample is two consecutive rows, one 64-token window of the stream
+    long = load_config(SFTConfig, [*base, "data.replay.fraction=0.25", f"data.replay.data={data}", "data.replay.rows=2"])
+    stage = SFTStage(long)
+    stage.setup(WorkerInfo(rank=0, world_size=1, local_rank=0, use_gpu=False, device="cpu"), {})
+    w = int(stage.replay_order[5])
+    assert stage.replay_order.max() < len(rows) // 2
+    sample = stage._replay(35)
+    assert sample.ids.tolist() == [*map(int, rows[2 * w]), *map(int, rows[2 * w + 1])] and sample.target.all()
     # unset data, another tokenizer: named before any compute
     assert "needs data.replay.data" in plan_problems(load_config(SFTConfig, [*base, "data.replay.fraction=0.2"]))[0]
     other = train_tokenizer([f"other text {i}" for i in range(300)], tmp_path / "tok2", vocab_size=300)

@@ -58,6 +58,11 @@ class ReplayConfig(R1Config):
     data: str | None = None
     """The data artifact whose train split is replayed (its tokenizer must be the model's). Unset with a positive
     fraction: the pipeline and ``python jobs/sft.py`` fill it with the corpus the model was pretrained on."""
+    rows: int = Field(default=1, ge=1)
+    """Consecutive corpus rows joined into one replay sample: 2 replays 512-token windows of a corpus packed in
+    256-token rows (the packer cuts rows in order from one token stream: a window is contiguous text, but at the
+    few joins between packing blocks). Longer than pretraining's rows, it trains the positions a long worked
+    solution reaches and that pretraining never did (a short long-context extension, docs/reasoning.md)."""
 
 
 class SFTDataConfig(R1Config):
@@ -251,8 +256,9 @@ def replay_count(cfg: SFTConfig, n_conversations: int) -> int:
 
 
 def replay_rows(cfg: SFTConfig, n_conversations: int) -> tuple[Any, np.ndarray]:
-    """(the corpus's train rows, the row index of each replay sample): a seeded permutation of the rows, repeated
-    when more samples than rows are asked for. A pure function of the config, like the conversations."""
+    """(the corpus's train rows, the window index of each replay sample: rows ``[w * k, (w + 1) * k)`` for
+    ``data.replay.rows`` k): a seeded permutation of the windows, repeated when more samples than windows are
+    asked for. A pure function of the config, like the conversations."""
     n = replay_count(cfg, n_conversations)
     if n == 0:
         return None, np.zeros(0, dtype=np.int64)
@@ -260,8 +266,12 @@ def replay_rows(cfg: SFTConfig, n_conversations: int) -> tuple[Any, np.ndarray]:
     from r1ray.train.core.sampler import token_store
 
     rows = token_store(DataArtifact.load(cfg.data.replay.data), "train")
+    k = cfg.data.replay.rows
+    windows = len(rows) // k
+    if windows == 0:
+        raise ValueError(f"data.replay.rows={k} is more than the {len(rows)} rows of {cfg.data.replay.data}")
     rng = np.random.default_rng([cfg.seed, 11])
-    order = np.concatenate([rng.permutation(len(rows)) for _ in range(-(-n // len(rows)))])[:n]
+    order = np.concatenate([rng.permutation(windows) for _ in range(-(-n // windows))])[:n]
     return rows, order.astype(np.int64)
 
 
@@ -408,7 +418,8 @@ class SFTStage(Stage):
         """Sample ``row`` past the conversations: a corpus row, every token a target."""
         from r1ray.train.stages.sft_data import Example
 
-        ids = np.asarray(self.replay_rows[self.replay_order[row - len(self.train)]], dtype=np.int64)
+        k, w = self.cfg.data.replay.rows, int(self.replay_order[row - len(self.train)])
+        ids = np.concatenate([np.asarray(self.replay_rows[w * k + i], dtype=np.int64) for i in range(k)])
         return Example(ids=ids, target=np.ones(len(ids), dtype=bool))
 
     def _batch(self, convs: Sequence[Any], device: Any) -> dict[str, Any]:
