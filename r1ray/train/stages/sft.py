@@ -152,9 +152,9 @@ class SFTConfig(TrainJobConfig):
     when held-out accuracy on a level passes a threshold): the level of each sample is a pure function of the
     step, its index and the schedule's state, which every checkpoint keeps. Unset: ``data.difficulty`` for
     every sample."""
-    data: SFTDataConfig = SFTDataConfig(replay=ReplayConfig(fraction=0.2))
+    data: SFTDataConfig = SFTDataConfig(replay=ReplayConfig(fraction=0.2, rows=2))
     """Training and validation conversations (SFT's default: levels 1 and 2 of arithmetic, 20% of the samples
-    replayed corpus rows)."""
+    replayed corpus windows of two rows: 512 tokens of a corpus pretrained in 256-token rows, docs/reasoning.md)."""
     train: TrainLoopConfig = TrainLoopConfig(max_steps=600, global_batch_size=16, micro_batch_size=4,
                                              eval_every=300, eval_samples=64, log_every=50)
     """The training loop (SFT's defaults, the recipe of docs/reasoning.md: a cold start of 600 steps of 16 samples,
