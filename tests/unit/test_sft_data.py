@@ -272,7 +272,8 @@ def test_replay_rows_join_the_samples_as_plain_language_modelling(tiny_tokenizer
                       tmp_path / "init")
     data = write_data_artifact(tmp_path / "data", tiny_tokenizer_dir, seq_len=32, train_docs=200)
     base = [f"model.init_from={init}", "data.train_examples=30", "data.max_length=256", "data.layout=pack"]
-    cfg = load_config(SFTConfig, [*base, "data.replay.fraction=0.25", f"data.replay.data={data}"])
+    cfg = load_config(SFTConfig, [*base, "data.replay.fraction=0.25", f"data.replay.data={data}",
+                                  "data.replay.rows=1"])
     assert plan_problems(cfg) == []
     rows, order = replay_rows(cfg, 30)
     assert len(order) == 10 and len(set(order.tolist())) == 10 and order.max() < len(rows)  # 0.25 of 40 samples
