@@ -36,6 +36,7 @@ from r1ray.config import R1Config
 from r1ray.model.build import ModelConfig
 from r1ray.observe.log import get_logger
 from r1ray.tasks.base import MAX_COMPLETION_TOKENS
+from r1ray.train.core.config import TrainLoopConfig
 from r1ray.train.core.driver import TrainResult, run_stage, summary  # noqa: F401 - summary: the job's closing text
 from r1ray.train.core.inputs import lineage_inputs, local_start, start_problems
 from r1ray.train.stage import Metrics, RunPlan
@@ -64,8 +65,9 @@ class DistillSection(R1Config):
     """``logit``: match the teacher's token distributions; ``sequence``: fine-tune on teacher-generated traces."""
     divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
     """Logit mode: KL(teacher || student), KL(student || teacher), or the generalised JSD with ``jsd_beta``."""
-    temperature: float = Field(default=2.0, gt=0)
-    """Logit mode: softmax temperature of both distributions (the loss is scaled by its square)."""
+    temperature: float = Field(default=1.0, gt=0)
+    """Logit mode: softmax temperature of both distributions (the loss is scaled by its square). 1 and 2 measured
+    equal after 600 steps of the default (held-out accuracy 7.3% and 8.0%); the default's 1,500 steps ran at 1."""
     jsd_beta: float = Field(default=0.5, gt=0, lt=1)
     """``jsd``: mixture weight of the teacher, m = beta * teacher + (1 - beta) * student."""
     ce_weight: float = Field(default=0.0, ge=0)
@@ -101,6 +103,10 @@ class DistillConfig(SFTConfig):
     ``mini-student``, 22% of the default ``mini`` teacher's parameters at the default 2k vocabulary)."""
     distill: DistillSection = DistillSection()
     """Teacher and objective."""
+    train: TrainLoopConfig = TrainLoopConfig(max_steps=1500, global_batch_size=16, micro_batch_size=4,
+                                             eval_every=300, eval_samples=64, log_every=50)
+    """SFT's loop for 1,500 steps: a student cut out of the teacher keeps 8% of its accuracy after 600 and 58% after
+    1,500, still rising (docs/reasoning.md)."""
     data: SFTDataConfig = SFTDataConfig()
     """The student's data (logit mode: the conversations the teacher's distributions are matched on; sequence mode:
     the task prompts the teacher answers). No corpus replay by default: the student is built fresh."""
