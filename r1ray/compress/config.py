@@ -96,7 +96,8 @@ class CompressEvalConfig(R1Config):
     perplexity: PerplexitySuite = PerplexitySuite()
     """Perplexity suite (``files`` or ``data``; without either the job's embedded default fills ``data`` with
     the default data artifact)."""
-    tasks: TasksSuite = TasksSuite(difficulties=[1, 2, 3], items_per_level=100, samples=0, k=[], max_tokens=MAX_COMPLETION_TOKENS,
+    tasks: TasksSuite = TasksSuite(difficulties=[1, 2, 3], items_per_level=100, samples=0, k=[],
+                                   max_tokens=MAX_COMPLETION_TOKENS,
                                    no_think=False)
     """Task accuracy (greedy, 100 held-out problems of each arithmetic level)."""
     reference: ReferenceSuite = ReferenceSuite()

@@ -98,7 +98,8 @@ def _importance(model: Any, calibration: list[list[int]]) -> dict[str, Any]:
     if not tokens:
         raise ValueError("shrink_model needs calibration token ids (at least one non-empty sequence)")
     groups = [h.view(c.num_key_value_heads, group).sum(-1) for h in heads]
-    mlp = [ch / tokens * layer.mlp.down_proj.weight.detach().double().norm(dim=0) for ch, layer in zip(chans, layers, strict=True)]
+    mlp = [ch / tokens * layer.mlp.down_proj.weight.detach().double().norm(dim=0)
+           for ch, layer in zip(chans, layers, strict=True)]
     return {"hidden": hidden, "layers": influence, "groups": groups, "mlp": mlp, "head_dim": hd, "group": group}
 
 

@@ -42,10 +42,10 @@ class PipelineConfig(JobConfig):
     run_name: str = "default"
     """Pipeline name: its state and report live in ``<storage.root>/pipeline/<run_name>/``, its runs are
     ``<storage.root>/runs/<run_name>-<stage>``."""
-    stages: list[str] = Field(default_factory=lambda: ["data", "pretrain", "sft", "grpo", "evaluate", "compress",
-                                                       "serve"])
+    stages: list[str] = Field(default_factory=lambda: ["data", "pretrain", "sft", "grpo", "evaluate", "serve"])
     """Stages to run, in pipeline order (a subsequence of data, pretrain, sft, grpo, distill, evaluate,
-    compress, serve)."""
+    compress, serve). ``compress`` is not in the default: its gate refuses INT8 of the default model
+    (docs/reasoning.md)."""
     from_stage: str | None = None
     """Start here (earlier stages must have their artifacts; they are reused, not rerun). ``--from STAGE``."""
     until_stage: str | None = None

@@ -42,8 +42,8 @@ EVAL_BUCKETS = 10
 MAX_COMPLETION_TOKENS = 416
 """The default longest completion of every stage that generates task answers (GRPO's rollouts, SFT's and the
 evaluation's accuracy, the compression gate, teacher traces): the longest worked solution of the default task is
-383 tokens with the data stage's default tokenizer (a four-operation arithmetic story; 10,000 problems a level,
-``tests/unit/test_procedures.py``), plus the end token and a margin. A cap below it scores a correct solution 0
+383 tokens with the data stage's default tokenizer (a four-operation arithmetic story; 10,000 level-3
+problems, ``tests/unit/test_procedures.py``), plus the end token and a margin. A cap below it scores a correct solution 0
 (320 cut 54% of four-operation stories)."""
 MAX_CANDIDATES = 10_000
 """Candidates drawn for one index before giving up (eval needs ~10 on average; a tiny problem space more)."""
