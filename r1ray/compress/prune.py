@@ -95,42 +95,14 @@ def _layers(model: Any) -> list[Any]:
 
 
 def _activation_stats(model: Any, tokenizer: Any, texts: list[str], max_tokens: int) -> dict[str, Any]:
-    """Per layer: mean over tokens of each head's attention-output norm and of each channel's |activation|."""
-    import torch
+    """Per layer: the summed attention-output norm of each head and |activation| of each MLP channel over the
+    calibration texts' tokens (``r1ray.model.shrink.activation_statistics``, one document per forward)."""
+    from r1ray.model.shrink import activation_statistics
 
-    heads = model.config.num_attention_heads
-    stats: dict[str, Any] = {"heads": [], "channels": [], "tokens": 0}
-    hooks = []
-    for layer in _layers(model):
-        hd = layer.self_attn.o_proj.in_features // heads
-        head_acc = torch.zeros(heads, dtype=torch.float64)
-        chan_acc = torch.zeros(layer.mlp.down_proj.in_features, dtype=torch.float64)
-        stats["heads"].append(head_acc)
-        stats["channels"].append(chan_acc)
-
-        def on_o(_m, args, acc=head_acc, hd=hd):
-            x = args[0].detach().reshape(-1, heads, hd).double()
-            acc += x.norm(dim=-1).sum(0)
-
-        def on_down(_m, args, acc=chan_acc):
-            acc += args[0].detach().reshape(-1, args[0].shape[-1]).double().abs().sum(0)
-
-        hooks.append(layer.self_attn.o_proj.register_forward_pre_hook(on_o))
-        hooks.append(layer.mlp.down_proj.register_forward_pre_hook(on_down))
-    try:
-        with torch.no_grad():
-            for text in texts:  # one document per forward: no padding to mask out of the statistics
-                ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][:, :max_tokens]
-                if ids.shape[1] == 0:
-                    continue
-                model(input_ids=ids.to(model.device))
-                stats["tokens"] += int(ids.shape[1])
-    finally:
-        for h in hooks:
-            h.remove()
-    if stats["tokens"] == 0:
+    ids = [tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens] for text in texts]
+    if not any(ids):
         raise ValueError("prune.score=activation: the calibration texts hold no tokens")
-    return stats
+    return activation_statistics(model, ids)
 
 
 def _scores(model: Any, cfg: PruneConfig, tokenizer: Any, texts: list[str] | None) -> tuple[list[Any], list[Any]]:

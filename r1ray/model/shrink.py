@@ -23,7 +23,7 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ShrinkShape", "shrink_model"]
+__all__ = ["ShrinkShape", "activation_statistics", "shrink_model"]
 
 
 @dataclass(frozen=True)
@@ -42,18 +42,23 @@ def _check(shape: ShrinkShape, c: Any) -> None:
         raise ValueError("cannot cut this shape out of the model: " + "; ".join(problems))
 
 
-def _importance(model: Any, calibration: list[list[int]]) -> dict[str, Any]:
+def activation_statistics(model: Any, calibration: list[list[int]]) -> dict[str, Any]:
+    """Forward hooks over ``calibration`` (lists of token ids, one forward each: no padding to mask out), summed
+    over tokens: ``hidden`` [hidden] (``|x|`` of every RMSNorm's output), per layer ``heads`` [query heads] (the
+    norm of each head's output, the input of ``o_proj``) and ``channels`` [intermediate] (``|a|`` at the input of
+    ``down_proj``), ``influence`` [layers] (``1 - cos`` across each layer), and ``tokens``. The one measurement
+    behind this module's cut and ``r1ray.compress.prune``'s ``activation`` score."""
     import torch
 
     inner = model.model
     layers = list(inner.layers)
     c = model.config
+    dev = next(model.parameters()).device
     hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    group = c.num_attention_heads // c.num_key_value_heads
-    hidden = torch.zeros(c.hidden_size, dtype=torch.float64)
-    heads = [torch.zeros(c.num_attention_heads, dtype=torch.float64) for _ in layers]
-    chans = [torch.zeros(c.intermediate_size, dtype=torch.float64) for _ in layers]
-    influence = torch.zeros(len(layers), dtype=torch.float64)
+    hidden = torch.zeros(c.hidden_size, dtype=torch.float64, device=dev)
+    heads = [torch.zeros(c.num_attention_heads, dtype=torch.float64, device=dev) for _ in layers]
+    chans = [torch.zeros(layer.mlp.down_proj.in_features, dtype=torch.float64, device=dev) for layer in layers]
+    influence = torch.zeros(len(layers), dtype=torch.float64, device=dev)
     tokens = 0
     hooks = []
 
@@ -63,7 +68,7 @@ def _importance(model: Any, calibration: list[list[int]]) -> dict[str, Any]:
     def o_hook(i: int):
         def f(_m: Any, inp: Any) -> None:
             x = inp[0].detach().double()
-            heads[i].add_(x.view(*x.shape[:-1], c.num_attention_heads, hd).norm(dim=-1).sum((0, 1)))
+            heads[i].add_(x.view(*x.shape[:-1], c.num_attention_heads, -1).norm(dim=-1).sum((0, 1)))
         return f
 
     def down_hook(i: int):
@@ -77,7 +82,7 @@ def _importance(model: Any, calibration: list[list[int]]) -> dict[str, Any]:
             h_out = out[0] if isinstance(out, tuple) else out
             if h_in is not None:
                 cos = torch.nn.functional.cosine_similarity(h_in.double(), h_out.double(), dim=-1)
-                influence[i] += float((1 - cos).sum())
+                influence[i] += (1 - cos).sum()
         return f
 
     for i, layer in enumerate(layers):
@@ -90,17 +95,28 @@ def _importance(model: Any, calibration: list[list[int]]) -> dict[str, Any]:
     try:
         with torch.no_grad():
             for ids in calibration:
-                model(input_ids=torch.tensor([ids]))
+                if not ids:
+                    continue
+                model(input_ids=torch.tensor([ids], device=dev))
                 tokens += len(ids)
     finally:
         for h in hooks:
             h.remove()
     if not tokens:
-        raise ValueError("shrink_model needs calibration token ids (at least one non-empty sequence)")
-    groups = [h.view(c.num_key_value_heads, group).sum(-1) for h in heads]
-    mlp = [ch / tokens * layer.mlp.down_proj.weight.detach().double().norm(dim=0)
-           for ch, layer in zip(chans, layers, strict=True)]
-    return {"hidden": hidden, "layers": influence, "groups": groups, "mlp": mlp, "head_dim": hd, "group": group}
+        raise ValueError("activation statistics need calibration token ids (at least one non-empty sequence)")
+    return {"hidden": hidden.cpu(), "heads": [h.cpu() for h in heads], "channels": [ch.cpu() for ch in chans],
+            "influence": influence.cpu(), "tokens": tokens, "head_dim": hd}
+
+
+def _importance(model: Any, calibration: list[list[int]]) -> dict[str, Any]:
+    c = model.config
+    group = c.num_attention_heads // c.num_key_value_heads
+    stats = activation_statistics(model, calibration)
+    groups = [h.view(c.num_key_value_heads, group).sum(-1) for h in stats["heads"]]
+    mlp = [ch / stats["tokens"] * layer.mlp.down_proj.weight.detach().double().cpu().norm(dim=0)
+           for ch, layer in zip(stats["channels"], model.model.layers, strict=True)]
+    return {"hidden": stats["hidden"], "layers": stats["influence"], "groups": groups, "mlp": mlp,
+            "head_dim": stats["head_dim"], "group": group}
 
 
 def _top(scores: Any, k: int) -> Any:
