@@ -96,7 +96,7 @@ def test_step_inputs_drop_and_count_zero_variance_groups(ray_local, model_dir, t
         dropped = stats.get("dropped_groups", 0.0)
         kept_groups = 0
         for b in inputs.updates[0]:
-            per_group = b["mask"].reshape(2, 4, -1).sum(dim=(1, 2))
+            per_group = b["mask"].reshape(-1, 4, b["mask"].shape[-1]).sum(dim=(1, 2))  # zero groups may be absent
             kept_groups += int((per_group > 0).sum())
             assert b["weight"] == float(b["mask"].sum())  # dapo: kept tokens
         assert kept_groups + dropped == 4
@@ -311,7 +311,8 @@ def test_mu2_with_reference_and_zero3_sync(ray_local, model_dir, tmp_path):
 def test_one_update_is_the_same_whatever_the_micro_batch_split(ray_local, model_dir, tmp_path, loss_type, estimator):
     """The loop's update is (sum of the micro-batches' loss sums) / (sum of their weights), over every worker: the
     same step's 8 prompts as 2 micro-batches of 4, 4 of 2 or 8 of 1 (also how 2 or 4 workers would hold them) give
-    the same gradient, for each normalisation and advantage estimator."""
+    the same gradient, for each normalisation and advantage estimator; and computing the zero-variance groups
+    (``grpo.skip_zero_variance=false``) gives the same gradient as leaving them out of the forward (the default)."""
     import numpy as np
     import torch
 
@@ -330,15 +331,19 @@ def test_one_update_is_the_same_whatever_the_micro_batch_split(ray_local, model_
         def varied(units, ref, t0, times):  # a reward of the completion that varies within a group (a random
             collect(units, ref, t0, times)  # policy rarely writes a tag in 8 tokens): distinct tokens, mod 3
             for unit in units:
-                for grp in unit:
-                    grp.rewards = [float(len(set(c.token_ids)) % 3) for c in grp.completions]
+                for grp in unit:  # every third problem's group is solved by all its completions: advantage 0
+                    grp.rewards = [1.0 if grp.index % 3 == 0 else float(len(set(c.token_ids)) % 3)
+                                   for c in grp.completions]
 
         stage.rollouts._collect = varied
         problems = np.arange(8)
-        grads = []
-        for per in (4, 2, 1):
+        grads, rows = [], []
+        computed = make_cfg(model_dir, tmp_path, f"grpo.loss_type={loss_type}", f"grpo.advantage_estimator={estimator}",
+                            "grpo.max_completion_tokens=8", "grpo.group_size=4", "grpo.skip_zero_variance=false")
+        for per, stage.cfg in ((4, cfg), (2, cfg), (1, cfg), (4, computed), (1, computed)):
             inputs = stage.step_inputs(0, [problems[i:i + per] for i in range(0, 8, per)], model)
             batches = inputs.updates[0]
+            rows.append(sum(int(b["mask"].shape[0]) for b in batches))
             total = sum(stage.batch_weight(b) for b in batches)
             model.zero_grad()
             for b in batches:
@@ -347,6 +352,9 @@ def test_one_update_is_the_same_whatever_the_micro_batch_split(ray_local, model_
         assert grads[0].abs().sum() > 0  # the rewards differ within groups: there is a gradient to compare
         for g in grads[1:]:
             torch.testing.assert_close(g, grads[0], rtol=1e-4, atol=1e-7)
+        # problems 0, 3 and 6 (at least) were left out of the forward (a micro-batch of zero-variance groups
+        # only keeps one, so 4 of 2 compute at least as many as 2 of 4); computed, every group is there
+        assert rows[0] <= rows[1] <= 5 * 4 and rows[2:] == [8 * 4] * 3, rows
 
 
 @pytest.mark.parametrize("mode", ["sync", "async"])

@@ -121,6 +121,13 @@ class GRPOSection(R1Config):
     """The cap of dynamic sampling: rounds of refills, each regenerating only the slots still empty, until the
     batch is full; a step that ends with empty slots is counted in ``refill_cap_hits`` (and its empty slots in
     ``dropped_groups``)."""
+    skip_zero_variance: bool = True
+    """Leave groups whose rewards all agree (advantage 0 for every completion) out of the learner's forward and
+    backward. Their loss is exactly 0, and the normaliser still counts their tokens, so the update is the one that
+    computes them, to float rounding (tests/ray/test_grpo.py); only the learner's time changes: on the default
+    run half to three quarters of the groups are solved by every completion. Applies when ``beta == 0`` (the KL
+    term has a gradient on every token). The step's ``entropy`` and ``clip_fraction`` are then over the groups
+    computed."""
     overlong_filter: bool = False
     """Mask the loss of completions cut at ``max_completion_tokens`` (DAPO's overlong filtering)."""
     overlong_buffer: int | None = Field(default=None, ge=1)
@@ -423,7 +430,7 @@ class GRPOStage(Stage):
         adv, zero = group_advantages(torch.tensor([grp.rewards for grp in unit], dtype=torch.float64),
                                      scale=g.scale_rewards, estimator=g.advantage_estimator,
                                      batch=step_rewards)
-        keep, advs = [], []
+        keep, advs, lengths = [], [], []
         for gi, grp in enumerate(unit):
             for k, c in enumerate(grp.completions):
                 ok = not (drop_zero and bool(zero[gi])) and c.finish_reason != "error" and len(c.token_ids) > 0
@@ -431,6 +438,21 @@ class GRPOStage(Stage):
                     ok = False
                 keep.append(ok)
                 advs.append(float(adv[gi, k]))
+                lengths.append(len(c.token_ids))
+        # the normaliser counts every group of the unit, computed or not (below)
+        full = torch.zeros(len(keep), max(lengths, default=0) or 1, dtype=torch.float32)
+        for row, (ok, n) in enumerate(zip(keep, lengths, strict=True)):
+            full[row, :n] = float(ok)
+        weight = loss_weight(full, g.loss_type)
+        if g.skip_zero_variance and g.beta == 0 and bool(zero.any()):
+            # an advantage-0 group adds exactly 0 to the loss's sum (no KL term): leave it out of the forward and
+            # backward (one group stays when all are zero, so the micro-batch still backpropagates)
+            starts = np.cumsum([0] + [len(grp.completions) for grp in unit])
+            sel = [gi for gi in range(len(unit)) if not bool(zero[gi])] or [0]
+            rows = [(gi, r) for gi in sel for r in range(starts[gi], starts[gi + 1])]
+            unit = [unit[gi] for gi in sel]
+            keep = [keep[r] and not bool(zero[gi]) for gi, r in rows]
+            advs = [advs[r] for _, r in rows]
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         groups = [(grp.prompt_ids, [list(c.token_ids) for c in grp.completions]) for grp in unit]
         if g.share_prompt and max(shared_row_length(p, cs) for p, cs in groups) <= g.share_prompt_max_row:
@@ -442,7 +464,7 @@ class GRPOStage(Stage):
         dev = self.worker.device if self.worker else "cpu"
         out = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in fwd.items() if k != "valid"}
         out.update(mask=mask.to(dev), advantages=torch.tensor(advs, dtype=torch.float32, device=dev),
-                   weight=loss_weight(mask, g.loss_type))
+                   weight=weight)
         if g.tis_cap is not None:  # the engines' sampling logprobs on the same [completions, tokens] grid
             samp = torch.zeros(mask.shape, dtype=torch.float32)
             for row, c in enumerate(c for grp in unit for c in grp.completions):
