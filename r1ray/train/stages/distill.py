@@ -222,15 +222,17 @@ class DistillStage(SFTStage):
         teacher = load_model(local_start(cfg.distill.teacher))
         calib = [tokenize_conversation(self.tokenizer, c, cfg.data.max_length).ids.tolist()
                  for c in self.train[: cfg.distill.calibration_samples]]
-        student = shrink_model(teacher, shape, calib)
+        student = shrink_model(teacher, shape, calib)  # copies: the teacher is left unchanged
+        self._teacher = teacher  # logit distillation's frozen teacher (the loop asks for it next): loaded once
         return student.to(getattr(torch, PRECISION_DTYPES[cfg.deepspeed.precision]))
 
     def frozen_models(self) -> dict[str, Any]:
+        teacher, self._teacher = getattr(self, "_teacher", None), None
         if self.cfg.distill.mode != "logit":
             return {}
         from r1ray.model.build import load_model
 
-        return {"teacher": load_model(self.cfg.distill.teacher)}
+        return {"teacher": teacher if teacher is not None else load_model(local_start(self.cfg.distill.teacher))}
 
     def loss(self, model: Any, batch: dict[str, Any], metrics: Metrics) -> Any:
         if self.cfg.distill.mode != "logit":
