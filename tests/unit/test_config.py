@@ -226,3 +226,27 @@ def test_an_override_inside_a_section_keeps_the_jobs_other_defaults_for_it():
     sft = load_config(SFTConfig, ["train.eval_every=0"])
     assert sft.train.eval_every == 0 and sft.train.max_steps == SFTConfig().train.max_steps
     assert load_config(PretrainConfig, []) == PretrainConfig()
+
+
+@pytest.mark.parametrize("path,cls", [
+    ("configs/evaluate/default.yaml", "r1ray.eval.config:EvaluateConfig"),
+    ("configs/compress/default.yaml", "r1ray.compress.config:CompressConfig"),
+    ("configs/pipeline/default.yaml", "r1ray.pipeline.config:PipelineConfig"),
+])
+def test_a_default_yaml_is_the_code_default_written_out(path, cls):
+    """Each ``configs/<stage>/default.yaml`` says it is the embedded default: every value it sets is the config
+    class's default (a default lives in the code; the file only shows it), so the two cannot drift apart."""
+    import importlib
+
+    module, name = cls.split(":")
+    code = getattr(importlib.import_module(module), name)().model_dump(mode="json")
+    written = yaml.safe_load((Path(__file__).resolve().parents[2] / path).read_text())
+
+    def differ(c, w, prefix=""):
+        for key, value in w.items():
+            if isinstance(value, dict) and isinstance(c.get(key), dict):
+                yield from differ(c[key], value, f"{prefix}{key}.")
+            elif c.get(key) != value:
+                yield f"{prefix}{key}: code {c.get(key)!r}, file {value!r}"
+
+    assert list(differ(code, written)) == []
