@@ -165,9 +165,9 @@ def test_mean_reward_rises_and_learner_and_engine_sigkills_leave_the_export_bitw
 def test_async_rollouts_overlap_and_a_sigkill_or_a_new_worker_count_resume_them_exactly(
         ray_local, model_dir, tmp_path_factory, async_ref):
     """grpo.async_rollouts: step s's rollouts come from the weights of step s - 1 (generated while step s - 1
-    learned); the rollouts in flight at a checkpoint are saved in it, so a learner SIGKILLed after step 3 resumes
-    to the uninterrupted run's completions and a byte-identical export, and a run stopped after step 4 on one
-    worker and resumed on two generates nothing for step 5 (it takes the saved rollouts: the same completions)."""
+    learned); the rollouts in flight at a checkpoint are saved in it, so a run stopped after step 4 on one worker
+    and resumed on two generates nothing for step 5 (it takes the saved rollouts: the same completions). Learner
+    SIGKILLs in async mode: the chaos test below, against this module's uninterrupted async run."""
     from r1ray.train.stages.grpo.stage import run
 
     # with truncated importance sampling: the saved rollouts carry the engines' logprobs, which the resumes reuse
@@ -182,14 +182,8 @@ def test_async_rollouts_overlap_and_a_sigkill_or_a_new_worker_count_resume_them_
     late = sum(steps[s]["reward_mean"] for s in (7, 8)) / 2
     assert late > early + 0.05, [steps[s]["reward_mean"] for s in sorted(steps)]
 
-    root = tmp_path_factory.mktemp("afaulted")
-    faulted = run(make_cfg(model_dir, root, "run_name=afaulted", "faults.kill_at_step=3", *extra))
-    assert faulted.status == "completed" and faulted.restarts == 1
-    fsteps = grpo_rollouts(faulted.run_dir)
-    assert [fsteps[k]["completion_hash"] for k in range(1, 9)] == [steps[k]["completion_hash"] for k in range(1, 9)]
-    assert Path(ref.export_path, "model.safetensors").read_bytes() == \
-        Path(faulted.export_path, "model.safetensors").read_bytes()
-
+    # (a learner SIGKILLed mid-run resumes to the same completions and export: the chaos test below, async mode,
+    # kills every kind of process at random moments, the learner included, and compares with this run)
     root = tmp_path_factory.mktemp("aworkers")
     first = run(make_cfg(model_dir, root, "run_name=aw", "train.stop_after_steps=4", "checkpoint.every=4", *extra))
     assert first.status == "stopped" and first.steps == 4
@@ -386,6 +380,8 @@ def test_random_sigkills_of_learner_engines_and_pool_controller_change_nothing(
     times = [(s, r["time"]) for s, r in sorted(steps.items())]
     print(f"\nchaos ({mode}, {time.time() - t0:.0f} s, {out.restarts} restarts):\n  " + "\n  ".join(chaos.report(times)))
     assert len(chaos.done) >= 8, (chaos.done, chaos.skipped)  # the kills landed while the run went on
+    assert {k.victim for k in chaos.done} == {"learner", "engine", "pool_controller"}, chaos.done  # each kind
+    assert out.restarts >= 1  # a learner kill restarted the worker group from its newest checkpoint
     assert out.status == "completed"
     ref_steps = grpo_rollouts(ref.run_dir)
     assert [steps[s]["completion_hash"] for s in sorted(ref_steps)] == \
