@@ -40,6 +40,13 @@ class Input:
     same_chain: bool = False
     """Optional inputs: a job's upstream preparation fills it only when it also filled every required input (SFT
     replays the corpus its default pretrained model was trained on, not the corpus of a model you named)."""
+    within: str | None = None
+    """``module:function`` from the artifact's directory to the path the field gets (a file inside it, e.g. the
+    teacher traces' ``traces.jsonl``); None: the directory itself."""
+
+    def value(self, artifact: str) -> str:
+        """What ``field`` is set to for ``artifact``."""
+        return resolve(self.within)(artifact) if self.within else artifact
 
 
 @dataclass(frozen=True)
@@ -71,7 +78,7 @@ class StageEntry:
     def wire(self, upstream: dict[str, str], cfg: Any = None) -> dict[str, Any]:
         """Dotted overrides that connect the stage to ``upstream`` artifacts (``{"data": uri, "model": uri}``):
         every required input, and each optional one whose ``when`` holds for ``cfg``."""
-        return {i.field: _value(i, upstream[i.kind]) for i in self.wired(upstream, cfg)}
+        return {i.field: i.value(upstream[i.kind]) for i in self.wired(upstream, cfg)}
 
     def wired(self, upstream: dict[str, str], cfg: Any = None) -> tuple[Input, ...]:
         """The inputs ``wire`` connects: the pipeline keys the stage on their artifacts."""
@@ -81,14 +88,6 @@ class StageEntry:
     @property
     def required(self) -> tuple[str, ...]:
         return tuple(i.kind for i in self.inputs if i.required)
-
-
-def _value(i: Input, artifact: str) -> str:
-    if i.kind == "traces":
-        from r1ray.train.stages.traces import traces_file
-
-        return traces_file(artifact)
-    return artifact
 
 
 def _replays(cfg: Any) -> bool:
@@ -111,7 +110,8 @@ STAGES: dict[str, StageEntry] = {
                        (Input("model", "model.init_from"),), default_run="grpo", model_from="sft",
                        job_summary=_PRE + "grpo.stage:summary"),
     "distill": StageEntry("distill", _PRE + "distill:DistillConfig", _PRE + "distill:run",
-                          (Input("model", "distill.teacher"), Input("traces", "data.path", False, _sequence)),
+                          (Input("model", "distill.teacher"), Input("traces", "data.path", False, _sequence,
+                                                                        within=_PRE + "traces:traces_file")),
                           default_run="distill", model_from="sft",
                           job_summary=_PRE + "distill:job_summary"),
 }
