@@ -164,6 +164,10 @@ def run_arm(arm: str, start: str, root: Path, seed: int, minutes: float, args: A
     t0 = time.perf_counter()
     with _Deadline(cfg.run_dir, 60 * minutes):
         try:
+            if arm == "rft":  # the start's samples, verified: the traces step, inside the arm's wall time
+                from r1ray.pipeline.upstream import prepare
+
+                cfg = prepare("distill", cfg)
             result = run(cfg)
         except Exception as e:  # noqa: BLE001 - re-raised unless it is the "too few traces" refusal
             if arm != "rft" or "traces kept" not in str(e):
