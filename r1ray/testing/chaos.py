@@ -74,8 +74,9 @@ class Chaos:
     wait_until: Callable[[], bool] | None = None
     """Hold the first kill until this is true (e.g. the first step completed), then ``first_after_s`` more."""
     cover_kinds: bool = True
-    """Every kind is killed once before any kind is killed twice (among the kinds alive at that moment), so a run
-    of ``kills >= len(kinds)`` hits each kind; the kind's order, its process and every moment stay random."""
+    """The first kills go to the kinds not killed yet, in the order of ``kinds`` (skipping those with no live
+    process at that moment), so the first kind is always hit; then kinds at random. The process and every moment
+    stay random."""
     done: list[Kill] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
 
@@ -109,10 +110,9 @@ class Chaos:
                 if self._stop.wait(0.5):
                     return
                 continue
-            if self.cover_kinds:  # a kind not killed yet goes first, when one is alive
-                fresh = [k for k in kinds if k not in {d.victim for d in self.done}]
-                kinds = fresh or kinds
-            kind = rng.choice(kinds)
+            fresh = [k for k in kinds if k not in {d.victim for d in self.done}]
+            # a kind not killed yet goes first, in the order of ``kinds`` (when it is alive); then any, at random
+            kind = fresh[0] if self.cover_kinds and fresh else rng.choice(kinds)
             pid = rng.choice(alive[kind])
             progress = ""
             if self.progress is not None:
