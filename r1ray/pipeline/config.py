@@ -13,7 +13,7 @@ compress or serve) is wired from the artifact of the stage before it, never set 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -42,10 +42,16 @@ class PipelineConfig(JobConfig):
     run_name: str = "default"
     """Pipeline name: its state and report live in ``<storage.root>/pipeline/<run_name>/``, its runs are
     ``<storage.root>/runs/<run_name>-<stage>``."""
-    stages: list[str] = Field(default_factory=lambda: ["data", "pretrain", "sft", "grpo", "evaluate", "serve"])
+    stages: list[str] = Field(default_factory=lambda: ["data", "pretrain", "sft", "grpo", "evaluate", "compress",
+                                                       "serve"])
     """Stages to run, in pipeline order (a subsequence of data, pretrain, sft, grpo, distill, evaluate,
-    compress, serve). ``compress`` is not in the default: INT8 moves these models' accuracy by a draw of up to 3
-    points, and a refusal at its gate stops the pipeline before serving (docs/reasoning.md)."""
+    compress, serve)."""
+    on_compress_refused: Literal["serve_uncompressed", "stop"] = "serve_uncompressed"
+    """When the compression gate refuses the compressed model (it lost more than the gate allows):
+    ``serve_uncompressed`` logs the refusal as an error with the gate's reasons, marks the stage ``refused`` in the
+    summary and on the report card, and hands the uncompressed model to the stages after it (serve); ``stop``
+    fails the pipeline there. Either way nothing that failed the gate is published, and the refusal is cached
+    like an artifact: a rerun with the same compress config and input does not compress again."""
     from_stage: str | None = None
     """Start here (earlier stages must have their artifacts; they are reused, not rerun). ``--from STAGE``."""
     until_stage: str | None = None
@@ -63,7 +69,7 @@ class PipelineConfig(JobConfig):
     evaluate: StageSpec = StageSpec()
     """Evaluation (``EvaluateConfig``) of the model the training stages produced."""
     compress: StageSpec = StageSpec()
-    """Compression with its quality gate (``CompressConfig``): a refused model stops the pipeline."""
+    """Compression with its quality gate (``CompressConfig``); ``on_compress_refused`` says what a refusal does."""
     serve: StageSpec = StageSpec()
     """Serving (``ServeConfig``) of the final model; ``serve.overrides.blocking: false`` returns at once."""
     report: bool = True

@@ -99,7 +99,12 @@ def write_report(root: Path, p: Any, outcomes: list[Any], chain: list[dict[str, 
         lines.append("")
     for o in outcomes:
         if o.stage in ("evaluate", "compress") and o.summary.get("table"):
-            lines += [f"## {o.stage}", "", str(o.summary["table"]), ""]
+            lines += [f"## {o.stage}", ""]
+            if o.status == "refused":
+                lines += ["**The quality gate refused the compressed model; nothing was published and the "
+                          "uncompressed model went on to the stages after it** (`on_compress_refused`):", ""]
+                lines += [f"- {r}" for r in o.summary.get("refused", [])] + [""]
+            lines += [str(o.summary["table"]), ""]
     if chain:
         lines += ["## Lineage of the final model", "", "| stage | artifact | manifest sha256 | status |",
                   "|---|---|---|---|"]

@@ -50,7 +50,7 @@ class PipelineFailed(RuntimeError):
 class StageOutcome:
     stage: str
     status: str
-    """ran, skipped, failed, refused (the compression gate), served"""
+    """ran, skipped, refused (the compression gate refused; ``PipelineConfig.on_compress_refused``), served"""
     artifact: str | None = None
     seconds: float = 0.0
     summary: dict[str, Any] = field(default_factory=dict)
@@ -137,10 +137,10 @@ def _compress(cfg: Any) -> tuple[str | None, dict[str, Any]]:
 
     result = run(cfg)
     report = Path(result.report_dir) / "report.md"
-    if not result.passed:
-        raise PipelineFailed("the compression gate refused the model (nothing published): "
-                             + "; ".join(result.reasons) + f"\n  report: {report}")
-    return result.export_path, {"table": report.read_text() if report.exists() else ""}
+    info: dict[str, Any] = {"table": report.read_text() if report.exists() else "", "report": str(report)}
+    if not result.passed:  # nothing published; ``_run_stage`` applies the pipeline's on_compress_refused
+        return None, {**info, "refused": list(result.reasons)}
+    return result.export_path, info
 
 
 def _serve(cfg: Any) -> tuple[str | None, dict[str, Any]]:
@@ -375,6 +375,9 @@ def _run_stage(p: PipelineConfig, stage: str, upstream: dict[str, str], state: _
         else adapter.inputs
     key = stage_key(stage, cfg, upstream, inputs)
     entry = state.get(stage)
+    if entry.get("key") == key and entry.get("status") == "refused":  # the gate's verdict on the same input
+        log.info("pipeline %s: %s unchanged, reusing its refusal", p.run_name, stage)
+        return _refused(p, stage, entry.get("summary", {}), 0.0, log_path, "skipped")
     if stage != "serve" and entry.get("key") == key and entry.get("status") == "done" and _artifact_ok(entry):
         log.info("pipeline %s: %s unchanged, reusing %s", p.run_name, stage, entry["artifact"])
         return StageOutcome(stage, "skipped", entry["artifact"], 0.0, entry.get("summary", {}), str(log_path))
@@ -399,11 +402,29 @@ def _run_stage(p: PipelineConfig, stage: str, upstream: dict[str, str], state: _
                                  f"to resume at {stage}") from e
     seconds = time.perf_counter() - t0
     info["seconds"] = seconds
+    if info.get("refused"):
+        state.put(stage, status="refused", artifact=None, manifest_sha256=None, seconds=seconds,
+                  summary=_jsonable(info))
+        return _refused(p, stage, info, seconds, log_path, "ran")
     sha = manifest_sha256(artifact) if artifact else None
     state.put(stage, status="done", artifact=artifact, manifest_sha256=sha, seconds=seconds,
               summary=_jsonable(info))
     log.info("pipeline %s: %s done in %.0fs -> %s", p.run_name, stage, seconds, artifact)
     return StageOutcome(stage, "served" if stage == "serve" else "ran", artifact, seconds, info, str(log_path))
+
+
+def _refused(p: PipelineConfig, stage: str, info: dict[str, Any], seconds: float, log_path: Path,
+             how: str) -> StageOutcome:
+    """The compression gate refused (``how``: it ran now, or its verdict was reused): stop, or go on with the
+    uncompressed model, loudly (``PipelineConfig.on_compress_refused``)."""
+    why = (f"the compression gate refused the compressed model (nothing published): "
+           + "; ".join(info.get("refused", [])) + f"\n  report: {info.get('report')}")
+    if p.on_compress_refused == "stop":
+        raise PipelineFailed(f"stage {stage}: {why}\n  on_compress_refused=stop; "
+                             "on_compress_refused=serve_uncompressed goes on with the uncompressed model")
+    log.error("pipeline %s: %s\n  on_compress_refused=serve_uncompressed: the stages after it get the uncompressed "
+              "model", p.run_name, why)
+    return StageOutcome(stage, "refused", None, seconds, {**info, "reused": how == "skipped"}, str(log_path))
 
 
 def _jsonable(obj: Any) -> Any:
@@ -439,6 +460,11 @@ def summary(result: PipelineResult) -> str:
         for entry in result.lineage:
             lines.append(f"  {entry.get('stage') or '?':<9} {entry['uri']}  sha256 {str(entry.get('manifest_sha256'))[:12]}"
                          + ("" if entry.get("status") == "ok" else f"  [{entry.get('status')}]"))
+    for o in result.outcomes:
+        if o.status == "refused":
+            lines.append(f"{o.stage}: REFUSED by the quality gate, nothing published; the uncompressed model went on:")
+            lines.extend(f"  - {r}" for r in o.summary.get("refused", []))
+            lines.append(f"  report: {o.summary.get('report')}")
     for o in result.outcomes:
         if o.stage == "evaluate" and o.summary.get("table"):
             lines.append("evaluation:")

@@ -1,6 +1,7 @@
 """The pipeline end to end on a small chain (data -> pretrain -> sft): a second run skips every stage, changing
 one stage's config reruns that stage and the ones after it only, and a failing stage is named with its log
-and resumed on the next run."""
+and resumed on the next run; a compression its gate refuses publishes nothing and hands the uncompressed model on
+(or stops the pipeline, as configured)."""
 
 from __future__ import annotations
 
@@ -25,13 +26,22 @@ SFT = {"train.max_steps": 2, "train.eval_every": 2, "train.log_every": 1, "check
        "data.max_length": 256, "eval.problems_per_difficulty": 2, "eval.max_new_tokens": 8, "scaling.num_workers": 1}
 
 
-def make(root: Path, **sft_extra) -> PipelineConfig:
+# a destructive compression (no quantization, 90% of the MLP channels pruned) under limits of 0: refused
+BAD_COMPRESS = {"quantize.method": "none", "gguf.types": [], "prune.enabled": True, "prune.heads_fraction": 0.0,
+                "prune.mlp_fraction": 0.9, "prune.score": "magnitude", "gate.max_accuracy_drop_points": 0.0,
+                "gate.max_perplexity_increase_pct": 0.0, "eval.tasks.difficulties": [1],
+                "eval.tasks.items_per_level": 2, "eval.tasks.max_tokens": 8, "eval.perplexity.max_rows": 16,
+                "report.batch_sizes": [1], "report.new_tokens": 4, "report.repeats": 1}
+
+
+def make(root: Path, *extra: str, compress: dict | None = None, **sft_extra) -> PipelineConfig:
     return load_config(PipelineConfig, [
         "run_name=t", f"storage.root={root}", "stages=[data, pretrain, sft]", "report=true",
         "logging.wandb.mode=disabled", "ray.include_dashboard=false",
         "data.config=[configs/prepare_data/debug.yaml]", "pretrain.config=[configs/pretrain/debug.yaml]",
-        "sft.config=[configs/sft/debug.yaml]",
-    ], values={"data.overrides": DATA, "pretrain.overrides": PRE, "sft.overrides": {**SFT, **sft_extra}})
+        "sft.config=[configs/sft/debug.yaml]", *extra,
+    ], values={"data.overrides": DATA, "pretrain.overrides": PRE, "sft.overrides": {**SFT, **sft_extra},
+               "compress.overrides": compress or {}})
 
 
 def test_cache_rerun_and_failure(ray_local, tmp_path):
@@ -62,3 +72,26 @@ def test_cache_rerun_and_failure(ray_local, tmp_path):
     assert "no_such_task" in (Path(first.root) / "logs" / "sft.log").read_text()
     again = run(make(tmp_path, **{"optim.lr": 0.001}))
     assert [o.status for o in again.outcomes] == ["skipped", "skipped", "ran"]
+
+    # compression behind its gate, refused: nothing is published, the uncompressed SFT export is the pipeline's
+    # model (what serve gets), the summary and the report card say so with the gate's reasons
+    from r1ray.pipeline.run import summary
+
+    refused = run(make(tmp_path, "stages=[data, pretrain, sft, compress]", compress=BAD_COMPRESS, **{"optim.lr": 0.001}))
+    assert [o.status for o in refused.outcomes] == ["skipped", "skipped", "skipped", "refused"]
+    comp = refused.outcomes[-1]
+    assert comp.artifact is None and any("perplexity rose" in r for r in comp.summary["refused"]), comp.summary
+    assert refused.model == again.model and refused.lineage[0]["stage"] == "sft"
+    assert "/runs/t-compress/rejected/" in comp.summary["report"]
+    assert not (tmp_path / "runs" / "t-compress" / "final").exists()
+    assert "REFUSED by the quality gate" in summary(refused)
+    assert "quality gate refused the compressed model" in Path(refused.report).read_text()
+    assert json.loads((Path(first.root) / "state.json").read_text())["compress"]["status"] == "refused"
+    # the verdict is cached like an artifact: the same config and input do not compress again
+    cached = run(make(tmp_path, "stages=[data, pretrain, sft, compress]", compress=BAD_COMPRESS, **{"optim.lr": 0.001}))
+    assert cached.outcomes[-1].status == "refused" and cached.outcomes[-1].summary["reused"]
+    assert cached.model == again.model
+    # on_compress_refused=stop fails the pipeline at the gate instead, naming the reasons
+    with pytest.raises(PipelineFailed, match=r"(?s)stage compress: the compression gate refused.*perplexity rose"):
+        run(make(tmp_path, "stages=[data, pretrain, sft, compress]", "on_compress_refused=stop",
+                 compress=BAD_COMPRESS, **{"optim.lr": 0.001}))

@@ -315,3 +315,42 @@ def test_reasoning_gym_adapter():
         len(re.findall(r"[-+*/]", leveled.problem(0, seed=0, difficulty=1).question))
     with pytest.raises(ValueError, match="unknown reasoning-gym dataset"):
         get_task("rg:no_such_dataset")
+
+
+def test_grpo_epoch_over_a_finite_task_draws_every_row_once_refills_included(tmp_path):
+    """A finite task's problem ``k`` is its row ``k % rows``: GRPO's epoch (``grpo.train_problems``) is sized so the
+    cursor's indices and dynamic sampling's refill candidates are distinct rows, in every epoch; a larger epoch
+    is refused, naming the field, the task and its rows."""
+    from r1ray.train.stages.grpo.rollouts import refill_index
+    from r1ray.train.stages.grpo.stage import GENERATED_EPOCH, GRPOSection, epoch_problems
+
+    path = tmp_path / "gsm.jsonl"
+    _write_gsm8k(path, [{"question": f"Ann has {i} pens and gets {i + 3} more. How many?",
+                         "answer": f"#### {2 * i + 3}"} for i in range(200)])
+    rows = get_task("gsm8k", path=str(path)).size("train")
+    opts = {"gsm8k": {"path": str(path)}}
+    assert epoch_problems(GRPOSection()) == GENERATED_EPOCH  # generated tasks: no finite split to respect
+    assert epoch_problems(GRPOSection(tasks={"gsm8k": 1.0}, task_options=opts)) == rows
+    # a mix with a generated task: the finite task bounds the epoch (its indices are a subset of [0, T))
+    assert epoch_problems(GRPOSection(tasks={"gsm8k": 1.0, "arithmetic": 1.0}, task_options=opts)) == rows
+
+    g = GRPOSection(tasks={"gsm8k": 1.0}, task_options=opts, dynamic_sampling=True, max_refill_rounds=2)
+    epoch = epoch_problems(g)
+    assert epoch == rows // 3
+    for e in range(3):  # three epochs of cursor positions: each draws every cursor row and every refill row once
+        positions = range(e * epoch, (e + 1) * epoch)
+        indices = list(range(epoch)) + [refill_index(epoch, p, 2, r) for p in positions for r in range(2)]
+        questions = [p.question for k in indices
+                     for p in sample_problems(g.tasks, 1, seed=0, split="train", difficulty=1, start=k, options=opts)]
+        assert len(set(questions)) == len(questions) == 3 * epoch
+    # the old refill index (train_problems + position * rounds + round) would have wrapped onto rows drawn before
+    assert len({(epoch + p * 2 + r) % rows for p in range(epoch, 2 * epoch) for r in range(2)} | set(range(epoch))) \
+        < 3 * epoch
+
+    too_many = GRPOSection(tasks={"gsm8k": 1.0}, task_options=opts, train_problems=rows + 1)
+    with pytest.raises(ValueError, match=rf"grpo.train_problems={rows + 1}: task gsm8k has {rows} train rows.*"
+                                         rf"train_problems<={rows}"):
+        epoch_problems(too_many)
+    with pytest.raises(ValueError, match=r"refill rows per cursor problem.*train on a row twice"):
+        epoch_problems(g.model_copy(update={"train_problems": epoch + 1}))
+    assert epoch_problems(g.model_copy(update={"train_problems": 5})) == 5

@@ -27,7 +27,7 @@ from r1ray.train.stage import Metrics
 
 log = get_logger(__name__)
 
-__all__ = ["Group", "Rollouts", "sampling_seed"]
+__all__ = ["Group", "Rollouts", "refill_index", "sampling_seed"]
 
 
 def sampling_seed(seed: int, step: int, problem_index: int, sample: int) -> int:
@@ -84,14 +84,22 @@ def new_times() -> dict[str, float]:
     return {"generate": 0.0, "score": 0.0, "gen_tokens": 0.0}
 
 
+def refill_index(epoch: int, position: int, rounds: int, r: int) -> int:
+    """The problem index of dynamic sampling's candidate ``r`` for the slot at global cursor ``position``: past the
+    cursor's ``[0, epoch)``, one per (slot of the epoch, round), the same in every epoch and on any worker count."""
+    return epoch + (position % epoch) * rounds + r
+
+
 class Rollouts:
     """One learner worker's rollouts (see the module doc). ``problem_at(step, index)`` is the stage's problem
     ``index`` at ``step``'s difficulty."""
 
     def __init__(self, cfg: Any, pool: Any, tokenizer: Any, worker: Any,
-                 problem_at: Callable[[int, int], Any]) -> None:
+                 problem_at: Callable[[int, int], Any], *, epoch: int) -> None:
         self.cfg, self.g, self.pool, self.tokenizer, self.worker = cfg, cfg.grpo, pool, tokenizer, worker
         self.problem_at = problem_at
+        self.epoch = epoch
+        """``T``: problem indices of one epoch of the cursor (``epoch_problems``)."""
         self.version: int | None = None
         """The weights version that generated the current step's rollouts."""
         self._next_rows: tuple[int, list[list[int]]] | None = None  # prefetch(): the following step's rows
@@ -140,7 +148,8 @@ class Rollouts:
                times: dict[str, float]) -> tuple[int, int]:
         """Dynamic sampling: replace zero-variance groups, up to ``grpo.max_refill_rounds`` rounds. Slot = the
         prompt's global cursor position (world-size independent); candidate ``r`` of slot ``p`` is problem
-        ``train_problems + p * max_refill_rounds + r``, outside the cursor's range, so exactly-once still holds.
+        ``refill_index(T, p, max_refill_rounds, r)``, outside the cursor's range ``[0, T)``, so exactly-once
+        still holds (for a finite task too: ``epoch_problems`` sizes ``T`` so refills never reach a row twice).
         Returns (groups still zero-variance, groups replaced)."""
         g = self.g
         refilled = 0
@@ -148,7 +157,7 @@ class Rollouts:
             want = [[(j, k) for k, grp in enumerate(unit) if grp.zero_variance] for j, unit in enumerate(micro)]
             if not any(want):
                 break
-            cands = [[self.group(step, g.train_problems + int(positions[j][k]) * g.max_refill_rounds + r)
+            cands = [[self.group(step, refill_index(self.epoch, int(positions[j][k]), g.max_refill_rounds, r))
                       for j, k in unit] for unit in want]
             self.rollout(step, cands, version, times)
             for unit, cunit in zip(want, cands, strict=True):

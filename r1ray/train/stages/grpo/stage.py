@@ -49,7 +49,7 @@ from r1ray.train.stages.grpo.rollouts import Group, Rollouts, new_times, samplin
 
 log = get_logger(__name__)
 
-__all__ = ["GRPOConfig", "GRPOSection", "GRPOStage", "run", "sampling_seed"]
+__all__ = ["GRPOConfig", "GRPOSection", "GRPOStage", "epoch_problems", "finite_task_rows", "run", "sampling_seed"]
 
 
 class GRPOSection(R1Config):
@@ -65,8 +65,11 @@ class GRPOSection(R1Config):
     every prompt when ``curriculum`` is unset (the default curriculum mixes in levels 1 and 2)."""
     task_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
     """Constructor options per task (e.g. ``{"gsm8k": {"path": "..."}}``)."""
-    train_problems: int = Field(default=100_000, ge=1)
-    """Problems in one epoch of the cursor (problem indices ``[0, train_problems)`` of the train split)."""
+    train_problems: int | None = Field(default=None, ge=1)
+    """Problems in one epoch of the cursor (problem indices ``[0, train_problems)`` of the train split). None: 100,000
+    for generated tasks; with a finite task in the mix (``gsm8k``: your file), the most that keeps every row of it
+    exactly once per epoch, refills included (``epoch_problems``). A value above that is refused before any
+    compute."""
     eval_problems: int = Field(default=100, ge=1)
     """Held-out (eval split) problems of each evaluation: greedy ``accuracy``, and ``eval_reward`` (the weighted
     ``rewards`` on the same completions)."""
@@ -236,6 +239,48 @@ class GRPOConfig(TrainJobConfig):
         return self
 
 
+GENERATED_EPOCH = 100_000
+"""``grpo.train_problems`` when every task of the mix is generated (no finite train split)."""
+
+
+def finite_task_rows(g: GRPOSection) -> dict[str, int]:
+    """Train-split rows of each finite task of ``g``'s mix (a task with ``size``, e.g. ``gsm8k`` on a file)."""
+    from r1ray.tasks.registry import get_task
+
+    out = {}
+    for name, weight in g.tasks.items():
+        if weight > 0:
+            size = getattr(get_task(name, **g.task_options.get(name, {})), "size", None)
+            if callable(size):
+                out[name] = int(size("train"))
+    return out
+
+
+def epoch_problems(g: GRPOSection) -> int:
+    """Problem indices in one epoch of the cursor. A finite task's problem ``k`` is its row ``k % rows``, and a
+    dynamic-sampling refill of cursor position ``p`` takes index ``T + (p % T) * max_refill_rounds + round``
+    (``rollouts.refill_index``), so the cursor's ``T`` indices and the refills' ``T * max_refill_rounds`` are
+    distinct rows when ``T * (1 + max_refill_rounds) <= rows``: that is the default with a finite task, and a
+    larger ``grpo.train_problems`` is refused (it would train on a row twice in an epoch)."""
+    finite = finite_task_rows(g)
+    per = 1 + (g.max_refill_rounds if g.dynamic_sampling else 0)
+    if not finite:
+        return g.train_problems or GENERATED_EPOCH
+    name = min(finite, key=lambda k: finite[k])
+    rows = finite[name]
+    cap = rows // per
+    why = (f"task {name} has {rows} train rows" + (f" and dynamic sampling takes up to grpo.max_refill_rounds="
+                                                    f"{g.max_refill_rounds} refill rows per cursor problem"
+                                                    if per > 1 else ""))
+    if cap < 1:
+        raise ValueError(f"grpo.train_problems: {why}, too few for one problem an epoch; give the task more rows or "
+                         "lower grpo.max_refill_rounds")
+    if g.train_problems is not None and g.train_problems > cap:
+        raise ValueError(f"grpo.train_problems={g.train_problems}: {why}, so an epoch of more than {cap} problems "
+                         f"would train on a row twice; set grpo.train_problems<={cap} or leave it unset")
+    return g.train_problems or cap
+
+
 class GRPOStage(Stage):
     """GRPO on the shared loop (see the module doc)."""
 
@@ -252,11 +297,18 @@ class GRPOStage(Stage):
             cfg.model.init_from, "model.init_from",
             unset="set it to an SFT export (python jobs/sft.py writes one) or any Hugging Face model directory, or "
                   "run python jobs/grpo.py, which prepares the default SFT run first")
+        tasks_ok = True
         for name in cfg.grpo.tasks:
             try:
                 get_task(name, **cfg.grpo.task_options.get(name, {}))
             except ValueError as e:
                 problems.append(f"grpo.tasks: {e}")
+                tasks_ok = False
+        if tasks_ok:
+            try:
+                epoch_problems(cfg.grpo)
+            except ValueError as e:
+                problems.append(str(e))
         for name in cfg.grpo.rewards:
             try:
                 get_reward(name)
@@ -302,7 +354,7 @@ class GRPOStage(Stage):
         self._eval_levels: dict[int, list[Any]] = {}
         self._curriculum_setup()
         self._attempt = uuid.uuid4().hex[:8]
-        self.rollouts = Rollouts(cfg, self.pool, self.tokenizer, worker, self._problem_at)
+        self.rollouts = Rollouts(cfg, self.pool, self.tokenizer, worker, self._problem_at, epoch=epoch_problems(cfg.grpo))
 
     def build_model(self) -> Any:
         from r1ray.model import build_model
@@ -319,7 +371,7 @@ class GRPOStage(Stage):
                                    precision=self.cfg.deepspeed.precision)}
 
     def num_samples(self) -> int:
-        return self.cfg.grpo.train_problems
+        return epoch_problems(self.cfg.grpo)
 
     # ------------------------------------------------------------------ problems and prompts
     def _problem_at(self, step: int, index: int) -> Any:
