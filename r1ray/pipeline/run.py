@@ -417,7 +417,7 @@ def _refused(p: PipelineConfig, stage: str, info: dict[str, Any], seconds: float
              how: str) -> StageOutcome:
     """The compression gate refused (``how``: it ran now, or its verdict was reused): stop, or go on with the
     uncompressed model, loudly (``PipelineConfig.on_compress_refused``)."""
-    why = (f"the compression gate refused the compressed model (nothing published): "
+    why = ("the compression gate refused the compressed model (nothing published): "
            + "; ".join(info.get("refused", [])) + f"\n  report: {info.get('report')}")
     if p.on_compress_refused == "stop":
         raise PipelineFailed(f"stage {stage}: {why}\n  on_compress_refused=stop; "
