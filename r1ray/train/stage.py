@@ -24,8 +24,8 @@ One optimizer step, as the loop runs it on every worker::
     rows   = this worker's share of global samples [step*B, (step+1)*B)    (exactly once, any world size)
     stage.prefetch(step + 1, next rows)                   # (before the last step) e.g. GRPO's async rollouts
     inputs = stage.step_inputs(step, rows, model)        # once per step: batches, rollouts, rewards ...
-    for update in inputs.updates:                         # mu >= 1 optimizer updates per step
-        for batch in update:                              # exactly `accumulation` micro-batches each
+    for update in inputs.updates:                         # one or more optimizer updates per step
+        for batch in update:                              # exactly `accumulation / update_slices()` each
             loss_sum = stage.loss(model, batch, metrics)  # sum of per-unit losses
             backward(loss_sum / global sum of stage.batch_weight(b) over every worker's update)
         optimizer update
@@ -144,7 +144,8 @@ class StepInputs:
     """What one optimizer step trains on, on this worker.
 
     ``updates[u]`` is the list of micro-batches of optimizer update ``u``: exactly the loop's accumulation
-    count (``train.global_batch_size / (train.micro_batch_size * world_size)``) on every worker, so every
+    count (``train.global_batch_size / (train.micro_batch_size * world_size) / stage.update_slices()``) on every
+    worker, so every
     worker runs the same number of forward/backward passes (ZeRO-3's collectives need it). A batch that
     must carry no gradient (e.g. GRPO groups dropped by dynamic sampling) is still run, with
     ``batch_weight`` 0 and a zero loss."""
@@ -256,6 +257,12 @@ class Stage(ABC):
     def loss(self, model: Any, batch: dict[str, Any], metrics: Metrics) -> Any:
         """The *sum* of the per-unit losses of a micro-batch (a scalar tensor carrying the graph); record
         stage metrics (``metrics.mean("kl", ...)``) as a side effect."""
+
+    def update_slices(self) -> int:
+        """Into how many optimizer updates a step's micro-batches are cut (each update: this worker's step
+        micro-batches / ``update_slices``; DeepSpeed's accumulation is set to that). Default 1: one update a step
+        (GRPO's ``steps_per_generation`` cuts a rollout batch into several)."""
+        return 1
 
     def after_update(self, model: Any, step: int, update: int) -> None:
         """Called on every worker after each optimizer update (collectives allowed: under ZeRO-3 gather

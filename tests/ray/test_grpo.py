@@ -301,6 +301,41 @@ def test_mu2_with_reference_and_zero3_sync(ray_local, model_dir, tmp_path):
     assert [steps[s]["weights_version"] for s in (1, 2)] == [0, 1]
 
 
+def test_steps_per_generation_cuts_a_rollout_batch_into_updates_whose_ratio_leaves_1(ray_local, model_dir, tmp_path):
+    """``grpo.steps_per_generation=2``: a step's 4 micro-batches become 2 optimizer updates of 2 (consecutive
+    slices, old logprobs attached), through the real loop and DeepSpeed: the second update's ratio against the
+    rollout policy has left 1, the engines get the weights once a step (after the last update), and a worker
+    count whose micro-batches do not split is refused, naming the field."""
+    import numpy as np
+    import torch
+
+    from r1ray.train.stage import WorkerInfo
+    from r1ray.train.stages.grpo.stage import GRPOStage, run
+
+    extra = ("grpo.steps_per_generation=2", "train.micro_batch_size=2", "grpo.max_completion_tokens=8",
+             "train.max_steps=2", "train.log_every=1")
+    with pytest.raises(ValueError, match=r"grpo.steps_per_generation=3: each of the 1 worker\(s\) has 4"):
+        make_cfg(model_dir, tmp_path, *extra, "grpo.steps_per_generation=3")
+    cfg = make_cfg(model_dir, tmp_path, *extra)
+    with GRPOStage.resources(cfg, str(tmp_path / "local")) as res:
+        stage = GRPOStage(cfg)
+        stage.worker = WorkerInfo(0, 1, 0, False, torch.device("cpu"))
+        stage.setup(stage.worker, res)
+        model = stage.build_model()
+        rows = [np.array([1, 2]), np.array([3, 4]), np.array([5, 6]), np.array([7, 8])]
+        inputs = stage.step_inputs(0, rows, model)
+        assert stage.update_slices() == 2 and [len(u) for u in inputs.updates] == [2, 2]
+        firsts = [u[0]["advantages"].data_ptr() for u in inputs.updates]
+        assert firsts[0] != firsts[1] and all("old_logp" in b for u in inputs.updates for b in u)
+
+    result = run(make_cfg(model_dir, tmp_path, *extra, "run_name=spg"))
+    assert result.status == "completed" and result.steps == 2
+    reports = result.worker_result["reports"]
+    assert max(r.get("ratio_abs_dev", 0.0) for r in reports) > 1e-4, reports
+    steps = grpo_rollouts(result.run_dir)
+    assert [steps[s]["weights_version"] for s in (1, 2)] == [0, 1]
+
+
 @pytest.mark.parametrize("loss_type,estimator", [("dapo", "grpo"), ("grpo", "rloo"), ("dr_grpo", "reinforce_pp")])
 def test_one_update_is_the_same_whatever_the_micro_batch_split(ray_local, model_dir, tmp_path, loss_type, estimator):
     """The loop's update is (sum of the micro-batches' loss sums) / (sum of their weights), over every worker: the

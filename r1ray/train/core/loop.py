@@ -241,7 +241,13 @@ class Loop:
 
         cfg, w = self.cfg, self.worker
         model = self.stage.build_model()
-        self.gas = grad_accumulation(cfg.train, w.world_size)
+        per_step, slices = grad_accumulation(cfg.train, w.world_size), self.stage.update_slices()
+        if per_step % slices:
+            raise ValueError(f"{type(self.stage).__name__}: each of {w.world_size} worker(s) has {per_step} "
+                             f"micro-batch(es) a step, which do not split into {slices} optimizer updates "
+                             "(grpo.steps_per_generation); choose a worker count or batch sizes that divide")
+        self.gas = per_step // slices
+        """Micro-batches of one optimizer update on this worker (DeepSpeed's gradient accumulation)."""
         hidden = getattr(getattr(model, "config", None), "hidden_size", None)
         config = ds_config(cfg.deepspeed, cfg.optim, micro_batch_size=cfg.train.micro_batch_size,
                            grad_accum=self.gas, world_size=w.world_size, use_gpu=w.use_gpu,
@@ -468,7 +474,8 @@ class Loop:
                 raise ValueError(
                     f"{type(self.stage).__name__}.step_inputs: update {u} has {len(update)} micro-batches; the "
                     f"loop needs exactly the accumulation count {self.gas} (train.global_batch_size / "
-                    f"(train.micro_batch_size x {self.worker.world_size} workers)) on every worker")
+                    f"(train.micro_batch_size x {self.worker.world_size} workers) / {self.stage.update_slices()} "
+                    "update slices) on every worker")
 
     def _optimizer_step(self, nonfinite: bool) -> bool:
         """The update's optimizer step; with a non-finite loss on any worker, a true skip. Returns whether

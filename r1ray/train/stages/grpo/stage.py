@@ -114,8 +114,15 @@ class GRPOSection(R1Config):
     verl's correction for rollouts that are off-policy: ``async_rollouts``, or engine numerics that differ from
     the learner's, e.g. vLLM in bf16). None: off (on one CPU the engine's numerics are the learner's)."""
     mu: int = Field(default=1, ge=1)
-    """Optimizer updates per rollout batch (the same micro-batches each time; ratios move off 1 after the
-    first update, which is where the clip acts)."""
+    """Passes over each rollout batch (TRL's ``num_iterations``): the step's updates run ``mu`` times over the
+    same micro-batches; ratios move off 1 after the first update, which is where the clip acts."""
+    steps_per_generation: int = Field(default=1, ge=1)
+    """Optimizer updates each rollout batch is split into (TRL's ``steps_per_generation``): update ``u`` trains
+    on the ``u``-th of ``steps_per_generation`` consecutive slices of the step's micro-batches (the same prompts on
+    any worker count), so from the second slice on the policy has moved off the one that generated the rollouts,
+    the ratio leaves 1 and the clip acts. With ``mu`` the slices repeat: ``mu x steps_per_generation`` updates a
+    step, the weights pushed to the engines after the last. Each worker's micro-batches of a step
+    (``train.global_batch_size / (train.micro_batch_size x workers)``) must split evenly."""
     dynamic_sampling: bool = False
     """DAPO's dynamic sampling: drop groups whose rewards all agree and refill their slots with other problems
     (outside the cursor's range, keyed by step and slot) until the batch is full or ``max_refill_rounds`` is
@@ -234,6 +241,12 @@ class GRPOConfig(TrainJobConfig):
         if self.grpo.overlong_buffer is not None and self.grpo.overlong_buffer > self.grpo.max_completion_tokens:
             problems.append(f"grpo.overlong_buffer={self.grpo.overlong_buffer} exceeds grpo.max_completion_tokens="
                             f"{self.grpo.max_completion_tokens}")
+        per_worker = self.train.global_batch_size // max(1, self.train.micro_batch_size * self.scaling.num_workers)
+        if per_worker % self.grpo.steps_per_generation:
+            problems.append(f"grpo.steps_per_generation={self.grpo.steps_per_generation}: each of the "
+                            f"{self.scaling.num_workers} worker(s) has {per_worker} micro-batch(es) a step "
+                            f"(train.global_batch_size={self.train.global_batch_size} / train.micro_batch_size="
+                            f"{self.train.micro_batch_size}), which do not split into that many updates")
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -416,7 +429,7 @@ class GRPOStage(Stage):
     # ------------------------------------------------------------------ one step
     def step_inputs(self, step: int, rows: list[np.ndarray], model: Any) -> StepInputs:
         """One GRPO step, top to bottom: generate -> score -> (refill) -> advantages -> old/ref logprobs; the loop
-        then runs the ``mu`` updates and ``after_update`` syncs the engines."""
+        then runs the ``mu x steps_per_generation`` updates and ``after_update`` syncs the engines."""
         from r1ray.train.core.sampler import step_micro_batches
 
         cfg, g, w = self.cfg, self.cfg.grpo, self.worker
@@ -445,7 +458,12 @@ class GRPOStage(Stage):
         self._logprobs(model, batches)
         self._step_metrics(step, m, micro, zero_first, dropped, refilled, times)
         self._t_learn = time.perf_counter()
-        return StepInputs(updates=[batches] * g.mu, metrics=m)
+        n = len(batches) // g.steps_per_generation
+        slices = [batches[i * n:(i + 1) * n] for i in range(g.steps_per_generation)]
+        return StepInputs(updates=slices * g.mu, metrics=m)
+
+    def update_slices(self) -> int:
+        return self.cfg.grpo.steps_per_generation
 
     def _inject_faults(self, step: int) -> None:
         """``grpo.kill_engine_at_step`` / ``kill_pool_controller_at_step``: a SIGKILL once units are in flight."""
@@ -553,14 +571,14 @@ class GRPOStage(Stage):
         return logp.reshape(-1)[idx], (ent[0].reshape(-1)[idx] if ent else None)
 
     def _logprobs(self, model: Any, batches: list[dict[str, Any]]) -> None:
-        """Old logprobs (the policy at rollout time; with mu == 1 the ratio is exactly 1, so the loss uses the
-        detached current logprobs and this forward is skipped) and reference logprobs (beta > 0)."""
+        """Old logprobs (the policy at rollout time; with one update a step the ratio is exactly 1, so the loss uses
+        the detached current logprobs and this forward is skipped) and reference logprobs (beta > 0)."""
         import torch
 
         g = self.cfg.grpo
         with torch.no_grad():
             for b in batches:
-                if g.mu > 1:
+                if g.mu * g.steps_per_generation > 1:
                     b["old_logp"] = self._forward_logprobs(model, b)[0].detach()
                 if g.beta > 0:
                     b["ref_logp"] = self._forward_logprobs(self.frozen["ref"], b)[0].detach()
@@ -592,7 +610,7 @@ class GRPOStage(Stage):
                 metrics.mean("tis_capped_fraction", float(((is_w >= g.tis_cap) * mask).sum()) / n, n)
                 diff = (old - batch["sampling_logp"]).abs()
                 metrics.mean("engine_logp_abs_diff", float((diff * mask).sum()) / n, n)
-            if g.mu > 1:
+            if g.mu * g.steps_per_generation > 1:
                 metrics.mean("ratio_abs_dev", float(((stats["ratio"] - 1).abs() * mask).sum()) / n, n)
             metrics.mean("clip_fraction", float((stats["clipped"] * mask).sum()) / n, n)
             metrics.mean("entropy", float((ent * mask).sum()) / n, n)
@@ -602,7 +620,7 @@ class GRPOStage(Stage):
 
     # ------------------------------------------------------------------ weight sync
     def after_update(self, model: Any, step: int, update: int) -> None:
-        if update != self.cfg.grpo.mu - 1:
+        if update != self.cfg.grpo.mu * self.cfg.grpo.steps_per_generation - 1:
             return  # the engines need the policy of the next rollout only
         learn = time.perf_counter() - self._t_learn
         sink = self._metrics_sink if self._metrics_sink is not None else Metrics()
