@@ -57,6 +57,8 @@ def test_config_errors_name_the_field(model_dir, tmp_path):
         GRPOStage.plan(load_config(GRPOConfig, [*BASE, f"storage.root={tmp_path}"]))
     with pytest.raises(ValueError, match="unknown reward"):
         GRPOStage.plan(make_cfg(model_dir, tmp_path, "grpo.rewards={nope: 1.0}"))
+    with pytest.raises(ValueError, match=r"grpo.steps_per_generation=3: each of the 1 worker\(s\) has 2 micro-batch"):
+        make_cfg(model_dir, tmp_path, "grpo.steps_per_generation=3")
 
 
 def test_step_inputs_drop_and_count_zero_variance_groups(ray_local, model_dir, tmp_path):
@@ -239,17 +241,20 @@ class PoolResizer(threading.Thread):
 
 
 def test_mu2_with_reference_and_zero3_sync(ray_local, model_dir, tmp_path):
-    """beta > 0 and mu = 2 in this process: two updates over the same micro-batches, old and reference
-    logprobs attached, KL 0 against an identical reference; then a real 2-worker ZeRO-3 run of that config,
-    whose weight sync gathers the partitioned parameters on every rank (the engines get each step's weights)."""
+    """beta > 0, mu = 2 and steps_per_generation = 2 in this process: the step's two micro-batches become two
+    updates of one (consecutive slices), passed over twice, old and reference logprobs attached, KL 0 against an
+    identical reference; after an update on the first slice, the second slice's ratio has left 1 (where the clip
+    acts). Then a real 2-worker ZeRO-3 run of that config through the loop and DeepSpeed (4 updates a step, each
+    worker's accumulation one micro-batch), whose weight sync gathers the partitioned parameters on every rank
+    once a step, after the last update (the engines get each step's weights)."""
     import numpy as np
     import torch
 
     from r1ray.train.stage import Metrics, WorkerInfo
     from r1ray.train.stages.grpo.stage import GRPOStage, run
 
-    extra = ("grpo.beta=0.1", "grpo.mu=2", "grpo.max_completion_tokens=8", "train.max_steps=2",
-             "grpo.loss_type=grpo")
+    extra = ("grpo.beta=0.1", "grpo.mu=2", "grpo.steps_per_generation=2", "grpo.max_completion_tokens=8",
+             "train.max_steps=2", "grpo.loss_type=grpo")
     cfg = make_cfg(model_dir, tmp_path, *extra)
     with GRPOStage.resources(cfg, str(tmp_path / "local")) as res:
         stage = GRPOStage(cfg)
@@ -258,8 +263,9 @@ def test_mu2_with_reference_and_zero3_sync(ray_local, model_dir, tmp_path):
         model = stage.build_model()
         stage.frozen = stage.frozen_models()
         inputs = stage.step_inputs(0, [np.array([1, 2, 3, 4]), np.array([5, 6, 7, 8])], model)
-        assert len(inputs.updates) == 2 and inputs.updates[0] is inputs.updates[1]
-        b = inputs.updates[0][0]
+        assert stage.update_slices() == 2 and [len(u) for u in inputs.updates] == [1, 1, 1, 1]
+        assert inputs.updates[0] is inputs.updates[2] and inputs.updates[0][0] is not inputs.updates[1][0]
+        b, second = inputs.updates[0][0], inputs.updates[1][0]
         assert "old_logp" in b and "ref_logp" in b
         m = Metrics()
         loss = stage.loss(model, b, m)
@@ -275,6 +281,9 @@ def test_mu2_with_reference_and_zero3_sync(ray_local, model_dir, tmp_path):
         m2 = Metrics()
         stage.loss(model, b, m2)
         assert m2.local()["ratio_abs_dev"] > 1e-3 and m2.local()["kl"] > 0
+        m3 = Metrics()
+        stage.loss(model, second, m3)  # the second slice, never trained on, against the policy that sampled it
+        assert "old_logp" in second and m3.local()["ratio_abs_dev"] > 1e-3
 
     # truncated importance sampling at temperature 0.7: the engine's logprobs of what it sampled, at the
     # sampling temperature, equal the learner's to float rounding (same weights, same CPU numerics)
@@ -295,43 +304,8 @@ def test_mu2_with_reference_and_zero3_sync(ray_local, model_dir, tmp_path):
 
     # two learner workers: ZeRO-3 partitions really are partial, both ranks generate concurrently
     result = run(make_cfg(model_dir, tmp_path, *extra, "deepspeed.zero_stage=3", "run_name=zero3",
-                          "scaling.num_workers=2"))
+                          "scaling.num_workers=2", "train.micro_batch_size=2"))
     assert result.status == "completed" and result.steps == 2 and result.world_size == 2
-    steps = grpo_rollouts(result.run_dir)
-    assert [steps[s]["weights_version"] for s in (1, 2)] == [0, 1]
-
-
-def test_steps_per_generation_cuts_a_rollout_batch_into_updates_whose_ratio_leaves_1(ray_local, model_dir, tmp_path):
-    """``grpo.steps_per_generation=2``: a step's 4 micro-batches become 2 optimizer updates of 2 (consecutive
-    slices, old logprobs attached), through the real loop and DeepSpeed: the second update's ratio against the
-    rollout policy has left 1, the engines get the weights once a step (after the last update), and a worker
-    count whose micro-batches do not split is refused, naming the field."""
-    import numpy as np
-    import torch
-
-    from r1ray.train.stage import WorkerInfo
-    from r1ray.train.stages.grpo.stage import GRPOStage, run
-
-    extra = ("grpo.steps_per_generation=2", "train.micro_batch_size=2", "grpo.max_completion_tokens=8",
-             "train.max_steps=2", "train.log_every=1")
-    with pytest.raises(ValueError, match=r"grpo.steps_per_generation=3: each of the 1 worker\(s\) has 4"):
-        make_cfg(model_dir, tmp_path, *extra, "grpo.steps_per_generation=3")
-    cfg = make_cfg(model_dir, tmp_path, *extra)
-    with GRPOStage.resources(cfg, str(tmp_path / "local")) as res:
-        stage = GRPOStage(cfg)
-        stage.worker = WorkerInfo(0, 1, 0, False, torch.device("cpu"))
-        stage.setup(stage.worker, res)
-        model = stage.build_model()
-        rows = [np.array([1, 2]), np.array([3, 4]), np.array([5, 6]), np.array([7, 8])]
-        inputs = stage.step_inputs(0, rows, model)
-        assert stage.update_slices() == 2 and [len(u) for u in inputs.updates] == [2, 2]
-        firsts = [u[0]["advantages"].data_ptr() for u in inputs.updates]
-        assert firsts[0] != firsts[1] and all("old_logp" in b for u in inputs.updates for b in u)
-
-    result = run(make_cfg(model_dir, tmp_path, *extra, "run_name=spg"))
-    assert result.status == "completed" and result.steps == 2
-    reports = result.worker_result["reports"]
-    assert max(r.get("ratio_abs_dev", 0.0) for r in reports) > 1e-4, reports
     steps = grpo_rollouts(result.run_dir)
     assert [steps[s]["weights_version"] for s in (1, 2)] == [0, 1]
 
