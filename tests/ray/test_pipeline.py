@@ -70,28 +70,26 @@ def test_cache_rerun_and_failure(ray_local, tmp_path):
     state = json.loads((Path(first.root) / "state.json").read_text())
     assert state["sft"]["status"] == "failed" and state["pretrain"]["status"] == "done"
     assert "no_such_task" in (Path(first.root) / "logs" / "sft.log").read_text()
-    again = run(make(tmp_path, **{"optim.lr": 0.001}))
-    assert [o.status for o in again.outcomes] == ["skipped", "skipped", "ran"]
-
-    # compression behind its gate, refused: nothing is published, the uncompressed SFT export is the pipeline's
-    # model (what serve gets), the summary and the report card say so with the gate's reasons
+    # the rerun resumes at sft, then compresses behind the gate, refused: nothing is published, the uncompressed
+    # SFT export is the pipeline's model (what serve gets), the summary and the report card say so with the reasons
     from r1ray.pipeline.run import summary
 
-    refused = run(make(tmp_path, "stages=[data, pretrain, sft, compress]", compress=BAD_COMPRESS, **{"optim.lr": 0.001}))
-    assert [o.status for o in refused.outcomes] == ["skipped", "skipped", "skipped", "refused"]
-    comp = refused.outcomes[-1]
+    with_compress = ("stages=[data, pretrain, sft, compress]",)
+    again = run(make(tmp_path, *with_compress, compress=BAD_COMPRESS, **{"optim.lr": 0.001}))
+    assert [o.status for o in again.outcomes] == ["skipped", "skipped", "ran", "refused"]
+    sft_export = again.outcomes[2].artifact
+    comp = again.outcomes[-1]
     assert comp.artifact is None and any("perplexity rose" in r for r in comp.summary["refused"]), comp.summary
-    assert refused.model == again.model and refused.lineage[0]["stage"] == "sft"
+    assert again.model == sft_export and again.lineage[0]["stage"] == "sft"
     assert "/runs/t-compress/rejected/" in comp.summary["report"]
     assert not (tmp_path / "runs" / "t-compress" / "final").exists()
-    assert "REFUSED by the quality gate" in summary(refused)
-    assert "quality gate refused the compressed model" in Path(refused.report).read_text()
+    assert "REFUSED by the quality gate" in summary(again)
+    assert "quality gate refused the compressed model" in Path(again.report).read_text()
     assert json.loads((Path(first.root) / "state.json").read_text())["compress"]["status"] == "refused"
     # the verdict is cached like an artifact: the same config and input do not compress again
-    cached = run(make(tmp_path, "stages=[data, pretrain, sft, compress]", compress=BAD_COMPRESS, **{"optim.lr": 0.001}))
-    assert cached.outcomes[-1].status == "refused" and cached.outcomes[-1].summary["reused"]
-    assert cached.model == again.model
+    cached = run(make(tmp_path, *with_compress, compress=BAD_COMPRESS, **{"optim.lr": 0.001}))
+    assert [o.status for o in cached.outcomes] == ["skipped", "skipped", "skipped", "refused"]
+    assert cached.outcomes[-1].summary["reused"] and cached.model == sft_export
     # on_compress_refused=stop fails the pipeline at the gate instead, naming the reasons
     with pytest.raises(PipelineFailed, match=r"(?s)stage compress: the compression gate refused.*perplexity rose"):
-        run(make(tmp_path, "stages=[data, pretrain, sft, compress]", "on_compress_refused=stop",
-                 compress=BAD_COMPRESS, **{"optim.lr": 0.001}))
+        run(make(tmp_path, *with_compress, "on_compress_refused=stop", compress=BAD_COMPRESS, **{"optim.lr": 0.001}))
