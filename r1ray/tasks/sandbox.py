@@ -48,6 +48,10 @@ START_TIMEOUT_S = 120.0
 """How long a new child may take to import its verifiers (a loaded 2-core machine takes a few seconds)."""
 STALL_S = 60.0
 """A child silent this long outside any reward call (e.g. stuck unpickling a huge batch) is replaced."""
+DEATH_RETRIES = 1
+"""How often a call (or the gap before a sample) whose child died is run again in a fresh child before the call is
+blamed: a child killed from outside (an operator, the OOM killer, a chaos test) changes no score; one that a
+completion crashes every time scores None after ``1 + DEATH_RETRIES`` children."""
 
 _IDLE = 0.0
 _SEND_EVERY_S = 0.005
@@ -154,6 +158,7 @@ class Sandbox:
         n, names = len(items), list(names)
         out: list[list[float | None] | None] = [None] * n
         skip: set[tuple[int, int]] = set()
+        self._deaths: dict[tuple[int, int], int] = {}  # (sample, reward or -1 between calls) -> children lost
         poll = min(0.01, timeout_s / 10)
         with self._lock:
             pos = 0
@@ -190,17 +195,33 @@ class Sandbox:
                 i, ri = int(hb[0]), int(hb[1])
                 if hb[2] != started:  # it moved on while we looked
                     continue
+                if dead and self._retry_after_death((i, ri), f"during reward {names[ri]!r} on sample {i}"):
+                    return pos
                 log.warning("reward %r on sample %d %s; replacing the sandbox process", names[ri], i,
                             "crashed it" if dead else f"ran past {timeout_s:g}s")
                 skip.add((i, ri))
                 self._replace()
                 return pos  # results after pos were not sent yet: they are recomputed (a few ms of work)
+            if dead and started == _IDLE and self._retry_after_death((pos, -1), f"before sample {pos}"):
+                return pos
             if dead or time.monotonic() - last > max(STALL_S, timeout_s):
                 log.warning("reward sandbox %s at sample %d; failing that sample and replacing the process",
                             "died" if dead else "stalled", pos)
                 skip.update((pos, ri) for ri in range(len(names)))
                 self._replace()
                 return pos
+
+
+    def _retry_after_death(self, key: tuple[int, int], where: str) -> bool:
+        """The child died ``where``: replace it and run that part again, unless it already died there
+        ``DEATH_RETRIES`` times (then the caller blames the call)."""
+        if self._deaths.get(key, 0) >= DEATH_RETRIES:
+            return False
+        self._deaths[key] = self._deaths.get(key, 0) + 1
+        log.warning("the reward sandbox process died %s (killed from outside, or the call crashed it); running it "
+                    "again in a fresh process", where)
+        self._replace()
+        return True
 
 
 _default: Sandbox | None = None

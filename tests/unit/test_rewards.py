@@ -190,6 +190,27 @@ def test_a_call_past_the_timeout_is_killed_counted_and_the_batch_goes_on(problem
     assert score([p.completion], [p], {"accuracy": 1.0}, sandbox=sandbox).total == [1.0]
 
 
+def test_a_sandbox_child_killed_from_outside_changes_no_score(problems, sandbox):
+    """SIGKILL the sandbox's child from outside while it scores a long batch (an operator, the OOM killer, chaos):
+    the call or the gap it died in runs again in a fresh child, so every score equals the undisturbed batch's and
+    no failure is counted."""
+    import os
+    import signal
+    import threading
+
+    batch = problems * 800  # 9,600 samples x 5 rewards: about a second of scoring
+    completions = [p.completion for p in batch]
+    ref = score(completions, batch, ALL, max_completion_chars=5000, sandbox=sandbox)
+    assert ref.failures == dict.fromkeys(ALL, 0)
+    restarts = sandbox.restarts
+    killer = threading.Timer(0.1, os.kill, (sandbox._child.proc.pid, signal.SIGKILL))
+    killer.start()
+    r = score(completions, batch, ALL, max_completion_chars=5000, sandbox=sandbox)
+    killer.join()
+    assert sandbox.restarts == restarts + 1  # the kill landed while it scored
+    assert r.per_reward == ref.per_reward and r.failures == dict.fromkeys(ALL, 0)
+
+
 def test_a_ctrl_c_in_the_terminal_does_not_kill_the_sandbox_child(problems, sandbox):
     """Ctrl-C signals the whole process group: the child ignores SIGINT (no traceback, no lost scoring); its
     parent decides when it ends."""
