@@ -1,4 +1,5 @@
-"""Chaos over a long GRPO run: random SIGKILLs of learner ranks, rollout engines and the engine pool's controller.
+"""Chaos over a long GRPO run: random SIGKILLs of learner ranks, rollout engines, the engine pool's controller, reward
+tasks and reward sandbox children.
 
     python benchmarks/chaos.py --steps 60 --kills 40              # on-policy
     python benchmarks/chaos.py --steps 60 --kills 40 --mode async  # one step off-policy rollouts
@@ -52,7 +53,7 @@ def main() -> int:
     ap.add_argument("--kills", type=int, default=40)
     ap.add_argument("--gap", type=float, nargs=2, default=[3.0, 12.0], help="seconds between kills (uniform)")
     ap.add_argument("--mode", choices=["sync", "async"], default="sync")
-    ap.add_argument("--victims", nargs="+", default=["learner", "engine", "pool_controller"])
+    ap.add_argument("--victims", nargs="+", default=["learner", "engine", "pool_controller", "reward", "sandbox"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", default=None)
     args = ap.parse_args()

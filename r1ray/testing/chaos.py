@@ -28,12 +28,20 @@ VICTIMS: dict[str, str] = {
     "learner": "ray::RayTrainWorker",  # a Ray Train worker: a learner rank (DeepSpeed engine, data cursor)
     "engine": "ray::_EngineActor",  # a rollout / inference engine of an engine pool
     "pool_controller": "ray::_PoolController",  # the engine pool's controller (owns the engines)
+    "reward": "ray::_score_task",  # a Ray task scoring a unit's completions (while it runs)
+    "sandbox": "python -m r1ray.tasks.sandbox_child",  # a reward sandbox child (r1ray.tasks.sandbox)
 }
-"""Victim kinds -> the process-title prefix Ray gives their processes."""
+"""Victim kinds -> the process-title prefix Ray gives their processes (for the sandbox child: its command after
+the interpreter's path)."""
+
+RUN_SCOPED = ("learner", "engine", "pool_controller")
+"""Kinds a finished run must not leave behind. Reward workers and their sandbox children belong to Ray's pool of
+idle worker processes, which outlives a run by design."""
 
 
 def processes(prefix: str) -> list[int]:
-    """PIDs of live processes whose command line starts with ``prefix`` (Ray's process titles)."""
+    """PIDs of live processes whose command line starts with ``prefix`` (Ray's process titles), or whose command
+    after the interpreter's path does (``python -m ...``)."""
     out = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -45,7 +53,9 @@ def processes(prefix: str) -> list[int]:
                 state = f.read().rsplit(b")", 1)[-1].split()[0]
         except OSError:  # gone meanwhile
             continue
-        if cmd.startswith(prefix) and state not in (b"Z", b"X"):
+        argv0, _, rest = cmd.partition(" ")
+        if (cmd.startswith(prefix) or (os.path.basename(argv0).startswith("python") and ("python " + rest)
+                                       .startswith(prefix))) and state not in (b"Z", b"X"):
             out.append(int(entry))
     return sorted(out)
 
@@ -150,6 +160,6 @@ def seconds_to_next_step(kills: Sequence[Kill], step_times: Sequence[tuple[int, 
     return out
 
 
-def leftovers(kinds: Sequence[str] = tuple(VICTIMS)) -> dict[str, list[int]]:
+def leftovers(kinds: Sequence[str] = RUN_SCOPED) -> dict[str, list[int]]:
     """Processes of ``kinds`` still alive (after a run and its cleanup there should be none)."""
     return {k: pids for k in kinds if (pids := processes(VICTIMS[k]))}
