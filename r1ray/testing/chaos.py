@@ -28,13 +28,14 @@ VICTIMS: dict[str, str] = {
     "learner": "ray::RayTrainWorker",  # a Ray Train worker: a learner rank (DeepSpeed engine, data cursor)
     "engine": "ray::_EngineActor",  # a rollout / inference engine of an engine pool
     "pool_controller": "ray::_PoolController",  # the engine pool's controller (owns the engines)
+    "train_controller": "ray::TrainController",  # Ray Train's controller (owns the learner workers)
     "reward": "ray::_score_task",  # a Ray task scoring a unit's completions (while it runs)
     "sandbox": "python -m r1ray.tasks.sandbox_child",  # a reward sandbox child (r1ray.tasks.sandbox)
 }
 """Victim kinds -> the process-title prefix Ray gives their processes (for the sandbox child: its command after
 the interpreter's path)."""
 
-RUN_SCOPED = ("learner", "engine", "pool_controller")
+RUN_SCOPED = ("learner", "engine", "pool_controller", "train_controller")
 """Kinds a finished run must not leave behind. Reward workers and their sandbox children belong to Ray's pool of
 idle worker processes, which outlives a run by design."""
 

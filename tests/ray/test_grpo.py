@@ -361,10 +361,11 @@ def test_one_update_is_the_same_whatever_the_micro_batch_split(ray_local, model_
 
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
-def test_random_sigkills_of_learner_engines_and_pool_controller_change_nothing(
+def test_random_sigkills_of_learners_engines_and_controllers_change_nothing(
         ray_local, model_dir, tmp_path_factory, sync_ref, async_ref, mode):
     """Chaos: while a run goes, SIGKILL random processes (a learner rank, a rollout engine, the engine pool's
-    controller; 10 per run, from the first completed step on) at random moments, from outside the run, by PID.
+    controller, Ray Train's controller; 10 per run, from the first completed step on) at random moments, from
+    outside the run, by PID.
     The run completes with the uninterrupted run's
     completions at every step (every sample trained once, on the same rollouts) and a byte-identical export, and
     leaves no engine or controller process behind."""
@@ -382,7 +383,7 @@ def test_random_sigkills_of_learner_engines_and_pool_controller_change_nothing(
         return f"after step {json.loads(lines[-1])['step']}" if lines else "before step 1"
 
     t0 = time.time()
-    with Chaos(kinds=("learner", "engine", "pool_controller"), kills=10, gap_s=(1.0, 4.0), first_after_s=0.5,
+    with Chaos(kinds=("learner", "engine", "pool_controller", "train_controller"), kills=10, gap_s=(1.0, 4.0), first_after_s=0.5,
                seed=11 if mode == "sync" else 12, progress=progress, wait_until=records.exists) as chaos:
         out = run(make_cfg(model_dir, root, f"run_name=chaos-{mode}", "train.max_failures=20", *extra))
     steps = grpo_rollouts(out.run_dir)
@@ -394,6 +395,8 @@ def test_random_sigkills_of_learner_engines_and_pool_controller_change_nothing(
     # then ``restarts``, which counts resumes from a checkpoint, stays 0)
     attempts = {json.loads(line)["attempt"] for line in records.read_text().splitlines()}
     assert chaos.done[0].victim == "learner" and len(attempts) >= 2, (chaos.done, attempts)
+    # Ray Train's controller was among the victims: fit started a new one, which resumed the run
+    assert "train_controller" in {k.victim for k in chaos.done}, chaos.done
     assert out.status == "completed"
     ref_steps = grpo_rollouts(ref.run_dir)
     assert [steps[s]["completion_hash"] for s in sorted(ref_steps)] == \

@@ -3,7 +3,10 @@
 ``fit(stage, cfg, name=..., storage_path=...)`` runs ``r1ray.train.core.loop.worker_main`` on the workers with
 Ray Train's failure handling (restarts from the newest checkpoint), checkpoint retention and elastic
 scaling, and returns rank 0's result dict. A run directory that already holds checkpoints of the same
-name is resumed by Ray Train itself.
+name is resumed by Ray Train itself. Ray Train's controller (an actor with no restarts of its own) killed
+mid-run: the workers it owned go with it, and ``fit`` starts a new trainer on the same run directory, which
+resumes from the newest checkpoint exactly as a rerun of the command would (counted against
+``train.max_failures``).
 """
 
 from __future__ import annotations
@@ -67,6 +70,7 @@ def fit(stage: str, cfg: Any, *, name: str, storage_path: str, callbacks: Sequen
     """Fit ``stage`` (``module:StageClass``) with config ``cfg``; returns rank 0's result dict.
 
     ``resources`` (JSON) reaches every worker's ``Stage.setup`` (e.g. the name of a rollout engine pool)."""
+    import ray.exceptions
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -92,13 +96,25 @@ def fit(stage: str, cfg: Any, *, name: str, storage_path: str, callbacks: Sequen
     run_dir = join(storage_path, name)
     payload = {"stage": stage, "config": cfg.model_dump(mode="json"), "run_dir": run_dir,
                "driver_pid": os.getpid(), "resources": resources or {}}
-    trainer = TorchTrainer(
-        _worker_main, train_loop_config=payload,
-        scaling_config=scaling, run_config=run_config,
-    )
     log.info("training %s: %s workers, run directory %s", name, sc.num_workers, run_dir)
-    with _stop_on_sigterm(run_dir):
-        result = trainer.fit()
+    controller_deaths = 0
+    while True:
+        trainer = TorchTrainer(
+            _worker_main, train_loop_config=payload,
+            scaling_config=scaling, run_config=run_config,
+        )
+        with _stop_on_sigterm(run_dir):
+            try:
+                result = trainer.fit()
+                break
+            except ray.exceptions.ActorDiedError as e:  # Ray Train's controller (fit's only direct actor) died
+                controller_deaths += 1
+                if 0 <= cfg.train.max_failures < controller_deaths:
+                    raise TrainingFailed(f"training run {name}: Ray Train's controller died {controller_deaths} "
+                                         f"time(s), more than train.max_failures={cfg.train.max_failures}: {e}") from e
+                log.warning("training %s: Ray Train's controller died (%s); starting a new one on %s, which resumes "
+                            "from the newest checkpoint (%d of train.max_failures=%d)", name,
+                            str(e).splitlines()[0][:200], run_dir, controller_deaths, cfg.train.max_failures)
     if result.error is not None:
         raise TrainingFailed(f"training run {name} failed: {result.error}") from result.error
     out = result.return_value
