@@ -241,12 +241,14 @@ class GRPOConfig(TrainJobConfig):
         if self.grpo.overlong_buffer is not None and self.grpo.overlong_buffer > self.grpo.max_completion_tokens:
             problems.append(f"grpo.overlong_buffer={self.grpo.overlong_buffer} exceeds grpo.max_completion_tokens="
                             f"{self.grpo.max_completion_tokens}")
-        per_worker = self.train.global_batch_size // max(1, self.train.micro_batch_size * self.scaling.num_workers)
-        if per_worker % self.grpo.steps_per_generation:
-            problems.append(f"grpo.steps_per_generation={self.grpo.steps_per_generation}: each of the "
-                            f"{self.scaling.num_workers} worker(s) has {per_worker} micro-batch(es) a step "
-                            f"(train.global_batch_size={self.train.global_batch_size} / train.micro_batch_size="
-                            f"{self.train.micro_batch_size}), which do not split into that many updates")
+        for workers in sorted({self.scaling.min_workers, self.scaling.max_workers}):
+            per_worker, rest = divmod(self.train.global_batch_size, self.train.micro_batch_size * workers)
+            if not rest and per_worker % self.grpo.steps_per_generation:
+                problems.append(f"grpo.steps_per_generation={self.grpo.steps_per_generation}: each of the {workers} "
+                                f"worker(s) has {per_worker} micro-batch(es) a step (train.global_batch_size="
+                                f"{self.train.global_batch_size} / train.micro_batch_size="
+                                f"{self.train.micro_batch_size}), which do not split into that many updates")
+                break
         if problems:
             raise ValueError("; ".join(problems))
         return self
