@@ -15,10 +15,11 @@ continued SFT at equal wall time, several seeds, the recipe's choices made on a 
    - ``grpo``: ``GRPOConfig``'s defaults (the default pipeline's recipe) from the start;
    - ``rft``: rejection-sampling fine-tuning with r1ray's sequence distillation: the start samples one completion at
      temperature 1 for each of ``--rft-prompts`` level-3 train problems, keeps those its verifier accepts, and is
-     fine-tuned on them (SFT's recipe) until the deadline;
+     fine-tuned on them (SFT's loss) until the deadline;
    - ``sft``: SFT continued on the start's own data (levels 1 and 2, fresh problems) until the deadline: more
      compute with no reward;
    - ``sft-gold`` (only when named): SFT on level 3's gold worked solutions, the imitation GRPO never gets to see.
+   The rft and sft arms train with GRPO's optimizer settings (``control_optim``; ``--control-lr`` to change them).
 4. For the start and every arm: greedy pass@1 and pass@8 (8 samples at temperature 1) on the test problems, and
    greedy accuracy on ``--test`` problems of levels 1 and 2 (what the arm did to the levels it was not trained on).
    Arms run seed by seed, interleaved (grpo, rft, sft, then the next seed), so a slow stretch of the machine does
@@ -131,6 +132,20 @@ def _export(result: Any) -> str:
     return export
 
 
+def control_optim(args: Any) -> list[str]:
+    """The optimizer of the rft and sft arms: GRPO's default (learning rate, warmup, constant schedule, no weight
+    decay), so the arms differ in their data and objective only; ``--control-lr`` replaces its learning rate.
+    SFT's own recipe (peak 2e-3, decayed over its planned steps) would run at its peak here, where the deadline
+    ends a run planned for 100,000 steps: at 2e-3 both arms unlearned the start (seed 0, 5 min: continued SFT
+    level 1 91% -> 56%, level 3 60% -> 0%; RFT level 1 -> 39%)."""
+    from r1ray.train.stages.grpo.stage import GRPOConfig
+
+    o = GRPOConfig.model_fields["optim"].default
+    lr = args.control_lr if args.control_lr is not None else o.lr
+    return [f"optim.lr={lr}", f"optim.warmup_steps={o.warmup_steps}", f"optim.schedule={o.schedule}",
+            f"optim.weight_decay={o.weight_decay}"]
+
+
 def run_arm(arm: str, start: str, root: Path, seed: int, minutes: float, args: Any, overrides: list[str]) -> dict:
     """One arm from ``start`` for ``minutes`` of wall time: its export, steps and seconds."""
     from r1ray.config import load_config
@@ -146,7 +161,8 @@ def run_arm(arm: str, start: str, root: Path, seed: int, minutes: float, args: A
     elif arm == "rft":
         from r1ray.train.stages.distill import DistillConfig, run
 
-        cfg = load_config(DistillConfig, [*common, f"model.init_from={start}", f"distill.teacher={start}",
+        cfg = load_config(DistillConfig, [*common, *control_optim(args), f"model.init_from={start}",
+                                          f"distill.teacher={start}",
                                           "distill.mode=sequence", "distill.keep_correct=true",
                                           "distill.teacher_temperature=1.0", f"distill.traces={args.rft_prompts}",
                                           "data.difficulty=3", "data.max_length=640",
@@ -156,7 +172,8 @@ def run_arm(arm: str, start: str, root: Path, seed: int, minutes: float, args: A
         from r1ray.train.stages.sft import SFTConfig, run
 
         data = ["data.difficulty=3"] if arm == "sft-gold" else []
-        cfg = load_config(SFTConfig, [*common, f"model.init_from={start}", "eval.problems_per_difficulty=0",
+        cfg = load_config(SFTConfig, [*common, *control_optim(args), f"model.init_from={start}",
+                                      "eval.problems_per_difficulty=0",
                                       "eval.before=false", "train.max_steps=100000", "data.replay.fraction=0",
                                       "data.max_length=640", *data])
     else:
@@ -207,6 +224,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--rft-prompts", type=int, default=1500, help="rft: level-3 train problems sampled once each")
     ap.add_argument("--select", type=float, nargs="*", default=None,
                     help="choose GRPO's optim.lr among these on the dev split (seed 0), then run the arms with it")
+    ap.add_argument("--control-lr", type=float, default=None,
+                    help="learning rate of the rft and sft arms (default: GRPO's; control_optim)")
     ap.add_argument("--json", type=str, default=None)
     a, overrides = ap.parse_known_args(argv)
     root = Path(a.root)
