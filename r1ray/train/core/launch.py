@@ -112,9 +112,11 @@ def fit(stage: str, cfg: Any, *, name: str, storage_path: str, callbacks: Sequen
                 if 0 <= cfg.train.max_failures < controller_deaths:
                     raise TrainingFailed(f"training run {name}: Ray Train's controller died {controller_deaths} "
                                          f"time(s), more than train.max_failures={cfg.train.max_failures}: {e}") from e
-                log.warning("training %s: Ray Train's controller died (%s); starting a new one on %s, which resumes "
-                            "from the newest checkpoint (%d of train.max_failures=%d)", name,
-                            str(e).splitlines()[0][:200], run_dir, controller_deaths, cfg.train.max_failures)
+                released = _release_placement_groups_of(getattr(e, "actor_id", None))
+                log.warning("training %s: Ray Train's controller died (%s); released its %d placement group(s) and "
+                            "starting a new one on %s, which resumes from the newest checkpoint (%d of "
+                            "train.max_failures=%d)", name, str(e).splitlines()[0][:200], released, run_dir,
+                            controller_deaths, cfg.train.max_failures)
     if result.error is not None:
         raise TrainingFailed(f"training run {name} failed: {result.error}") from result.error
     out = result.return_value
@@ -127,6 +129,35 @@ def fit(stage: str, cfg: Any, *, name: str, storage_path: str, callbacks: Sequen
 
         raise SetupError(f"training run {name} cannot start: {out['error']}")
     return out
+
+
+def _release_placement_groups_of(actor_id: str | None) -> int:
+    """Remove the placement groups the dead actor ``actor_id`` (hex) created: a killed Ray Train controller's worker
+    group. Ray Train's own cleaner (a detached actor) notices the death only through the State API, which needs the
+    dashboard; with ``ray.include_dashboard=false`` the group would hold its CPUs for the rest of the job, and the
+    next controller's reward tasks would wait for them forever. Reads the GCS placement-group table (Ray-internal
+    protobuf, the only place that names a group's creator); a failure is logged, never raised."""
+    if not actor_id:
+        log.warning("Ray Train's controller died without an actor id: its placement group is left to Ray Train's "
+                    "cleaner")
+        return 0
+    try:
+        import ray
+        from ray._private.state import state as global_state
+        from ray.core.generated import gcs_pb2
+        from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+        removed = 0
+        for raw in global_state._connect_and_get_accessor().get_placement_group_table():
+            pg = gcs_pb2.PlacementGroupTableData.FromString(raw)
+            if pg.creator_actor_id.hex() == actor_id and pg.state != gcs_pb2.PlacementGroupTableData.REMOVED:
+                remove_placement_group(PlacementGroup(ray.PlacementGroupID(pg.placement_group_id)))
+                removed += 1
+        return removed
+    except Exception as e:  # noqa: BLE001 - a Ray release that changed its internals: say so, go on
+        log.warning("could not release the dead controller's placement groups (%s: %s); they hold their resources "
+                    "until Ray Train's cleaner or the job ends", type(e).__name__, e)
+        return 0
 
 
 @contextmanager
