@@ -101,7 +101,9 @@ def main() -> int:
         print(f"  {kind:15s} {statistics.median(xs):6.1f}  {min(xs):5.1f}-{max(xs):5.1f}  n={len(xs)}")
     print(f"\nsteps whose completions differ from the reference: {diverged or 'none'}; export byte-identical: "
           f"{same_export}")
-    left = leftovers()
+    deadline = time.time() + 30  # actors of the finished run exit shortly after it returns
+    while (left := leftovers()) and time.time() < deadline:
+        time.sleep(0.5)
     print(f"processes left behind: {left or 'none'}")
     ray.shutdown()
     return 0 if (not diverged and same_export and out.status == "completed") else 1
