@@ -369,7 +369,8 @@ class GRPOStage(Stage):
         self._eval_levels: dict[int, list[Any]] = {}
         self._curriculum_setup()
         self._attempt = uuid.uuid4().hex[:8]
-        self.rollouts = Rollouts(cfg, self.pool, self.tokenizer, worker, self._problem_at, epoch=epoch_problems(cfg.grpo))
+        self.epoch = epoch_problems(cfg.grpo)  # builds the mix's tasks (a gsm8k file is read): once per worker
+        self.rollouts = Rollouts(cfg, self.pool, self.tokenizer, worker, self._problem_at, epoch=self.epoch)
 
     def build_model(self) -> Any:
         from r1ray.model import build_model
@@ -386,7 +387,7 @@ class GRPOStage(Stage):
                                    precision=self.cfg.deepspeed.precision)}
 
     def num_samples(self) -> int:
-        return epoch_problems(self.cfg.grpo)
+        return self.epoch
 
     # ------------------------------------------------------------------ problems and prompts
     def _problem_at(self, step: int, index: int) -> Any:
