@@ -24,6 +24,9 @@ continued SFT at equal wall time, several seeds, the recipe's choices made on a 
    greedy accuracy on ``--test`` problems of levels 1 and 2 (what the arm did to the levels it was not trained on).
    Arms run seed by seed, interleaved (grpo, rft, sft, then the next seed), so a slow stretch of the machine does
    not fall on one arm. Printed: mean and min-max over seeds; ``--json`` writes every number.
+5. Extra ``key=value`` arguments override the grpo arm's config (a recipe variant, e.g. ``curriculum=null``).
+   Every arm also prints its greedy pass@1 on the dev split: compare variants there (seed 0), then run the
+   chosen one over the seeds and report the test split.
 """
 
 from __future__ import annotations
@@ -243,6 +246,8 @@ def main(argv: list[str]) -> int:
 
     def measure(model_dir: str) -> dict[str, float]:
         out = {f"d3_{k}": v for k, v in score(model_dir, tests[3], a.samples).items()}
+        if dev:  # greedy on the dev split: what a recipe variant is chosen on (never the test split)
+            out["dev_pass@1"] = score(model_dir, dev)["pass@1"]
         for lv in (1, 2):
             out[f"d{lv}_pass@1"] = score(model_dir, tests[lv])["pass@1"]
         return out
@@ -270,7 +275,8 @@ def main(argv: list[str]) -> int:
             r = run_arm(arm, start, root, seed, a.minutes, a, overrides if arm == "grpo" else [])
             r.update(measure(r["export"]))
             runs[arm].append({"seed": seed, **r})
-            print(f"seed {seed} {arm}: level 3 pass@1 {r['d3_pass@1']:.3f} pass@{a.samples} "
+            print(f"seed {seed} {arm}: dev pass@1 {r.get('dev_pass@1', float('nan')):.3f}; "
+                  f"level 3 pass@1 {r['d3_pass@1']:.3f} pass@{a.samples} "
                   f"{r[f'd3_pass@{a.samples}']:.3f}; levels 1/2 {r['d1_pass@1']:.3f}/{r['d2_pass@1']:.3f}; "
                   f"{r['steps']} steps in {r['seconds']:.0f}s", flush=True)
     report["runs"] = runs
