@@ -171,6 +171,7 @@ class Loop:
         self.checkpoints = CheckpointManager(self)
         self._last_batch: dict[str, Any] | None = None
         self._reported_at = -math.inf
+        self._notice_handled: tuple[str, ...] | None = None  # the drained nodes a checkpoint already answered
 
     # ---- distributed helpers
     def _allreduce(self, values: list[float], op: str = "sum") -> list[float]:
@@ -329,17 +330,20 @@ class Loop:
             self.faults.maybe_kill("kill_at_step", rs.step)
             if self.cfg.faults.step_delay_s:
                 time.sleep(self.cfg.faults.step_delay_s)
-            stop = out["stop"] or (rs.step % tcfg.log_every == 0 and self._preempted())
+            stop = out["stop"]
+            notice = rs.step % tcfg.log_every == 0 and self._new_preemption_notice(rs.step)
             do_eval = rs.step == end or bool(tcfg.eval_every and rs.step % tcfg.eval_every == 0)
             if do_eval:
                 rs.val = self._evaluate()
                 self.stage.after_evaluation(rs.step, rs.val)
-            do_ckpt = stop or rs.step == end or bool(self.cfg.checkpoint.every
-                                                     and rs.step % self.cfg.checkpoint.every == 0)
+            do_ckpt = stop or notice or rs.step == end or bool(self.cfg.checkpoint.every
+                                                               and rs.step % self.cfg.checkpoint.every == 0)
             if rs.step % tcfg.log_every == 0 or do_ckpt or do_eval:
                 # validation metrics only in the reports of the steps that evaluated (Tune's schedulers count
                 # evaluations by the reports that carry the metric)
                 metrics = self._metrics(rs, rs.val if do_eval else {}, win)
+                if notice:
+                    metrics["preemption_checkpoint"] = 1.0  # in trainer_state.json: this save answered a notice
                 win = _Window()
                 rs.history.append([rs.step, metrics.get("train_loss"), metrics.get("val_loss")])
                 rs.reports.append({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))
@@ -354,7 +358,7 @@ class Loop:
                     self._reported_at = time.monotonic()
             if stop:
                 rs.status = "preempted"
-                log.warning("SIGTERM/preemption: checkpointed at step %d and stopping", rs.step)
+                log.warning("stop request (SIGTERM or the STOP file): checkpointed at step %d and stopping", rs.step)
                 break
         if rs.status == "completed" and end < tcfg.max_steps:
             rs.status = "stopped"  # at train.stop_after_steps: a segment, resumable
@@ -578,13 +582,30 @@ class Loop:
                     record("r1ray_train_mfu", m["mfu"], **self.tags)
         return m
 
-    def _preempted(self) -> bool:
+    def _new_preemption_notice(self, step: int) -> bool:
+        """True once per drain notice (Ray Train's ``get_preemption_info``: a node of this group is being drained,
+        e.g. a spot instance about to be reclaimed): the step then saves a just-in-time checkpoint and training
+        goes on, as Ray recommends. When the node goes, Ray Train restarts the group (on the nodes left, or on
+        a replacement) from that checkpoint, counted against Ray's ``max_preemption_failures`` (unlimited), not
+        ``train.max_failures``: the notice costs the steps after it, not the steps since the last interval.
+        Every rank calls it at the same steps (it is a collective), and every rank gets the same answer."""
         import ray.train
 
-        try:
-            return ray.train.get_preemption_info() is not None
-        except Exception:  # noqa: BLE001 - an API that may be missing in other Ray versions
+        if not hasattr(ray.train, "get_preemption_info"):  # an older Ray: say so once, then never poll
+            if self._notice_handled != ("unsupported",):
+                self._notice_handled = ("unsupported",)
+                log.warning("Ray %s has no ray.train.get_preemption_info: a drained node costs up to one checkpoint "
+                            "interval (checkpoint.every)", ray.__version__)
             return False
+        info = ray.train.get_preemption_info()
+        key = None if info is None else tuple(sorted(info.preempted_node_to_ranks))
+        if key is None or key == self._notice_handled:
+            return False
+        self._notice_handled = key
+        when = (f", deadline in {info.deadline_ms / 1000 - time.time():.0f} s" if info.deadline_ms else "")
+        log.warning("preemption notice at step %d (node(s) %s draining%s): saving a just-in-time checkpoint; "
+                    "training goes on until the node goes", step, ", ".join(n[:8] for n in key), when)
+        return True
 
 def _quiet_report_lines() -> None:
     """Keep Ray Train's per-report INFO line ("Reporting training result N: TrainingReport(...)", one per
