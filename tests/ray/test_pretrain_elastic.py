@@ -53,7 +53,10 @@ def _jit_checkpoints(run_dir: Path) -> list[int]:
     trainer state) rather than on the ``checkpoint.every`` cadence."""
     steps = []
     for done in run_dir.glob("checkpoint_0*/r1ray_complete.json"):
-        state = json.loads((done.parent / "trainer_state.json").read_text())
+        try:
+            state = json.loads((done.parent / "trainer_state.json").read_text())
+        except FileNotFoundError:  # an older checkpoint Ray Train is removing (checkpoint.keep=2)
+            continue
         if state["metrics"].get("preemption_checkpoint"):
             steps.append(state["step"])
     return sorted(steps)
