@@ -111,6 +111,9 @@ class _Signals:
             signal.signal(signal.SIGTERM, self._old)
 
 
+_NO_NOTICES: tuple[str, ...] = ("this Ray has no preemption notices",)
+"""``Loop._notice_handled`` once the installed Ray turned out to lack ``ray.train.get_preemption_info``."""
+
 _REPORT_GAP_S = 1.25 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2.0"))
 """Least time between two metrics-only ``ray.train.report`` calls. Ray Train V2 hands a worker's reports to
 its controller through a queue of size 1 that the controller drains once per health check (every 2 s): a
@@ -171,7 +174,7 @@ class Loop:
         self.checkpoints = CheckpointManager(self)
         self._last_batch: dict[str, Any] | None = None
         self._reported_at = -math.inf
-        self._notice_handled: tuple[str, ...] | None = None  # the drained nodes a checkpoint already answered
+        self._notice_handled: tuple[str, ...] | None = None  # the drained nodes of the last poll (answered), or _NO_NOTICES
 
     # ---- distributed helpers
     def _allreduce(self, values: list[float], op: str = "sum") -> list[float]:
@@ -591,17 +594,18 @@ class Loop:
         Every rank calls it at the same steps (it is a collective), and every rank gets the same answer."""
         import ray.train
 
+        if self._notice_handled is _NO_NOTICES:
+            return False
         if not hasattr(ray.train, "get_preemption_info"):  # an older Ray: say so once, then never poll
-            if self._notice_handled != ("unsupported",):
-                self._notice_handled = ("unsupported",)
-                log.warning("Ray %s has no ray.train.get_preemption_info: a drained node costs up to one checkpoint "
-                            "interval (checkpoint.every)", ray.__version__)
+            self._notice_handled = _NO_NOTICES
+            log.warning("Ray %s has no ray.train.get_preemption_info: a drained node costs up to one checkpoint "
+                        "interval (checkpoint.every)", ray.__version__)
             return False
         info = ray.train.get_preemption_info()
         key = None if info is None else tuple(sorted(info.preempted_node_to_ranks))
-        if key is None or key == self._notice_handled:
+        answered, self._notice_handled = self._notice_handled, key  # a drain that ends and comes back is new
+        if key is None or key == answered:
             return False
-        self._notice_handled = key
         when = (f", deadline in {info.deadline_ms / 1000 - time.time():.0f} s" if info.deadline_ms else "")
         log.warning("preemption notice at step %d (node(s) %s draining%s): saving a just-in-time checkpoint; "
                     "training goes on until the node goes", step, ", ".join(n[:8] for n in key), when)
